@@ -1,0 +1,126 @@
+//! Types shared by leaktrace's BPF programs and its user space.
+//!
+//! Every type here crosses the kernel boundary byte for byte: `#[repr(C)]`, no implicit padding
+//! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
+#![no_std]
+
+/// Frames captured per allocation. 127 is the kernel's default `perf_event_max_stack`.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// `RingEvent::kind` of an [`AllocEvent`].
+pub const EVENT_ALLOC: u32 = 1;
+/// `RingEvent::kind` of a [`FreeEvent`].
+pub const EVENT_FREE: u32 = 2;
+
+/// The allocator entry point a [`Pending`] call entered; also tells user space which call
+/// produced an [`AllocEvent`].
+pub mod call {
+    pub const MALLOC: u32 = 1;
+    pub const CALLOC: u32 = 2;
+    pub const REALLOC: u32 = 3;
+    pub const REALLOCARRAY: u32 = 4;
+    pub const POSIX_MEMALIGN: u32 = 5;
+    pub const ALIGNED_ALLOC: u32 = 6;
+}
+
+/// A completed allocator call that returned memory, released memory, or both (realloc).
+///
+/// The ring buffer record is exactly this struct; `stack_bytes` says how much of `frames`
+/// is filled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AllocEvent {
+    /// Always [`EVENT_ALLOC`].
+    pub kind: u32,
+    /// One of [`call`]'s constants.
+    pub call: u32,
+    /// The calling thread, as `bpf_get_current_pid_tgid` returns it (tgid << 32 | tid).
+    pub pid_tgid: u64,
+    /// `CLOCK_MONOTONIC` at the return of the call.
+    pub ts_ns: u64,
+    /// The block returned, or 0 when the call returned none.
+    pub addr: u64,
+    /// The size requested for `addr`.
+    pub size_bytes: u64,
+    /// A block this call released (realloc's old pointer when it moved, shrank, grew, or was
+    /// freed by `realloc(p, 0)`), or 0.
+    pub old_addr: u64,
+    /// Bytes of `frames` that hold return addresses; 0 when the stack could not be read.
+    pub stack_bytes: u32,
+    /// Non-zero when `frames` was full, so the stack may be cut short.
+    pub stack_truncated: u32,
+    /// User return addresses, innermost first: `frames[0]` is in the allocator's caller.
+    pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// A `free(addr)` of a non-null pointer, outside any other allocator call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FreeEvent {
+    /// Always [`EVENT_FREE`].
+    pub kind: u32,
+    pub _pad: u32,
+    pub pid_tgid: u64,
+    pub ts_ns: u64,
+    pub addr: u64,
+}
+
+/// Per-thread state between an allocator's entry and its return, keyed by the full
+/// `pid_tgid`: pairing by tgid alone would mix up threads that allocate at the same time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// One of [`call`]'s constants.
+    pub call: u32,
+    /// Allocator entries on this thread since the outermost one (glibc's realloc calls malloc,
+    /// and both are probed); only the outermost call's return is reported.
+    pub depth: u32,
+    /// The stack pointer at the outermost entry. An entry above it (a larger address) means
+    /// the return of the pending call was never seen, so the state is stale.
+    pub entry_sp: u64,
+    pub size_bytes: u64,
+    /// realloc's old pointer.
+    pub old_addr: u64,
+    /// posix_memalign's out-parameter.
+    pub out_ptr: u64,
+}
+
+/// Indexes of the per-CPU statistics array (`STATS`).
+pub mod stat {
+    /// Events lost because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// Allocator entries not recorded because the pending map was full.
+    pub const PENDING_FULL: u32 = 1;
+    /// Returns whose entry was not recorded.
+    pub const RETURN_WITHOUT_ENTRY: u32 = 2;
+    /// Pending entries replaced because their return was never seen.
+    pub const STALE_ENTRY: u32 = 3;
+    /// Stacks that could not be read (the event is still reported, without frames).
+    pub const STACK_FAILED: u32 = 4;
+    /// posix_memalign results that could not be read from the target.
+    pub const READ_FAILED: u32 = 5;
+    /// Number of statistics.
+    pub const COUNT: u32 = 6;
+}
+
+/// Default size of the event ring buffer. The kernel wants a power of two times the page size.
+pub const DEFAULT_RINGBUF_BYTES: u32 = 32 << 20;
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    // The layouts are the contract with the BPF side: a field added without its padding
+    // changes them.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(
+            size_of::<AllocEvent>(),
+            4 + 4 + 8 * 5 + 4 + 4 + 8 * MAX_STACK_DEPTH
+        );
+        assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(size_of::<Pending>(), 40);
+    }
+}

@@ -1,0 +1,297 @@
+//! leaktrace's BPF programs: uprobes on the allocator's entry points, a uretprobe on their
+//! returns, and a uprobe on `free`. Each completed call becomes one ring buffer record.
+//!
+//! The stack is taken at the return, not at the entry: there the user registers are those of
+//! the caller right after the call (the kernel has put the original return address back in
+//! the instruction pointer), so frame 0 is the allocator's immediate caller and the frame
+//! pointer chain continues from the caller's own frame. At the entry, the caller's return
+//! address is still on top of the stack, outside any frame, and a frame-pointer walk skips it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext},
+};
+use leaktrace_common::{
+    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH,
+    Pending, call, stat,
+};
+
+/// User space resizes it from `--ringbuf-bytes` before loading.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
+
+/// Allocator calls in flight, per thread. LRU so that threads that die inside an allocator
+/// call cannot fill it for good.
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; BPF programs do not nest on one CPU for uprobes.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
+    let regs = ctx.as_ptr().cast::<aya_ebpf::bindings::pt_regs>();
+    // SAFETY: the context of a (ret)probe program is the user's pt_regs.
+    unsafe { (*regs).rsp }
+}
+
+/// Records an allocator entry, unless it is nested inside another allocator call of the same
+/// thread (glibc's `realloc(NULL, n)` calls `malloc`): those are counted once, as the outer call.
+#[inline(always)]
+fn enter(
+    ctx: &ProbeContext,
+    call: u32,
+    size_bytes: u64,
+    old_addr: u64,
+    out_ptr: u64,
+) -> Result<u32, u32> {
+    let key = bpf_get_current_pid_tgid();
+    let sp = stack_pointer(ctx);
+    if let Some(pending) = PENDING.get_ptr_mut(&key) {
+        // SAFETY: the entry belongs to this thread alone, and a thread runs on one CPU at a time.
+        let pending = unsafe { &mut *pending };
+        // A nested call runs deeper in the stack (lower or, for a tail call, equal address).
+        if sp <= pending.entry_sp {
+            pending.depth += 1;
+            return Ok(0);
+        }
+        count(stat::STALE_ENTRY);
+    }
+    let pending = Pending {
+        call,
+        depth: 1,
+        entry_sp: sp,
+        size_bytes,
+        old_addr,
+        out_ptr,
+    };
+    if PENDING.insert(&key, &pending, 0).is_err() {
+        count(stat::PENDING_FULL);
+    }
+    Ok(0)
+}
+
+/// `n * size` for calloc and reallocarray. It may wrap: those calls fail on overflow, and a
+/// failed call reports no size. What must survive is whether the product is zero
+/// (`reallocarray(p, 0, n)` frees `p`), so a non-zero product never wraps to 0.
+/// (An exact overflow check compiles to a 128-bit multiply, `__multi3`, which BPF lacks.)
+#[inline(always)]
+fn product(n: u64, size: u64) -> u64 {
+    if n == 0 || size == 0 {
+        0
+    } else {
+        n.wrapping_mul(size).max(1)
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `malloc(size)`, and `valloc(size)` and `pvalloc(size)`, which take the same argument.
+#[uprobe]
+pub fn malloc_entry(ctx: ProbeContext) -> u32 {
+    match enter(&ctx, call::MALLOC, arg(&ctx, 0), 0, 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `calloc(n, size)`. An overflowing product fails in the allocator (it returns NULL), so the
+/// saturated size is never reported.
+#[uprobe]
+pub fn calloc_entry(ctx: ProbeContext) -> u32 {
+    let size = product(arg(&ctx, 0), arg(&ctx, 1));
+    match enter(&ctx, call::CALLOC, size, 0, 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `realloc(ptr, size)`.
+#[uprobe]
+pub fn realloc_entry(ctx: ProbeContext) -> u32 {
+    match enter(&ctx, call::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `reallocarray(ptr, n, size)`.
+#[uprobe]
+pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
+    let size = product(arg(&ctx, 1), arg(&ctx, 2));
+    match enter(&ctx, call::REALLOCARRAY, size, arg(&ctx, 0), 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `posix_memalign(&out, alignment, size)`: the block comes back through `out`.
+#[uprobe]
+pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
+    match enter(&ctx, call::POSIX_MEMALIGN, arg(&ctx, 2), 0, arg(&ctx, 0)) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `aligned_alloc(alignment, size)` and `memalign(alignment, size)`.
+#[uprobe]
+pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
+    match enter(&ctx, call::ALIGNED_ALLOC, arg(&ctx, 1), 0, 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// The return of every allocating entry point above.
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    match try_alloc_return(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
+    let key = bpf_get_current_pid_tgid();
+    let Some(pending) = PENDING.get_ptr_mut(&key) else {
+        count(stat::RETURN_WITHOUT_ENTRY);
+        return Err(0);
+    };
+    // SAFETY: as in `enter`.
+    let pending = unsafe { &mut *pending };
+    if pending.depth > 1 {
+        pending.depth -= 1;
+        return Ok(0);
+    }
+    let call = pending.call;
+    let size_bytes = pending.size_bytes;
+    let old_addr = pending.old_addr;
+    let out_ptr = pending.out_ptr;
+    let _ = PENDING.remove(&key);
+
+    let ret: u64 = ctx.ret();
+    let (addr, released) = match call {
+        call::POSIX_MEMALIGN => {
+            // It returns 0 on success and leaves `out` alone on failure.
+            if ret as u32 != 0 {
+                return Ok(0);
+            }
+            // SAFETY: a user pointer, read through the helper that faults safely.
+            match unsafe { bpf_probe_read_user(out_ptr as *const u64) } {
+                Ok(addr) => (addr, 0),
+                Err(_) => {
+                    count(stat::READ_FAILED);
+                    return Err(0);
+                }
+            }
+        }
+        call::REALLOC | call::REALLOCARRAY => match (ret, old_addr) {
+            // realloc(NULL, n) is malloc(n).
+            (_, 0) => (ret, 0),
+            // A moved or resized block: the old one is gone.
+            (addr, old) if addr != 0 => (addr, old),
+            // realloc(p, 0) frees p and returns NULL (glibc).
+            (_, old) if size_bytes == 0 => (0, old),
+            // Failure: the old block stays allocated, nothing changed.
+            _ => return Ok(0),
+        },
+        _ => (ret, 0),
+    };
+    if addr == 0 && released == 0 {
+        return Ok(0);
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
+        count(stat::RINGBUF_FULL);
+        return Err(0);
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reservation of size_of::<AllocEvent>() bytes that only this
+    // program writes until it is submitted.
+    unsafe {
+        (*event).kind = EVENT_ALLOC;
+        (*event).call = call;
+        (*event).pid_tgid = key;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).addr = addr;
+        (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
+        (*event).old_addr = released;
+        let frames_bytes = (MAX_STACK_DEPTH * 8) as u32;
+        let got = bpf_get_stack(
+            ctx.as_ptr(),
+            (*event).frames.as_mut_ptr().cast(),
+            frames_bytes,
+            BPF_F_USER_STACK as u64,
+        );
+        if got < 0 {
+            count(stat::STACK_FAILED);
+            (*event).stack_bytes = 0;
+            (*event).stack_truncated = 0;
+        } else {
+            (*event).stack_bytes = got as u32;
+            (*event).stack_truncated = u32::from(got as u32 >= frames_bytes);
+        }
+    }
+    entry.submit(0);
+    Ok(0)
+}
+
+/// `free(ptr)`.
+#[uprobe]
+pub fn free_entry(ctx: ProbeContext) -> u32 {
+    match try_free_entry(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
+    let addr = arg(ctx, 0);
+    if addr == 0 {
+        return Ok(0);
+    }
+    let key = bpf_get_current_pid_tgid();
+    if let Some(pending) = PENDING.get_ptr(&key) {
+        // SAFETY: as in `enter`.
+        let entry_sp = unsafe { (*pending).entry_sp };
+        // Inside realloc: its own return reports what it released.
+        if stack_pointer(ctx) <= entry_sp {
+            return Ok(0);
+        }
+    }
+    let event = FreeEvent {
+        kind: EVENT_FREE,
+        _pad: 0,
+        pid_tgid: key,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        addr,
+    };
+    if EVENTS.output::<FreeEvent>(&event, 0).is_err() {
+        count(stat::RINGBUF_FULL);
+        return Err(0);
+    }
+    Ok(0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Never reached: BPF programs cannot unwind, and the verifier rejects unbounded loops.
+    loop {}
+}
+
+// bpf_get_stack is a GPL-only helper.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,100 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::render::Format;
+
+/// Outstanding memory allocations of a running process, by call stack: find memory leaks
+/// in production without restarting anything.
+#[derive(Debug, Parser)]
+#[command(name = "leaktrace", version, about, long_about = None)]
+pub struct Cli {
+    /// The process to trace.
+    #[arg(short, long)]
+    pub pid: u32,
+
+    /// Seconds between reports.
+    #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = positive_secs)]
+    pub interval: f64,
+
+    /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
+    #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
+    pub duration: Option<f64>,
+
+    /// Stacks shown per report, biggest first.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write reports to this file instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Reports over which growth is measured and leaks are told from stable usage.
+    #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
+    pub window: u16,
+
+    /// Size of the BPF ring buffer that carries events (a power of two, in bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_RINGBUF_BYTES, value_parser = ringbuf_bytes)]
+    pub ringbuf_bytes: u32,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(secs),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
+fn ringbuf_bytes(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n >= 4096 => Ok(n),
+        _ => Err(format!("`{s}` is not a power of two of at least 4096")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_issue_s_flags() {
+        let cli = Cli::try_parse_from([
+            "leaktrace",
+            "-p",
+            "42",
+            "-i",
+            "0.5",
+            "--top",
+            "3",
+            "--duration",
+            "9",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.pid, cli.interval, cli.top, cli.duration, cli.format),
+            (42, 0.5, 3, Some(9.0), Format::Json)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["leaktrace"][..],
+            &["leaktrace", "-p", "x"],
+            &["leaktrace", "-p", "1", "-i", "0"],
+            &["leaktrace", "-p", "1", "-i", "nan"],
+            &["leaktrace", "-p", "1", "--ringbuf-bytes", "5000"],
+            &["leaktrace", "-p", "1", "--window", "1"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

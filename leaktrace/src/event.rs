@@ -1,0 +1,184 @@
+//! Decoding of the ring buffer records that `leaktrace-ebpf` writes.
+
+use std::mem::{offset_of, size_of};
+
+use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH};
+
+/// One allocator event, borrowed from the ring buffer record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A call that returned a block (`addr != 0`), released one (`old_addr != 0`), or both.
+    Alloc {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+        old_addr: u64,
+        /// Return addresses, innermost (the allocator's caller) first.
+        frames: &'a [u64],
+        truncated: bool,
+    },
+    Free {
+        ts_ns: u64,
+        addr: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is too short")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("stack of {0} bytes does not fit the record")]
+    BadStack(u32),
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_ne_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_ne_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes one record. The frames are copied out, since ring buffer records are not aligned
+/// for `u64` from Rust's point of view; `scratch` is reused between calls.
+pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, DecodeError> {
+    if bytes.len() < 4 {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    match u32_at(bytes, 0) {
+        EVENT_FREE => {
+            if bytes.len() < size_of::<FreeEvent>() {
+                return Err(DecodeError::Short(bytes.len()));
+            }
+            Ok(Event::Free {
+                ts_ns: u64_at(bytes, offset_of!(FreeEvent, ts_ns)),
+                addr: u64_at(bytes, offset_of!(FreeEvent, addr)),
+            })
+        }
+        EVENT_ALLOC => {
+            if bytes.len() < size_of::<AllocEvent>() {
+                return Err(DecodeError::Short(bytes.len()));
+            }
+            let stack_bytes = u32_at(bytes, offset_of!(AllocEvent, stack_bytes));
+            let depth = stack_bytes as usize / 8;
+            if stack_bytes % 8 != 0 || depth > MAX_STACK_DEPTH {
+                return Err(DecodeError::BadStack(stack_bytes));
+            }
+            let frames_at = offset_of!(AllocEvent, frames);
+            scratch.clear();
+            scratch.extend((0..depth).map(|i| u64_at(bytes, frames_at + 8 * i)));
+            Ok(Event::Alloc {
+                ts_ns: u64_at(bytes, offset_of!(AllocEvent, ts_ns)),
+                addr: u64_at(bytes, offset_of!(AllocEvent, addr)),
+                size_bytes: u64_at(bytes, offset_of!(AllocEvent, size_bytes)),
+                old_addr: u64_at(bytes, offset_of!(AllocEvent, old_addr)),
+                frames: scratch,
+                truncated: u32_at(bytes, offset_of!(AllocEvent, stack_truncated)) != 0,
+            })
+        }
+        kind => Err(DecodeError::UnknownKind(kind)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The bytes BPF writes for an allocation.
+    pub(crate) fn alloc_record(
+        addr: u64,
+        size_bytes: u64,
+        old_addr: u64,
+        frames: &[u64],
+    ) -> Vec<u8> {
+        let mut event = AllocEvent {
+            kind: EVENT_ALLOC,
+            call: leaktrace_common::call::MALLOC,
+            pid_tgid: 7 << 32 | 8,
+            ts_ns: 1000,
+            addr,
+            size_bytes,
+            old_addr,
+            stack_bytes: u32::try_from(frames.len() * 8).unwrap(),
+            stack_truncated: 0,
+            frames: [0; MAX_STACK_DEPTH],
+        };
+        event.frames[..frames.len()].copy_from_slice(frames);
+        // SAFETY: AllocEvent is plain integers without padding.
+        unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<AllocEvent>())
+        }
+        .to_vec()
+    }
+
+    pub(crate) fn free_record(addr: u64) -> Vec<u8> {
+        let event = FreeEvent {
+            kind: EVENT_FREE,
+            _pad: 0,
+            pid_tgid: 7 << 32 | 8,
+            ts_ns: 2000,
+            addr,
+        };
+        // SAFETY: FreeEvent is plain integers without padding.
+        unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<FreeEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_alloc_and_free() {
+        let mut scratch = Vec::new();
+        let record = alloc_record(0x1000, 64, 0, &[0x401000, 0x402000]);
+        assert_eq!(
+            decode(&record, &mut scratch).unwrap(),
+            Event::Alloc {
+                ts_ns: 1000,
+                addr: 0x1000,
+                size_bytes: 64,
+                old_addr: 0,
+                frames: &[0x401000, 0x402000],
+                truncated: false
+            }
+        );
+        assert_eq!(
+            decode(&free_record(0x1000), &mut scratch).unwrap(),
+            Event::Free {
+                ts_ns: 2000,
+                addr: 0x1000
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        let mut scratch = Vec::new();
+        assert_eq!(decode(&[], &mut scratch), Err(DecodeError::Short(0)));
+        assert_eq!(decode(&[1, 0], &mut scratch), Err(DecodeError::Short(2)));
+        assert_eq!(
+            decode(&free_record(1)[..31], &mut scratch),
+            Err(DecodeError::Short(31))
+        );
+        let alloc = alloc_record(1, 1, 0, &[]);
+        assert_eq!(
+            decode(&alloc[..100], &mut scratch),
+            Err(DecodeError::Short(100))
+        );
+        assert_eq!(
+            decode(&[9, 0, 0, 0, 0, 0, 0, 0], &mut scratch),
+            Err(DecodeError::UnknownKind(9))
+        );
+
+        let stack_at = offset_of!(AllocEvent, stack_bytes);
+        for bad in [7u32, (MAX_STACK_DEPTH as u32 + 1) * 8, u32::MAX] {
+            let mut record = alloc_record(1, 1, 0, &[]);
+            record[stack_at..stack_at + 4].copy_from_slice(&bad.to_ne_bytes());
+            assert_eq!(
+                decode(&record, &mut scratch),
+                Err(DecodeError::BadStack(bad))
+            );
+        }
+    }
+}

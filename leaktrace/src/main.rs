@@ -1,0 +1,83 @@
+//! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
+
+mod cli;
+mod elf_symbols;
+mod event;
+mod heap;
+mod probes;
+mod proc_maps;
+mod render;
+mod report;
+mod reporter;
+mod symbolize;
+mod target;
+mod trace;
+
+use std::{fs::File, io, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::{cli::Cli, reporter::Reporter, target::Target, trace::Stop};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the cause chain joined by ": ".
+            eprintln!("leaktrace: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    target::check_privileges()?;
+    let target = Target::open(cli.pid)?;
+    let out: Box<dyn io::Write + Send> = match &cli.output {
+        Some(path) => {
+            Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        None => Box::new(io::stdout()),
+    };
+    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let probes = probes::attach(ebpf, &target)?;
+    eprintln!(
+        "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
+        target.pid,
+        target.command,
+        target.allocator.module,
+        probes.attached(),
+        cli.interval
+    );
+    let rendered_target = render::Target {
+        pid: target.pid,
+        command: target.command.clone(),
+        allocator_module: target.allocator.module.clone(),
+    };
+    let reporter = Reporter::spawn(rendered_target, cli.format, out)
+        .context("starting the reporter thread")?;
+    let settings = trace::Settings {
+        pid: target.pid,
+        interval: Duration::from_secs_f64(cli.interval),
+        duration: cli.duration.map(Duration::from_secs_f64),
+        top: cli.top,
+        window: usize::from(cli.window),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let stop = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
+    reporter.finish().context("writing the report")?;
+    match stop {
+        Stop::TargetExited => {
+            eprintln!("leaktrace: process {} exited; probes detached", target.pid)
+        }
+        Stop::Interrupted | Stop::Terminated | Stop::Duration => {
+            eprintln!("leaktrace: detached from pid {}", target.pid);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! `/proc/PID/maps`: which file backs an address, and where the target's files are.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// The `r`, `w`, `x` and `p`/`s` flags.
+    pub perms: [u8; 4],
+    pub file_offset: u64,
+    pub inode: u64,
+    /// The path as the target sees it (in its own mount namespace); empty for anonymous
+    /// mappings, `[heap]`-style names for special ones.
+    pub path: String,
+}
+
+impl Mapping {
+    pub fn is_executable(&self) -> bool {
+        self.perms[2] == b'x'
+    }
+
+    /// A mapping of a regular file (not anonymous, not `[stack]`, `[vdso]`, ...).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    /// The file name without the directory.
+    pub fn file_name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+}
+
+/// A line that does not have the shape of a maps line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed /proc/PID/maps line: {0:?}")]
+pub struct MalformedLine(pub String);
+
+/// The memory map of a process, sorted by address as the kernel lists it.
+#[derive(Clone, Debug, Default)]
+pub struct ProcMaps {
+    pub mappings: Vec<Mapping>,
+}
+
+impl ProcMaps {
+    pub fn read(pid: u32) -> std::io::Result<Self> {
+        let text = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        Self::parse(&text).map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, MalformedLine> {
+        let mappings = text
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(parse_line)
+            .collect::<Result<_, _>>()?;
+        Ok(Self { mappings })
+    }
+
+    /// The file mapping that holds `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let index = self.mappings.partition_point(|m| m.end <= addr);
+        self.mappings
+            .get(index)
+            .filter(|m| m.start <= addr && addr < m.end && m.is_file())
+    }
+}
+
+fn parse_line(line: &str) -> Result<Mapping, MalformedLine> {
+    let malformed = || MalformedLine(line.to_owned());
+    // address perms offset dev inode [path]; the path may contain spaces.
+    let mut fields = line.splitn(6, ' ');
+    let mut next = || fields.next().ok_or_else(malformed);
+    let (range, perms, offset, _dev, inode) = (next()?, next()?, next()?, next()?, next()?);
+    let path = fields.next().unwrap_or("").trim_start().to_owned();
+    let (start, end) = range.split_once('-').ok_or_else(malformed)?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).map_err(|_| malformed());
+    let perms: [u8; 4] = perms.as_bytes().try_into().map_err(|_| malformed())?;
+    let mapping = Mapping {
+        start: hex(start)?,
+        end: hex(end)?,
+        perms,
+        file_offset: hex(offset)?,
+        inode: inode.parse().map_err(|_| malformed())?,
+        path,
+    };
+    if mapping.start >= mapping.end {
+        return Err(malformed());
+    }
+    Ok(mapping)
+}
+
+/// The path under which this process can open a file that the target maps: through the
+/// target's root, so that a container's files are found in its own mount namespace.
+pub fn path_in_target(pid: u32, target_path: &str) -> PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(target_path.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d4c0a00000-55d4c0a01000 r--p 00000000 fe:01 1234                       /usr/bin/app
+55d4c0a01000-55d4c0a02000 r-xp 00001000 fe:01 1234                       /usr/bin/app
+55d4c1a00000-55d4c1a21000 rw-p 00000000 00:00 0                          [heap]
+7f0000000000-7f0000028000 r--p 00000000 fe:01 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000028000-7f00001bd000 r-xp 00028000 fe:01 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000300000-7f0000301000 r-xp 00000000 fe:01 77                         /tmp/with space (deleted)
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn parses_and_finds_file_mappings() {
+        let maps = ProcMaps::parse(MAPS).unwrap();
+        assert_eq!(maps.mappings.len(), 7);
+        let libc = maps.find(0x7f0000028010).unwrap();
+        assert_eq!(libc.file_name(), "libc.so.6");
+        assert_eq!(libc.file_offset, 0x28000);
+        assert!(libc.is_executable());
+        assert_eq!(
+            maps.find(0x7f0000300000).unwrap().path,
+            "/tmp/with space (deleted)"
+        );
+        // Anonymous and special mappings back no file.
+        assert_eq!(maps.find(0x55d4c1a00010), None);
+        assert_eq!(maps.find(0x7ffd00000010), None);
+        // Between mappings and past the end.
+        assert_eq!(maps.find(0x55d4c0a02000), None);
+        assert_eq!(maps.find(u64::MAX), None);
+    }
+
+    #[test]
+    fn rejects_malformed_lines() {
+        for line in [
+            "garbage",
+            "1000-2000 r-xp 0 fe:01",
+            "zz-2000 r-xp 00000000 fe:01 1 /x",
+            "2000-1000 r-xp 00000000 fe:01 1 /x",
+            "1000-2000 r-x 00000000 fe:01 1 /x",
+            "1000-2000 r-xp 00000000 fe:01 notanumber /x",
+        ] {
+            assert_eq!(
+                ProcMaps::parse(line).unwrap_err(),
+                MalformedLine(line.to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn paths_go_through_the_target_root() {
+        assert_eq!(
+            path_in_target(42, "/usr/lib/libc.so.6"),
+            Path::new("/proc/42/root/usr/lib/libc.so.6")
+        );
+    }
+}

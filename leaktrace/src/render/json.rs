@@ -1,0 +1,205 @@
+//! `--format json`: one object per report, one per line. Field names and meanings are a
+//! contract (DESIGN.md): add fields, never change one.
+
+use serde::Serialize;
+
+use super::Report;
+use crate::symbolize::Frame;
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    schema: u32,
+    pid: u32,
+    timestamp_ms: u64,
+    elapsed_s: f64,
+    /// False when events were lost: the numbers are then a lower bound.
+    complete: bool,
+    /// The last report of the trace.
+    last: bool,
+    allocator_module: &'a str,
+    totals: JsonTotals,
+    /// Stacks that hold memory; `stacks` lists the top of them.
+    stack_count: usize,
+    stacks: Vec<JsonStack<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonTotals {
+    outstanding_bytes: u64,
+    outstanding_allocations: u64,
+    allocations: u64,
+    frees: u64,
+    lost_events: u64,
+    unmatched_frees: u64,
+}
+
+#[derive(Serialize)]
+struct JsonStack<'a> {
+    outstanding_bytes: u64,
+    outstanding_allocations: u64,
+    growth_bytes_per_s: f64,
+    oldest_age_s: f64,
+    kind: &'static str,
+    truncated: bool,
+    frames: Vec<JsonFrame<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonFrame<'a> {
+    address: String,
+    symbol: Option<&'a str>,
+    offset: u64,
+    module: Option<&'a str>,
+    module_offset: String,
+    file: Option<&'a str>,
+    line: Option<u32>,
+    inlined: bool,
+}
+
+impl<'a> From<&'a Frame> for JsonFrame<'a> {
+    fn from(frame: &'a Frame) -> Self {
+        Self {
+            address: format!("{:#x}", frame.address),
+            symbol: frame.symbol.as_deref(),
+            offset: frame.offset,
+            module: frame.module.as_deref(),
+            module_offset: format!("{:#x}", frame.module_offset),
+            file: frame.file.as_deref(),
+            line: frame.line,
+            inlined: frame.inlined,
+        }
+    }
+}
+
+/// Appends one line (with its newline) to `out`.
+pub fn render(report: &Report<'_>, out: &mut String) {
+    let snapshot = report.snapshot;
+    let t = &snapshot.totals;
+    let json = JsonReport {
+        schema: SCHEMA,
+        pid: snapshot.pid,
+        timestamp_ms: snapshot.timestamp_ms,
+        elapsed_s: round3(snapshot.elapsed_s),
+        complete: t.lost_events == 0,
+        last: snapshot.last,
+        allocator_module: &report.target.allocator_module,
+        totals: JsonTotals {
+            outstanding_bytes: t.outstanding_bytes,
+            outstanding_allocations: t.outstanding_allocations,
+            allocations: t.allocations,
+            frees: t.frees,
+            lost_events: t.lost_events,
+            unmatched_frees: t.unmatched_frees,
+        },
+        stack_count: snapshot.stack_count,
+        stacks: snapshot
+            .stacks
+            .iter()
+            .zip(report.frames)
+            .map(|(stack, frames)| JsonStack {
+                outstanding_bytes: stack.outstanding_bytes,
+                outstanding_allocations: stack.outstanding_allocations,
+                growth_bytes_per_s: round3(stack.growth_bytes_per_s),
+                oldest_age_s: round3(stack.oldest_age_s),
+                kind: stack.kind.as_str(),
+                truncated: stack.truncated,
+                frames: frames.iter().map(JsonFrame::from).collect(),
+            })
+            .collect(),
+    };
+    out.push_str(&serde_json::to_string(&json).expect("a report always serializes"));
+    out.push('\n');
+}
+
+/// Millisecond precision keeps lines short and stable.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        render::Target,
+        report::{Kind, Snapshot, StackSummary, Totals},
+    };
+
+    #[test]
+    fn follows_the_contract() {
+        let snapshot = Snapshot {
+            pid: 42,
+            timestamp_ms: 1_764_000_000_000,
+            elapsed_s: 10.0004,
+            totals: Totals {
+                outstanding_bytes: 4096,
+                outstanding_allocations: 1,
+                allocations: 3,
+                frees: 2,
+                lost_events: 5,
+                unmatched_frees: 1,
+            },
+            stack_count: 1,
+            stacks: vec![StackSummary {
+                outstanding_bytes: 4096,
+                outstanding_allocations: 1,
+                growth_bytes_per_s: 409.6,
+                oldest_age_s: 9.5,
+                kind: Kind::Leak,
+                addresses: Box::new([0x401136]),
+                truncated: false,
+            }],
+            last: true,
+        };
+        let frames = vec![vec![Frame {
+            address: 0x401136,
+            symbol: Some("cache_insert".into()),
+            offset: 42,
+            module: Some("/usr/bin/app".into()),
+            module_offset: 0x1136,
+            file: Some("src/cache.c".into()),
+            line: Some(17),
+            inlined: false,
+        }]];
+        let target = Target {
+            pid: 42,
+            command: "app".into(),
+            allocator_module: "/lib/libc.so.6".into(),
+        };
+        let mut out = String::new();
+        render(
+            &Report {
+                target: &target,
+                snapshot: &snapshot,
+                frames: &frames,
+            },
+            &mut out,
+        );
+        assert!(out.ends_with('\n'));
+        assert_eq!(out.matches('\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["timestamp_ms"], 1_764_000_000_000u64);
+        assert_eq!(v["elapsed_s"], 10.0);
+        assert_eq!(v["complete"], false);
+        assert_eq!(
+            v["totals"],
+            serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,
+                               "frees": 2, "lost_events": 5, "unmatched_frees": 1})
+        );
+        let stack = &v["stacks"][0];
+        assert_eq!(stack["outstanding_bytes"], 4096);
+        assert_eq!(stack["outstanding_allocations"], 1);
+        assert_eq!(stack["growth_bytes_per_s"], 409.6);
+        assert_eq!(stack["oldest_age_s"], 9.5);
+        assert_eq!(stack["kind"], "leak");
+        assert_eq!(
+            stack["frames"][0],
+            serde_json::json!({"address": "0x401136", "symbol": "cache_insert", "offset": 42,
+                               "module": "/usr/bin/app", "module_offset": "0x1136",
+                               "file": "src/cache.c", "line": 17, "inlined": false})
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! What a report says, before symbolization: totals, and the top stacks with their trend.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::heap::{Counters, HeapModel, StackId, StackUsage};
+
+/// How a stack's outstanding memory behaves over the trend window (see the README).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Never fell over the window, rose at each of the last samples, and still holds an
+    /// allocation from the window's start.
+    Leak,
+    /// Grew over the window, but too briefly or too unevenly to call it a leak.
+    Growing,
+    /// Flat (within 1%) over the last samples: high usage, not a leak.
+    Stable,
+    /// Fell over the window.
+    Shrinking,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Leak => "leak",
+            Self::Growing => "growing",
+            Self::Stable => "stable",
+            Self::Shrinking => "shrinking",
+        }
+    }
+}
+
+/// Samples a window must hold before a stack can be called a leak.
+pub const MIN_LEAK_SAMPLES: usize = 3;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub allocations: u64,
+    pub frees: u64,
+    pub lost_events: u64,
+    pub unmatched_frees: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackSummary {
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub growth_bytes_per_s: f64,
+    pub oldest_age_s: f64,
+    pub kind: Kind,
+    /// Return addresses, innermost first.
+    pub addresses: Box<[u64]>,
+    pub truncated: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub pid: u32,
+    pub timestamp_ms: u64,
+    pub elapsed_s: f64,
+    pub totals: Totals,
+    /// How many stacks hold memory; `stacks` is the top of them.
+    pub stack_count: usize,
+    pub stacks: Vec<StackSummary>,
+    /// The last report of the trace.
+    pub last: bool,
+}
+
+/// The recent outstanding bytes of every stack, one sample per report.
+#[derive(Debug)]
+pub struct Trends {
+    window: usize,
+    /// Time of the latest sample.
+    latest_s: f64,
+    samples: HashMap<StackId, VecDeque<(f64, u64)>>,
+}
+
+impl Trends {
+    pub fn new(window: usize) -> Self {
+        Self {
+            window: window.max(2),
+            latest_s: 0.0,
+            samples: HashMap::new(),
+        }
+    }
+
+    /// Records one sample of every stack (0 for stacks that no longer hold memory).
+    fn observe(&mut self, elapsed_s: f64, usage: &[StackUsage]) {
+        self.latest_s = elapsed_s;
+        let now: HashMap<StackId, u64> = usage
+            .iter()
+            .map(|u| (u.stack, u.outstanding_bytes))
+            .collect();
+        for (stack, series) in &mut self.samples {
+            if !now.contains_key(stack) {
+                series.push_back((elapsed_s, 0));
+            }
+        }
+        for (&stack, &bytes) in &now {
+            // A stack seen for the first time started from nothing at attach.
+            let series = self
+                .samples
+                .entry(stack)
+                .or_insert_with(|| VecDeque::from([(0.0, 0)]));
+            series.push_back((elapsed_s, bytes));
+        }
+        let window = self.window;
+        self.samples.retain(|_, series| {
+            while series.len() > window {
+                series.pop_front();
+            }
+            series.iter().any(|&(_, bytes)| bytes != 0)
+        });
+    }
+
+    /// Growth (bytes/s, least squares over the last samples) and kind of one stack.
+    fn classify(&self, stack: StackId, oldest_age_s: f64) -> (f64, Kind) {
+        let Some(series) = self.samples.get(&stack) else {
+            return (0.0, Kind::Stable);
+        };
+        let bytes: Vec<u64> = series.iter().map(|s| s.1).collect();
+        let (first, last) = (bytes[0], bytes[bytes.len() - 1]);
+        let recent = &bytes[bytes.len().saturating_sub(MIN_LEAK_SAMPLES)..];
+        let (low, high) = (
+            recent.iter().min().copied().unwrap_or(0),
+            recent.iter().max().copied().unwrap_or(0),
+        );
+        // Within 1% over the last samples: a plateau, whatever came before it.
+        let flat = recent.len() >= MIN_LEAK_SAMPLES && (high - low) as f64 <= 0.01 * high as f64;
+        let never_fell = bytes.windows(2).all(|w| w[1] >= w[0]);
+        let still_rising = recent.windows(2).all(|w| w[1] > w[0]);
+        // Old allocations never reclaimed: one made before the window's second sample is
+        // still outstanding.
+        let holds_old = series
+            .get(1)
+            .is_some_and(|&(t, _)| oldest_age_s >= self.latest_s - t);
+        let kind = if bytes.len() > MIN_LEAK_SAMPLES && never_fell && still_rising && holds_old {
+            Kind::Leak
+        } else if flat {
+            Kind::Stable
+        } else if last > first {
+            Kind::Growing
+        } else if last < first {
+            Kind::Shrinking
+        } else {
+            Kind::Stable
+        };
+        // The current rate, over the same recent samples: a cache that filled and then held
+        // grows at 0 now, whatever it did at the start of the window.
+        (
+            slope(series.range(series.len().saturating_sub(MIN_LEAK_SAMPLES)..)),
+            kind,
+        )
+    }
+}
+
+/// Least-squares slope of bytes over seconds.
+fn slope<'a>(samples: impl Iterator<Item = &'a (f64, u64)> + Clone) -> f64 {
+    let n = samples.clone().count() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mean_t = samples.clone().map(|s| s.0).sum::<f64>() / n;
+    let mean_b = samples.clone().map(|s| s.1 as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for &(t, b) in samples {
+        num += (t - mean_t) * (b as f64 - mean_b);
+        den += (t - mean_t) * (t - mean_t);
+    }
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// Everything a snapshot needs besides the heap model.
+pub struct SnapshotInput {
+    pub pid: u32,
+    pub timestamp_ms: u64,
+    pub elapsed_s: f64,
+    pub now_ns: u64,
+    pub lost_events: u64,
+    pub top: usize,
+    pub last: bool,
+}
+
+pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) -> Snapshot {
+    let mut usage = heap.usage();
+    trends.observe(input.elapsed_s, &usage);
+    let Counters {
+        allocations,
+        frees,
+        unmatched_frees,
+    } = heap.counters();
+    let totals = Totals {
+        outstanding_bytes: usage.iter().map(|u| u.outstanding_bytes).sum(),
+        outstanding_allocations: usage.iter().map(|u| u.outstanding_allocations).sum(),
+        allocations,
+        frees,
+        lost_events: input.lost_events,
+        unmatched_frees,
+    };
+    // Biggest first; ties broken by stack id so that output is stable.
+    usage.sort_unstable_by(|a, b| {
+        b.outstanding_bytes
+            .cmp(&a.outstanding_bytes)
+            .then(a.stack.cmp(&b.stack))
+    });
+    let stack_count = usage.len();
+    let stacks = usage
+        .iter()
+        .take(input.top)
+        .map(|u| {
+            let oldest_age_s = input.now_ns.saturating_sub(u.oldest_ts_ns) as f64 / 1e9;
+            let (growth_bytes_per_s, kind) = trends.classify(u.stack, oldest_age_s);
+            let stack = heap.stacks().get(u.stack);
+            StackSummary {
+                outstanding_bytes: u.outstanding_bytes,
+                outstanding_allocations: u.outstanding_allocations,
+                growth_bytes_per_s,
+                oldest_age_s,
+                kind,
+                addresses: stack.frames.clone(),
+                truncated: stack.truncated,
+            }
+        })
+        .collect();
+    Snapshot {
+        pid: input.pid,
+        timestamp_ms: input.timestamp_ms,
+        elapsed_s: input.elapsed_s,
+        totals,
+        stack_count,
+        stacks,
+        last: input.last,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn input(elapsed_s: f64) -> SnapshotInput {
+        SnapshotInput {
+            pid: 1,
+            timestamp_ms: 0,
+            elapsed_s,
+            now_ns: (elapsed_s * 1e9) as u64,
+            lost_events: 0,
+            top: 10,
+            last: false,
+        }
+    }
+
+    fn alloc(heap: &mut HeapModel, addr: u64, ts_s: f64, frames: &'static [u64]) {
+        let ts_ns = (ts_s * 1e9) as u64;
+        heap.apply(&Event::Alloc {
+            ts_ns,
+            addr,
+            size_bytes: 100,
+            old_addr: 0,
+            frames,
+            truncated: false,
+        });
+    }
+
+    #[test]
+    fn steady_growth_is_a_leak_a_plateau_is_stable_and_a_freed_burst_shrinks() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10);
+        let mut last = None;
+        for second in 1..=6u64 {
+            let t = second as f64;
+            // Leak: 2 blocks a second, never freed.
+            alloc(&mut heap, 0x10_000 + second * 2, t - 0.5, &[1]);
+            alloc(&mut heap, 0x10_001 + second * 2, t - 0.5, &[1]);
+            // Cache: fills in the first two seconds, then holds.
+            if second <= 2 {
+                alloc(&mut heap, 0x20_000 + second, t - 0.5, &[2]);
+            }
+            // Burst: allocated in second 1, freed in second 4.
+            if second == 1 {
+                alloc(&mut heap, 0x30_000, 0.5, &[3]);
+            }
+            if second == 4 {
+                heap.apply(&Event::Free {
+                    ts_ns: 0,
+                    addr: 0x30_000,
+                });
+            }
+            last = Some(snapshot(&heap, &mut trends, &input(t)));
+        }
+        let snap = last.unwrap();
+        assert_eq!(snap.totals.outstanding_bytes, 12 * 100 + 2 * 100);
+        assert_eq!(snap.stack_count, 2);
+        let leak = &snap.stacks[0];
+        assert_eq!(&*leak.addresses, &[1]);
+        assert_eq!(leak.kind, Kind::Leak);
+        assert!(
+            (leak.growth_bytes_per_s - 200.0).abs() < 1e-6,
+            "{}",
+            leak.growth_bytes_per_s
+        );
+        assert!((leak.oldest_age_s - 5.5).abs() < 1e-6);
+        let cache = &snap.stacks[1];
+        assert_eq!(cache.kind, Kind::Stable);
+        assert_eq!(cache.growth_bytes_per_s, 0.0);
+    }
+
+    #[test]
+    fn a_new_stack_is_growing_not_yet_a_leak() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10);
+        alloc(&mut heap, 1, 0.5, &[1]);
+        let snap = snapshot(&heap, &mut trends, &input(1.0));
+        assert_eq!(snap.stacks[0].kind, Kind::Growing);
+    }
+
+    #[test]
+    fn shrinking_after_a_peak() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10);
+        alloc(&mut heap, 1, 0.5, &[1]);
+        alloc(&mut heap, 2, 0.5, &[1]);
+        snapshot(&heap, &mut trends, &input(1.0));
+        snapshot(&heap, &mut trends, &input(2.0));
+        heap.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        // The window starts at attach (0 bytes), so over it the stack still grew.
+        let snap = snapshot(&heap, &mut trends, &input(3.0));
+        assert_eq!(snap.stacks[0].kind, Kind::Growing);
+        // A window that holds only the peak and after sees it shrink.
+        let mut heap2 = HeapModel::default();
+        let mut trends2 = Trends::new(2);
+        alloc(&mut heap2, 1, 0.5, &[1]);
+        alloc(&mut heap2, 2, 0.5, &[1]);
+        snapshot(&heap2, &mut trends2, &input(1.0));
+        snapshot(&heap2, &mut trends2, &input(2.0));
+        heap2.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        let snap = snapshot(&heap2, &mut trends2, &input(3.0));
+        assert_eq!(snap.stacks[0].kind, Kind::Shrinking);
+        assert!(snap.stacks[0].growth_bytes_per_s < 0.0);
+    }
+
+    #[test]
+    fn top_limits_and_orders_stacks() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10);
+        for i in 0..5u64 {
+            for j in 0..=i {
+                heap.apply(&Event::Alloc {
+                    ts_ns: 0,
+                    addr: i * 100 + j + 1,
+                    size_bytes: 10,
+                    old_addr: 0,
+                    frames: Box::leak(vec![i].into_boxed_slice()),
+                    truncated: false,
+                });
+            }
+        }
+        let mut inp = input(1.0);
+        inp.top = 2;
+        let snap = snapshot(&heap, &mut trends, &inp);
+        assert_eq!(snap.stack_count, 5);
+        let bytes: Vec<u64> = snap.stacks.iter().map(|s| s.outstanding_bytes).collect();
+        assert_eq!(bytes, [50, 40]);
+    }
+}

@@ -1,0 +1,144 @@
+//! The trace: events from the ring buffer into the heap model, a snapshot every interval,
+//! until Ctrl-C, SIGTERM, `--duration` or the target's exit.
+
+use std::{
+    os::fd::{FromRawFd as _, OwnedFd},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    event::decode,
+    heap::HeapModel,
+    probes::{Maps, Probes},
+    report::{SnapshotInput, Trends, snapshot},
+    reporter::Reporter,
+};
+
+/// Why a trace ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Interrupted,
+    Terminated,
+    Duration,
+    TargetExited,
+}
+
+pub struct Settings {
+    pub pid: u32,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub top: usize,
+    pub window: usize,
+}
+
+/// Runs the trace; every probe is detached when it returns.
+pub async fn run(
+    settings: &Settings,
+    probes: Probes,
+    maps: Maps,
+    reporter: &Reporter,
+) -> anyhow::Result<Stop> {
+    let start = Instant::now();
+    let mut heap = HeapModel::default();
+    let mut trends = Trends::new(settings.window);
+    let Maps { events, stats } = maps;
+    // SAFETY: the ring buffer and the pidfd own their fds, which stay open and unchanged for
+    // as long as the AsyncFd that owns them.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the ring buffer")?;
+    // SAFETY: as above.
+    let exited =
+        unsafe { AsyncFd::register_with_interest(pidfd(settings.pid)?, Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .context("polling the target's pidfd")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
+    let mut scratch = Vec::new();
+    let mut bad_records = 0u64;
+
+    let mut drain = |ring: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+                     heap: &mut HeapModel| {
+        let rb = ring.get_mut();
+        while let Some(record) = rb.next() {
+            match decode(&record, &mut scratch) {
+                Ok(event) => heap.apply(&event),
+                Err(_) => bad_records += 1,
+            }
+        }
+    };
+    let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, lost: u64| {
+        let input = SnapshotInput {
+            pid: settings.pid,
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            elapsed_s: start.elapsed().as_secs_f64(),
+            now_ns: monotonic_ns(),
+            lost_events: lost,
+            top: settings.top,
+            last,
+        };
+        snapshot(heap, trends, &input)
+    };
+
+    let stop = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for events")?;
+                guard.clear_ready();
+                drop(guard);
+                drain(&mut ring, &mut heap);
+            }
+            _ = tick.tick() => {
+                drain(&mut ring, &mut heap);
+                reporter.send(take_snapshot(&heap, &mut trends, false, stats.lost_events()));
+            }
+            _ = sigint.recv() => break Stop::Interrupted,
+            _ = sigterm.recv() => break Stop::Terminated,
+            () = &mut deadline => break Stop::Duration,
+            _ = exited.readable() => break Stop::TargetExited,
+        }
+    };
+    drain(&mut ring, &mut heap);
+    let lost = stats.lost_events() + bad_records;
+    reporter.send(take_snapshot(&heap, &mut trends, true, lost));
+    // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
+    // on its way meanwhile.
+    drop(probes);
+    Ok(stop)
+}
+
+fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(anyhow::anyhow!(
+            "process {pid} exited before leaktrace could attach ({err})"
+        ));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,219 @@
+//! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the BPF programs needs (idempotent; a no-op once done).
+    Setup,
+    /// Build leaktrace and trace the bundled leaky demo service for a few reports.
+    Demo,
+    /// Run the whole test suite: unit tests and, as root, tests that trace real processes.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
+/// bpf-linker, and gcc for the test fixtures.
+const PACKAGES: [&str; 7] = [
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "gcc",
+];
+const TOOLCHAIN: &str = "debian-web";
+const BPF_LINKER: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Demo => demo(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8(out.stdout).ok()
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .into_iter()
+        .filter(|pkg| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                .is_none_or(|status| !status.ends_with("installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--version"])) {
+        step(&format!(
+            "linking Debian's rustc into rustup as `{TOOLCHAIN}`"
+        ));
+        run(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if linker.as_deref().map(str::trim) != Some(&format!("bpf-linker {BPF_LINKER}")) {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER} against LLVM 22 (about a minute)"
+        ));
+        // Without LLVM 22 first on PATH, bpf-linker's build finds Debian's default
+        // llvm-config (LLVM 14) and fails to link.
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    step("toolchain ready");
+    Ok(())
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF and uprobes): run `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    require_root("the test suite")?;
+    step("running the test suite");
+    run(cargo().arg("test").args(args))
+}
+
+/// Kills the demo service when dropped, whatever happens in between.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup()?;
+    require_root("the demo")?;
+    step("building leaktrace");
+    run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+    let root = workspace();
+    let demo_dir = root.join("target/demo");
+    std::fs::create_dir_all(&demo_dir)?;
+    let service = demo_dir.join("leaky-service");
+    step("building the leaky demo service (demo/leaky_service.c)");
+    run(Command::new("gcc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&service)
+        .arg(root.join("demo/leaky_service.c")))?;
+    let child = Child(
+        Command::new(&service)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the demo service")?,
+    );
+    let pid = child.0.id().to_string();
+    thread::sleep(Duration::from_millis(300));
+    step(&format!(
+        "tracing the demo service (pid {pid}): 4 reports, 2 s apart"
+    ));
+    let status = Command::new(root.join("target/release/leaktrace"))
+        .args([
+            "-p",
+            &pid,
+            "--interval",
+            "2",
+            "--duration",
+            "8",
+            "--top",
+            "3",
+        ])
+        .status()
+        .context("running leaktrace")?;
+    drop(child);
+    if !status.success() {
+        bail!("leaktrace failed ({status})");
+    }
+    step(
+        "the top stack is the leak (remember_request); the per-request scratch buffers are absent",
+    );
+    Ok(())
+}
