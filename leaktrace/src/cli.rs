@@ -23,6 +23,10 @@ pub struct Cli {
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     pub duration: Option<f64>,
 
+    /// Count only allocations at least this old: hides blocks that are merely in flight.
+    #[arg(long, value_name = "SECS", value_parser = positive_secs)]
+    pub min_age: Option<f64>,
+
     /// Stacks shown per report, biggest first.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,

@@ -63,7 +63,7 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
             }
             let stack_bytes = u32_at(bytes, offset_of!(AllocEvent, stack_bytes));
             let depth = stack_bytes as usize / 8;
-            if stack_bytes % 8 != 0 || depth > MAX_STACK_DEPTH {
+            if !stack_bytes.is_multiple_of(8) || depth > MAX_STACK_DEPTH {
                 return Err(DecodeError::BadStack(stack_bytes));
             }
             let frames_at = offset_of!(AllocEvent, frames);

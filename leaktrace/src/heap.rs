@@ -128,10 +128,11 @@ impl HeapModel {
         &self.stacks
     }
 
-    /// Outstanding bytes and allocations per stack, in no particular order.
-    pub fn usage(&self) -> Vec<StackUsage> {
+    /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
+    /// allocated at or before `born_by_ns`.
+    pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
         let mut by_stack: HashMap<StackId, StackUsage> = HashMap::new();
-        for live in self.live.values() {
+        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
             let usage = by_stack.entry(live.stack).or_insert(StackUsage {
                 stack: live.stack,
                 outstanding_bytes: 0,
@@ -178,7 +179,7 @@ mod tests {
     }
 
     fn usage_of(heap: &HeapModel, frames: &[u64]) -> Option<(u64, u64)> {
-        heap.usage()
+        heap.usage(u64::MAX)
             .into_iter()
             .find(|u| &*heap.stacks().get(u.stack).frames == frames)
             .map(|u| (u.outstanding_bytes, u.outstanding_allocations))
@@ -206,12 +207,29 @@ mod tests {
             }
         );
         let oldest = heap
-            .usage()
+            .usage(u64::MAX)
             .into_iter()
             .find(|u| u.outstanding_bytes == 640)
             .unwrap()
             .oldest_ts_ns;
         assert_eq!(oldest, 0x1000);
+    }
+
+    #[test]
+    fn usage_can_leave_out_young_blocks() {
+        let mut heap = HeapModel::default();
+        heap.apply(&alloc(0x1000, 10, &[1]));
+        heap.apply(&alloc(0x2000, 20, &[1]));
+        let old_only = heap.usage(0x1000);
+        assert_eq!(old_only.len(), 1);
+        assert_eq!(
+            (
+                old_only[0].outstanding_bytes,
+                old_only[0].outstanding_allocations
+            ),
+            (10, 1)
+        );
+        assert!(heap.usage(0xfff).is_empty());
     }
 
     #[test]
@@ -227,7 +245,7 @@ mod tests {
         assert_eq!(usage_of(&heap, &[2]), Some((30, 1)));
         // realloc(p, 0): released, nothing returned.
         heap.apply(&realloc(0x2000, 0, 0, &[2]));
-        assert!(heap.usage().is_empty());
+        assert!(heap.usage(u64::MAX).is_empty());
         assert_eq!(
             heap.counters(),
             Counters {

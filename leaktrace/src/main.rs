@@ -43,6 +43,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
     let probes = probes::attach(ebpf, &target)?;
+    let rendered_target = render::Target {
+        pid: target.pid,
+        command: target.command.clone(),
+        allocator_module: target.allocator.module.clone(),
+    };
+    // Started before the user (or a test) is told that tracing runs, with the memory map read
+    // at attach: a target that exits at once still gets its stacks symbolized.
+    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
+        .context("starting the reporter thread")?;
     eprintln!(
         "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
         target.pid,
@@ -51,19 +60,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         probes.attached(),
         cli.interval
     );
-    let rendered_target = render::Target {
-        pid: target.pid,
-        command: target.command.clone(),
-        allocator_module: target.allocator.module.clone(),
-    };
-    let reporter = Reporter::spawn(rendered_target, cli.format, out)
-        .context("starting the reporter thread")?;
     let settings = trace::Settings {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
         duration: cli.duration.map(Duration::from_secs_f64),
         top: cli.top,
         window: usize::from(cli.window),
+        min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -73,28 +73,40 @@ pub struct Trends {
     window: usize,
     /// Time of the latest sample.
     latest_s: f64,
+    /// Samples closer than this to the previous one replace it.
+    min_spacing_s: f64,
     samples: HashMap<StackId, VecDeque<(f64, u64)>>,
 }
 
 impl Trends {
-    pub fn new(window: usize) -> Self {
+    pub fn new(window: usize, min_spacing_s: f64) -> Self {
         Self {
             window: window.max(2),
             latest_s: 0.0,
+            min_spacing_s,
             samples: HashMap::new(),
         }
     }
 
     /// Records one sample of every stack (0 for stacks that no longer hold memory).
     fn observe(&mut self, elapsed_s: f64, usage: &[StackUsage]) {
+        // A sample close after the previous one (the final report right after a tick) replaces
+        // it: two samples a millisecond apart say nothing about growth.
+        let replace = elapsed_s - self.latest_s < self.min_spacing_s;
         self.latest_s = elapsed_s;
         let now: HashMap<StackId, u64> = usage
             .iter()
             .map(|u| (u.stack, u.outstanding_bytes))
             .collect();
+        let mut record = |series: &mut VecDeque<(f64, u64)>, bytes: u64| {
+            if replace && series.len() > 1 {
+                series.pop_back();
+            }
+            series.push_back((elapsed_s, bytes));
+        };
         for (stack, series) in &mut self.samples {
             if !now.contains_key(stack) {
-                series.push_back((elapsed_s, 0));
+                record(series, 0);
             }
         }
         for (&stack, &bytes) in &now {
@@ -103,7 +115,7 @@ impl Trends {
                 .samples
                 .entry(stack)
                 .or_insert_with(|| VecDeque::from([(0.0, 0)]));
-            series.push_back((elapsed_s, bytes));
+            record(series, bytes);
         }
         let window = self.window;
         self.samples.retain(|_, series| {
@@ -178,12 +190,14 @@ pub struct SnapshotInput {
     pub elapsed_s: f64,
     pub now_ns: u64,
     pub lost_events: u64,
+    /// Only allocations at least this old count (`--min-age`).
+    pub min_age_ns: u64,
     pub top: usize,
     pub last: bool,
 }
 
 pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) -> Snapshot {
-    let mut usage = heap.usage();
+    let mut usage = heap.usage(input.now_ns.saturating_sub(input.min_age_ns));
     trends.observe(input.elapsed_s, &usage);
     let Counters {
         allocations,
@@ -246,6 +260,7 @@ mod tests {
             elapsed_s,
             now_ns: (elapsed_s * 1e9) as u64,
             lost_events: 0,
+            min_age_ns: 0,
             top: 10,
             last: false,
         }
@@ -266,7 +281,7 @@ mod tests {
     #[test]
     fn steady_growth_is_a_leak_a_plateau_is_stable_and_a_freed_burst_shrinks() {
         let mut heap = HeapModel::default();
-        let mut trends = Trends::new(10);
+        let mut trends = Trends::new(10, 0.0);
         let mut last = None;
         for second in 1..=6u64 {
             let t = second as f64;
@@ -309,7 +324,7 @@ mod tests {
     #[test]
     fn a_new_stack_is_growing_not_yet_a_leak() {
         let mut heap = HeapModel::default();
-        let mut trends = Trends::new(10);
+        let mut trends = Trends::new(10, 0.0);
         alloc(&mut heap, 1, 0.5, &[1]);
         let snap = snapshot(&heap, &mut trends, &input(1.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
@@ -318,7 +333,7 @@ mod tests {
     #[test]
     fn shrinking_after_a_peak() {
         let mut heap = HeapModel::default();
-        let mut trends = Trends::new(10);
+        let mut trends = Trends::new(10, 0.0);
         alloc(&mut heap, 1, 0.5, &[1]);
         alloc(&mut heap, 2, 0.5, &[1]);
         snapshot(&heap, &mut trends, &input(1.0));
@@ -329,7 +344,7 @@ mod tests {
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
         // A window that holds only the peak and after sees it shrink.
         let mut heap2 = HeapModel::default();
-        let mut trends2 = Trends::new(2);
+        let mut trends2 = Trends::new(2, 0.0);
         alloc(&mut heap2, 1, 0.5, &[1]);
         alloc(&mut heap2, 2, 0.5, &[1]);
         snapshot(&heap2, &mut trends2, &input(1.0));
@@ -343,7 +358,7 @@ mod tests {
     #[test]
     fn top_limits_and_orders_stacks() {
         let mut heap = HeapModel::default();
-        let mut trends = Trends::new(10);
+        let mut trends = Trends::new(10, 0.0);
         for i in 0..5u64 {
             for j in 0..=i {
                 heap.apply(&Event::Alloc {

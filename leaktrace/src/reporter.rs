@@ -8,6 +8,7 @@ use std::{
 };
 
 use crate::{
+    proc_maps::ProcMaps,
     render::{Format, Report, Target},
     report::Snapshot,
     symbolize::StackSymbolizer,
@@ -21,6 +22,7 @@ pub struct Reporter {
 impl Reporter {
     pub fn spawn(
         target: Target,
+        maps: ProcMaps,
         format: Format,
         mut out: Box<dyn io::Write + Send>,
     ) -> io::Result<Self> {
@@ -28,7 +30,7 @@ impl Reporter {
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
-                let mut symbolizer = StackSymbolizer::new(target.pid);
+                let mut symbolizer = StackSymbolizer::new(target.pid, maps);
                 let mut text = String::new();
                 for snapshot in rx {
                     symbolizer.refresh_maps();

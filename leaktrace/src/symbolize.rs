@@ -41,26 +41,28 @@ pub struct StackSymbolizer {
 }
 
 impl StackSymbolizer {
-    pub fn new(pid: u32) -> Self {
+    /// `maps` is the target's memory map as last read, for when the target is already gone.
+    pub fn new(pid: u32, maps: ProcMaps) -> Self {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        let mut this = Self {
+        Self {
             pid,
             symbolizer,
-            maps: ProcMaps::default(),
+            maps,
             cache: HashMap::new(),
-        };
-        this.refresh_maps();
-        this
+        }
     }
 
     /// Re-reads the target's memory map (libraries come and go); keeps the last one when the
     /// target is gone, so its addresses still resolve to modules.
     pub fn refresh_maps(&mut self) {
-        if let Ok(maps) = ProcMaps::read(self.pid) {
+        // An exited process (a zombie until reaped) has an empty map: keep the last real one.
+        if let Ok(maps) = ProcMaps::read(self.pid)
+            && !maps.mappings.is_empty()
+        {
             self.maps = maps;
         }
     }

@@ -61,6 +61,8 @@ pub struct Target {
     pub pid: u32,
     pub command: String,
     pub allocator: Allocator,
+    /// The memory map at attach: it still resolves addresses to files after the target exits.
+    pub maps: ProcMaps,
 }
 
 impl Target {
@@ -101,14 +103,16 @@ impl Target {
                 );
             }
         }
+        let allocator = Allocator {
+            module: libc.path.clone(),
+            path,
+            entry_points,
+        };
         Ok(Self {
             pid,
             command,
-            allocator: Allocator {
-                module: libc.path.clone(),
-                path,
-                entry_points,
-            },
+            allocator,
+            maps,
         })
     }
 }

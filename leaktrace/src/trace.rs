@@ -35,6 +35,7 @@ pub struct Settings {
     pub duration: Option<Duration>,
     pub top: usize,
     pub window: usize,
+    pub min_age: Duration,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -46,7 +47,7 @@ pub async fn run(
 ) -> anyhow::Result<Stop> {
     let start = Instant::now();
     let mut heap = HeapModel::default();
-    let mut trends = Trends::new(settings.window);
+    let mut trends = Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0);
     let Maps { events, stats } = maps;
     // SAFETY: the ring buffer and the pidfd own their fds, which stay open and unchanged for
     // as long as the AsyncFd that owns them.
@@ -86,6 +87,7 @@ pub async fn run(
             elapsed_s: start.elapsed().as_secs_f64(),
             now_ns: monotonic_ns(),
             lost_events: lost,
+            min_age_ns: settings.min_age.as_nanos() as u64,
             top: settings.top,
             last,
         };

@@ -193,7 +193,7 @@ fn demo() -> anyhow::Result<()> {
     let pid = child.0.id().to_string();
     thread::sleep(Duration::from_millis(300));
     step(&format!(
-        "tracing the demo service (pid {pid}): 4 reports, 2 s apart"
+        "tracing the demo service (pid {pid}) for 7 s: a report every 2 s, blocks younger than 10 ms (requests in flight) left out"
     ));
     let status = Command::new(root.join("target/release/leaktrace"))
         .args([
@@ -202,7 +202,9 @@ fn demo() -> anyhow::Result<()> {
             "--interval",
             "2",
             "--duration",
-            "8",
+            "7",
+            "--min-age",
+            "0.01",
             "--top",
             "3",
         ])

@@ -1,0 +1,330 @@
+//! Helpers that make a test read like its scenario: compile a fixture, start it, attach
+//! leaktrace, drive the fixture, stop leaktrace, read its last report.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const LEAKTRACE: &str = env!("CARGO_BIN_EXE_leaktrace");
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tests that load BPF need root. Outside CI they skip (and say so); under `CI=true` a skip
+/// would hide a broken suite, so they fail instead.
+pub fn require_root() -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "BPF tests must run as root under CI=true"
+    );
+    eprintln!("skipping: needs root (run `sudo -E cargo xtask test`)");
+    false
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A fixture compiled from `tests/fixtures/<name>.c` into a temporary directory.
+pub struct Binary {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+pub fn compile(name: &str, extra_flags: &[&str]) -> Binary {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let source = fixtures_dir().join(format!("{name}.c"));
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&path)
+        .arg(&source)
+        .args(extra_flags)
+        .output()
+        .expect("gcc runs");
+    assert!(
+        out.status.success(),
+        "gcc {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Binary { _dir: dir, path }
+}
+
+/// A running fixture that speaks the line protocol of `tests/fixtures/leaky.c`: it prints
+/// "ready", runs a round per line on stdin and prints "done" after each, and exits when
+/// stdin closes. Killed on drop.
+pub struct Fixture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Fixture {
+    pub fn start(binary: &Binary, args: &[&str]) -> Self {
+        let mut child = Command::new(&binary.path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("fixture starts");
+        let stdin = child.stdin.take();
+        let lines = line_reader(child.stdout.take().unwrap());
+        let mut fixture = Self {
+            child,
+            stdin,
+            lines,
+        };
+        fixture.expect_line("ready");
+        fixture
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn expect_line(&mut self, want: &str) {
+        let line = self
+            .lines
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("fixture never printed {want:?}"));
+        assert_eq!(line, want);
+    }
+
+    /// Runs one round and waits until it is done.
+    pub fn round(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+        self.expect_line("done");
+    }
+
+    /// Closes stdin and waits for the fixture to exit by itself.
+    pub fn finish(mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        wait_timeout(&mut self.child).expect("fixture exits when its stdin closes")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn line_reader(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_timeout(child: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// leaktrace attached to a process, reporting JSON. Killed on drop.
+pub struct Leaktrace {
+    child: Child,
+    stdout: Option<ChildStdout>,
+    stderr_lines: mpsc::Receiver<String>,
+    stderr: Vec<String>,
+}
+
+/// What leaktrace printed, once it has exited.
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub reports: Vec<Value>,
+    pub stderr: Vec<String>,
+}
+
+impl Outcome {
+    /// The final report, which every trace ends with.
+    pub fn last(&self) -> &Value {
+        let last = self
+            .reports
+            .last()
+            .unwrap_or_else(|| panic!("no report; stderr: {:?}", self.stderr));
+        assert_eq!(last["last"], true, "the final report comes last");
+        last
+    }
+}
+
+impl Leaktrace {
+    /// Starts leaktrace and waits until its probes are attached.
+    pub fn attach(pid: u32, extra: &[&str]) -> Self {
+        let pid = pid.to_string();
+        let mut child = Command::new(LEAKTRACE)
+            .args(["-p", &pid, "--format", "json", "--interval", "0.5"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("leaktrace starts");
+        let stdout = child.stdout.take();
+        let stderr_lines = line_reader(child.stderr.take().unwrap());
+        let mut this = Self {
+            child,
+            stdout,
+            stderr_lines,
+            stderr: Vec::new(),
+        };
+        loop {
+            match this.stderr_lines.recv_timeout(TIMEOUT) {
+                Ok(line) => {
+                    let attached = line.starts_with("leaktrace: tracing pid");
+                    this.stderr.push(line);
+                    if attached {
+                        return this;
+                    }
+                }
+                Err(_) => panic!("leaktrace did not attach; stderr: {:?}", this.stderr),
+            }
+        }
+    }
+
+    pub fn interrupt(&self) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+    }
+
+    /// Waits for leaktrace to exit (it must, by itself or after `interrupt`).
+    pub fn wait(mut self) -> Outcome {
+        let mut out = String::new();
+        let status = wait_timeout(&mut self.child).expect("leaktrace exits");
+        self.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
+            self.stderr.push(line);
+        }
+        let reports = out
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        Outcome {
+            status,
+            reports,
+            stderr: std::mem::take(&mut self.stderr),
+        }
+    }
+
+    pub fn stop(self) -> Outcome {
+        self.interrupt();
+        self.wait()
+    }
+}
+
+impl Drop for Leaktrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs leaktrace to completion with these arguments (for the error cases).
+pub fn run_leaktrace(args: &[&str]) -> std::process::Output {
+    Command::new(LEAKTRACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("leaktrace runs")
+}
+
+/// The stack whose innermost named frame is `function`.
+pub fn stack_of<'a>(report: &'a Value, function: &str) -> Option<&'a Value> {
+    report["stacks"].as_array().unwrap().iter().find(|stack| {
+        stack["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|f| f["symbol"].as_str())
+            == Some(function)
+    })
+}
+
+/// Every function named anywhere in the report.
+pub fn all_symbols(report: &Value) -> Vec<String> {
+    report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|stack| stack["frames"].as_array().unwrap())
+        .filter_map(|f| f["symbol"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The first bytes of the target's `malloc`, as the target sees them now.
+pub fn malloc_bytes_in(pid: u32) -> [u8; 4] {
+    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let libc_path = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            path.rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with("libc.so"))
+        })
+        .expect("the fixture maps libc")
+        .to_owned();
+    let data = std::fs::read(format!("/proc/{pid}/root{libc_path}")).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    let vaddr = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("malloc"))
+        .unwrap()
+        .address();
+    let segment = elf
+        .segments()
+        .find(|s| s.address() <= vaddr && vaddr < s.address() + s.size())
+        .unwrap();
+    let file_offset = vaddr - segment.address() + segment.file_range().0;
+    // The mapping of libc that holds that file offset.
+    let addr = maps
+        .lines()
+        .filter(|line| line.ends_with(&libc_path))
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let (start, end) = (
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            );
+            let offset = u64::from_str_radix(fields.nth(1)?, 16).ok()?;
+            (offset <= file_offset && file_offset < offset + (end - start))
+                .then(|| start + file_offset - offset)
+        })
+        .expect("malloc is mapped");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut bytes = [0; 4];
+    std::io::Seek::seek(&mut mem, std::io::SeekFrom::Start(addr)).unwrap();
+    mem.read_exact(&mut bytes).unwrap();
+    bytes
+}
