@@ -192,3 +192,60 @@ fn bad_input_gets_one_clear_line_and_a_failure_status() {
         "leaktrace: error: leaktrace needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): run it with sudo\n"
     );
 }
+
+#[test]
+fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("family", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100"]);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+
+    // "expect SITE BYTES COUNT", as the fixture counted it.
+    let mut want: Vec<(String, u64, u64)> = expected
+        .iter()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!((f.len(), f[0]), (4, "expect"), "{line}");
+            (
+                f[1].to_owned(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    want.sort();
+    // Per site, the function that called the allocator: an unrolled loop calls from several
+    // places, which are distinct stacks of the same site.
+    let mut got = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for stack in report["stacks"].as_array().unwrap() {
+        let site = stack["frames"][0]["symbol"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let entry = got.entry(site).or_default();
+        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
+        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
+    }
+    let got: Vec<(String, u64, u64)> = got.into_iter().map(|(site, (b, n))| (site, b, n)).collect();
+    assert_eq!(got, want);
+    // --top 100 showed every stack that holds memory.
+    assert_eq!(
+        report["stack_count"],
+        report["stacks"].as_array().unwrap().len()
+    );
+    let totals = &report["totals"];
+    assert_eq!(
+        totals["outstanding_bytes"],
+        want.iter().map(|w| w.1).sum::<u64>()
+    );
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unmatched_frees"], 0);
+    fixture.finish();
+}

@@ -100,12 +100,20 @@ impl Fixture {
         assert_eq!(line, want);
     }
 
-    /// Runs one round and waits until it is done.
-    pub fn round(&mut self) {
+    /// Runs one round, waits until it is done, and returns what the fixture printed before
+    /// "done".
+    pub fn round(&mut self) -> Vec<String> {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin.write_all(b"go\n").unwrap();
         stdin.flush().unwrap();
-        self.expect_line("done");
+        let mut lines = Vec::new();
+        loop {
+            match self.lines.recv_timeout(TIMEOUT) {
+                Ok(line) if line == "done" => return lines,
+                Ok(line) => lines.push(line),
+                Err(_) => panic!("fixture never finished its round; printed {lines:?}"),
+            }
+        }
     }
 
     /// Closes stdin and waits for the fixture to exit by itself.
