@@ -98,7 +98,7 @@ impl Trends {
             .iter()
             .map(|u| (u.stack, u.outstanding_bytes))
             .collect();
-        let mut record = |series: &mut VecDeque<(f64, u64)>, bytes: u64| {
+        let record = |series: &mut VecDeque<(f64, u64)>, bytes: u64| {
             if replace && series.len() > 1 {
                 series.pop_back();
             }
