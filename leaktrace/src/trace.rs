@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -68,16 +69,6 @@ pub async fn run(
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
 
-    let mut drain = |ring: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
-                     heap: &mut HeapModel| {
-        let rb = ring.get_mut();
-        while let Some(record) = rb.next() {
-            match decode(&record, &mut scratch) {
-                Ok(event) => heap.apply(&event),
-                Err(_) => bad_records += 1,
-            }
-        }
-    };
     let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, lost: u64| {
         let input = SnapshotInput {
             pid: settings.pid,
@@ -100,11 +91,12 @@ pub async fn run(
                 let mut guard = guard.context("waiting for events")?;
                 guard.clear_ready();
                 drop(guard);
-                drain(&mut ring, &mut heap);
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
             }
             _ = tick.tick() => {
-                drain(&mut ring, &mut heap);
-                reporter.send(take_snapshot(&heap, &mut trends, false, stats.lost_events()));
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                let lost = stats.lost_events() + bad_records;
+                reporter.send(take_snapshot(&heap, &mut trends, false, lost));
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -112,13 +104,26 @@ pub async fn run(
             _ = exited.readable() => break Stop::TargetExited,
         }
     };
-    drain(&mut ring, &mut heap);
+    bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
     let lost = stats.lost_events() + bad_records;
     reporter.send(take_snapshot(&heap, &mut trends, true, lost));
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
     drop(probes);
     Ok(stop)
+}
+
+/// Applies every record waiting in the ring buffer; returns how many could not be decoded
+/// (counted as lost: they would otherwise vanish silently).
+fn drain(ring: &mut RingBuf<MapData>, heap: &mut HeapModel, scratch: &mut Vec<u64>) -> u64 {
+    let mut bad = 0;
+    while let Some(record) = ring.next() {
+        match decode(&record, scratch) {
+            Ok(event) => heap.apply(&event),
+            Err(_) => bad += 1,
+        }
+    }
+    bad
 }
 
 fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {

@@ -103,7 +103,7 @@ fn setup() -> anyhow::Result<()> {
         ));
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
