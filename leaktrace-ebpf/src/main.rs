@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -33,6 +33,19 @@ static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Unread bytes in the ring buffer past which a submit wakes user space up. Below it, user
+/// space drains on its own short timer: a wakeup per event would cost more than the event.
+const WAKEUP_BYTES: u64 = 256 << 10;
+
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
 
 #[inline(always)]
 fn count(index: u32) {
@@ -243,7 +256,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             (*event).stack_truncated = u32::from(got as u32 >= frames_bytes);
         }
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(0)
 }
 
@@ -277,7 +290,7 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         addr,
     };
-    if EVENTS.output::<FreeEvent>(&event, 0).is_err() {
+    if EVENTS.output::<FreeEvent>(&event, wakeup_flags()).is_err() {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }

@@ -21,6 +21,9 @@ use crate::{
     reporter::Reporter,
 };
 
+/// How often events are drained when the ring buffer is not filling fast enough to wake us.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Why a trace ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -66,6 +69,9 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
+    // The BPF side wakes us only when much is waiting; below that, events are drained here.
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
 
@@ -91,6 +97,9 @@ pub async fn run(
                 let mut guard = guard.context("waiting for events")?;
                 guard.clear_ready();
                 drop(guard);
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+            }
+            _ = poll.tick() => {
                 bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
             }
             _ = tick.tick() => {
