@@ -75,7 +75,8 @@ pub async fn run(
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
 
-    let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, lost: u64| {
+    // Undecodable records count as lost: they would otherwise vanish silently.
+    let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, bad_records: u64| {
         let input = SnapshotInput {
             pid: settings.pid,
             timestamp_ms: SystemTime::now()
@@ -83,7 +84,7 @@ pub async fn run(
                 .map_or(0, |d| d.as_millis() as u64),
             elapsed_s: start.elapsed().as_secs_f64(),
             now_ns: monotonic_ns(),
-            lost_events: lost,
+            lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
             top: settings.top,
             last,
@@ -104,8 +105,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
-                let lost = stats.lost_events() + bad_records;
-                reporter.send(take_snapshot(&heap, &mut trends, false, lost));
+                reporter.send(take_snapshot(&heap, &mut trends, false, bad_records));
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -114,16 +114,14 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
-    let lost = stats.lost_events() + bad_records;
-    reporter.send(take_snapshot(&heap, &mut trends, true, lost));
+    reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
     drop(probes);
     Ok(stop)
 }
 
-/// Applies every record waiting in the ring buffer; returns how many could not be decoded
-/// (counted as lost: they would otherwise vanish silently).
+/// Applies every record waiting in the ring buffer; returns how many could not be decoded.
 fn drain(ring: &mut RingBuf<MapData>, heap: &mut HeapModel, scratch: &mut Vec<u64>) -> u64 {
     let mut bad = 0;
     while let Some(record) = ring.next() {

@@ -174,7 +174,15 @@ fn bad_input_gets_one_clear_line_and_a_failure_status() {
     );
     assert!(stderr.contains("maps no glibc"), "{stderr}");
 
-    // Without privileges: the same binary run as nobody.
+    // Without privileges: the same binary run as nobody, from a copy that nobody may run
+    // (the build tree may sit under a directory only root can enter).
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("leaktrace");
+    std::fs::copy(support::LEAKTRACE, &copy).unwrap();
+    for path in [dir.path(), &copy] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
     let unprivileged = std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -182,7 +190,7 @@ fn bad_input_gets_one_clear_line_and_a_failure_status() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .arg(support::LEAKTRACE)
+        .arg(&copy)
         .args(["-p", &pid])
         .output()
         .expect("setpriv runs");
