@@ -1,24 +1,13 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-mod cli;
-mod elf_symbols;
-mod event;
-mod heap;
-mod probes;
-mod proc_maps;
-mod render;
-mod report;
-mod reporter;
-mod symbolize;
-mod target;
-mod trace;
-
 use std::{fs::File, io, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use crate::{cli::Cli, reporter::Reporter, target::Target, trace::Stop};
+use leaktrace::{
+    cli::Cli, probes, render, reporter::Reporter, target, target::Target, trace, trace::Stop,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
