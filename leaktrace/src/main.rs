@@ -41,14 +41,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // at attach: a target that exits at once still gets its stacks symbolized.
     let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
         .context("starting the reporter thread")?;
-    eprintln!(
-        "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
-        target.pid,
-        target.command,
-        target.allocator.module,
-        probes.attached(),
-        cli.interval
-    );
     let settings = trace::Settings {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
@@ -56,6 +48,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        ready_message: format!(
+            "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
+            target.pid,
+            target.command,
+            target.allocator.module,
+            probes.attached(),
+            cli.interval
+        ),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
