@@ -30,7 +30,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         None => Box::new(io::stdout()),
     };
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {
         pid: target.pid,

@@ -39,24 +39,27 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
         let _ = writeln!(
             out,
-            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}{}",
+            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}",
             rank + 1,
             bytes(stack.outstanding_bytes),
             stack.outstanding_allocations,
             signed_bytes(stack.growth_bytes_per_s),
             stack.oldest_age_s,
             stack.kind.as_str(),
-            if stack.truncated {
-                "  (stack truncated)"
-            } else {
-                ""
-            },
         );
         for frame in frames.iter().take(MAX_FRAMES) {
             let _ = writeln!(out, "       {}", frame_line(frame));
         }
         if frames.len() > MAX_FRAMES {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - MAX_FRAMES);
+        }
+        if stack.truncated {
+            // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
+            let _ = writeln!(
+                out,
+                "       … (truncated at {} frames: outer callers not captured, see --max-depth)",
+                stack.addresses.len()
+            );
         }
     }
     if s.stack_count > s.stacks.len() {
@@ -200,7 +203,12 @@ mod tests {
         assert!(out.contains("pid 7 (./leaky)"), "{out}");
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
-        assert!(out.contains("leak  (stack truncated)"), "{out}");
+        assert!(
+            out.contains(
+                "libfoo.so+0x99\n       … (truncated at 2 frames: outer callers not captured, see --max-depth)\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("leak_site+0x1a (leaky.c:12)"), "{out}");
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");

@@ -1,0 +1,248 @@
+//! Stacks an engineer can act on: the depth limit and truncation, demangled Rust and C++ names,
+//! modules without symbols as `module+offset`, a process in its own mount namespace, a binary
+//! deleted or replaced while it runs, and a leak three calls deep as a new user meets it.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    ops::Range,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+
+use super::line_of;
+use crate::support::{Binary, Fixture, LEAKTRACE, Leaktrace, compile, require_root};
+
+fn fixture_source(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(file)
+        .canonicalize()
+        .unwrap()
+}
+
+/// Builds `tests/fixtures/<source>` into `<name>` in a fresh temporary directory with
+/// `program` (gcc, g++, rustc) and its flags.
+fn build(program: &str, flags: &[&str], source: &str, name: &str) -> Binary {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    // Flags after the source: `-l` options must follow the objects that need them.
+    let out = Command::new(program)
+        .arg("-o")
+        .arg(&path)
+        .arg(fixture_source(source))
+        .args(flags)
+        .output()
+        .unwrap_or_else(|err| panic!("{program} runs: {err}"));
+    assert!(
+        out.status.success(),
+        "{program} {source}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Binary::new(dir, path)
+}
+
+/// The one stack in the report that holds exactly `bytes`.
+fn stack_holding(report: &Value, bytes: u64) -> &Value {
+    let found: Vec<&Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["outstanding_bytes"] == bytes)
+        .collect();
+    assert_eq!(found.len(), 1, "one stack of {bytes} bytes in {report}");
+    found[0]
+}
+
+/// The one stack in the report with a frame (not an inlined one) in `function`, and the index
+/// of that frame among the stack's frames that are not inlined.
+fn stack_through<'a>(report: &'a Value, function: &str) -> (&'a Value, usize) {
+    let found: Vec<(&Value, usize)> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|stack| {
+            outer_frames(stack)
+                .iter()
+                .position(|f| f["symbol"] == function)
+                .map(|i| (stack, i))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one stack through {function} in {report}");
+    found[0]
+}
+
+/// The frames of a stack that are return addresses, leaving out the inlined ones.
+fn outer_frames(stack: &Value) -> Vec<&Value> {
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["inlined"] == false)
+        .collect()
+}
+
+fn symbols(stack: &Value) -> Vec<&str> {
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["symbol"].as_str().unwrap_or("?"))
+        .collect()
+}
+
+fn module_offset(frame: &Value) -> u64 {
+    let hex = frame["module_offset"].as_str().unwrap();
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// Where `symbol`'s code lies in `elf`, as file offsets: `nm -S` gives its address and size,
+/// the program headers where that address is in the file.
+fn file_range_of(elf: &Path, symbol: &str) -> Range<u64> {
+    use object::{Object as _, ObjectSegment as _};
+
+    let out = Command::new("nm")
+        .args(["-S", "--defined-only"])
+        .arg(elf)
+        .output()
+        .expect("nm runs");
+    assert!(out.status.success());
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let (addr, size) = listing
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() == 4 && f[3] == symbol).then(|| {
+                (
+                    u64::from_str_radix(f[0], 16).unwrap(),
+                    u64::from_str_radix(f[1], 16).unwrap(),
+                )
+            })
+        })
+        .unwrap_or_else(|| panic!("nm lists {symbol} in {}", elf.display()));
+    let data = std::fs::read(elf).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let segment = file
+        .segments()
+        .find(|s| s.address() <= addr && addr < s.address() + s.size())
+        .expect("the symbol is in a segment");
+    let start = addr - segment.address() + segment.file_range().0;
+    start..start + size
+}
+
+/// Asserts that a frame of a module without symbols is `module+offset` with an offset inside
+/// `function` of the unstripped copy (return addresses point after the call: one byte back is
+/// the call itself).
+fn assert_unnamed_frame_in(frame: &Value, module: &Path, unstripped: &Path, function: &str) {
+    assert_eq!(frame["symbol"], Value::Null, "{frame}");
+    assert_eq!(frame["file"], Value::Null, "{frame}");
+    assert_eq!(frame["module"], module.to_str().unwrap(), "{frame}");
+    let range = file_range_of(unstripped, function);
+    let offset = module_offset(frame);
+    assert!(
+        range.contains(&(offset - 1)),
+        "{function} is at {range:#x?} in {}, the frame at {offset:#x}",
+        unstripped.display()
+    );
+}
+
+#[test]
+fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("deep", &[]);
+    // Stacks of 4, 8, 9 and 44 return addresses (L + 4 for L levels), 1000 + L bytes each.
+    let mut fixture = Fixture::start(&binary, &["0", "4", "5", "40"]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--max-depth", "8"]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let report = outcome.last();
+
+    let descend = |n: usize| std::iter::repeat_n("descend", n);
+    let shape = |bytes: u64| {
+        let stack = stack_holding(report, bytes);
+        (symbols(stack), stack["truncated"].as_bool().unwrap())
+    };
+    let start = ["main", "__libc_start_call_main"];
+    assert_eq!(
+        shape(1000),
+        (
+            ["bottom"]
+                .into_iter()
+                .chain(descend(1))
+                .chain(start)
+                .collect(),
+            false
+        )
+    );
+    // Exactly 8 frames: all of them, not truncated.
+    assert_eq!(
+        shape(1004),
+        (
+            ["bottom"]
+                .into_iter()
+                .chain(descend(5))
+                .chain(start)
+                .collect(),
+            false
+        )
+    );
+    // One frame more than the limit: cut to 8, truncated.
+    assert_eq!(
+        shape(1005),
+        (
+            ["bottom"]
+                .into_iter()
+                .chain(descend(6))
+                .chain(["main"])
+                .collect(),
+            true
+        )
+    );
+    assert_eq!(
+        shape(1040),
+        (["bottom"].into_iter().chain(descend(7)).collect(), true)
+    );
+    fixture.finish();
+}
+
+#[test]
+fn the_default_depth_keeps_the_127_frames_the_kernel_gives() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("deep", &[]);
+    let mut fixture = Fixture::start(&binary, &["100", "200"]);
+    let trace = Leaktrace::attach(fixture.pid(), &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let report = outcome.last();
+
+    let whole = stack_holding(report, 1100);
+    let names = symbols(whole);
+    assert_eq!(names.len(), 104);
+    assert_eq!(names[..2], ["bottom", "descend"]);
+    assert_eq!(names[102..], ["main", "__libc_start_call_main"]);
+    assert_eq!(whole["truncated"], false);
+
+    let cut = stack_holding(report, 1200);
+    let names = symbols(cut);
+    assert_eq!(names.len(), 127);
+    assert!(names[1..].iter().all(|&n| n == "descend"), "{names:?}");
+    assert_eq!(cut["truncated"], true);
+    fixture.finish();
+}
