@@ -46,7 +46,10 @@ impl StackSymbolizer {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
-            .enable_demangling(true)
+            // blazesym tries C++ demangling on any name of a language it does not know, C
+            // included, and C's `c`, `b` and `a` are valid manglings of `char`, `bool` and
+            // `signed char`: names are demangled here instead, only when mangled.
+            .enable_demangling(false)
             .build();
         Self {
             pid,
@@ -126,7 +129,7 @@ impl StackSymbolizer {
         for inlined in sym.inlined.iter().rev() {
             let (file, line) = code(inlined.code_info.as_ref());
             frames.push(Frame {
-                symbol: Some(inlined.name.to_string()),
+                symbol: Some(demangle(&inlined.name)),
                 file,
                 line: line.flatten(),
                 inlined: true,
@@ -135,7 +138,7 @@ impl StackSymbolizer {
         }
         let (file, line) = code(sym.code_info.as_deref());
         frames.push(Frame {
-            symbol: Some(sym.name.to_string()),
+            symbol: Some(demangle(&sym.name)),
             offset: (sym.offset as u64) + 1,
             file,
             line: line.flatten(),
@@ -157,6 +160,24 @@ impl StackSymbolizer {
     }
 }
 
+/// A mangled Rust (legacy or v0) or C++ (Itanium) name, demangled; any other name as it is.
+/// Rust names lose their hash suffix (`::h0123456789abcdef`), which only tells builds apart.
+pub fn demangle(name: &str) -> String {
+    if let Ok(rust) = rustc_demangle::try_demangle(name) {
+        return format!("{rust:#}");
+    }
+    // Itanium manglings start with `_Z` (some platforms add an underscore); without that
+    // prefix, cpp_demangle would also read plain C names as types.
+    if name.starts_with("_Z")
+        && let Some(cpp) = cpp_demangle::Symbol::new(name)
+            .ok()
+            .and_then(|symbol| symbol.demangle().ok())
+    {
+        return cpp;
+    }
+    name.to_owned()
+}
+
 fn unknown(address: u64) -> Frame {
     Frame {
         address,
@@ -167,5 +188,35 @@ fn unknown(address: u64) -> Frame {
         file: None,
         line: None,
         inlined: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demangles_only_mangled_names() {
+        // Plain C names stay as they are, even those that read as C++ type manglings.
+        for plain in ["a", "b", "c", "main", "leak_site", "_start", "Z", "_Z", ""] {
+            assert_eq!(demangle(plain), plain);
+        }
+        assert_eq!(
+            demangle("_ZN8leaky_rs14Cache$LT$T$GT$6insert17h0123456789abcdefE"),
+            "leaky_rs::Cache<T>::insert"
+        );
+        assert_eq!(
+            demangle("_RNvMCs3ZLWLHzac9D_8leaky_rsINtB2_5CacheNtB2_6RecordE6insertB2_"),
+            "<leaky_rs::Cache<leaky_rs::Record>>::insert"
+        );
+        assert_eq!(
+            demangle("_ZN5store4PoolINS_4ItemEE4grabEm"),
+            "store::Pool<store::Item>::grab(unsigned long)"
+        );
+        assert_eq!(demangle("_Znwm"), "operator new(unsigned long)");
+        // Malformed manglings come back unchanged.
+        for bad in ["_ZN5store", "_ZZZ", "_RNv"] {
+            assert_eq!(demangle(bad), bad);
+        }
     }
 }

@@ -246,3 +246,236 @@ fn the_default_depth_keeps_the_127_frames_the_kernel_gives() {
     assert_eq!(cut["truncated"], true);
     fixture.finish();
 }
+
+#[test]
+fn rust_leaks_are_named_with_demangled_rust_names() {
+    if !require_root() {
+        return;
+    }
+    let binary = build(
+        "rustc",
+        &[
+            "--edition=2021",
+            "-C",
+            "opt-level=1",
+            "-C",
+            "force-frame-pointers=yes",
+            "-g",
+        ],
+        "leaky_rs.rs",
+        "leaky_rs",
+    );
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100"]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let report = outcome.last();
+
+    // (function, source line of its allocation, allocations, bytes each) for one round.
+    for (function, line, count, size) in [
+        (
+            "leaky_rs::Cache<T>::insert",
+            "self.entries.push(Box::new(value));",
+            50,
+            96,
+        ),
+        (
+            "leaky_rs::remember",
+            "log.push(line.as_ref().to_owned());",
+            30,
+            40,
+        ),
+        (
+            "<leaky_rs::Journal as leaky_rs::Sink>::append",
+            "let mut chunk = Vec::with_capacity(len);",
+            20,
+            256,
+        ),
+    ] {
+        let (stack, at) = stack_through(report, function);
+        assert_eq!(stack["outstanding_allocations"], count, "{function}");
+        assert_eq!(stack["outstanding_bytes"], count * size, "{function}");
+        let frames = outer_frames(stack);
+        assert!(
+            frames[at]["file"]
+                .as_str()
+                .unwrap()
+                .ends_with("leaky_rs.rs"),
+            "{}",
+            frames[at]
+        );
+        assert_eq!(
+            frames[at]["line"],
+            line_of("leaky_rs.rs", line),
+            "{function}"
+        );
+        assert_eq!(frames[at + 1]["symbol"], "leaky_rs::main", "{function}");
+    }
+    // Demangled everywhere: no mangled names, no hash suffixes (`::h0123456789abcdef`).
+    for symbol in crate::support::all_symbols(report) {
+        let hashed = symbol.split("::").any(|part| {
+            part.len() == 17
+                && part.starts_with('h')
+                && part[1..].chars().all(|c| c.is_ascii_hexdigit())
+        });
+        assert!(
+            !hashed && !symbol.starts_with("_ZN") && !symbol.starts_with("_R"),
+            "{symbol}"
+        );
+    }
+    fixture.finish();
+}
+
+#[test]
+fn cpp_leaks_are_named_with_demangled_cpp_names() {
+    if !require_root() {
+        return;
+    }
+    let binary = build(
+        "g++",
+        &["-O1", "-g", "-fno-omit-frame-pointer"],
+        "leaky_cpp.cpp",
+        "leaky_cpp",
+    );
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let report = outcome.last();
+
+    // malloc called by a method of a class template.
+    let grab = stack_holding(report, 40 * 64);
+    assert_eq!(grab["outstanding_allocations"], 40);
+    let frames = outer_frames(grab);
+    assert_eq!(
+        frames[0]["symbol"],
+        "store::Pool<store::Item>::grab(unsigned long)"
+    );
+    assert!(
+        frames[0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("leaky_cpp.cpp")
+    );
+    assert_eq!(
+        frames[0]["line"],
+        line_of("leaky_cpp.cpp", "void *p = std::malloc(bytes);")
+    );
+    assert_eq!(frames[1]["symbol"], "main");
+
+    // `new Node` through Node's own operator new, built with frame pointers: every frame.
+    let node = stack_holding(report, 15 * 32);
+    assert_eq!(
+        symbols(node)[..3],
+        [
+            "store::Node::operator new(unsigned long)",
+            "store::Pool<store::Node>::make()",
+            "main"
+        ]
+    );
+
+    // `new Item` through libstdc++'s operator new, named from its dynamic symbols. (Debian
+    // builds it without frame pointers, so the walk skips Pool<Item>::make: DWARF unwinding
+    // is another issue.)
+    let item = stack_holding(report, 25 * 48);
+    let frame = &item["frames"][0];
+    assert_eq!(frame["symbol"], "operator new(unsigned long)");
+    assert!(
+        frame["module"].as_str().unwrap().contains("libstdc++.so"),
+        "{frame}"
+    );
+    fixture.finish();
+}
+
+/// Runs leaktrace on `pid` with its default text output, as a user would, while `work` runs;
+/// returns what it printed on stdout.
+fn trace_text(pid: u32, work: impl FnOnce()) -> String {
+    let mut child = Command::new(LEAKTRACE)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("leaktrace starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("leaktrace: tracing pid") {
+        line.clear();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "leaktrace did not attach: {line}");
+    }
+    work();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    out
+}
+
+#[test]
+fn a_leak_three_calls_deep_is_named_at_every_level_with_file_and_line() {
+    if !require_root() {
+        return;
+    }
+    // As a new user builds it: `gcc -g`, nothing else.
+    let binary = build("gcc", &["-g"], "three_deep.c", "three_deep");
+    let mut fixture = Fixture::start(&binary, &[]);
+    let text = trace_text(fixture.pid(), || {
+        fixture.round();
+    });
+    fixture.finish();
+
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines
+        .iter()
+        .rposition(|l| l.contains("leaktrace final report"))
+        .unwrap_or_else(|| panic!("a final report in {text}"));
+    let report = &lines[last..];
+    assert!(
+        report[1].starts_with("outstanding 5.0 KiB in 10 allocations"),
+        "{text}"
+    );
+    assert_eq!(
+        report[2].split_whitespace().take(6).collect::<Vec<_>>(),
+        ["#1", "5.0", "KiB", "in", "10", "allocs"],
+        "{text}"
+    );
+    let source = fixture_source("three_deep.c");
+    let source = source.to_str().unwrap();
+    // Each frame line is `function+0xOFFSET (file:line)`.
+    for (i, (function, call)) in [
+        ("c", "char *p = malloc(bytes);"),
+        ("b", "void *p = c(bytes);"),
+        ("a", "= b(512);"),
+        ("main", "a();"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let frame = report[3 + i].trim();
+        let (name, rest) = frame.split_once("+0x").unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(name, function, "{text}");
+        assert!(
+            rest.ends_with(&format!(" ({source}:{})", line_of("three_deep.c", call))),
+            "{function} at {call:?} in {text}"
+        );
+    }
+}
