@@ -399,6 +399,186 @@ fn cpp_leaks_are_named_with_demangled_cpp_names() {
     fixture.finish();
 }
 
+#[test]
+fn stripped_modules_show_as_module_plus_offset_inside_the_right_function() {
+    if !require_root() {
+        return;
+    }
+    // An executable without any symbols.
+    let binary = compile("leaky", &[]);
+    let stripped = binary.path.with_file_name("leaky-stripped");
+    let out = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&binary.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut fixture = Fixture::spawn(Command::new(&stripped).args(["5", "100", "5"]));
+    let trace = Leaktrace::attach(fixture.pid(), &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let leak = stack_holding(outcome.last(), 500);
+    assert_unnamed_frame_in(&leak["frames"][0], &stripped, &binary.path, "leak_site");
+    assert_unnamed_frame_in(&leak["frames"][1], &stripped, &binary.path, "main");
+    fixture.finish();
+
+    // A shared library stripped of .symtab: its exported function keeps a name from .dynsym,
+    // its static one is `module+offset`.
+    let lib = build(
+        "gcc",
+        &["-O1", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC"],
+        "libleak.c",
+        "libleak.so",
+    );
+    let lib_dir = tempfile::tempdir().unwrap();
+    let stripped_lib = lib_dir.path().join("libleak.so");
+    let out = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped_lib)
+        .arg(&lib.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    {
+        use object::Object as _;
+        let data = std::fs::read(&stripped_lib).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        assert!(elf.section_by_name(".symtab").is_none());
+        assert!(elf.section_by_name(".dynsym").is_some());
+    }
+    let dir = lib_dir.path().to_str().unwrap();
+    let program = build(
+        "gcc",
+        &[
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            &format!("-L{dir}"),
+            &format!("-Wl,-rpath,{dir}"),
+            "-lleak",
+        ],
+        "uselib.c",
+        "uselib",
+    );
+    let mut fixture = Fixture::start(&program, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let leak = stack_holding(outcome.last(), 20 * 300);
+    let frames = leak["frames"].as_array().unwrap();
+    assert_unnamed_frame_in(&frames[0], &stripped_lib, &lib.path, "chunk_alloc");
+    assert_eq!(frames[1]["symbol"], "lib_leak");
+    assert_eq!(frames[1]["file"], Value::Null);
+    assert_eq!(frames[1]["module"], stripped_lib.to_str().unwrap());
+    assert!(file_range_of(&lib.path, "lib_leak").contains(&(module_offset(&frames[1]) - 1)));
+    assert_eq!(frames[2]["symbol"], "main");
+    assert_eq!(frames[2]["line"], line_of("uselib.c", "= lib_leak(300);"));
+    fixture.finish();
+}
+
+#[test]
+fn a_process_in_its_own_mount_namespace_is_symbolized_from_its_own_files() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // The fixture runs from a tmpfs mounted in its own mount namespace: the path exists only
+    // there. unshare and sh exec, so the fixture keeps the pid of the child started here.
+    let mount = tempfile::tempdir().unwrap();
+    let inside = mount.path().join("leaky-ns");
+    let mut fixture = Fixture::spawn(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs tmpfs "$1" && cp "$2" "$3" && exec "$3" 5 100 5"#)
+            .arg("sh")
+            .args([mount.path(), &binary.path, &inside]),
+    );
+    let pid = fixture.pid();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+        inside
+    );
+    assert!(!inside.exists(), "the binary is not visible on the host");
+
+    let trace = Leaktrace::attach(pid, &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(
+        outcome.status.success(),
+        "{} {:?}",
+        outcome.status,
+        outcome.stderr
+    );
+    let leak = stack_holding(outcome.last(), 500);
+    let frame = &leak["frames"][0];
+    assert_eq!(frame["symbol"], "leak_site");
+    assert_eq!(frame["module"], inside.to_str().unwrap());
+    assert!(frame["file"].as_str().unwrap().ends_with("leaky.c"));
+    assert_eq!(
+        frame["line"],
+        line_of("leaky.c", "void *p = malloc(bytes);")
+    );
+    assert_eq!(leak["frames"][1]["symbol"], "main");
+    fixture.finish();
+}
+
+#[test]
+fn a_binary_deleted_or_replaced_while_running_is_symbolized_from_the_running_file() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // Something else entirely, with other symbols at other offsets.
+    let other = compile("family", &[]);
+    for replaced in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app");
+        std::fs::copy(&binary.path, &path).unwrap();
+        let mut fixture = Fixture::spawn(Command::new(&path).args(["5", "100", "5"]));
+        if replaced {
+            // As a deploy does: a new file renamed over the old one.
+            let new = dir.path().join("app.new");
+            std::fs::copy(&other.path, &new).unwrap();
+            std::fs::rename(&new, &path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+        let trace = Leaktrace::attach(fixture.pid(), &[]);
+        fixture.round();
+        let outcome = trace.stop();
+        assert!(
+            outcome.status.success(),
+            "{} {:?}",
+            outcome.status,
+            outcome.stderr
+        );
+        let leak = stack_holding(outcome.last(), 500);
+        let frame = &leak["frames"][0];
+        assert_eq!(frame["symbol"], "leak_site", "replaced: {replaced}");
+        // The kernel's name for a mapping whose file is gone from its path.
+        assert_eq!(frame["module"], format!("{} (deleted)", path.display()));
+        assert_eq!(
+            frame["line"],
+            line_of("leaky.c", "void *p = malloc(bytes);")
+        );
+        assert_eq!(leak["frames"][1]["symbol"], "main");
+        fixture.finish();
+    }
+}
+
 /// Runs leaktrace on `pid` with its default text output, as a user would, while `work` runs;
 /// returns what it printed on stdout.
 fn trace_text(pid: u32, work: impl FnOnce()) -> String {
