@@ -1,5 +1,7 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
+mod bench_symbolize;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -29,6 +31,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Time symbolizing and rendering a report of 10,000+ distinct stacks (needs root).
+    BenchSymbolize {
+        /// Distinct stacks in the report (default 12000).
+        #[arg(long)]
+        stacks: Option<u64>,
+    },
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
@@ -51,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
     }
 }
 
