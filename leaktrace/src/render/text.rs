@@ -57,8 +57,9 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
             let _ = writeln!(
                 out,
-                "       … (truncated at {} frames: outer callers not captured, see --max-depth)",
-                stack.addresses.len()
+                "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
+                stack.addresses.len(),
+                if stack.addresses.len() == 1 { "" } else { "s" }
             );
         }
     }
