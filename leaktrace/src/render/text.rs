@@ -78,6 +78,8 @@ fn frame_line(frame: &Frame) -> String {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
     let mut line = match (&frame.symbol, module) {
+        // Inlined code has no call of its own, so no offset into it.
+        (Some(symbol), _) if frame.inlined => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
         (None, Some(module)) => format!("{module}+{:#x}", frame.module_offset),
         (None, None) => format!("{:#x}", frame.address),
@@ -168,6 +170,16 @@ mod tests {
         let frames = vec![vec![
             Frame {
                 address: 1,
+                symbol: Some("inlined_helper".into()),
+                offset: 0,
+                module: Some("/tmp/leaky".into()),
+                module_offset: 0x1150,
+                file: Some("leaky.c".into()),
+                line: Some(11),
+                inlined: true,
+            },
+            Frame {
+                address: 1,
                 symbol: Some("leak_site".into()),
                 offset: 0x1a,
                 module: Some("/tmp/leaky".into()),
@@ -210,7 +222,12 @@ mod tests {
             ),
             "{out}"
         );
-        assert!(out.contains("leak_site+0x1a (leaky.c:12)"), "{out}");
+        assert!(
+            out.contains(
+                "       inlined_helper [inlined] (leaky.c:11)\n       leak_site+0x1a (leaky.c:12)\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");
     }
