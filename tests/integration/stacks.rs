@@ -252,19 +252,38 @@ fn rust_leaks_are_named_with_demangled_rust_names() {
     if !require_root() {
         return;
     }
-    let binary = build(
-        "rustc",
-        &[
-            "--edition=2021",
-            "-C",
-            "opt-level=1",
-            "-C",
-            "force-frame-pointers=yes",
-            "-g",
+    // rustc's default (legacy) symbol mangling, then v0: the names differ, both demangled.
+    rust_leaks_are_named(
+        &[],
+        [
+            "leaky_rs::Cache<T>::insert",
+            "leaky_rs::remember",
+            "<leaky_rs::Journal as leaky_rs::Sink>::append",
         ],
-        "leaky_rs.rs",
-        "leaky_rs",
     );
+    rust_leaks_are_named(
+        &["-C", "symbol-mangling-version=v0"],
+        [
+            "<leaky_rs::Cache<leaky_rs::Record>>::insert",
+            "leaky_rs::remember::<&str>",
+            "<leaky_rs::Journal as leaky_rs::Sink>::append",
+        ],
+    );
+}
+
+/// Traces a round of `tests/fixtures/leaky_rs.rs` built with `mangling` flags, and checks
+/// that its three leak sites show as `names`, with exact counts, bytes and lines.
+fn rust_leaks_are_named(mangling: &[&str], names: [&str; 3]) {
+    let mut flags = vec![
+        "--edition=2021",
+        "-C",
+        "opt-level=1",
+        "-C",
+        "force-frame-pointers=yes",
+        "-g",
+    ];
+    flags.extend_from_slice(mangling);
+    let binary = build("rustc", &flags, "leaky_rs.rs", "leaky_rs");
     let mut fixture = Fixture::start(&binary, &[]);
     let trace = Leaktrace::attach(fixture.pid(), &["--top", "100"]);
     fixture.round();
@@ -279,20 +298,10 @@ fn rust_leaks_are_named_with_demangled_rust_names() {
 
     // (function, source line of its allocation, allocations, bytes each) for one round.
     for (function, line, count, size) in [
+        (names[0], "self.entries.push(Box::new(value));", 50, 96),
+        (names[1], "log.push(line.as_ref().to_owned());", 30, 40),
         (
-            "leaky_rs::Cache<T>::insert",
-            "self.entries.push(Box::new(value));",
-            50,
-            96,
-        ),
-        (
-            "leaky_rs::remember",
-            "log.push(line.as_ref().to_owned());",
-            30,
-            40,
-        ),
-        (
-            "<leaky_rs::Journal as leaky_rs::Sink>::append",
+            names[2],
             "let mut chunk = Vec::with_capacity(len);",
             20,
             256,
