@@ -56,6 +56,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        file_mappings: cli.file_mappings,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

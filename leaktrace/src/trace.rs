@@ -40,6 +40,7 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub file_mappings: bool,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -86,6 +87,7 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
+            file_mappings: settings.file_mappings,
             top: settings.top,
             last,
         };

@@ -257,3 +257,69 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
     assert_eq!(totals["unmatched_frees"], 0);
     fixture.finish();
 }
+
+#[test]
+fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("mappings", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100", "--file-mappings"]);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+
+    // "expect SITE BYTES COUNT ORIGIN", as the fixture counted it.
+    let mut want: Vec<(String, u64, u64, String)> = expected
+        .iter()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!((f.len(), f[0]), (5, "expect"), "{line}");
+            (
+                f[1].to_owned(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+                f[4].to_owned(),
+            )
+        })
+        .collect();
+    want.sort();
+    let mut got = std::collections::BTreeMap::<(String, String), (u64, u64)>::new();
+    for stack in report["stacks"].as_array().unwrap() {
+        let site = stack["frames"][0]["symbol"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let origin = stack["origin"].as_str().unwrap().to_owned();
+        let entry = got.entry((site, origin)).or_default();
+        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
+        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
+    }
+    let mut got: Vec<(String, u64, u64, String)> = got
+        .into_iter()
+        .map(|((site, origin), (b, n))| (site, b, n, origin))
+        .collect();
+    got.sort();
+    // Nothing else: glibc's own mmaps of large blocks are not counted a second time, and the
+    // churn of the threads is gone.
+    assert_eq!(got, want);
+
+    let sum = |origins: &[&str]| -> u64 {
+        want.iter()
+            .filter(|w| origins.contains(&w.3.as_str()))
+            .map(|w| w.1)
+            .sum()
+    };
+    let totals = &report["totals"];
+    // File mappings are listed (--file-mappings) but never added to the heap numbers.
+    assert_eq!(totals["outstanding_bytes"], sum(&["malloc", "mmap"]));
+    assert_eq!(totals["mapped_bytes"], sum(&["mmap"]));
+    assert_eq!(totals["file_mapped_bytes"], sum(&["mmap_file"]));
+    assert_eq!(totals["file_mappings"], 6);
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unmatched_frees"], 0);
+    fixture.finish();
+}
