@@ -254,7 +254,8 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
         want.iter().map(|w| w.1).sum::<u64>()
     );
     assert_eq!(totals["lost_events"], 0);
-    assert_eq!(totals["unmatched_frees"], 0);
+    // The block allocated before attach and freed after it, and nothing else.
+    assert_eq!(totals["unmatched_frees"], 1);
     fixture.finish();
 }
 
