@@ -324,3 +324,27 @@ fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
     assert_eq!(totals["unmatched_frees"], 0);
     fixture.finish();
 }
+
+#[test]
+fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 10 leaks and 20000 temporary blocks: 40010 events in a tight loop, into a ring buffer
+    // that holds three allocation records.
+    let mut fixture = Fixture::start(&binary, &["10", "64", "20000"]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--ringbuf-bytes", "4096"]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    let totals = &report["totals"];
+    let lost = totals["lost_events"].as_u64().unwrap();
+    assert!(lost > 0, "{totals}");
+    assert_eq!(report["complete"], false);
+    // Every event was either received or counted as lost, exactly once.
+    let received = totals["allocations"].as_u64().unwrap() + totals["frees"].as_u64().unwrap();
+    assert_eq!(received + lost, 10 + 2 * 20000, "{totals}");
+    fixture.finish();
+}
