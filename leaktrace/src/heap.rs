@@ -219,31 +219,25 @@ impl HeapModel {
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
         let mut by_stack: HashMap<StackId, StackUsage> = HashMap::new();
-        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
-            let usage = by_stack.entry(live.stack).or_insert(StackUsage {
-                stack: live.stack,
+        let mut add = |stack: StackId, size_bytes: u64, new_allocation: bool, ts_ns: u64| {
+            let usage = by_stack.entry(stack).or_insert(StackUsage {
+                stack,
                 outstanding_bytes: 0,
                 outstanding_allocations: 0,
                 oldest_ts_ns: u64::MAX,
             });
-            usage.outstanding_bytes += live.size_bytes;
-            usage.outstanding_allocations += 1;
-            usage.oldest_ts_ns = usage.oldest_ts_ns.min(live.ts_ns);
+            usage.outstanding_bytes += size_bytes;
+            usage.outstanding_allocations += u64::from(new_allocation);
+            usage.oldest_ts_ns = usage.oldest_ts_ns.min(ts_ns);
+        };
+        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
+            add(live.stack, live.size_bytes, true, live.ts_ns);
         }
         // A mapping split by a partial munmap is still one allocation.
         let mut counted = HashSet::new();
         for piece in self.mappings.pieces().filter(|p| p.ts_ns <= born_by_ns) {
-            let usage = by_stack.entry(piece.stack).or_insert(StackUsage {
-                stack: piece.stack,
-                outstanding_bytes: 0,
-                outstanding_allocations: 0,
-                oldest_ts_ns: u64::MAX,
-            });
-            usage.outstanding_bytes += piece.size_bytes;
-            if counted.insert(piece.mapping) {
-                usage.outstanding_allocations += 1;
-            }
-            usage.oldest_ts_ns = usage.oldest_ts_ns.min(piece.ts_ns);
+            let first_piece = counted.insert(piece.mapping);
+            add(piece.stack, piece.size_bytes, first_piece, piece.ts_ns);
         }
         by_stack.into_values().collect()
     }

@@ -4,8 +4,8 @@
 mod support;
 
 use support::{
-    Fixture, Leaktrace, all_symbols, compile, malloc_bytes_in, require_root, run_leaktrace,
-    stack_of,
+    Fixture, Leaktrace, all_symbols, compile, expected_sites, malloc_bytes_in, reported_sites,
+    require_root, run_leaktrace, stack_of,
 };
 
 /// The line of `tests/fixtures/<file>` that contains `text`.
@@ -215,34 +215,9 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
 
-    // "expect SITE BYTES COUNT", as the fixture counted it.
-    let mut want: Vec<(String, u64, u64)> = expected
-        .iter()
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!((f.len(), f[0]), (4, "expect"), "{line}");
-            (
-                f[1].to_owned(),
-                f[2].parse().unwrap(),
-                f[3].parse().unwrap(),
-            )
-        })
-        .collect();
-    want.sort();
-    // Per site, the function that called the allocator: an unrolled loop calls from several
-    // places, which are distinct stacks of the same site.
-    let mut got = std::collections::BTreeMap::<String, (u64, u64)>::new();
-    for stack in report["stacks"].as_array().unwrap() {
-        let site = stack["frames"][0]["symbol"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned();
-        let entry = got.entry(site).or_default();
-        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
-        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
-    }
-    let got: Vec<(String, u64, u64)> = got.into_iter().map(|(site, (b, n))| (site, b, n)).collect();
-    assert_eq!(got, want);
+    // As the fixture counted it, and nothing else.
+    let want = expected_sites(&expected);
+    assert_eq!(reported_sites(report), want);
     // --top 100 showed every stack that holds memory.
     assert_eq!(
         report["stack_count"],
@@ -273,40 +248,10 @@ fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
 
-    // "expect SITE BYTES COUNT ORIGIN", as the fixture counted it.
-    let mut want: Vec<(String, u64, u64, String)> = expected
-        .iter()
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!((f.len(), f[0]), (5, "expect"), "{line}");
-            (
-                f[1].to_owned(),
-                f[2].parse().unwrap(),
-                f[3].parse().unwrap(),
-                f[4].to_owned(),
-            )
-        })
-        .collect();
-    want.sort();
-    let mut got = std::collections::BTreeMap::<(String, String), (u64, u64)>::new();
-    for stack in report["stacks"].as_array().unwrap() {
-        let site = stack["frames"][0]["symbol"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned();
-        let origin = stack["origin"].as_str().unwrap().to_owned();
-        let entry = got.entry((site, origin)).or_default();
-        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
-        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
-    }
-    let mut got: Vec<(String, u64, u64, String)> = got
-        .into_iter()
-        .map(|((site, origin), (b, n))| (site, b, n, origin))
-        .collect();
-    got.sort();
-    // Nothing else: glibc's own mmaps of large blocks are not counted a second time, and the
-    // churn of the threads is gone.
-    assert_eq!(got, want);
+    // As the fixture counted it. Nothing else: glibc's own mmaps of large blocks are not
+    // counted a second time, and the churn of the threads is gone.
+    let want = expected_sites(&expected);
+    assert_eq!(reported_sites(report), want);
 
     let sum = |origins: &[&str]| -> u64 {
         want.iter()
