@@ -252,6 +252,7 @@ fn main() -> anyhow::Result<()> {
             lost_events: 0,
             min_age_ns: 0,
             top: usize::MAX,
+            file_mappings: false,
             last: true,
         },
     );

@@ -48,6 +48,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        file_mappings: cli.file_mappings,
         ready_message: format!(
             "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
             target.pid,

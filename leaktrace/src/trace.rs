@@ -40,6 +40,7 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub file_mappings: bool,
     /// Printed to stderr once tracing runs and Ctrl-C is handled: a signal that follows it
     /// ends the trace with a final report instead of killing leaktrace.
     pub ready_message: String,
@@ -90,6 +91,7 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
+            file_mappings: settings.file_mappings,
             top: settings.top,
             last,
         };

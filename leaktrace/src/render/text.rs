@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
+use crate::heap::Origin;
 use crate::symbolize::Frame;
 
 /// Frames shown per stack; the rest are counted.
@@ -26,6 +27,17 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         t.frees,
         t.unmatched_frees,
     );
+    if t.mapped_bytes > 0 {
+        let _ = writeln!(out, "of which {} in mmap'd memory", bytes(t.mapped_bytes));
+    }
+    if t.file_mapped_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "not counted above: {} in {} mappings of files (--file-mappings lists them)",
+            bytes(t.file_mapped_bytes),
+            t.file_mappings
+        );
+    }
     if t.lost_events > 0 {
         let _ = writeln!(
             out,
@@ -39,13 +51,18 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
         let _ = writeln!(
             out,
-            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}",
+            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}{}",
             rank + 1,
             bytes(stack.outstanding_bytes),
             stack.outstanding_allocations,
             signed_bytes(stack.growth_bytes_per_s),
             stack.oldest_age_s,
             stack.kind.as_str(),
+            match stack.origin {
+                Origin::Heap => "",
+                Origin::Mapping => "  [mmap]",
+                Origin::FileMapping => "  [file mmap]",
+            },
         );
         for frame in frames.iter().take(MAX_FRAMES) {
             let _ = writeln!(out, "       {}", frame_line(frame));
@@ -129,6 +146,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
+        heap::Origin,
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -164,6 +182,7 @@ mod tests {
                 kind: Kind::Leak,
                 addresses: Box::new([1, 2]),
                 truncated: true,
+                origin: Origin::Heap,
             }],
             last: false,
         };
