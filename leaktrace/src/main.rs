@@ -30,7 +30,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         None => Box::new(io::stdout()),
     };
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {
         pid: target.pid,
@@ -41,14 +41,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // at attach: a target that exits at once still gets its stacks symbolized.
     let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
         .context("starting the reporter thread")?;
-    eprintln!(
-        "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
-        target.pid,
-        target.command,
-        target.allocator.module,
-        probes.attached(),
-        cli.interval
-    );
     let settings = trace::Settings {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
@@ -57,6 +49,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
         file_mappings: cli.file_mappings,
+        ready_message: format!(
+            "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
+            target.pid,
+            target.command,
+            target.allocator.module,
+            probes.attached(),
+            cli.interval
+        ),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,6 +1,7 @@
 //! Integration tests: leaktrace attached to real processes with known ground truth.
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
+mod stacks;
 mod support;
 
 use support::{

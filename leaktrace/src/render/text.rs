@@ -51,7 +51,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
         let _ = writeln!(
             out,
-            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}{}{}",
+            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}{}",
             rank + 1,
             bytes(stack.outstanding_bytes),
             stack.outstanding_allocations,
@@ -63,17 +63,21 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 Origin::Mapping => "  [mmap]",
                 Origin::FileMapping => "  [file mmap]",
             },
-            if stack.truncated {
-                "  (stack truncated)"
-            } else {
-                ""
-            },
         );
         for frame in frames.iter().take(MAX_FRAMES) {
             let _ = writeln!(out, "       {}", frame_line(frame));
         }
         if frames.len() > MAX_FRAMES {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - MAX_FRAMES);
+        }
+        if stack.truncated {
+            // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
+            let _ = writeln!(
+                out,
+                "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
+                stack.addresses.len(),
+                if stack.addresses.len() == 1 { "" } else { "s" }
+            );
         }
     }
     if s.stack_count > s.stacks.len() {
@@ -91,6 +95,8 @@ fn frame_line(frame: &Frame) -> String {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
     let mut line = match (&frame.symbol, module) {
+        // Inlined code has no call of its own, so no offset into it.
+        (Some(symbol), _) if frame.inlined => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
         (None, Some(module)) => format!("{module}+{:#x}", frame.module_offset),
         (None, None) => format!("{:#x}", frame.address),
@@ -183,6 +189,16 @@ mod tests {
         let frames = vec![vec![
             Frame {
                 address: 1,
+                symbol: Some("inlined_helper".into()),
+                offset: 0,
+                module: Some("/tmp/leaky".into()),
+                module_offset: 0x1150,
+                file: Some("leaky.c".into()),
+                line: Some(11),
+                inlined: true,
+            },
+            Frame {
+                address: 1,
                 symbol: Some("leak_site".into()),
                 offset: 0x1a,
                 module: Some("/tmp/leaky".into()),
@@ -219,8 +235,18 @@ mod tests {
         assert!(out.contains("pid 7 (./leaky)"), "{out}");
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
-        assert!(out.contains("leak  (stack truncated)"), "{out}");
-        assert!(out.contains("leak_site+0x1a (leaky.c:12)"), "{out}");
+        assert!(
+            out.contains(
+                "libfoo.so+0x99\n       … (truncated at 2 frames: outer callers not captured, see --max-depth)\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "       inlined_helper [inlined] (leaky.c:11)\n       leak_site+0x1a (leaky.c:12)\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");
     }
