@@ -35,7 +35,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let rendered_target = render::Target {
         pid: target.pid,
         command: target.command.clone(),
-        allocator_module: target.allocator.module.clone(),
+        allocator: target.allocator.name().to_owned(),
+        allocator_module: target.allocator.module().to_owned(),
     };
     // Started before the user (or a test) is told that tracing runs, with the memory map read
     // at attach: a target that exits at once still gets its stacks symbolized.
@@ -45,7 +46,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
         target.pid,
         target.command,
-        target.allocator.module,
+        target.allocator.describe(),
         probes.attached(),
         cli.interval
     );

@@ -10,21 +10,7 @@ use aya::{
 };
 use leaktrace_common::stat;
 
-use crate::target::Target;
-
-/// Which program runs at which entry point. `alloc_return` runs at the return of every
-/// allocating one.
-const ENTRY_PROGRAMS: [(&str, &str); 9] = [
-    ("malloc", "malloc_entry"),
-    ("valloc", "malloc_entry"),
-    ("pvalloc", "malloc_entry"),
-    ("calloc", "calloc_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
-    ("posix_memalign", "posix_memalign_entry"),
-    ("aligned_alloc", "aligned_alloc_entry"),
-    ("memalign", "aligned_alloc_entry"),
-];
+use crate::{allocator::EntryPoint, target::Target};
 
 /// Programs attached to one process. Dropping it detaches every probe.
 pub struct Probes {
@@ -94,30 +80,14 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
 
 /// Attaches to the target's allocator, frees first: a free seen without its allocation is
 /// counted as unmatched, while an allocation seen without its free would look like a leak.
+/// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
+/// runs at the return of every allocating one.
 pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
-    let allocator = &target.allocator;
-    let offset_of = |name: &str| {
-        allocator
-            .entry_points
-            .iter()
-            .find(|&&(n, _)| n == name)
-            .map(|&(_, o)| o)
-    };
-    // Aliases (glibc's aligned_alloc and memalign) share one address: probe it once.
-    let mut seen = Vec::new();
-    let mut entries = Vec::new();
-    for (symbol, program) in ENTRY_PROGRAMS {
-        if let Some(offset) = offset_of(symbol).filter(|o| !seen.contains(o)) {
-            seen.push(offset);
-            entries.push((symbol, program, offset));
-        }
-    }
-    let free = offset_of("free").context("no free")?;
     let mut attached = 0;
     let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, symbol: &str, offset: u64| -> anyhow::Result<()> {
+        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint| -> anyhow::Result<()> {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .with_context(|| format!("no program {program} in the BPF object"))?
@@ -128,12 +98,12 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
             probe
-                .attach(offset, &allocator.path, scope)
+                .attach(entry.file_offset, &entry.path, scope)
                 .map_err(|err| {
                     if crate::target::is_alive(target.pid) {
                         anyhow!(err).context(format!(
-                            "attaching {program} to {symbol} in {}",
-                            allocator.module
+                            "attaching {program} to {} in {}",
+                            entry.symbol, entry.module
                         ))
                     } else {
                         anyhow!(
@@ -145,12 +115,15 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
             attached += 1;
             Ok(())
         };
-    attach_one(&mut ebpf, "free_entry", "free", free)?;
-    for &(symbol, _, offset) in &entries {
-        attach_one(&mut ebpf, "alloc_return", symbol, offset)?;
+    let entries = &target.allocator.entry_points;
+    for entry in entries.iter().filter(|e| !e.allocates()) {
+        attach_one(&mut ebpf, entry.program, entry)?;
     }
-    for &(symbol, program, offset) in &entries {
-        attach_one(&mut ebpf, program, symbol, offset)?;
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(&mut ebpf, "alloc_return", entry)?;
+    }
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(&mut ebpf, entry.program, entry)?;
     }
     Ok(Probes {
         attached,
