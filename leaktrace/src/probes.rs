@@ -12,15 +12,28 @@ use leaktrace_common::stat;
 
 use crate::{allocator::EntryPoint, target::Target};
 
-/// Programs attached to one process. Dropping it detaches every probe.
+/// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl Probes {
+    /// Probes attached so far, over all processes.
     pub fn attached(&self) -> usize {
         self.attached
+    }
+
+    /// Nothing attached yet.
+    pub fn new(ebpf: Ebpf) -> Self {
+        Self { attached: 0, ebpf }
+    }
+
+    /// Attaches to one more process's allocator (another `--pid`, a followed child).
+    pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
+        let before = self.attached;
+        attach_to(&mut self.ebpf, target, &mut self.attached)?;
+        Ok(self.attached - before)
     }
 }
 
@@ -82,10 +95,15 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
 /// counted as unmatched, while an allocation seen without its free would look like a leak.
 /// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
 /// runs at the return of every allocating one.
-pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
+pub fn attach(ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
+    let mut probes = Probes::new(ebpf);
+    probes.attach(target)?;
+    Ok(probes)
+}
+
+fn attach_to(ebpf: &mut Ebpf, target: &Target, attached: &mut usize) -> anyhow::Result<()> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
-    let mut attached = 0;
     let mut attach_one =
         |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint| -> anyhow::Result<()> {
             let probe: &mut UProbe = ebpf
@@ -112,21 +130,18 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
                         )
                     }
                 })?;
-            attached += 1;
+            *attached += 1;
             Ok(())
         };
     let entries = &target.allocator.entry_points;
     for entry in entries.iter().filter(|e| !e.allocates()) {
-        attach_one(&mut ebpf, entry.program, entry)?;
+        attach_one(ebpf, entry.program, entry)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(&mut ebpf, "alloc_return", entry)?;
+        attach_one(ebpf, "alloc_return", entry)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(&mut ebpf, entry.program, entry)?;
+        attach_one(ebpf, entry.program, entry)?;
     }
-    Ok(Probes {
-        attached,
-        _ebpf: ebpf,
-    })
+    Ok(())
 }

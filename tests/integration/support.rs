@@ -241,6 +241,25 @@ impl Leaktrace {
         }
     }
 
+    /// Waits until leaktrace prints a status line that starts with `prefix`.
+    pub fn wait_for_stderr(&mut self, prefix: &str) {
+        loop {
+            match self.stderr_lines.recv_timeout(TIMEOUT) {
+                Ok(line) => {
+                    let found = line.starts_with(prefix);
+                    self.stderr.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "leaktrace never printed {prefix:?}; stderr: {:?}",
+                    self.stderr
+                ),
+            }
+        }
+    }
+
     pub fn interrupt(&self) {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
