@@ -3,6 +3,7 @@
 
 mod allocators;
 mod processes;
+mod service;
 mod support;
 
 use support::{
