@@ -232,15 +232,7 @@ pub fn discover(pid: u32, maps: &ProcMaps) -> anyhow::Result<Allocator> {
     let modules: Vec<Module> = order
         .iter()
         .enumerate()
-        .filter_map(|(i, name)| {
-            // The executable must be readable; a library that cannot be (gone from disk)
-            // simply provides nothing.
-            match Module::read(pid, name, i == 0) {
-                Ok(module) => Some(Ok(module)),
-                Err(err) if i == 0 => Some(Err(err)),
-                Err(_) => None,
-            }
-        })
+        .map(|(i, name)| Module::read(pid, maps, name, i == 0))
         .collect::<anyhow::Result<_>>()?;
     resolve(&modules)
 }
@@ -393,9 +385,43 @@ struct Module {
 }
 
 impl Module {
-    fn read(pid: u32, name: &str, is_executable: bool) -> anyhow::Result<Self> {
-        let path = path_in_target(pid, name);
-        let data = fs::read(&path).with_context(|| format!("reading {name} of process {pid}"))?;
+    /// Opens the module through the target's root (a container's own files), else through
+    /// `/proc/PID/map_files` (a library deleted or replaced on disk since it was loaded, as
+    /// after a package upgrade); the executable through `/proc/PID/exe`.
+    fn read(pid: u32, maps: &ProcMaps, name: &str, is_executable: bool) -> anyhow::Result<Self> {
+        let mut paths = Vec::new();
+        if is_executable {
+            paths.push(PathBuf::from(format!("/proc/{pid}/exe")));
+        }
+        paths.push(path_in_target(pid, name));
+        if let Some(m) = maps.mappings.iter().find(|m| m.path == name) {
+            paths.push(PathBuf::from(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                m.start, m.end
+            )));
+        }
+        let mut opened = None;
+        let mut first_error = None;
+        for path in paths {
+            match fs::read(&path) {
+                Ok(data) => {
+                    opened = Some((path, data));
+                    break;
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let (path, data) = match (opened, first_error) {
+            (Some(opened), _) => opened,
+            (None, err) => {
+                return Err(anyhow::anyhow!(
+                    err.unwrap_or_else(|| std::io::Error::other("no path"))
+                )
+                .context(format!("reading {name} of process {pid}")));
+            }
+        };
         let mut module = Self::parse(name, path, data, is_executable)
             .with_context(|| format!("{name} is not an ELF file leaktrace can read"))?;
         module.name = name.to_owned();
@@ -800,6 +826,32 @@ mod tests {
             for s in left_out {
                 assert!(!offsets.contains(&offset(s)), "{lib}: {s} probed");
             }
+        }
+    }
+
+    #[test]
+    fn the_link_map_lists_this_process_s_libraries_in_load_order() {
+        let pid = std::process::id();
+        let maps = ProcMaps::read(pid).unwrap();
+        let order = load_order(pid, &maps).unwrap();
+        let exe = maps.mappings.iter().find(|m| m.path == order[0]).unwrap();
+        let linked = link_map(pid, &maps, exe).expect("r_debug is readable");
+        assert_eq!(linked, order[1..], "the order is the link map's");
+        assert_eq!(
+            order[0],
+            fs::read_link("/proc/self/exe").unwrap().to_str().unwrap()
+        );
+        // libc is linked by everything, so it comes after the libraries that need it; the
+        // dynamic linker itself is loaded last.
+        let libc = order.iter().position(|p| p.contains("/libc.so")).unwrap();
+        let ld = order.iter().position(|p| p.contains("/ld-linux")).unwrap();
+        assert!(libc < ld, "{order:?}");
+    }
+
+    #[test]
+    fn non_elf_modules_are_rejected() {
+        for data in [&b""[..], b"\x7fELF garbage that is not an ELF header"] {
+            assert!(Module::parse("x", PathBuf::from("x"), data.to_vec(), false).is_err());
         }
     }
 

@@ -349,3 +349,29 @@ fn a_rust_binary_with_a_prefixed_static_jemalloc_is_exact() {
     assert_eq!(report["totals"]["lost_events"], 0);
     fixture.finish();
 }
+
+#[test]
+fn an_allocator_deleted_from_disk_since_it_was_loaded_is_traced_through_map_files() {
+    if !require_root() || !have("libjemalloc.so.2") {
+        return;
+    }
+    // As after a package upgrade: the process still runs the old, now deleted, files.
+    let binary = compile("leaky", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libjemalloc.so.2");
+    std::fs::copy(format!("{LIB}/libjemalloc.so.2"), &lib).unwrap();
+    let mut fixture = Fixture::start_command(
+        Command::new(&binary.path)
+            .args(["100", "4096", "1000"])
+            .env("LD_PRELOAD", &lib),
+    );
+    std::fs::remove_file(&lib).unwrap();
+    let pid = fixture.pid();
+    let report = leaky_fixture_is_exact(&mut fixture, pid);
+    assert_eq!(report["allocator"], "jemalloc");
+    assert_eq!(
+        report["allocator_module"],
+        format!("{} (deleted)", lib.display())
+    );
+    fixture.finish();
+}
