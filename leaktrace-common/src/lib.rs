@@ -21,6 +21,9 @@ pub mod call {
     pub const REALLOCARRAY: u32 = 4;
     pub const POSIX_MEMALIGN: u32 = 5;
     pub const ALIGNED_ALLOC: u32 = 6;
+    /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the new usable
+    /// size (less than `size` when it could not).
+    pub const XALLOCX: u32 = 7;
 }
 
 /// A completed allocator call that returned memory, released memory, or both (realloc).

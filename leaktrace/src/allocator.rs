@@ -25,9 +25,11 @@ pub const FREE_PROGRAM: &str = "free_entry";
 /// `realloc`, `sdallocx(ptr, size, flags)` like `free`. Aliases (tcmalloc's `tc_malloc` is its
 /// `malloc`) share an address and get one probe, named by the first name listed.
 ///
-/// Not traced: jemalloc's `xallocx` (resizes in place and returns the new usable size: a block
-/// it grows keeps the size it was allocated with), mimalloc's `mi_reallocf` (frees the block
-/// when it fails) and `mi_heap_*` (the size is not the first argument).
+/// jemalloc's `xallocx(ptr, size, extra, flags)` resizes in place and returns the new usable
+/// size: its own program reports the block resized to `size` when that is at least `size`.
+///
+/// Not traced: mimalloc's `mi_reallocf` (frees the block when it fails) and `mi_heap_*` (the
+/// size is not the first argument).
 const ENTRY_POINTS: &[(&str, &str)] = &[
     // C and POSIX: glibc, and every allocator that replaces it under the same names.
     ("malloc", "malloc_entry"),
@@ -46,6 +48,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("rallocx", "realloc_entry"),
     ("sdallocx", FREE_PROGRAM),
     ("dallocx", FREE_PROGRAM),
+    ("xallocx", "xallocx_entry"),
     // tcmalloc.
     ("tc_malloc", "malloc_entry"),
     ("tc_malloc_skip_new_handler", "malloc_entry"),
@@ -161,6 +164,7 @@ const PREFIXED_JEMALLOC: &[(&str, &[&str])] = &[(
         "rallocx",
         "sdallocx",
         "dallocx",
+        "xallocx",
     ],
 )];
 
