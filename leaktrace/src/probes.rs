@@ -1,12 +1,15 @@
 //! Loading the BPF programs and attaching them to the target's allocator.
 
-use std::num::NonZeroU32;
+use std::{collections::HashMap, num::NonZeroU32};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 use leaktrace_common::stat;
 
@@ -15,6 +18,9 @@ use crate::{allocator::EntryPoint, target::Target};
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
+    /// Each process's probes, so that those of a process that exits can be detached without
+    /// waiting for the end of the trace (a forking server's children come and go).
+    links: HashMap<u32, Vec<UProbeLink>>,
     ebpf: Ebpf,
 }
 
@@ -26,14 +32,33 @@ impl Probes {
 
     /// Nothing attached yet.
     pub fn new(ebpf: Ebpf) -> Self {
-        Self { attached: 0, ebpf }
+        Self {
+            attached: 0,
+            links: HashMap::new(),
+            ebpf,
+        }
     }
 
-    /// Attaches to one more process's allocator (another `--pid`, a followed child).
+    /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
+    /// how many probes that took.
     pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
-        let before = self.attached;
-        attach_to(&mut self.ebpf, target, &mut self.attached)?;
-        Ok(self.attached - before)
+        let links = self.links.entry(target.pid).or_default();
+        let before = links.len();
+        let result = attach_to(&mut self.ebpf, target, links);
+        let added = links.len() - before;
+        self.attached += added;
+        result.map(|()| added)
+    }
+
+    /// Detaches the probes of a process that exited, on a thread of their own: the kernel
+    /// takes ~85 ms per probe, which the event loop must not wait for.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(links) = self.links.remove(&pid) {
+            self.attached -= links.len();
+            let _ = std::thread::Builder::new()
+                .name("detach".into())
+                .spawn(move || drop(links));
+        }
     }
 }
 
@@ -101,7 +126,7 @@ pub fn attach(ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
     Ok(probes)
 }
 
-fn attach_to(ebpf: &mut Ebpf, target: &Target, attached: &mut usize) -> anyhow::Result<()> {
+fn attach_to(ebpf: &mut Ebpf, target: &Target, links: &mut Vec<UProbeLink>) -> anyhow::Result<()> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
     let mut attach_one =
@@ -115,7 +140,7 @@ fn attach_to(ebpf: &mut Ebpf, target: &Target, attached: &mut usize) -> anyhow::
                     .load()
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
-            probe
+            let link = probe
                 .attach(entry.file_offset, &entry.path, scope)
                 .map_err(|err| {
                     if crate::target::is_alive(target.pid) {
@@ -130,7 +155,7 @@ fn attach_to(ebpf: &mut Ebpf, target: &Target, attached: &mut usize) -> anyhow::
                         )
                     }
                 })?;
-            *attached += 1;
+            links.push(probe.take_link(link)?);
             Ok(())
         };
     let entries = &target.allocator.entry_points;

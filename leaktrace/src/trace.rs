@@ -150,11 +150,16 @@ pub async fn run(
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 if let Some(mut session) = live.remove(&pid) {
                     take_snapshot(pid, &mut session, true, bad_records);
-                    finished.push(session.reporter);
+                    probes.detach(pid);
+                    // Its final report is written meanwhile; a forking server's children
+                    // must not keep a reporter thread each until the end.
+                    let reporter = session.reporter;
+                    finished.push(std::thread::spawn(move || reporter.finish()));
                 }
                 if live.is_empty() {
                     break Stop::TargetExited;
                 }
+                eprintln!("leaktrace: process {pid} exited; its probes detached, tracing the others");
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -162,16 +167,21 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+    let mut reporters = Vec::new();
     for (pid, mut session) in std::mem::take(&mut live) {
         take_snapshot(pid, &mut session, true, bad_records);
-        finished.push(session.reporter);
+        reporters.push(session.reporter);
     }
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final reports
     // are on their way meanwhile.
     drop(probes);
     let mut result = Ok(stop);
-    for reporter in finished {
-        if let Err(err) = reporter.finish() {
+    let finished = finished.into_iter().map(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("a reporter panicked")))
+    });
+    for outcome in reporters.into_iter().map(Reporter::finish).chain(finished) {
+        if let Err(err) = outcome {
             result = Err(anyhow::Error::from(err).context("writing the report"));
         }
     }

@@ -25,10 +25,15 @@ fn two_pids_are_traced_at_once_and_reported_separately() {
     let mut first = Fixture::start(&binary, &["100", "4096", "1000"]);
     let mut second = Fixture::start(&binary, &["30", "1000", "200"]);
     let (a, b) = (first.pid().to_string(), second.pid().to_string());
-    let trace = Leaktrace::attach(first.pid(), &["--pid", &b]);
+    let mut trace = Leaktrace::attach(first.pid(), &["--pid", &b]);
     first.round();
     second.round();
     second.round();
+    // One exits: its final report comes, and the other is still traced.
+    let second_pid = second.pid();
+    assert!(second.finish().success());
+    trace.wait_for_stderr(&format!("leaktrace: process {second_pid} exited"));
+    first.round();
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     assert!(
@@ -39,7 +44,7 @@ fn two_pids_are_traced_at_once_and_reported_separately() {
         "{:?}",
         outcome.stderr
     );
-    for (pid, bytes, count) in [(&a, 100 * 4096, 100), (&b, 2 * 30 * 1000, 60)] {
+    for (pid, bytes, count) in [(&a, 2 * 100 * 4096, 200), (&b, 2 * 30 * 1000, 60)] {
         let report = last_of(&outcome.reports, pid.parse().unwrap());
         let leak = stack_of(report, "leak_site").expect("leak_site named");
         assert_eq!(leak["outstanding_bytes"], bytes, "pid {pid}");
@@ -48,7 +53,6 @@ fn two_pids_are_traced_at_once_and_reported_separately() {
         assert_eq!(report["totals"]["unmatched_frees"], 0, "pid {pid}");
     }
     first.finish();
-    second.finish();
 }
 
 #[test]
