@@ -375,3 +375,46 @@ fn an_allocator_deleted_from_disk_since_it_was_loaded_is_traced_through_map_file
     );
     fixture.finish();
 }
+
+#[test]
+fn a_container_with_its_own_root_and_libc_is_traced_in_its_own_files() {
+    if !require_root() {
+        return;
+    }
+    // A minimal root file system: the fixture, and copies of the dynamic linker and libc
+    // (other inodes than the host's, at the same paths). Probes on the host's libc would see
+    // nothing.
+    let binary = compile("leaky", &[]);
+    let root = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        (binary.path.to_str().unwrap(), "leaky"),
+        ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+        (
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "lib/x86_64-linux-gnu/libc.so.6",
+        ),
+    ] {
+        let to = root.path().join(to);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap();
+    }
+    let mut fixture = Fixture::start_command(
+        Command::new("unshare")
+            .args(["--pid", "--mount", "--fork", "--kill-child", "--root"])
+            .arg(root.path())
+            .args(["/leaky", "100", "4096", "1000"]),
+    );
+    let pid = only_child(fixture.pid());
+    let report = leaky_fixture_is_exact(&mut fixture, pid);
+    assert_eq!(report["allocator"], "glibc");
+    // The kernel names a file by its path from leaktrace's root when it can reach it (here,
+    // the container's root is a directory of the host's); the file opened is the container's.
+    let copy = root.path().join("lib/x86_64-linux-gnu/libc.so.6");
+    assert_eq!(report["allocator_module"], copy.to_str().unwrap());
+    let leak = stack_of(&report, "leak_site").unwrap();
+    assert_eq!(
+        leak["frames"][0]["module"],
+        root.path().join("leaky").to_str().unwrap()
+    );
+    fixture.finish();
+}
