@@ -107,6 +107,30 @@ fn jemalloc_linked_c_and_cxx_and_its_own_api_are_exact() {
 }
 
 #[test]
+fn jemalloc_linked_statically_into_a_dynamic_executable_is_found_in_it() {
+    if !require_root() || !have("libjemalloc_pic.a") {
+        return;
+    }
+    // As services often ship it: the executable defines malloc itself and, like the dynamic
+    // linker, leaktrace finds it there before glibc's.
+    let archive = format!("{LIB}/libjemalloc_pic.a");
+    let binary = compile_cxx(
+        "allocators",
+        "with-static-jemalloc",
+        &[
+            "-DUSE_JEMALLOC",
+            "-Wl,--whole-archive",
+            &archive,
+            "-Wl,--no-whole-archive",
+            "-ldl",
+        ],
+    );
+    let mut fixture = Fixture::start(&binary, &[]);
+    allocators_fixture_is_exact(&mut fixture, "jemalloc", binary.path.to_str().unwrap());
+    fixture.finish();
+}
+
+#[test]
 fn mimalloc_linked_c_and_cxx_and_its_own_api_are_exact() {
     if !require_root() || !have("libmimalloc.so.2") {
         return;
