@@ -1,44 +1,64 @@
 //! Loading the BPF programs and attaching them to the target's allocator.
 
-use std::num::NonZeroU32;
+use std::{collections::HashMap, num::NonZeroU32};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 use leaktrace_common::stat;
 
-use crate::target::Target;
+use crate::{allocator::EntryPoint, target::Target};
 
-/// Which program runs at which entry point. `alloc_return` runs at the return of every one.
-/// Attached in this order: calls that release memory before those that only allocate, so that
-/// a call made while attaching can leave a release unmatched, never a block falsely outstanding.
-const ENTRY_PROGRAMS: [(&str, &str); 12] = [
-    ("munmap", "munmap_entry"),
-    ("mremap", "mremap_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
-    ("malloc", "malloc_entry"),
-    ("valloc", "malloc_entry"),
-    ("pvalloc", "malloc_entry"),
-    ("calloc", "calloc_entry"),
-    ("posix_memalign", "posix_memalign_entry"),
-    ("aligned_alloc", "aligned_alloc_entry"),
-    ("memalign", "aligned_alloc_entry"),
-    ("mmap", "mmap_entry"),
-];
-
-/// Programs attached to one process. Dropping it detaches every probe.
+/// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
-    _ebpf: Ebpf,
+    /// Each process's probes, so that those of a process that exits can be detached without
+    /// waiting for the end of the trace (a forking server's children come and go).
+    links: HashMap<u32, Vec<UProbeLink>>,
+    ebpf: Ebpf,
 }
 
 impl Probes {
+    /// Probes attached so far, over all processes.
     pub fn attached(&self) -> usize {
         self.attached
+    }
+
+    /// Nothing attached yet.
+    pub fn new(ebpf: Ebpf) -> Self {
+        Self {
+            attached: 0,
+            links: HashMap::new(),
+            ebpf,
+        }
+    }
+
+    /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
+    /// how many probes that took.
+    pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
+        let links = self.links.entry(target.pid).or_default();
+        let before = links.len();
+        let result = attach_to(&mut self.ebpf, target, links);
+        let added = links.len() - before;
+        self.attached += added;
+        result.map(|()| added)
+    }
+
+    /// Detaches the probes of a process that exited, on a thread of their own: the kernel
+    /// takes ~85 ms per probe, which the event loop must not wait for.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(links) = self.links.remove(&pid) {
+            self.attached -= links.len();
+            let _ = std::thread::Builder::new()
+                .name("detach".into())
+                .spawn(move || drop(links));
+        }
     }
 }
 
@@ -99,32 +119,17 @@ pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> 
     Ok((ebpf, maps))
 }
 
-/// Attaches to the target's allocator, frees first: a free seen without its allocation is
-/// counted as unmatched, while an allocation seen without its free would look like a leak.
-pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
+/// Attaches to the target's allocator, frees first, then the returns, then the other entries
+/// in `allocator`'s order (munmap, mremap and realloc before the calls that only allocate): a
+/// release seen without its allocation is counted as unmatched, while an allocation seen
+/// without its release would look like a leak.
+/// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
+/// runs at the return of every one but the free-like ones.
+fn attach_to(ebpf: &mut Ebpf, target: &Target, links: &mut Vec<UProbeLink>) -> anyhow::Result<()> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
-    let allocator = &target.allocator;
-    let offset_of = |name: &str| {
-        allocator
-            .entry_points
-            .iter()
-            .find(|&&(n, _)| n == name)
-            .map(|&(_, o)| o)
-    };
-    // Aliases (glibc's aligned_alloc and memalign) share one address: probe it once.
-    let mut seen = Vec::new();
-    let mut entries = Vec::new();
-    for (symbol, program) in ENTRY_PROGRAMS {
-        if let Some(offset) = offset_of(symbol).filter(|o| !seen.contains(o)) {
-            seen.push(offset);
-            entries.push((symbol, program, offset));
-        }
-    }
-    let free = offset_of("free").context("no free")?;
-    let mut attached = 0;
     let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, symbol: &str, offset: u64| -> anyhow::Result<()> {
+        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint| -> anyhow::Result<()> {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .with_context(|| format!("no program {program} in the BPF object"))?
@@ -134,13 +139,13 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
                     .load()
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
-            probe
-                .attach(offset, &allocator.path, scope)
+            let link = probe
+                .attach(entry.file_offset, &entry.path, scope)
                 .map_err(|err| {
                     if crate::target::is_alive(target.pid) {
                         anyhow!(err).context(format!(
-                            "attaching {program} to {symbol} in {}",
-                            allocator.module
+                            "attaching {program} to {} in {}",
+                            entry.symbol, entry.module
                         ))
                     } else {
                         anyhow!(
@@ -149,18 +154,18 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
                         )
                     }
                 })?;
-            attached += 1;
+            links.push(probe.take_link(link)?);
             Ok(())
         };
-    attach_one(&mut ebpf, "free_entry", "free", free)?;
-    for &(symbol, _, offset) in &entries {
-        attach_one(&mut ebpf, "alloc_return", symbol, offset)?;
+    let entries = &target.allocator.entry_points;
+    for entry in entries.iter().filter(|e| !e.allocates()) {
+        attach_one(ebpf, entry.program, entry)?;
     }
-    for &(symbol, program, offset) in &entries {
-        attach_one(&mut ebpf, program, symbol, offset)?;
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(ebpf, "alloc_return", entry)?;
     }
-    Ok(Probes {
-        attached,
-        _ebpf: ebpf,
-    })
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(ebpf, entry.program, entry)?;
+    }
+    Ok(())
 }

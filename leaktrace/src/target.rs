@@ -1,12 +1,12 @@
 //! The process to trace: that it exists, that we may trace it, and which allocator it uses.
 
-use std::{fs, path::PathBuf};
+use std::fs;
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    elf_symbols::ElfSymbols,
-    proc_maps::{ProcMaps, path_in_target},
+    allocator::{self, Allocator},
+    proc_maps::ProcMaps,
 };
 
 /// Capabilities that tracing needs: BPF and PERFMON (or SYS_ADMIN, which implies both on older
@@ -28,35 +28,6 @@ pub fn check_privileges() -> anyhow::Result<()> {
         bail!("leaktrace needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): run it with sudo");
     }
     Ok(())
-}
-
-/// Allocator entry points, as exported by glibc (and by the other allocators that replace
-/// malloc with the same names).
-pub const ENTRY_POINTS: [&str; 13] = [
-    "malloc",
-    "calloc",
-    "realloc",
-    "reallocarray",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-    "free",
-    "mmap",
-    "munmap",
-    "mremap",
-];
-
-/// The module that provides `malloc` to the target, and where to attach in it.
-#[derive(Debug)]
-pub struct Allocator {
-    /// As the target names it.
-    pub module: String,
-    /// Where this process opens it (through the target's root).
-    pub path: PathBuf,
-    /// Entry point name and file offset, for those the module has.
-    pub entry_points: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -81,36 +52,8 @@ impl Target {
                 anyhow::anyhow!("process {pid} exited before leaktrace could attach")
             }
         })?;
-        let libc = maps
-            .mappings
-            .iter()
-            .find(|m| m.is_file() && m.is_executable() && is_libc(m.file_name()))
-            .with_context(|| {
-                format!(
-                    "process {pid} ({command}) maps no glibc (a static binary, or another C library): \
-                     leaktrace traces glibc's malloc for now"
-                )
-            })?;
-        let path = path_in_target(pid, &libc.path);
-        let symbols = ElfSymbols::read(&path)
-            .with_context(|| format!("reading the allocator of process {pid}"))?;
-        let entry_points: Vec<_> = ENTRY_POINTS
-            .iter()
-            .filter_map(|&name| symbols.file_offset(name).map(|offset| (name, offset)))
-            .collect();
-        for required in ["malloc", "free"] {
-            if !entry_points.iter().any(|&(name, _)| name == required) {
-                bail!(
-                    "{} exports no `{required}`: leaktrace cannot trace this allocator",
-                    libc.path
-                );
-            }
-        }
-        let allocator = Allocator {
-            module: libc.path.clone(),
-            path,
-            entry_points,
-        };
+        let allocator = allocator::discover(pid, &maps)
+            .with_context(|| format!("process {pid} ({command})"))?;
         Ok(Self {
             pid,
             command,
@@ -128,11 +71,6 @@ pub fn is_alive(pid: u32) -> bool {
     })
 }
 
-fn is_libc(file_name: &str) -> bool {
-    file_name.starts_with("libc.so")
-        || (file_name.starts_with("libc-") && file_name.ends_with(".so"))
-}
-
 fn read_command(pid: u32) -> Option<String> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let words: Vec<_> = cmdline
@@ -146,14 +84,6 @@ fn read_command(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recognises_glibc_names() {
-        assert!(is_libc("libc.so.6"));
-        assert!(is_libc("libc-2.31.so"));
-        assert!(!is_libc("libcrypto.so.3"));
-        assert!(!is_libc("libc++.so.1"));
-    }
 
     #[test]
     fn no_such_pid_says_so() {
@@ -171,15 +101,15 @@ mod tests {
     fn finds_glibc_in_this_process() {
         let me = Target::open(std::process::id()).unwrap();
         assert!(
-            me.allocator.module.contains("libc"),
+            me.allocator.module().contains("libc"),
             "{}",
-            me.allocator.module
+            me.allocator.module()
         );
         assert!(
             me.allocator
                 .entry_points
                 .iter()
-                .any(|&(name, _)| name == "malloc")
+                .any(|e| e.symbol == "malloc")
         );
         assert!(is_alive(me.pid));
     }
