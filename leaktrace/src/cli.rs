@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::render::Format;
+use crate::{render::Format, report::SortKey};
 
 /// Outstanding memory allocations of a running process, by call stack: find memory leaks
 /// in production without restarting anything.
 #[derive(Debug, Parser)]
-#[command(name = "leaktrace", version, about, long_about = None)]
+#[command(name = "leaktrace", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// The process to trace.
     #[arg(short, long)]
@@ -22,6 +22,26 @@ pub struct Cli {
     /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     pub duration: Option<f64>,
+
+    /// Stop after this many reports; the last of them is the final report.
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Order of the stacks in a report.
+    #[arg(long, value_enum, value_name = "KEY", default_value_t = SortKey::Bytes)]
+    pub sort: SortKey,
+
+    /// Count only blocks of at least this size (bytes; K, M, G suffixes are powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = size_bytes)]
+    pub min_size: Option<u64>,
+
+    /// Count only blocks of at most this size (bytes; K, M, G suffixes are powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = size_bytes)]
+    pub max_size: Option<u64>,
+
+    /// Exit with status 3 when any stack of the final report is a `leak`.
+    #[arg(long)]
+    pub fail_on_leak: bool,
 
     /// Count only allocations at least this old: hides blocks that are merely in flight.
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
@@ -52,6 +72,40 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(secs),
         _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
+/// A size in bytes: `4096`, `4K`, `4KiB`, `1M`, `2G` (powers of 1024).
+pub fn size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{s}` is not a size (for example 4096, 64K, 1M)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{s}` is not a size (for example 4096, 64K, 1M)"))
+}
+
+impl Cli {
+    /// The sizes that count: `--min-size` to `--max-size`.
+    pub fn sizes(&self) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
+        let (min, max) = (
+            self.min_size.unwrap_or(0),
+            self.max_size.unwrap_or(u64::MAX),
+        );
+        anyhow::ensure!(
+            min <= max,
+            "--min-size {min} is larger than --max-size {max}: no block could count"
+        );
+        Ok(min..=max)
     }
 }
 
@@ -89,6 +143,52 @@ mod tests {
     }
 
     #[test]
+    fn parses_incident_flags() {
+        let cli = Cli::try_parse_from([
+            "leaktrace",
+            "-p",
+            "1",
+            "--count",
+            "4",
+            "--sort",
+            "growth",
+            "--min-size",
+            "4K",
+            "--max-size",
+            "1MiB",
+            "--fail-on-leak",
+        ])
+        .unwrap();
+        assert_eq!(cli.count, Some(4));
+        assert_eq!(cli.sort, SortKey::Growth);
+        assert_eq!(cli.sizes().unwrap(), 4096..=1 << 20);
+        assert!(cli.fail_on_leak);
+        let inverted =
+            Cli::try_parse_from(["leaktrace", "-p", "1", "--min-size", "9", "--max-size", "8"])
+                .unwrap();
+        assert!(inverted.sizes().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_bytes("0"), Ok(0));
+        assert_eq!(size_bytes("4096"), Ok(4096));
+        assert_eq!(size_bytes("64k"), Ok(65536));
+        assert_eq!(size_bytes("2G"), Ok(2 << 30));
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5M",
+            "4X",
+            "99999999999999999999",
+            "17179869184G",
+        ] {
+            assert!(size_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             &["leaktrace"][..],
@@ -97,6 +197,8 @@ mod tests {
             &["leaktrace", "-p", "1", "-i", "nan"],
             &["leaktrace", "-p", "1", "--ringbuf-bytes", "5000"],
             &["leaktrace", "-p", "1", "--window", "1"],
+            &["leaktrace", "-p", "1", "--count", "0"],
+            &["leaktrace", "-p", "1", "--sort", "age"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

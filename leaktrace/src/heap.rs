@@ -74,11 +74,21 @@ pub struct StackUsage {
     pub oldest_ts_ns: u64,
 }
 
+/// Everything one stack allocated since attach, freed or not (pprof's alloc_space and
+/// alloc_objects).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub bytes: u64,
+    pub count: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct HeapModel {
     live: HashMap<u64, Live>,
     stacks: Stacks,
     counters: Counters,
+    /// Indexed by stack id.
+    allocated: Vec<Allocated>,
 }
 
 impl HeapModel {
@@ -98,6 +108,12 @@ impl HeapModel {
                 if addr != 0 {
                     let stack = self.stacks.intern(frames, truncated);
                     self.counters.allocations += 1;
+                    let index = stack.0 as usize;
+                    if index >= self.allocated.len() {
+                        self.allocated.resize(index + 1, Allocated::default());
+                    }
+                    self.allocated[index].bytes += size_bytes;
+                    self.allocated[index].count += 1;
                     // An address still live means its free was lost; the new block replaces it.
                     self.live.insert(
                         addr,
@@ -128,11 +144,33 @@ impl HeapModel {
         &self.stacks
     }
 
+    /// What `stack` allocated since attach, freed or not.
+    pub fn allocated(&self, stack: StackId) -> Allocated {
+        self.allocated
+            .get(stack.0 as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
+        self.usage_of_sizes(born_by_ns, 0..=u64::MAX)
+    }
+
+    /// As [`Self::usage`], counting only blocks whose size is in `sizes` (`--min-size`,
+    /// `--max-size`).
+    pub fn usage_of_sizes(
+        &self,
+        born_by_ns: u64,
+        sizes: std::ops::RangeInclusive<u64>,
+    ) -> Vec<StackUsage> {
         let mut by_stack: HashMap<StackId, StackUsage> = HashMap::new();
-        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
+        for live in self
+            .live
+            .values()
+            .filter(|live| live.ts_ns <= born_by_ns && sizes.contains(&live.size_bytes))
+        {
             let usage = by_stack.entry(live.stack).or_insert(StackUsage {
                 stack: live.stack,
                 outstanding_bytes: 0,
@@ -213,6 +251,33 @@ mod tests {
             .unwrap()
             .oldest_ts_ns;
         assert_eq!(oldest, 0x1000);
+    }
+
+    #[test]
+    fn sizes_filter_usage_and_allocated_counts_every_block() {
+        let mut heap = HeapModel::default();
+        heap.apply(&alloc(0x1000, 10, &[1]));
+        heap.apply(&alloc(0x2000, 20, &[1]));
+        heap.apply(&alloc(0x3000, 30, &[1]));
+        heap.apply(&Event::Free {
+            ts_ns: 0,
+            addr: 0x3000,
+        });
+        let mid = heap.usage_of_sizes(u64::MAX, 15..=30);
+        assert_eq!(
+            (mid[0].outstanding_bytes, mid[0].outstanding_allocations),
+            (20, 1)
+        );
+        assert!(heap.usage_of_sizes(u64::MAX, 21..=29).is_empty());
+        let stack = mid[0].stack;
+        assert_eq!(
+            heap.allocated(stack),
+            Allocated {
+                bytes: 60,
+                count: 3
+            }
+        );
+        assert_eq!(heap.allocated(StackId(7)), Allocated::default());
     }
 
     #[test]

@@ -9,10 +9,14 @@ use leaktrace::{
     cli::Cli, probes, render, reporter::Reporter, target, target::Target, trace, trace::Stop,
 };
 
+/// `--fail-on-leak` found a leak.
+const EXIT_LEAK: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(leak) if leak && cli.fail_on_leak => ExitCode::from(EXIT_LEAK),
+        Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the cause chain joined by ": ".
             eprintln!("leaktrace: error: {err:#}");
@@ -21,7 +25,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+/// Traces; returns whether the final report holds a leak.
+fn run(cli: &Cli) -> anyhow::Result<bool> {
+    let sizes = cli.sizes()?;
     target::check_privileges()?;
     let target = Target::open(cli.pid)?;
     let out: Box<dyn io::Write + Send> = match &cli.output {
@@ -56,20 +62,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        sizes,
+        sort: cli.sort,
+        count: cli.count,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
-    let stop = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
+    let ended = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
     reporter.finish().context("writing the report")?;
-    match stop {
+    match ended.stop {
         Stop::TargetExited => {
             eprintln!("leaktrace: process {} exited; probes detached", target.pid)
         }
-        Stop::Interrupted | Stop::Terminated | Stop::Duration => {
+        Stop::Interrupted | Stop::Terminated | Stop::Duration | Stop::Count => {
             eprintln!("leaktrace: detached from pid {}", target.pid);
         }
     }
-    Ok(())
+    if ended.leak && cli.fail_on_leak {
+        eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
+    }
+    Ok(ended.leak)
 }

@@ -2,7 +2,19 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::heap::{Counters, HeapModel, StackId, StackUsage};
+use crate::heap::{Allocated, Counters, HeapModel, StackId, StackUsage};
+
+/// The order of stacks in a report (`--sort`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    /// Outstanding bytes, biggest first.
+    #[default]
+    Bytes,
+    /// Outstanding allocations, most first.
+    Count,
+    /// Growth in bytes/s over the last reports, fastest first.
+    Growth,
+}
 
 /// How a stack's outstanding memory behaves over the trend window (see the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +61,8 @@ pub struct StackSummary {
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: f64,
     pub kind: Kind,
+    /// Everything this stack allocated since attach, freed or not.
+    pub allocated: Allocated,
     /// Return addresses, innermost first.
     pub addresses: Box<[u64]>,
     pub truncated: bool,
@@ -63,8 +77,19 @@ pub struct Snapshot {
     /// How many stacks hold memory; `stacks` is the top of them.
     pub stack_count: usize,
     pub stacks: Vec<StackSummary>,
+    /// The target's resident set (VmRSS) now, when it could be read.
+    pub rss_bytes: Option<u64>,
+    /// How fast the resident set changed over the trend window (least squares).
+    pub rss_growth_bytes_per_s: Option<f64>,
     /// The last report of the trace.
     pub last: bool,
+}
+
+impl Snapshot {
+    /// Any stack of this report is a leak (`--fail-on-leak`).
+    pub fn has_leak(&self) -> bool {
+        self.stacks.iter().any(|s| s.kind == Kind::Leak)
+    }
 }
 
 /// The recent outstanding bytes of every stack, one sample per report.
@@ -76,6 +101,8 @@ pub struct Trends {
     /// Samples closer than this to the previous one replace it.
     min_spacing_s: f64,
     samples: HashMap<StackId, VecDeque<(f64, u64)>>,
+    /// The target's resident set, one sample per report.
+    rss: VecDeque<(f64, u64)>,
 }
 
 impl Trends {
@@ -85,7 +112,24 @@ impl Trends {
             latest_s: 0.0,
             min_spacing_s,
             samples: HashMap::new(),
+            rss: VecDeque::new(),
         }
+    }
+
+    /// Records the target's resident set; returns its growth over the window (bytes/s), once
+    /// two samples exist.
+    fn observe_rss(&mut self, elapsed_s: f64, rss_bytes: u64) -> Option<f64> {
+        if let Some(&(t, _)) = self.rss.back()
+            && elapsed_s - t < self.min_spacing_s
+            && self.rss.len() > 1
+        {
+            self.rss.pop_back();
+        }
+        self.rss.push_back((elapsed_s, rss_bytes));
+        while self.rss.len() > self.window {
+            self.rss.pop_front();
+        }
+        (self.rss.len() >= 2).then(|| slope(self.rss.iter()))
     }
 
     /// Records one sample of every stack (0 for stacks that no longer hold memory).
@@ -192,13 +236,24 @@ pub struct SnapshotInput {
     pub lost_events: u64,
     /// Only allocations at least this old count (`--min-age`).
     pub min_age_ns: u64,
+    /// Only blocks of these sizes count (`--min-size`, `--max-size`).
+    pub sizes: std::ops::RangeInclusive<u64>,
     pub top: usize,
+    pub sort: SortKey,
+    /// The target's VmRSS now.
+    pub rss_bytes: Option<u64>,
     pub last: bool,
 }
 
 pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) -> Snapshot {
-    let mut usage = heap.usage(input.now_ns.saturating_sub(input.min_age_ns));
+    let usage = heap.usage_of_sizes(
+        input.now_ns.saturating_sub(input.min_age_ns),
+        input.sizes.clone(),
+    );
     trends.observe(input.elapsed_s, &usage);
+    let rss_growth_bytes_per_s = input
+        .rss_bytes
+        .and_then(|rss| trends.observe_rss(input.elapsed_s, rss));
     let Counters {
         allocations,
         frees,
@@ -212,38 +267,49 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         lost_events: input.lost_events,
         unmatched_frees,
     };
-    // Biggest first; ties broken by stack id so that output is stable.
-    usage.sort_unstable_by(|a, b| {
-        b.outstanding_bytes
-            .cmp(&a.outstanding_bytes)
-            .then(a.stack.cmp(&b.stack))
-    });
     let stack_count = usage.len();
-    let stacks = usage
+    // Every stack is classified before sorting: `--sort growth` needs the growth of all.
+    let mut stacks: Vec<(StackId, StackSummary)> = usage
         .iter()
-        .take(input.top)
         .map(|u| {
             let oldest_age_s = input.now_ns.saturating_sub(u.oldest_ts_ns) as f64 / 1e9;
             let (growth_bytes_per_s, kind) = trends.classify(u.stack, oldest_age_s);
             let stack = heap.stacks().get(u.stack);
-            StackSummary {
+            let summary = StackSummary {
                 outstanding_bytes: u.outstanding_bytes,
                 outstanding_allocations: u.outstanding_allocations,
                 growth_bytes_per_s,
                 oldest_age_s,
                 kind,
+                allocated: heap.allocated(u.stack),
                 addresses: stack.frames.clone(),
                 truncated: stack.truncated,
-            }
+            };
+            (u.stack, summary)
         })
         .collect();
+    // Biggest first by the chosen key, then by bytes; ties broken by stack id so that output
+    // is stable.
+    stacks.sort_unstable_by(|(ida, a), (idb, b)| {
+        let by_key = match input.sort {
+            SortKey::Bytes => std::cmp::Ordering::Equal,
+            SortKey::Count => b.outstanding_allocations.cmp(&a.outstanding_allocations),
+            SortKey::Growth => b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s),
+        };
+        by_key
+            .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
+            .then(ida.cmp(idb))
+    });
+    stacks.truncate(input.top);
     Snapshot {
         pid: input.pid,
         timestamp_ms: input.timestamp_ms,
         elapsed_s: input.elapsed_s,
         totals,
         stack_count,
-        stacks,
+        stacks: stacks.into_iter().map(|(_, s)| s).collect(),
+        rss_bytes: input.rss_bytes,
+        rss_growth_bytes_per_s,
         last: input.last,
     }
 }
@@ -261,7 +327,10 @@ mod tests {
             now_ns: (elapsed_s * 1e9) as u64,
             lost_events: 0,
             min_age_ns: 0,
+            sizes: 0..=u64::MAX,
             top: 10,
+            sort: SortKey::Bytes,
+            rss_bytes: None,
             last: false,
         }
     }
@@ -377,5 +446,77 @@ mod tests {
         assert_eq!(snap.stack_count, 5);
         let bytes: Vec<u64> = snap.stacks.iter().map(|s| s.outstanding_bytes).collect();
         assert_eq!(bytes, [50, 40]);
+    }
+
+    #[test]
+    fn sort_keys_order_by_count_and_growth_and_sizes_filter() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10, 0.0);
+        let add = |heap: &mut HeapModel, addr: u64, size_bytes: u64, frame: u64| {
+            heap.apply(&Event::Alloc {
+                ts_ns: 0,
+                addr,
+                size_bytes,
+                old_addr: 0,
+                frames: Box::leak(vec![frame].into_boxed_slice()),
+                truncated: false,
+            });
+        };
+        // Stack 1: one big block, allocated once. Stack 2: many small ones, still coming.
+        add(&mut heap, 1, 1000, 1);
+        for i in 0..5 {
+            add(&mut heap, 100 + i, 10, 2);
+        }
+        snapshot(&heap, &mut trends, &input(1.0));
+        snapshot(&heap, &mut trends, &input(2.0));
+        for i in 0..5 {
+            add(&mut heap, 200 + i, 10, 2);
+        }
+        let order = |sort: SortKey, sizes: std::ops::RangeInclusive<u64>, trends: &mut Trends| {
+            let mut inp = input(3.0);
+            inp.sort = sort;
+            inp.sizes = sizes;
+            snapshot(&heap, trends, &inp)
+                .stacks
+                .iter()
+                .map(|s| (s.addresses[0], s.outstanding_bytes))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(SortKey::Bytes, 0..=u64::MAX, &mut Trends::new(10, 0.0)),
+            [(1, 1000), (2, 100)]
+        );
+        assert_eq!(
+            order(SortKey::Count, 0..=u64::MAX, &mut Trends::new(10, 0.0)),
+            [(2, 100), (1, 1000)]
+        );
+        assert_eq!(
+            order(SortKey::Growth, 0..=u64::MAX, &mut trends),
+            [(2, 100), (1, 1000)]
+        );
+        assert_eq!(
+            order(SortKey::Bytes, 0..=999, &mut Trends::new(10, 0.0)),
+            [(2, 100)]
+        );
+        assert_eq!(
+            order(SortKey::Bytes, 11..=1000, &mut Trends::new(10, 0.0)),
+            [(1, 1000)]
+        );
+    }
+
+    #[test]
+    fn rss_growth_is_the_slope_over_the_window() {
+        let heap = HeapModel::default();
+        let mut trends = Trends::new(3, 0.0);
+        let mut at = |t: f64, rss: u64| {
+            let mut inp = input(t);
+            inp.rss_bytes = Some(rss);
+            snapshot(&heap, &mut trends, &inp).rss_growth_bytes_per_s
+        };
+        assert_eq!(at(1.0, 1000), None);
+        assert_eq!(at(2.0, 3000), Some(2000.0));
+        assert_eq!(at(3.0, 5000), Some(2000.0));
+        // The window holds 3 samples: 3000, 5000, 5000.
+        assert_eq!(at(4.0, 5000), Some(1000.0));
     }
 }

@@ -30,7 +30,17 @@ pub enum Stop {
     Interrupted,
     Terminated,
     Duration,
+    /// `--count` reports were made.
+    Count,
     TargetExited,
+}
+
+/// How a trace ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub stop: Stop,
+    /// A stack of the final report is a `leak`.
+    pub leak: bool,
 }
 
 pub struct Settings {
@@ -40,6 +50,10 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub sizes: std::ops::RangeInclusive<u64>,
+    pub sort: crate::report::SortKey,
+    /// Stop after this many reports.
+    pub count: Option<u64>,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -48,7 +62,7 @@ pub async fn run(
     probes: Probes,
     maps: Maps,
     reporter: &Reporter,
-) -> anyhow::Result<Stop> {
+) -> anyhow::Result<Ended> {
     let start = Instant::now();
     let mut heap = HeapModel::default();
     let mut trends = Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0);
@@ -74,6 +88,7 @@ pub async fn run(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
+    let mut reports = 0u64;
 
     // Undecodable records count as lost: they would otherwise vanish silently.
     let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, bad_records: u64| {
@@ -86,7 +101,10 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
+            sizes: settings.sizes.clone(),
             top: settings.top,
+            sort: settings.sort,
+            rss_bytes: rss_bytes(settings.pid),
             last,
         };
         snapshot(heap, trends, &input)
@@ -104,8 +122,13 @@ pub async fn run(
                 bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
             }
             _ = tick.tick() => {
+                // The last report `--count` allows is the final one.
+                if settings.count.is_some_and(|count| reports + 1 >= count) {
+                    break Stop::Count;
+                }
                 bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
                 reporter.send(take_snapshot(&heap, &mut trends, false, bad_records));
+                reports += 1;
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -114,11 +137,31 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
-    reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
+    let last = take_snapshot(&heap, &mut trends, true, bad_records);
+    let leak = last.has_leak();
+    reporter.send(last);
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
     drop(probes);
-    Ok(stop)
+    Ok(Ended { stop, leak })
+}
+
+/// The target's resident set (`VmRSS` of /proc/PID/status); `None` once it has exited.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Applies every record waiting in the ring buffer; returns how many could not be decoded.
@@ -155,4 +198,21 @@ fn monotonic_ns() -> u64 {
     // SAFETY: writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss() {
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t    1234 kB\nThreads: 1\n"),
+            Some(1234 * 1024)
+        );
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
 }

@@ -19,6 +19,9 @@ struct JsonReport<'a> {
     /// The last report of the trace.
     last: bool,
     allocator_module: &'a str,
+    /// The target's resident set (VmRSS) and its growth over the trend window.
+    rss_bytes: Option<u64>,
+    rss_growth_bytes_per_s: Option<f64>,
     totals: JsonTotals,
     /// Stacks that hold memory; `stacks` lists the top of them.
     stack_count: usize,
@@ -42,6 +45,9 @@ struct JsonStack<'a> {
     growth_bytes_per_s: f64,
     oldest_age_s: f64,
     kind: &'static str,
+    /// Everything this stack allocated since attach, freed or not.
+    allocated_bytes: u64,
+    allocations: u64,
     truncated: bool,
     frames: Vec<JsonFrame<'a>>,
 }
@@ -85,6 +91,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         complete: t.lost_events == 0,
         last: snapshot.last,
         allocator_module: &report.target.allocator_module,
+        rss_bytes: snapshot.rss_bytes,
+        rss_growth_bytes_per_s: snapshot.rss_growth_bytes_per_s.map(round3),
         totals: JsonTotals {
             outstanding_bytes: t.outstanding_bytes,
             outstanding_allocations: t.outstanding_allocations,
@@ -104,6 +112,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 growth_bytes_per_s: round3(stack.growth_bytes_per_s),
                 oldest_age_s: round3(stack.oldest_age_s),
                 kind: stack.kind.as_str(),
+                allocated_bytes: stack.allocated.bytes,
+                allocations: stack.allocated.count,
                 truncated: stack.truncated,
                 frames: frames.iter().map(JsonFrame::from).collect(),
             })
@@ -122,6 +132,7 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
+        heap::Allocated,
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -147,9 +158,12 @@ mod tests {
                 growth_bytes_per_s: 409.6,
                 oldest_age_s: 9.5,
                 kind: Kind::Leak,
+                allocated: Allocated::default(),
                 addresses: Box::new([0x401136]),
                 truncated: false,
             }],
+            rss_bytes: None,
+            rss_growth_bytes_per_s: None,
             last: true,
         };
         let frames = vec![vec![Frame {

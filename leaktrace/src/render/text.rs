@@ -123,6 +123,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
+        heap::Allocated,
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -156,9 +157,12 @@ mod tests {
                 growth_bytes_per_s: 4096.0,
                 oldest_age_s: 2.5,
                 kind: Kind::Leak,
+                allocated: Allocated::default(),
                 addresses: Box::new([1, 2]),
                 truncated: true,
             }],
+            rss_bytes: None,
+            rss_growth_bytes_per_s: None,
             last: false,
         };
         let frames = vec![vec![
