@@ -47,17 +47,24 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub min_age: Option<f64>,
 
-    /// Stacks shown per report, biggest first.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub top: usize,
+    /// Stacks shown per report, biggest first [default: 10; every stack for folded, pprof
+    /// and svg].
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
 
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Write reports to this file instead of stdout.
-    #[arg(short, long, value_name = "FILE")]
+    /// Write reports to this file instead of stdout, or, to a directory (one that exists, or a
+    /// path ending in /), a timestamped file per report. A file in the folded, pprof or svg
+    /// format holds the latest report.
+    #[arg(short, long, value_name = "FILE|DIR")]
     pub output: Option<PathBuf>,
+
+    /// With --output DIR: keep only the newest N report files (bounded disk use).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
 
     /// Reports over which growth is measured and leaks are told from stable usage.
     #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
@@ -95,6 +102,15 @@ pub fn size_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl Cli {
+    /// Stacks per report.
+    pub fn top(&self) -> usize {
+        match self.top {
+            Some(top) => top,
+            None if self.format.is_whole_file() => usize::MAX,
+            None => 10,
+        }
+    }
+
     /// The sizes that count: `--min-size` to `--max-size`.
     pub fn sizes(&self) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
         let (min, max) = (
@@ -137,7 +153,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (cli.pid, cli.interval, cli.top, cli.duration, cli.format),
+            (cli.pid, cli.interval, cli.top(), cli.duration, cli.format),
             (42, 0.5, 3, Some(9.0), Format::Json)
         );
     }

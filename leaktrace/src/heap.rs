@@ -152,6 +152,15 @@ impl HeapModel {
             .unwrap_or_default()
     }
 
+    /// Every stack that allocated since attach, with what it allocated.
+    pub fn allocated_stacks(&self) -> impl Iterator<Item = (StackId, Allocated)> + '_ {
+        self.allocated
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.count > 0)
+            .map(|(i, &a)| (StackId(i as u32), a))
+    }
+
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {

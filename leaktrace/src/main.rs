@@ -1,12 +1,19 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-use std::{fs::File, io, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::Cli, probes, render, reporter::Reporter, target, target::Target, trace, trace::Stop,
+    cli::Cli,
+    output::{Destination, Output},
+    probes, render,
+    reporter::Reporter,
+    target,
+    target::Target,
+    trace,
+    trace::Stop,
 };
 
 /// `--fail-on-leak` found a leak.
@@ -30,12 +37,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let sizes = cli.sizes()?;
     target::check_privileges()?;
     let target = Target::open(cli.pid)?;
-    let out: Box<dyn io::Write + Send> = match &cli.output {
-        Some(path) => {
-            Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)
-        }
-        None => Box::new(io::stdout()),
-    };
+    let destination = Destination::new(
+        cli.output.as_deref(),
+        cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+    )?;
+    let style = render::Style::for_destination(&destination);
+    let out = Output::open(destination, cli.format, target.pid)?;
     let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {
@@ -45,7 +52,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
     // Started before the user (or a test) is told that tracing runs, with the memory map read
     // at attach: a target that exits at once still gets its stacks symbolized.
-    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
+    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, style, out)
         .context("starting the reporter thread")?;
     eprintln!(
         "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
@@ -59,12 +66,13 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
         duration: cli.duration.map(Duration::from_secs_f64),
-        top: cli.top,
+        top: cli.top(),
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
         sizes,
         sort: cli.sort,
         count: cli.count,
+        with_freed: cli.format == render::Format::Pprof,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

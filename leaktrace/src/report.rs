@@ -240,6 +240,9 @@ pub struct SnapshotInput {
     pub sizes: std::ops::RangeInclusive<u64>,
     pub top: usize,
     pub sort: SortKey,
+    /// Also list, after the top stacks, the stacks that allocated since attach but hold
+    /// nothing now (pprof's alloc_space and alloc_objects).
+    pub with_freed: bool,
     /// The target's VmRSS now.
     pub rss_bytes: Option<u64>,
     pub last: bool,
@@ -301,6 +304,29 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
             .then(ida.cmp(idb))
     });
     stacks.truncate(input.top);
+    if input.with_freed {
+        let holding: std::collections::HashSet<StackId> = usage.iter().map(|u| u.stack).collect();
+        for (id, allocated) in heap.allocated_stacks() {
+            if holding.contains(&id) {
+                continue;
+            }
+            let stack = heap.stacks().get(id);
+            let (growth_bytes_per_s, kind) = trends.classify(id, 0.0);
+            stacks.push((
+                id,
+                StackSummary {
+                    outstanding_bytes: 0,
+                    outstanding_allocations: 0,
+                    growth_bytes_per_s,
+                    oldest_age_s: 0.0,
+                    kind,
+                    allocated,
+                    addresses: stack.frames.clone(),
+                    truncated: stack.truncated,
+                },
+            ));
+        }
+    }
     Snapshot {
         pid: input.pid,
         timestamp_ms: input.timestamp_ms,
@@ -330,6 +356,7 @@ mod tests {
             sizes: 0..=u64::MAX,
             top: 10,
             sort: SortKey::Bytes,
+            with_freed: false,
             rss_bytes: None,
             last: false,
         }
@@ -502,6 +529,25 @@ mod tests {
             order(SortKey::Bytes, 11..=1000, &mut Trends::new(10, 0.0)),
             [(1, 1000)]
         );
+        // Stacks that hold nothing now come after, for their totals since attach.
+        heap.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        let mut inp = input(4.0);
+        inp.with_freed = true;
+        let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);
+        assert_eq!(snap.stack_count, 1);
+        let got: Vec<_> = snap
+            .stacks
+            .iter()
+            .map(|s| {
+                (
+                    s.addresses[0],
+                    s.outstanding_bytes,
+                    s.allocated.bytes,
+                    s.allocated.count,
+                )
+            })
+            .collect();
+        assert_eq!(got, [(2, 100, 100, 10), (1, 0, 1000, 1)]);
     }
 
     #[test]

@@ -1,15 +1,12 @@
 //! The reporter thread: symbolizes each snapshot's stacks, renders the report and writes it.
 //! It owns the blazesym symbolizer (not `Send`) and its caches, off the event path.
 
-use std::{
-    io::{self, Write as _},
-    sync::mpsc,
-    thread,
-};
+use std::{io, sync::mpsc, thread};
 
 use crate::{
+    output::Output,
     proc_maps::ProcMaps,
-    render::{Format, Report, Target},
+    render::{Format, Report, Style, Target},
     report::Snapshot,
     symbolize::StackSymbolizer,
 };
@@ -24,31 +21,36 @@ impl Reporter {
         target: Target,
         maps: ProcMaps,
         format: Format,
-        mut out: Box<dyn io::Write + Send>,
+        style: Style,
+        mut out: Output,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Snapshot>();
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
                 let mut symbolizer = StackSymbolizer::new(target.pid, maps);
-                let mut text = String::new();
+                let mut rendered = Vec::new();
                 for snapshot in rx {
+                    if !out.wants(snapshot.last) {
+                        continue;
+                    }
                     symbolizer.refresh_maps();
                     let frames: Vec<_> = snapshot
                         .stacks
                         .iter()
                         .map(|s| symbolizer.symbolize(&s.addresses))
                         .collect();
-                    text.clear();
+                    rendered.clear();
                     format.render(
                         &Report {
                             target: &target,
                             snapshot: &snapshot,
                             frames: &frames,
+                            style,
                         },
-                        &mut text,
-                    );
-                    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                        &mut rendered,
+                    )?;
+                    match out.write(&rendered, snapshot.timestamp_ms) {
                         // A reader that went away (`| head`) is not an error.
                         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
                         other => other?,

@@ -54,6 +54,8 @@ pub struct Settings {
     pub sort: crate::report::SortKey,
     /// Stop after this many reports.
     pub count: Option<u64>,
+    /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
+    pub with_freed: bool,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -104,6 +106,7 @@ pub async fn run(
             sizes: settings.sizes.clone(),
             top: settings.top,
             sort: settings.sort,
+            with_freed: settings.with_freed,
             rss_bytes: rss_bytes(settings.pid),
             last,
         };

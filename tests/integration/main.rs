@@ -1,6 +1,7 @@
 //! Integration tests: leaktrace attached to real processes with known ground truth.
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
+mod protobuf;
 mod support;
 
 use support::{
@@ -375,4 +376,147 @@ fn count_and_size_filters() {
     let report = outcome.last();
     assert!(stack_of(report, "leak_site").is_none(), "{report}");
     assert!(stack_of(report, "cache_put").is_some(), "{report}");
+}
+
+/// Traces `leaky` (100 leaks of 4096 bytes and 1000 temporary 128-byte blocks) with
+/// `--format FORMAT -o FILE`, and returns the file's bytes once leaktrace has stopped.
+fn trace_leaky_to_file(format: &str) -> (Vec<u8>, support::Binary) {
+    let binary = compile("leaky", &[]);
+    let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report");
+    let pid = fixture.pid().to_string();
+    let trace = Leaktrace::start(&[
+        "-p",
+        &pid,
+        "--interval",
+        "0.5",
+        "--format",
+        format,
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    fixture.finish();
+    (std::fs::read(&file).unwrap(), binary)
+}
+
+#[test]
+fn pprof_has_inuse_and_alloc_samples_functions_lines_and_mappings() {
+    use protobuf::Message;
+    if !require_root() {
+        return;
+    }
+    let (gzipped, binary) = trace_leaky_to_file("pprof");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut raw)
+        .expect("gzipped");
+    // profile.proto: 1 sample_type, 2 sample, 3 mapping, 4 location, 5 function, 6 strings.
+    let profile = Message::parse(&raw);
+    let strings: Vec<String> = profile
+        .bytes(6)
+        .iter()
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect();
+    assert_eq!(strings[0], "");
+    let s = |i: u64| strings[i as usize].as_str();
+    let types: Vec<(&str, &str)> = profile
+        .messages(1)
+        .iter()
+        .map(|t| (s(t.uint(1)), s(t.uint(2))))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("inuse_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("alloc_objects", "count")
+        ]
+    );
+    assert_eq!(s(profile.uint(14)), "inuse_space", "default sample type");
+    let functions: std::collections::HashMap<u64, Message> = profile
+        .messages(5)
+        .into_iter()
+        .map(|f| (f.uint(1), f))
+        .collect();
+    let locations: std::collections::HashMap<u64, Message> = profile
+        .messages(4)
+        .into_iter()
+        .map(|l| (l.uint(1), l))
+        .collect();
+    let mappings: std::collections::HashMap<u64, Message> = profile
+        .messages(3)
+        .into_iter()
+        .map(|m| (m.uint(1), m))
+        .collect();
+    // Each sample by the function of its leaf location (the allocator's caller).
+    let mut by_leaf = std::collections::BTreeMap::new();
+    for sample in profile.messages(2) {
+        let leaf = &locations[&sample.uints(1)[0]];
+        let line = leaf.messages(4).pop().expect("the leaf has a line");
+        let function = &functions[&line.uint(1)];
+        let name = s(function.uint(2)).to_owned();
+        if name == "leak_site" {
+            assert_eq!(line.uint(2), line_of("leaky.c", "void *p = malloc(bytes);"));
+            assert!(s(function.uint(4)).ends_with("leaky.c"));
+            let mapping = &mappings[&leaf.uint(2)];
+            assert_eq!(s(mapping.uint(5)), binary.path.to_str().unwrap());
+            assert!(mapping.uint(2) <= leaf.uint(3) && leaf.uint(3) < mapping.uint(3));
+            // The caller's location is main.
+            let caller = &locations[&sample.uints(1)[1]];
+            let caller_line = caller.messages(4).pop().unwrap();
+            assert_eq!(s(functions[&caller_line.uint(1)].uint(2)), "main");
+        }
+        // main calls temp_site from two places: two stacks, summed here.
+        let sum: &mut Vec<u64> = by_leaf.entry(name).or_insert_with(|| vec![0; 4]);
+        for (total, v) in sum.iter_mut().zip(sample.uints(2)) {
+            *total += v;
+        }
+    }
+    // leak_site: all outstanding; temp_site: all freed, yet counted since attach.
+    assert_eq!(by_leaf["leak_site"], [409_600, 100, 409_600, 100]);
+    assert_eq!(by_leaf["temp_site"], [0, 0, 128_000, 1000]);
+    assert_eq!(by_leaf.len(), 2, "{by_leaf:?}");
+}
+
+#[test]
+fn folded_stacks_are_outermost_first_with_outstanding_bytes() {
+    if !require_root() {
+        return;
+    }
+    let (folded, _binary) = trace_leaky_to_file("folded");
+    let folded = String::from_utf8(folded).unwrap();
+    let lines: Vec<(Vec<&str>, u64)> = folded
+        .lines()
+        .map(|line| {
+            let (stack, bytes) = line.rsplit_once(' ').expect("STACK BYTES");
+            (stack.split(';').collect(), bytes.parse().expect("a number"))
+        })
+        .collect();
+    // Only the leak is outstanding; the churn is gone.
+    assert_eq!(lines.len(), 1, "{folded}");
+    let (frames, bytes) = &lines[0];
+    assert_eq!(*bytes, 409_600);
+    assert_eq!(frames[frames.len() - 1], "leak_site");
+    assert_eq!(frames[frames.len() - 2], "main");
+}
+
+#[test]
+fn svg_flame_graph_names_the_leaking_function() {
+    if !require_root() {
+        return;
+    }
+    let (svg, _binary) = trace_leaky_to_file("svg");
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml"), "{}", &svg[..100.min(svg.len())]);
+    assert!(svg.contains("<svg"));
+    assert!(
+        svg.contains("leak_site"),
+        "the leaking function is in the graph"
+    );
+    assert!(svg.contains("409,600 bytes"), "with its outstanding bytes");
+    assert!(!svg.contains("temp_site"));
 }

@@ -187,6 +187,7 @@ mod tests {
                 target: &target,
                 snapshot: &snapshot,
                 frames: &frames,
+                style: Default::default(),
             },
             &mut out,
         );
