@@ -2,18 +2,39 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
-use crate::{render::Format, report::SortKey};
+use crate::{diff::DiffFormat, render::Format, report::SortKey};
 
 /// Outstanding memory allocations of a running process, by call stack: find memory leaks
 /// in production without restarting anything.
 #[derive(Debug, Parser)]
-#[command(name = "leaktrace", version, about, long_about = None, args_override_self = true)]
+#[command(
+    name = "leaktrace",
+    version,
+    about,
+    long_about = None,
+    args_override_self = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json"
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub subcommand: Option<Command>,
+
     /// The process to trace.
-    #[arg(short, long)]
-    pub pid: u32,
+    #[arg(
+        short,
+        long,
+        required_unless_present = "command",
+        conflicts_with = "command"
+    )]
+    pub pid: Option<u32>,
+
+    /// Run this command and trace it from its first allocation; the trace ends when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 
     /// Seconds between reports.
     #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = positive_secs)]
@@ -80,6 +101,26 @@ fn positive_secs(s: &str) -> Result<f64, String> {
         Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(secs),
         _ => Err(format!("`{s}` is not a positive number of seconds")),
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Which stacks grew between two JSON reports (the last report of each file), and by how much.
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report (`leaktrace --format json`).
+    pub old: PathBuf,
+    /// The later report.
+    pub new: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// Stacks shown, most growth first.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
 }
 
 /// A size in bytes: `4096`, `4K`, `4KiB`, `1M`, `2G` (powers of 1024).
@@ -154,7 +195,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (cli.pid, cli.interval, cli.top(), cli.duration, cli.format),
-            (42, 0.5, 3, Some(9.0), Format::Json)
+            (Some(42), 0.5, 3, Some(9.0), Format::Json)
         );
     }
 
@@ -183,6 +224,36 @@ mod tests {
             Cli::try_parse_from(["leaktrace", "-p", "1", "--min-size", "9", "--max-size", "8"])
                 .unwrap();
         assert!(inverted.sizes().is_err());
+    }
+
+    #[test]
+    fn spawn_mode_and_diff_are_told_apart_from_a_trace() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let spawn =
+            Cli::try_parse_from(["leaktrace", "-i", "1", "--", "ls", "-l", "--", "x"]).unwrap();
+        assert_eq!(spawn.command, ["ls", "-l", "--", "x"]);
+        assert_eq!(spawn.pid, None);
+        let diff =
+            Cli::try_parse_from(["leaktrace", "diff", "a.json", "b.json", "-f", "json"]).unwrap();
+        let Some(Command::Diff(args)) = diff.subcommand else {
+            panic!("{diff:?}")
+        };
+        assert_eq!(
+            (args.old, args.new, args.format),
+            ("a.json".into(), "b.json".into(), DiffFormat::Json)
+        );
+        // A command named diff runs after `--`.
+        let cmd = Cli::try_parse_from(["leaktrace", "--", "diff", "a", "b"]).unwrap();
+        assert!(cmd.subcommand.is_none());
+        assert_eq!(cmd.command, ["diff", "a", "b"]);
+        for bad in [
+            &["leaktrace", "-p", "1", "--", "ls"][..],
+            &["leaktrace", "-p", "1", "diff", "a", "b"],
+            &["leaktrace", "diff", "a"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

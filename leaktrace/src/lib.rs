@@ -2,6 +2,7 @@
 //! (`cargo xtask bench`) drive the heap model, decoding and rendering directly.
 
 pub mod cli;
+pub mod diff;
 pub mod elf_symbols;
 pub mod event;
 pub mod heap;

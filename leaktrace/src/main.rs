@@ -1,12 +1,12 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-use std::{process::ExitCode, time::Duration};
+use std::{io, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::Cli,
+    cli::{Cli, Command, DiffArgs},
     output::{Destination, Output},
     probes, render,
     reporter::Reporter,
@@ -21,7 +21,11 @@ const EXIT_LEAK: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    let result = match &cli.subcommand {
+        Some(Command::Diff(args)) => diff(args).map(|()| false),
+        None => run(&cli),
+    };
+    match result {
         Ok(leak) if leak && cli.fail_on_leak => ExitCode::from(EXIT_LEAK),
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
@@ -32,11 +36,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// `leaktrace diff OLD NEW`.
+fn diff(args: &DiffArgs) -> anyhow::Result<()> {
+    let old = leaktrace::diff::Side::load(&args.old)?;
+    let new = leaktrace::diff::Side::load(&args.new)?;
+    let out = leaktrace::diff::render(&old, &new, args.format, args.top);
+    match io::Write::write_all(&mut io::stdout(), out.as_bytes()) {
+        // A reader that went away (`| head`) is not an error.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the diff"),
+    }
+}
+
 /// Traces; returns whether the final report holds a leak.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let sizes = cli.sizes()?;
     target::check_privileges()?;
-    let target = Target::open(cli.pid)?;
+    let Some(pid) = cli.pid else {
+        anyhow::bail!("spawn mode (`leaktrace -- CMD`) is not implemented yet");
+    };
+    let target = Target::open(pid)?;
     let destination = Destination::new(
         cli.output.as_deref(),
         cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),

@@ -520,3 +520,105 @@ fn svg_flame_graph_names_the_leaking_function() {
     assert!(svg.contains("409,600 bytes"), "with its outstanding bytes");
     assert!(!svg.contains("temp_site"));
 }
+
+/// The report files in `dir`, oldest first (their names sort by time).
+fn report_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_directory_gets_a_report_per_interval_and_diff_shows_what_grew() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let reports = dir.path().join("reports/");
+    let pid = fixture.pid().to_string();
+    let trace = Leaktrace::start(&[
+        "-p",
+        &pid,
+        "--interval",
+        "0.2",
+        "--format",
+        "json",
+        "-o",
+        reports.to_str().unwrap(),
+        "--keep",
+        "2",
+    ]);
+    fixture.round();
+    // The second report written after round 1 (the first may have been taken as the round
+    // ended): 100 leaks.
+    let before_round_2 = report_files(&reports);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let first = loop {
+        let now = report_files(&reports);
+        if let Some(new) = now.iter().filter(|p| !before_round_2.contains(p)).nth(1) {
+            let copy = dir.path().join("first.json");
+            std::fs::copy(new, &copy).unwrap();
+            break copy;
+        }
+        assert!(std::time::Instant::now() < deadline, "no report file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    fixture.round();
+    // Let several more intervals pass: --keep 2 must prune them.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let kept = report_files(&reports);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for file in &kept {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(&format!("leaktrace-{pid}-2")), "{name}");
+        // One report per file.
+        assert_eq!(std::fs::read_to_string(file).unwrap().lines().count(), 1);
+    }
+    let last = kept.last().unwrap();
+    let final_report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last).unwrap()).unwrap();
+    assert_eq!(final_report["last"], true);
+
+    let diff = run_leaktrace(&[
+        "diff",
+        first.to_str().unwrap(),
+        last.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert_eq!(v["old"]["outstanding_bytes"], 409_600);
+    assert_eq!(v["new"]["outstanding_bytes"], 819_200);
+    let grown = v["stacks"].as_array().unwrap();
+    assert_eq!(grown.len(), 1, "{v}");
+    assert_eq!(grown[0]["frames"][0]["symbol"], "leak_site");
+    assert_eq!(grown[0]["delta_bytes"], 409_600);
+    assert_eq!(grown[0]["delta_allocations"], 100);
+    assert_eq!(grown[0]["old_bytes"], 409_600);
+    assert_eq!(grown[0]["new_bytes"], 819_200);
+
+    let text = run_leaktrace(&["diff", first.to_str().unwrap(), last.to_str().unwrap()]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("+400.0 KiB (+100 allocs)  400.0 KiB → 800.0 KiB"),
+        "{text}"
+    );
+    assert!(
+        text.contains("leak_site (") && text.contains("leaky.c:"),
+        "{text}"
+    );
+    fixture.finish();
+}
