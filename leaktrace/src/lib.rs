@@ -12,6 +12,7 @@ pub mod proc_maps;
 pub mod render;
 pub mod report;
 pub mod reporter;
+pub mod spawn;
 pub mod symbolize;
 pub mod target;
 pub mod trace;

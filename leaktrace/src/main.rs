@@ -10,7 +10,7 @@ use leaktrace::{
     output::{Destination, Output},
     probes, render,
     reporter::Reporter,
-    target,
+    spawn, target,
     target::Target,
     trace,
     trace::Stop,
@@ -52,10 +52,20 @@ fn diff(args: &DiffArgs) -> anyhow::Result<()> {
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let sizes = cli.sizes()?;
     target::check_privileges()?;
-    let Some(pid) = cli.pid else {
-        anyhow::bail!("spawn mode (`leaktrace -- CMD`) is not implemented yet");
+    // Spawn mode forks here, before any thread exists: the child waits before exec until the
+    // probes are attached.
+    let mut child = None;
+    let target = match cli.pid {
+        Some(pid) => Target::open(pid)?,
+        None => {
+            let program = spawn::find_program(&cli.command[0])?;
+            let libc = spawn::allocator_module(&program)?;
+            let forked = spawn::Child::fork(&program, &cli.command)?;
+            let target = spawn::target(forked.pid, &cli.command, &libc)?;
+            child = Some(forked);
+            target
+        }
     };
-    let target = Target::open(pid)?;
     let destination = Destination::new(
         cli.output.as_deref(),
         cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
@@ -73,6 +83,15 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     // at attach: a target that exits at once still gets its stacks symbolized.
     let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, style, out)
         .context("starting the reporter thread")?;
+    let watcher = match &mut child {
+        Some(child) => {
+            let watcher = spawn::MapsWatcher::start(child.pid, reporter.maps_updater())
+                .context("starting the maps watcher")?;
+            child.release()?;
+            Some(watcher)
+        }
+        None => None,
+    };
     eprintln!(
         "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
         target.pid,
@@ -98,6 +117,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         .build()
         .context("starting tokio")?;
     let ended = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
+    drop(watcher);
     reporter.finish().context("writing the report")?;
     match ended.stop {
         Stop::TargetExited => {
@@ -106,6 +126,19 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         Stop::Interrupted | Stop::Terminated | Stop::Duration | Stop::Count => {
             eprintln!("leaktrace: detached from pid {}", target.pid);
         }
+    }
+    if let Some(mut child) = child {
+        // The trace ended first (--duration, --count, a signal): the command runs on,
+        // untraced, and leaktrace waits for it; SIGTERM is passed on (Ctrl-C on a terminal
+        // already reached the whole process group).
+        if ended.stop == Stop::Terminated {
+            child.signal(libc::SIGTERM);
+        }
+        let status = child.wait()?;
+        eprintln!(
+            "leaktrace: `{}` exited with status {status}",
+            target.command
+        );
     }
     if ended.leak && cli.fail_on_leak {
         eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");

@@ -11,8 +11,14 @@ use crate::{
     symbolize::StackSymbolizer,
 };
 
+enum Message {
+    Snapshot(Snapshot),
+    /// A newer memory map of the target (spawn mode: read just after `exec`).
+    Maps(ProcMaps),
+}
+
 pub struct Reporter {
-    tx: mpsc::Sender<Snapshot>,
+    tx: mpsc::Sender<Message>,
     handle: thread::JoinHandle<io::Result<()>>,
 }
 
@@ -24,13 +30,20 @@ impl Reporter {
         style: Style,
         mut out: Output,
     ) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Snapshot>();
+        let (tx, rx) = mpsc::channel::<Message>();
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
                 let mut symbolizer = StackSymbolizer::new(target.pid, maps);
                 let mut rendered = Vec::new();
-                for snapshot in rx {
+                for message in rx {
+                    let snapshot = match message {
+                        Message::Snapshot(snapshot) => snapshot,
+                        Message::Maps(maps) => {
+                            symbolizer.set_maps(maps);
+                            continue;
+                        }
+                    };
                     if !out.wants(snapshot.last) {
                         continue;
                     }
@@ -64,7 +77,12 @@ impl Reporter {
     /// Queues a snapshot; never blocks the event path.
     pub fn send(&self, snapshot: Snapshot) {
         // The thread only ends early on a broken pipe; then there is nobody to report to.
-        let _ = self.tx.send(snapshot);
+        let _ = self.tx.send(Message::Snapshot(snapshot));
+    }
+
+    /// A handle that sends newer memory maps of the target from another thread.
+    pub fn maps_updater(&self) -> MapsUpdater {
+        MapsUpdater(self.tx.clone())
     }
 
     /// Waits until every queued report is written.
@@ -73,5 +91,14 @@ impl Reporter {
         self.handle
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the reporter thread panicked")))
+    }
+}
+
+/// Sends the reporter a newer memory map of the target; drop it before [`Reporter::finish`].
+pub struct MapsUpdater(mpsc::Sender<Message>);
+
+impl MapsUpdater {
+    pub fn update(&self, maps: ProcMaps) {
+        let _ = self.0.send(Message::Maps(maps));
     }
 }
