@@ -128,10 +128,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
     if let Some(mut child) = child {
-        // The trace ended first (--duration, --count, a signal): the command runs on,
-        // untraced, and leaktrace waits for it; SIGTERM is passed on (Ctrl-C on a terminal
-        // already reached the whole process group).
-        if ended.stop == Stop::Terminated {
+        // The trace ended first (--duration, --count, a signal): like `timeout`, the command
+        // is asked to stop, so that `leaktrace --duration 60 -- ./service` ends.
+        if ended.stop != Stop::TargetExited {
             child.signal(libc::SIGTERM);
         }
         let status = child.wait()?;

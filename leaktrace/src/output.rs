@@ -66,7 +66,13 @@ impl Output {
     /// Opens the destination now, so that a path that cannot be written fails before attach.
     pub fn open(destination: Destination, format: Format, pid: u32) -> anyhow::Result<Self> {
         let stream: Option<Box<dyn io::Write + Send>> = match &destination {
-            Destination::Stdout => Some(Box::new(io::stdout())),
+            Destination::Stdout => {
+                use std::io::IsTerminal as _;
+                if format == Format::Pprof && io::stdout().is_terminal() {
+                    bail!("a pprof profile is binary: write it to a file with -o FILE");
+                }
+                Some(Box::new(io::stdout()))
+            }
             Destination::File(path) => {
                 let file =
                     File::create(path).with_context(|| format!("creating {}", path.display()))?;

@@ -158,12 +158,15 @@ mod tests {
                 growth_bytes_per_s: 409.6,
                 oldest_age_s: 9.5,
                 kind: Kind::Leak,
-                allocated: Allocated::default(),
+                allocated: Allocated {
+                    bytes: 8192,
+                    count: 2,
+                },
                 addresses: Box::new([0x401136]),
                 truncated: false,
             }],
-            rss_bytes: None,
-            rss_growth_bytes_per_s: None,
+            rss_bytes: Some(1 << 20),
+            rss_growth_bytes_per_s: Some(1024.0004),
             last: true,
         };
         let frames = vec![vec![Frame {
@@ -210,6 +213,11 @@ mod tests {
         assert_eq!(stack["growth_bytes_per_s"], 409.6);
         assert_eq!(stack["oldest_age_s"], 9.5);
         assert_eq!(stack["kind"], "leak");
+        // Added fields.
+        assert_eq!(stack["allocated_bytes"], 8192);
+        assert_eq!(stack["allocations"], 2);
+        assert_eq!(v["rss_bytes"], 1 << 20);
+        assert_eq!(v["rss_growth_bytes_per_s"], 1024.0);
         assert_eq!(
             stack["frames"][0],
             serde_json::json!({"address": "0x401136", "symbol": "cache_insert", "offset": 42,
