@@ -17,7 +17,8 @@ use crate::{diff::DiffFormat, render::Format, report::SortKey};
     args_override_self = true,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json"
+    override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json",
+    after_help = "Exit status: 0 when the trace ran, 1 on an error, 3 with --fail-on-leak when a stack of the final report is a leak."
 )]
 pub struct Cli {
     #[command(subcommand)]
