@@ -69,6 +69,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub min_age: Option<f64>,
 
+    /// List the stacks that hold mappings of files too. They are never added to the heap
+    /// numbers; without this flag, only their total is shown.
+    #[arg(long)]
+    pub file_mappings: bool,
+
     /// Stacks shown per report, biggest first [default: 10; every stack for folded, pprof
     /// and svg].
     #[arg(long, value_name = "N")]

@@ -6,6 +6,7 @@ pub mod diff;
 pub mod elf_symbols;
 pub mod event;
 pub mod heap;
+pub mod mappings;
 pub mod output;
 pub mod probes;
 pub mod proc_maps;

@@ -111,6 +111,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         sort: cli.sort,
         count: cli.count,
         with_freed: cli.format == render::Format::Pprof,
+        file_mappings: cli.file_mappings,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

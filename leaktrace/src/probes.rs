@@ -12,18 +12,22 @@ use leaktrace_common::stat;
 
 use crate::target::Target;
 
-/// Which program runs at which entry point. `alloc_return` runs at the return of every
-/// allocating one.
-const ENTRY_PROGRAMS: [(&str, &str); 9] = [
+/// Which program runs at which entry point. `alloc_return` runs at the return of every one.
+/// Attached in this order: calls that release memory before those that only allocate, so that
+/// a call made while attaching can leave a release unmatched, never a block falsely outstanding.
+const ENTRY_PROGRAMS: [(&str, &str); 12] = [
+    ("munmap", "munmap_entry"),
+    ("mremap", "mremap_entry"),
+    ("realloc", "realloc_entry"),
+    ("reallocarray", "reallocarray_entry"),
     ("malloc", "malloc_entry"),
     ("valloc", "malloc_entry"),
     ("pvalloc", "malloc_entry"),
     ("calloc", "calloc_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
     ("posix_memalign", "posix_memalign_entry"),
     ("aligned_alloc", "aligned_alloc_entry"),
     ("memalign", "aligned_alloc_entry"),
+    ("mmap", "mmap_entry"),
 ];
 
 /// Programs attached to one process. Dropping it detaches every probe.

@@ -56,6 +56,7 @@ pub struct Settings {
     pub count: Option<u64>,
     /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
     pub with_freed: bool,
+    pub file_mappings: bool,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -104,6 +105,7 @@ pub async fn run(
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
             sizes: settings.sizes.clone(),
+            file_mappings: settings.file_mappings,
             top: settings.top,
             sort: settings.sort,
             with_freed: settings.with_freed,

@@ -36,6 +36,11 @@ struct JsonTotals {
     frees: u64,
     lost_events: u64,
     unmatched_frees: u64,
+    /// Of `outstanding_bytes`, the part in anonymous mappings.
+    mapped_bytes: u64,
+    /// Mappings of files: outstanding, but not in `outstanding_bytes`.
+    file_mapped_bytes: u64,
+    file_mappings: u64,
 }
 
 #[derive(Serialize)]
@@ -48,6 +53,8 @@ struct JsonStack<'a> {
     /// Everything this stack allocated since attach, freed or not.
     allocated_bytes: u64,
     allocations: u64,
+    /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`.
+    origin: &'static str,
     truncated: bool,
     frames: Vec<JsonFrame<'a>>,
 }
@@ -100,6 +107,9 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             frees: t.frees,
             lost_events: t.lost_events,
             unmatched_frees: t.unmatched_frees,
+            mapped_bytes: t.mapped_bytes,
+            file_mapped_bytes: t.file_mapped_bytes,
+            file_mappings: t.file_mappings,
         },
         stack_count: snapshot.stack_count,
         stacks: snapshot
@@ -114,6 +124,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 kind: stack.kind.as_str(),
                 allocated_bytes: stack.allocated.bytes,
                 allocations: stack.allocated.count,
+                origin: stack.origin.as_str(),
                 truncated: stack.truncated,
                 frames: frames.iter().map(JsonFrame::from).collect(),
             })
@@ -132,7 +143,7 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
-        heap::Allocated,
+        heap::{Allocated, Origin},
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -150,6 +161,9 @@ mod tests {
                 frees: 2,
                 lost_events: 5,
                 unmatched_frees: 1,
+                mapped_bytes: 0,
+                file_mapped_bytes: 8192,
+                file_mappings: 1,
             },
             stack_count: 1,
             stacks: vec![StackSummary {
@@ -164,6 +178,7 @@ mod tests {
                 },
                 addresses: Box::new([0x401136]),
                 truncated: false,
+                origin: Origin::Heap,
             }],
             rss_bytes: Some(1 << 20),
             rss_growth_bytes_per_s: Some(1024.0004),
@@ -205,7 +220,8 @@ mod tests {
         assert_eq!(
             v["totals"],
             serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,
-                               "frees": 2, "lost_events": 5, "unmatched_frees": 1})
+                               "frees": 2, "lost_events": 5, "unmatched_frees": 1, "mapped_bytes": 0,
+                               "file_mapped_bytes": 8192, "file_mappings": 1})
         );
         let stack = &v["stacks"][0];
         assert_eq!(stack["outstanding_bytes"], 4096);
@@ -218,6 +234,7 @@ mod tests {
         assert_eq!(stack["allocations"], 2);
         assert_eq!(v["rss_bytes"], 1 << 20);
         assert_eq!(v["rss_growth_bytes_per_s"], 1024.0);
+        assert_eq!(stack["origin"], "malloc");
         assert_eq!(
             stack["frames"][0],
             serde_json::json!({"address": "0x401136", "symbol": "cache_insert", "offset": 42,

@@ -115,7 +115,7 @@ impl Format {
 pub(crate) mod tests {
     use super::*;
     use crate::{
-        heap::Allocated,
+        heap::{Allocated, Origin},
         report::{Kind, StackSummary, Totals},
     };
 
@@ -157,6 +157,7 @@ pub(crate) mod tests {
                     allocated: Allocated { bytes: b, count: 1 },
                     addresses: Box::new([]),
                     truncated: false,
+                    origin: Origin::Heap,
                 })
                 .collect(),
             rss_bytes: None,

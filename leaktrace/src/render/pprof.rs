@@ -263,7 +263,7 @@ pub fn profile(report: &Report<'_>) -> Profile {
             .map(|frames| b.location(frames))
             .collect();
         let mut label = Vec::new();
-        if stack.outstanding_allocations > 0 {
+        if stack.outstanding_bytes > 0 || stack.outstanding_allocations > 0 {
             label.push(Label {
                 key: kind_key,
                 str: b.string(stack.kind.as_str()),

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Report, Style};
-use crate::{report::Kind, symbolize::Frame};
+use crate::{heap::Origin, report::Kind, symbolize::Frame};
 
 /// Frames shown per stack; the rest are counted.
 const MAX_FRAMES: usize = 12;
@@ -42,6 +42,27 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             t.unmatched_frees,
         ))
     );
+    if t.mapped_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "{}",
+            fit(format!(
+                "of which {} in mmap'd memory",
+                bytes(t.mapped_bytes)
+            ))
+        );
+    }
+    if t.file_mapped_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "{}",
+            fit(format!(
+                "not counted above: {} in {} mappings of files (--file-mappings lists them)",
+                bytes(t.file_mapped_bytes),
+                t.file_mappings
+            ))
+        );
+    }
     if t.lost_events > 0 {
         let _ = writeln!(
             out,
@@ -56,7 +77,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         let _ = writeln!(out, "no outstanding allocations since attach");
     }
     for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
-        if stack.outstanding_allocations == 0 {
+        // Listed for pprof's totals only: holds nothing now.
+        if stack.outstanding_bytes == 0 && stack.outstanding_allocations == 0 {
             continue;
         }
         let head = format!(
@@ -68,8 +90,13 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             stack.oldest_age_s,
         );
         let kind = format!(
-            "{}{}",
+            "{}{}{}",
             stack.kind.as_str(),
+            match stack.origin {
+                Origin::Heap => "",
+                Origin::Mapping => "  [mmap]",
+                Origin::FileMapping => "  [file mmap]",
+            },
             if stack.truncated {
                 "  (stack truncated)"
             } else {
@@ -218,7 +245,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
-        heap::Allocated,
+        heap::{Allocated, Origin},
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -255,6 +282,7 @@ mod tests {
                 allocated: Allocated::default(),
                 addresses: Box::new([1, 2]),
                 truncated: true,
+                origin: Origin::Heap,
             }],
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
