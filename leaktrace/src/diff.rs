@@ -74,7 +74,11 @@ impl Side {
         let mut out: HashMap<Vec<String>, (u64, u64, Value, String)> = HashMap::new();
         for stack in self.report["stacks"].as_array().into_iter().flatten() {
             let frames = &stack["frames"];
-            let key = stack_key(frames);
+            // The same code path can hold heap blocks and mappings: apart.
+            let mut key = stack_key(frames);
+            if let Some(origin) = stack["origin"].as_str().filter(|&o| o != "malloc") {
+                key.push(format!("[{origin}]"));
+            }
             let b = stack["outstanding_bytes"].as_u64().unwrap_or(0);
             let n = stack["outstanding_allocations"].as_u64().unwrap_or(0);
             let kind = stack["kind"].as_str().unwrap_or("").to_owned();
@@ -329,6 +333,22 @@ mod tests {
         assert!(text.contains("leak (a.c:3)"), "{text}");
         assert!(!text.contains("fresh"), "--top 1: {text}");
         assert!(text.contains("2 stacks shrank or were freed"), "{text}");
+
+        // The same frames holding an anonymous mapping are another stack.
+        let mut mapped = stack(4096, 1, &["leak", "main"], "0x91");
+        mapped["origin"] = "mmap".into();
+        let newer = side(
+            "c",
+            serde_json::json!([stack(1100, 11, &["leak", "main"], "0x91"), mapped]),
+        );
+        let v: Value = serde_json::from_str(&render(&new, &newer, DiffFormat::Json, 10)).unwrap();
+        let grown: Vec<i64> = v["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["delta_bytes"].as_i64().unwrap())
+            .collect();
+        assert_eq!(grown, [4096]);
     }
 
     #[test]

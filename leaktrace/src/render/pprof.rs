@@ -1,6 +1,8 @@
 //! `--format pprof`: a gzipped `profile.proto` (github.com/google/pprof, proto/profile.proto)
 //! with four sample types per stack: inuse_space/bytes and inuse_objects/count (outstanding
-//! now), alloc_space/bytes and alloc_objects/count (everything allocated since attach).
+//! now), alloc_space/bytes and alloc_objects/count (everything allocated since attach), and
+//! labels: `origin` (malloc, mmap, mmap_file), `kind` and `growth_bytes_per_s` of the stacks
+//! that hold memory.
 //! `go tool pprof`, Pyroscope and Speedscope read it.
 //!
 //! The messages are written by hand with prost's derive (field numbers from profile.proto), so
@@ -255,6 +257,7 @@ pub fn profile(report: &Report<'_>) -> Profile {
     );
     b.profile.comment = vec![b.string(&comment)];
     let kind_key = b.string("kind");
+    let origin_key = b.string("origin");
     let growth_key = b.string("growth_bytes_per_s");
     for (stack, frames) in snapshot.stacks.iter().zip(report.frames) {
         // Frames of one return address are adjacent: inlined ones first, then their caller.
@@ -262,7 +265,11 @@ pub fn profile(report: &Report<'_>) -> Profile {
             .chunk_by(|a, b| a.address == b.address)
             .map(|frames| b.location(frames))
             .collect();
-        let mut label = Vec::new();
+        let mut label = vec![Label {
+            key: origin_key,
+            str: b.string(stack.origin.as_str()),
+            ..Label::default()
+        }];
         if stack.outstanding_bytes > 0 || stack.outstanding_allocations > 0 {
             label.push(Label {
                 key: kind_key,
@@ -335,6 +342,25 @@ mod tests {
         assert_eq!(p.sample[0].location_id, [1, 2]);
         assert_eq!(p.sample[1].location_id, [3, 2]);
         assert_eq!(p.sample[0].value, [100, 1, 100, 1]);
+        let labels: Vec<(&str, &str, i64)> = p.sample[0]
+            .label
+            .iter()
+            .map(|l| {
+                (
+                    p.string_table[l.key as usize].as_str(),
+                    p.string_table[l.str as usize].as_str(),
+                    l.num,
+                )
+            })
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("origin", "malloc", 0),
+                ("kind", "stable", 0),
+                ("growth_bytes_per_s", "", 0)
+            ]
+        );
         let name = |id: u64| &p.string_table[p.function[id as usize - 1].name as usize];
         let lines: Vec<_> = p.location[0]
             .line
