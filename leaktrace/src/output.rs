@@ -127,7 +127,8 @@ impl Output {
                 Ok(())
             }
             Destination::File(path) => replace(path, report),
-            Destination::Stdout => unreachable!("stdout is a stream"),
+            // Opened as a stream above.
+            Destination::Stdout => Err(io::Error::other("stdout is not open")),
         }
     }
 }

@@ -171,6 +171,13 @@ pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
 /// would be resolved here.
 pub fn allocator_module(program: &Path) -> anyhow::Result<PathBuf> {
     let data = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    if data.starts_with(b"#!") {
+        bail!(
+            "{} is a script: leaktrace traces the process it starts, not that process's children; \
+             run the program itself (`leaktrace -- PROGRAM ARGS`) or attach with -p",
+            program.display()
+        );
+    }
     let interpreter = interpreter(&data)
         .with_context(|| format!("{} is not an ELF executable", program.display()))?
         .with_context(|| {
@@ -337,6 +344,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("script");
         std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let err = allocator_module(&script).unwrap_err().to_string();
+        assert!(err.contains("is a script"), "{err}");
+        std::fs::write(&script, "text").unwrap();
         let err = allocator_module(&script).unwrap_err().to_string();
         assert!(err.contains("is not an ELF executable"), "{err}");
     }
