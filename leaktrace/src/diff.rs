@@ -254,7 +254,17 @@ fn text(d: &Diff<'_>) -> String {
         }
     }
     if d.shrunk_stacks > 0 {
-        let _ = writeln!(out, "{} stacks shrank or were freed", d.shrunk_stacks);
+        let _ = writeln!(
+            out,
+            "{} {} shrank or {} freed",
+            d.shrunk_stacks,
+            if d.shrunk_stacks == 1 {
+                "stack"
+            } else {
+                "stacks"
+            },
+            if d.shrunk_stacks == 1 { "was" } else { "were" }
+        );
     }
     if d.partial {
         let _ = writeln!(

@@ -190,6 +190,13 @@ impl Trends {
         );
         // Within 1% over the last samples: a plateau, whatever came before it.
         let flat = recent.len() >= MIN_LEAK_SAMPLES && (high - low) as f64 <= 0.01 * high as f64;
+        // A full cache jitters (an entry evicted and not yet replaced, or younger than
+        // --min-age): within 5%, and no higher than the peak it reached before the last
+        // samples, it holds, while a leak makes a new high every few samples.
+        let earlier_peak = bytes[..bytes.len() - recent.len()].iter().max().copied();
+        let below_peak = recent.len() >= MIN_LEAK_SAMPLES
+            && (high - low) as f64 <= 0.05 * high as f64
+            && earlier_peak.is_some_and(|peak| high as f64 <= 1.01 * peak as f64);
         let never_fell = bytes.windows(2).all(|w| w[1] >= w[0]);
         let still_rising = recent.windows(2).all(|w| w[1] > w[0]);
         // Old allocations never reclaimed: one made before the window's second sample is
@@ -199,7 +206,7 @@ impl Trends {
             .is_some_and(|&(t, _)| oldest_age_s >= self.latest_s - t);
         let kind = if bytes.len() > MIN_LEAK_SAMPLES && never_fell && still_rising && holds_old {
             Kind::Leak
-        } else if flat {
+        } else if flat || below_peak {
             Kind::Stable
         } else if last > first {
             Kind::Growing
@@ -497,6 +504,36 @@ mod tests {
         let cache = &snap.stacks[1];
         assert_eq!(cache.kind, Kind::Stable);
         assert_eq!(cache.growth_bytes_per_s, 0.0);
+    }
+
+    /// The kind of a stack whose outstanding bytes were `series`, one sample a second.
+    fn kind_of(series: &[u64]) -> Kind {
+        let mut trends = Trends::new(10, 0.0);
+        for (i, &bytes) in series.iter().enumerate() {
+            let usage = [StackUsage {
+                stack: StackId(0),
+                outstanding_bytes: bytes,
+                outstanding_allocations: 1,
+                oldest_ts_ns: 0,
+            }];
+            trends.observe(i as f64 + 1.0, if bytes == 0 { &[] } else { &usage });
+        }
+        trends.classify(StackId(0), series.len() as f64).1
+    }
+
+    #[test]
+    fn a_full_cache_that_jitters_below_its_peak_is_stable_a_leak_is_not() {
+        // Filled to 250, then an entry or three missing at times.
+        assert_eq!(kind_of(&[100, 250, 248, 247, 247, 250]), Kind::Stable);
+        assert_eq!(kind_of(&[100, 250, 240, 245, 250, 238]), Kind::Stable);
+        // Above its old peak by more than 1%: growing again.
+        assert_eq!(kind_of(&[100, 250, 248, 250, 255, 255]), Kind::Growing);
+        // A leak that paused for a sample makes a new high: not stable.
+        assert_eq!(kind_of(&[100, 110, 120, 130, 130, 133]), Kind::Growing);
+        // Strictly rising with old blocks kept: a leak.
+        assert_eq!(kind_of(&[100, 110, 120, 130, 140]), Kind::Leak);
+        // Jitter wider than 5%: not called stable.
+        assert_eq!(kind_of(&[100, 250, 250, 200, 250, 230]), Kind::Growing);
     }
 
     #[test]
