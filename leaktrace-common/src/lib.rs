@@ -4,8 +4,14 @@
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
 
-/// Frames captured per allocation. 127 is the kernel's default `perf_event_max_stack`.
+/// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, past
+/// which `bpf_get_stack` returns no more.
 pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Frames kept per stack unless `--max-depth` says otherwise: all the kernel gives. A frame
+/// pointer walk costs per frame that exists, so a lower limit saves nothing on ordinary stacks,
+/// while a stack cut short can hide the caller that tells two leaks apart.
+pub const DEFAULT_STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
 /// `RingEvent::kind` of an [`AllocEvent`].
 pub const EVENT_ALLOC: u32 = 1;
@@ -64,9 +70,11 @@ pub struct AllocEvent {
     pub old_addr: u64,
     /// mremap's old length; 0 for other calls.
     pub old_size_bytes: u64,
-    /// Bytes of `frames` that hold return addresses; 0 when the stack could not be read.
+    /// Bytes of `frames` that hold return addresses (at most 8 x the depth limit); 0 when the
+    /// stack could not be read.
     pub stack_bytes: u32,
-    /// Non-zero when `frames` was full, so the stack may be cut short.
+    /// Non-zero when the stack had more frames than the depth limit (`--max-depth`) kept; at
+    /// the limit of [`MAX_STACK_DEPTH`] frames, when it may have had more.
     pub stack_truncated: u32,
     /// User return addresses, innermost first: `frames[0]` is in the allocator's caller.
     pub frames: [u64; MAX_STACK_DEPTH],

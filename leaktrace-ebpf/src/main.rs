@@ -35,6 +35,11 @@ static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+/// Frames kept per stack (`--max-depth`), 1..=[`MAX_STACK_DEPTH`]; user space sets it before
+/// loading. Read through `read_volatile`: otherwise the compiler folds in this initial value.
+#[unsafe(no_mangle)]
+static STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
+
 /// Unread bytes in the ring buffer past which a submit wakes user space up. Below it, user
 /// space drains on its own short timer: a wakeup per event would cost more than the event.
 const WAKEUP_BYTES: u64 = 256 << 10;
@@ -270,6 +275,15 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
 
+    // One frame more than kept, when the buffer has room for it, tells a stack of exactly
+    // `depth` frames from a longer one. The bounds keep the size provably within the buffer
+    // for the verifier.
+    // SAFETY: a plain read of a global that user space sets before load.
+    let depth = unsafe { core::ptr::read_volatile(&raw const STACK_DEPTH) }
+        .clamp(1, MAX_STACK_DEPTH as u32);
+    let keep_bytes = depth * 8;
+    let capture_bytes = (depth + 1).min(MAX_STACK_DEPTH as u32) * 8;
+
     let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
@@ -286,11 +300,10 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
         (*event).old_addr = released;
         (*event).old_size_bytes = old_size_bytes;
-        let frames_bytes = (MAX_STACK_DEPTH * 8) as u32;
         let got = bpf_get_stack(
             ctx.as_ptr(),
             (*event).frames.as_mut_ptr().cast(),
-            frames_bytes,
+            capture_bytes,
             BPF_F_USER_STACK as u64,
         );
         if got < 0 {
@@ -298,8 +311,12 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             (*event).stack_bytes = 0;
             (*event).stack_truncated = 0;
         } else {
-            (*event).stack_bytes = got as u32;
-            (*event).stack_truncated = u32::from(got as u32 >= frames_bytes);
+            // At the full depth nothing tells whether more frames existed: "truncated" then
+            // means "may be".
+            let got = got as u32;
+            (*event).stack_bytes = got.min(keep_bytes);
+            (*event).stack_truncated =
+                u32::from(got > keep_bytes || (got == keep_bytes && keep_bytes == capture_bytes));
         }
     }
     entry.submit(wakeup_flags());

@@ -97,6 +97,11 @@ pub struct Cli {
     #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
     pub window: u16,
 
+    /// Frames kept per stack, innermost first (1 to 127, the kernel's limit); a deeper stack is
+    /// cut and marked truncated.
+    #[arg(long, value_name = "N", default_value_t = leaktrace_common::DEFAULT_STACK_DEPTH, value_parser = clap::value_parser!(u32).range(1..=leaktrace_common::MAX_STACK_DEPTH as i64))]
+    pub max_depth: u32,
+
     /// Size of the BPF ring buffer that carries events (a power of two, in bytes).
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_RINGBUF_BYTES, value_parser = ringbuf_bytes)]
     pub ringbuf_bytes: u32,
@@ -282,6 +287,16 @@ mod tests {
     }
 
     #[test]
+    fn max_depth_defaults_to_the_kernel_limit() {
+        let cli = Cli::try_parse_from(["leaktrace", "-p", "1"]).unwrap();
+        assert_eq!(cli.max_depth, 127);
+        for n in ["1", "127"] {
+            let cli = Cli::try_parse_from(["leaktrace", "-p", "1", "--max-depth", n]).unwrap();
+            assert_eq!(cli.max_depth.to_string(), n);
+        }
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             &["leaktrace"][..],
@@ -292,6 +307,8 @@ mod tests {
             &["leaktrace", "-p", "1", "--window", "1"],
             &["leaktrace", "-p", "1", "--count", "0"],
             &["leaktrace", "-p", "1", "--sort", "age"],
+            &["leaktrace", "-p", "1", "--max-depth", "0"],
+            &["leaktrace", "-p", "1", "--max-depth", "128"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -62,12 +62,15 @@ pub struct Stacks {
 }
 
 impl Stacks {
-    /// Truncation is not part of the identity: a stack is truncated exactly when its capture
-    /// filled the whole buffer, so equal frames have equal truncation. The origin is: an
-    /// mremap call site can move both anonymous and file mappings.
+    /// Truncation is not part of the identity: the kept frames are what tells stacks apart.
+    /// The same frames may come once cut from a deeper stack and once whole (the unwinder can
+    /// stop early, at code without frame pointers); then the stack shows as truncated, since
+    /// some of its allocations came from deeper. The origin is part of it: an mremap call site
+    /// can move both anonymous and file mappings.
     pub fn intern(&mut self, frames: &[u64], truncated: bool, origin: Origin) -> StackId {
         let ids = &mut self.ids[origin as usize];
         if let Some(&id) = ids.get(frames) {
+            self.stacks[id.0 as usize].truncated |= truncated;
             return id;
         }
         let id =
@@ -477,6 +480,18 @@ mod tests {
         );
         assert!(stacks.get(d).truncated);
         assert_eq!(&*stacks.get(b).frames, &[1, 2, 4]);
+    }
+
+    #[test]
+    fn the_same_frames_once_cut_short_show_as_truncated() {
+        let mut stacks = Stacks::default();
+        let a = stacks.intern(&[1, 2], false, Origin::Heap);
+        assert!(!stacks.get(a).truncated);
+        assert_eq!(stacks.intern(&[1, 2], true, Origin::Heap), a);
+        assert!(stacks.get(a).truncated);
+        // A later whole capture does not undo it.
+        assert_eq!(stacks.intern(&[1, 2], false, Origin::Heap), a);
+        assert!(stacks.get(a).truncated);
     }
 
     fn map(

@@ -72,7 +72,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     )?;
     let style = render::Style::for_destination(&destination);
     let out = Output::open(destination, cli.format, target.pid)?;
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {
         pid: target.pid,
@@ -92,14 +92,6 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
         None => None,
     };
-    eprintln!(
-        "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
-        target.pid,
-        target.command,
-        target.allocator.module,
-        probes.attached(),
-        cli.interval
-    );
     let settings = trace::Settings {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
@@ -112,6 +104,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         count: cli.count,
         with_freed: cli.format == render::Format::Pprof,
         file_mappings: cli.file_mappings,
+        ready_message: format!(
+            "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
+            target.pid,
+            target.command,
+            target.allocator.module,
+            probes.attached(),
+            cli.interval
+        ),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -66,7 +66,9 @@ impl Stats {
     }
 }
 
-pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
+/// Loads the BPF programs with a ring buffer of `ringbuf_bytes` that keep at most `max_depth`
+/// frames per stack (1..=[`leaktrace_common::MAX_STACK_DEPTH`]).
+pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
     let unlimited = libc::rlimit {
@@ -78,6 +80,7 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ringbuf_bytes)
+        .override_global("STACK_DEPTH", &max_depth, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/leaktrace"

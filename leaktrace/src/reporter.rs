@@ -48,11 +48,9 @@ impl Reporter {
                         continue;
                     }
                     symbolizer.refresh_maps();
-                    let frames: Vec<_> = snapshot
-                        .stacks
-                        .iter()
-                        .map(|s| symbolizer.symbolize(&s.addresses))
-                        .collect();
+                    let stacks: Vec<&[u64]> =
+                        snapshot.stacks.iter().map(|s| &*s.addresses).collect();
+                    let frames = symbolizer.symbolize_stacks(&stacks);
                     rendered.clear();
                     format.render(
                         &Report {

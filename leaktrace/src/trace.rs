@@ -57,6 +57,9 @@ pub struct Settings {
     /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
     pub with_freed: bool,
     pub file_mappings: bool,
+    /// Printed to stderr once tracing runs and Ctrl-C is handled: a signal that follows it
+    /// ends the trace with a final report instead of killing leaktrace.
+    pub ready_message: String,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -82,6 +85,7 @@ pub async fn run(
             .context("polling the target's pidfd")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    eprintln!("{}", settings.ready_message);
     let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));

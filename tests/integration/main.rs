@@ -2,6 +2,7 @@
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
 mod protobuf;
+mod stacks;
 mod support;
 
 use support::{

@@ -69,10 +69,22 @@ pub struct Fixture {
     lines: mpsc::Receiver<String>,
 }
 
+impl Binary {
+    /// A binary that a test built itself into `dir`, which is removed with it.
+    pub fn new(dir: tempfile::TempDir, path: PathBuf) -> Self {
+        Self { _dir: dir, path }
+    }
+}
+
 impl Fixture {
     pub fn start(binary: &Binary, args: &[&str]) -> Self {
-        let mut child = Command::new(&binary.path)
-            .args(args)
+        Self::spawn(Command::new(&binary.path).args(args))
+    }
+
+    /// Starts a fixture through a command of the test's own (a wrapper such as `unshare`
+    /// that ends up exec'ing the fixture in the same process).
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -1,5 +1,7 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
+mod bench_symbolize;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -29,11 +31,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Time symbolizing and rendering a report of 10,000+ distinct stacks (needs root).
+    BenchSymbolize {
+        /// Distinct stacks in the report (default 12000).
+        #[arg(long)]
+        stacks: Option<u64>,
+    },
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
-/// bpf-linker, and gcc for the test fixtures.
-const PACKAGES: [&str; 7] = [
+/// bpf-linker, and gcc and g++ for the test fixtures.
+const PACKAGES: [&str; 8] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -41,6 +49,7 @@ const PACKAGES: [&str; 7] = [
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "g++",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER: &str = "0.13.0";
@@ -50,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
     }
 }
 

@@ -90,18 +90,13 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             stack.oldest_age_s,
         );
         let kind = format!(
-            "{}{}{}",
+            "{}{}",
             stack.kind.as_str(),
             match stack.origin {
                 Origin::Heap => "",
                 Origin::Mapping => "  [mmap]",
                 Origin::FileMapping => "  [file mmap]",
             },
-            if stack.truncated {
-                "  (stack truncated)"
-            } else {
-                ""
-            }
         );
         let line = fit(format!("{head}{kind}"));
         let _ = match line.strip_prefix(&head) {
@@ -114,6 +109,18 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         }
         if frames.len() > MAX_FRAMES {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - MAX_FRAMES);
+        }
+        if stack.truncated {
+            // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
+            let _ = writeln!(
+                out,
+                "{}",
+                fit(format!(
+                    "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
+                    stack.addresses.len(),
+                    if stack.addresses.len() == 1 { "" } else { "s" }
+                ))
+            );
         }
     }
     if s.stack_count > s.stacks.len() {
@@ -204,6 +211,8 @@ fn frame_parts(frame: &Frame) -> (String, String) {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
     let mut name = match (&frame.symbol, module) {
+        // Inlined code has no call of its own, so no offset into it.
+        (Some(symbol), _) if frame.inlined => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
         (None, Some(module)) => format!("{module}+{:#x}", frame.module_offset),
         (None, None) => format!("{:#x}", frame.address),
@@ -291,6 +300,16 @@ mod tests {
         let frames = vec![vec![
             Frame {
                 address: 1,
+                symbol: Some("inlined_helper".into()),
+                offset: 0,
+                module: Some("/tmp/leaky".into()),
+                module_offset: 0x1150,
+                file: Some("leaky.c".into()),
+                line: Some(11),
+                inlined: true,
+            },
+            Frame {
+                address: 1,
                 symbol: Some("leak_site".into()),
                 offset: 0x1a,
                 module: Some("/tmp/leaky".into()),
@@ -328,8 +347,18 @@ mod tests {
         assert!(out.contains("pid 7 (./leaky)"), "{out}");
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
-        assert!(out.contains("leak  (stack truncated)"), "{out}");
-        assert!(out.contains("leak_site+0x1a (leaky.c:12)"), "{out}");
+        assert!(
+            out.contains(
+                "libfoo.so+0x99\n       … (truncated at 2 frames: outer callers not captured, see --max-depth)\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "       inlined_helper [inlined] (leaky.c:11)\n       leak_site+0x1a (leaky.c:12)\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");
         assert!(!out.contains('\x1b'), "plain without a terminal");
@@ -355,10 +384,7 @@ mod tests {
             &mut out,
         );
         assert!(out.contains("RSS 3.0 MiB (-2.0 KiB/s)"), "{out}");
-        assert!(
-            out.contains("\x1b[1;31mleak  (stack truncated)\x1b[0m"),
-            "{out}"
-        );
+        assert!(out.contains("\x1b[1;31mleak\x1b[0m\n"), "{out}");
         assert!(
             out.contains("leak_site+0x1a\x1b[2m (leaky.c:12)\x1b[0m"),
             "{out}"
