@@ -766,19 +766,26 @@ fn load_test(leak_bytes: &str, secs: f64) -> (std::process::ExitStatus, serde_js
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The load starts once the probes are attached (which takes seconds on a busy machine).
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen
+        .lines()
+        .any(|l| l.starts_with("leaktrace: tracing pid"))
+    {
+        let n = std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap();
+        assert!(n > 0, "leaktrace did not attach: {seen}");
+    }
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
     std::thread::sleep(std::time::Duration::from_secs_f64(secs));
     drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
     let text = std::fs::read_to_string(&file).unwrap();
     let report = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("exited with status 0"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, report)
+    assert!(seen.contains("exited with status 0"), "{seen}");
+    (status, report)
 }
 
 #[test]

@@ -15,21 +15,20 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     let paint = Paint(style.color);
     let fit = |line: String| cut(&line, style.width);
     let when = if s.last { "final report" } else { "report" };
+    // The target's RSS and its trend next to the heap's numbers, in the header line.
+    let rss = match (s.rss_bytes, s.rss_growth_bytes_per_s) {
+        (Some(rss), Some(rate)) => format!(" · RSS {} ({}/s)", bytes(rss), signed_bytes(rate)),
+        (Some(rss), None) => format!(" · RSS {}", bytes(rss)),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
         "{}",
         paint.bold(&fit(format!(
-            "── leaktrace {when} · pid {} ({}) · {:.1}s ──",
+            "── leaktrace {when} · pid {} ({}) · {:.1}s{rss} ──",
             s.pid, report.target.command, s.elapsed_s
         )))
     );
-    if let Some(rss) = s.rss_bytes {
-        let trend = match s.rss_growth_bytes_per_s {
-            Some(rate) => format!("{}/s", signed_bytes(rate)),
-            None => "trend after the next report".to_owned(),
-        };
-        let _ = writeln!(out, "{}", fit(format!("RSS {} ({trend})", bytes(rss))));
-    }
     let _ = writeln!(
         out,
         "{}",
@@ -383,7 +382,12 @@ mod tests {
             },
             &mut out,
         );
-        assert!(out.contains("RSS 3.0 MiB (-2.0 KiB/s)"), "{out}");
+        assert!(
+            out.contains(
+                "── leaktrace report · pid 7 (./leaky) · 3.0s · RSS 3.0 MiB (-2.0 KiB/s) ──"
+            ),
+            "{out}"
+        );
         assert!(out.contains("\x1b[1;31mleak\x1b[0m\n"), "{out}");
         assert!(
             out.contains("leak_site+0x1a\x1b[2m (leaky.c:12)\x1b[0m"),
