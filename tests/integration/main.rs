@@ -803,3 +803,30 @@ fn fail_on_leak_gates_a_spawned_load_test() {
     assert_eq!(cache["kind"], "stable", "{cache}");
     assert_eq!(cache["outstanding_bytes"], 25_600);
 }
+
+#[test]
+fn sort_by_count_puts_the_many_small_cache_entries_first() {
+    if !require_root() {
+        return;
+    }
+    // After 0.75 s: the leak holds at most 150 blocks of 1024 bytes (one per 5 ms tick), more
+    // bytes than the full cache's 200 blocks of 128 bytes once 25 ticks ran.
+    let order = |sort: &str| {
+        let outcome = trace_patterns("1024", &["--count", "3", "--sort", sort], None);
+        assert!(outcome.status.success(), "{:?}", outcome.stderr);
+        let report = outcome.last().clone();
+        let firsts: Vec<String> = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["frames"][0]["symbol"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        (firsts, report)
+    };
+    let (by_count, report) = order("count");
+    assert_eq!(by_count[0], "cache_put", "{report}");
+    assert_eq!(by_count[1], "leak_site", "{report}");
+    let (by_bytes, report) = order("bytes");
+    assert_eq!(by_bytes[0], "leak_site", "{report}");
+    assert_eq!(by_bytes[1], "cache_put", "{report}");
+}
