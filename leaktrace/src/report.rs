@@ -87,14 +87,16 @@ pub struct Snapshot {
     pub rss_bytes: Option<u64>,
     /// How fast the resident set changed over the trend window (least squares).
     pub rss_growth_bytes_per_s: Option<f64>,
+    /// Stacks classified `leak`, listed in `stacks` or not (`--top`).
+    pub leak_stacks: usize,
     /// The last report of the trace.
     pub last: bool,
 }
 
 impl Snapshot {
-    /// Any stack of this report is a leak (`--fail-on-leak`).
+    /// Any stack is a leak, shown or beyond `--top` (`--fail-on-leak`).
     pub fn has_leak(&self) -> bool {
-        self.stacks.iter().any(|s| s.kind == Kind::Leak)
+        self.leak_stacks > 0
     }
 }
 
@@ -335,6 +337,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
             .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
             .then(ida.cmp(idb))
     });
+    let leak_stacks = stacks.iter().filter(|(_, s)| s.kind == Kind::Leak).count();
     stacks.truncate(input.top);
     if input.with_freed {
         let holding: std::collections::HashSet<StackId> = usage.iter().map(|u| u.stack).collect();
@@ -372,6 +375,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         stacks: stacks.into_iter().map(|(_, s)| s).collect(),
         rss_bytes: input.rss_bytes,
         rss_growth_bytes_per_s,
+        leak_stacks,
         last: input.last,
     }
 }
@@ -490,6 +494,8 @@ mod tests {
             last = Some(snapshot(&heap, &mut trends, &input(t)));
         }
         let snap = last.unwrap();
+        assert!(snap.has_leak());
+        assert_eq!(snap.leak_stacks, 1);
         assert_eq!(snap.totals.outstanding_bytes, 12 * 100 + 2 * 100);
         assert_eq!(snap.stack_count, 2);
         let leak = &snap.stacks[0];
@@ -534,6 +540,23 @@ mod tests {
         assert_eq!(kind_of(&[100, 110, 120, 130, 140]), Kind::Leak);
         // Jitter wider than 5%: not called stable.
         assert_eq!(kind_of(&[100, 250, 250, 200, 250, 230]), Kind::Growing);
+    }
+
+    #[test]
+    fn a_leak_beyond_top_still_counts_for_fail_on_leak() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10, 0.0);
+        let mut snap = None;
+        for second in 1..=5u64 {
+            alloc(&mut heap, second, second as f64 - 0.5, &[1]);
+            let mut inp = input(second as f64);
+            inp.top = 0;
+            snap = Some(snapshot(&heap, &mut trends, &inp));
+        }
+        let snap = snap.unwrap();
+        assert!(snap.stacks.is_empty());
+        assert_eq!(snap.stack_count, 1);
+        assert!(snap.has_leak());
     }
 
     #[test]

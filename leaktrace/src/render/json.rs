@@ -182,6 +182,7 @@ mod tests {
             }],
             rss_bytes: Some(1 << 20),
             rss_growth_bytes_per_s: Some(1024.0004),
+            leak_stacks: 0,
             last: true,
         };
         let frames = vec![vec![Frame {

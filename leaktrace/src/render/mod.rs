@@ -162,6 +162,7 @@ pub(crate) mod tests {
                 .collect(),
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
+            leak_stacks: 0,
             last: true,
         };
         (target, snapshot)

@@ -294,6 +294,7 @@ mod tests {
             }],
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
+            leak_stacks: 0,
             last: false,
         };
         let frames = vec![vec![
