@@ -9,17 +9,18 @@
 #![no_std]
 #![no_main]
 
+mod stack;
+
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH,
-    Pending, call, stat,
+    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, FreeEvent, Pending, call, stat,
+    unwind,
 };
 
 /// User space resizes it from `--ringbuf-bytes` before loading.
@@ -39,7 +40,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 const WAKEUP_BYTES: u64 = 256 << 10;
 
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+pub(crate) fn wakeup_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
@@ -48,7 +49,7 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count(index: u32) {
+pub(crate) fn count(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; BPF programs do not nest on one CPU for uprobes.
         unsafe { *counter += 1 };
@@ -225,37 +226,29 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
 
+    let fill = |event: *mut AllocEvent| {
+        // SAFETY: `event` points at a whole AllocEvent that only this program writes until it
+        // is submitted (a ring buffer reservation, or the per-CPU scratch slot).
+        unsafe {
+            (*event).kind = EVENT_ALLOC;
+            (*event).call = call;
+            (*event).pid_tgid = key;
+            (*event).ts_ns = bpf_ktime_get_ns();
+            (*event).addr = addr;
+            (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
+            (*event).old_addr = released;
+            stack::fill_frame_pointer_stack(ctx, event);
+        }
+    };
+    let mode = stack::mode();
+    if mode != unwind::FP {
+        return stack::submit_with_stack_copy(ctx, mode, fill);
+    }
     let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reservation of size_of::<AllocEvent>() bytes that only this
-    // program writes until it is submitted.
-    unsafe {
-        (*event).kind = EVENT_ALLOC;
-        (*event).call = call;
-        (*event).pid_tgid = key;
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).addr = addr;
-        (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
-        (*event).old_addr = released;
-        let frames_bytes = (MAX_STACK_DEPTH * 8) as u32;
-        let got = bpf_get_stack(
-            ctx.as_ptr(),
-            (*event).frames.as_mut_ptr().cast(),
-            frames_bytes,
-            BPF_F_USER_STACK as u64,
-        );
-        if got < 0 {
-            count(stat::STACK_FAILED);
-            (*event).stack_bytes = 0;
-            (*event).stack_truncated = 0;
-        } else {
-            (*event).stack_bytes = got as u32;
-            (*event).stack_truncated = u32::from(got as u32 >= frames_bytes);
-        }
-    }
+    fill(entry.as_mut_ptr());
     entry.submit(wakeup_flags());
     Ok(0)
 }

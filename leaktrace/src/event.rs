@@ -2,7 +2,10 @@
 
 use std::mem::{offset_of, size_of};
 
-use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH};
+use leaktrace_common::{
+    AllocEvent, AllocStackEvent, EVENT_ALLOC, EVENT_ALLOC_STACK, EVENT_FREE, FreeEvent,
+    MAX_STACK_DEPTH, UserRegs,
+};
 
 /// One allocator event, borrowed from the ring buffer record.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,6 +34,47 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("stack of {0} bytes does not fit the record")]
     BadStack(u32),
+    #[error("stack copy of {0} bytes does not fit the record")]
+    BadStackCopy(u32),
+}
+
+/// The caller's registers and the copy of its stack that come with an `EVENT_ALLOC_STACK`
+/// record, for unwinding with call-frame information.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UserStack<'a> {
+    /// The return address into the allocator's caller.
+    pub ip: u64,
+    /// The caller's stack pointer: `stack[0]` is the byte at this address.
+    pub sp: u64,
+    pub bp: u64,
+    pub stack: &'a [u8],
+}
+
+/// Where an `AllocStackEvent`'s fields sit (the same for every size: the stack comes last).
+const REGS_AT: usize = offset_of!(AllocStackEvent<0>, regs);
+const COPY_BYTES_AT: usize = offset_of!(AllocStackEvent<0>, stack_copy_bytes);
+const STACK_AT: usize = offset_of!(AllocStackEvent<0>, stack);
+
+/// The registers and stack copy of an `EVENT_ALLOC_STACK` record; `None` for every other
+/// kind. The rest of the record decodes with [`decode`].
+pub fn user_stack(bytes: &[u8]) -> Result<Option<UserStack<'_>>, DecodeError> {
+    if bytes.len() < 4 || u32_at(bytes, 0) != EVENT_ALLOC_STACK {
+        return Ok(None);
+    }
+    if bytes.len() < STACK_AT {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let copied = u32_at(bytes, COPY_BYTES_AT);
+    let stack = usize::try_from(copied)
+        .ok()
+        .and_then(|n| bytes.get(STACK_AT..STACK_AT.checked_add(n)?))
+        .ok_or(DecodeError::BadStackCopy(copied))?;
+    Ok(Some(UserStack {
+        ip: u64_at(bytes, REGS_AT + offset_of!(UserRegs, ip)),
+        sp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, sp)),
+        bp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, bp)),
+        stack,
+    }))
 }
 
 fn u32_at(bytes: &[u8], offset: usize) -> u32 {
@@ -57,7 +101,8 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 addr: u64_at(bytes, offset_of!(FreeEvent, addr)),
             })
         }
-        EVENT_ALLOC => {
+        // A record with a stack copy starts with a whole AllocEvent.
+        EVENT_ALLOC | EVENT_ALLOC_STACK => {
             if bytes.len() < size_of::<AllocEvent>() {
                 return Err(DecodeError::Short(bytes.len()));
             }

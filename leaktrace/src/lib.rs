@@ -13,3 +13,4 @@ pub mod reporter;
 pub mod symbolize;
 pub mod target;
 pub mod trace;
+pub mod unwind;

@@ -6,7 +6,14 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::Cli, probes, render, reporter::Reporter, target, target::Target, trace, trace::Stop,
+    cli::{Cli, Unwind},
+    probes, render,
+    reporter::Reporter,
+    target,
+    target::Target,
+    trace,
+    trace::Stop,
+    unwind::Unwinder,
 };
 
 fn main() -> ExitCode {
@@ -30,7 +37,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         None => Box::new(io::stdout()),
     };
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let capture = probes::StackCapture {
+        mode: cli.unwind.bpf_mode(),
+        stack_copy_bytes: cli.stack_copy_bytes,
+    };
+    let (ebpf, mut maps) = probes::load(cli.ringbuf_bytes, capture)?;
+    let mut unwinder = Unwinder::new(target.pid, target.maps.clone());
+    if cli.unwind == Unwind::Auto {
+        // Before attaching: the first allocations already need to know where frame pointers
+        // cannot be trusted.
+        maps.no_fp_code
+            .set(&unwinder.code_without_frame_pointers())
+            .context("filling the BPF map of code without frame pointers")?;
+    }
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {
         pid: target.pid,
@@ -56,12 +75,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        unwind: cli.unwind,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
-    let stop = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
+    let stop = runtime.block_on(trace::run(&settings, probes, maps, unwinder, &reporter))?;
     reporter.finish().context("writing the report")?;
     match stop {
         Stop::TargetExited => {

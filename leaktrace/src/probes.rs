@@ -5,10 +5,10 @@ use std::num::NonZeroU32;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use leaktrace_common::stat;
+use leaktrace_common::{MAX_NO_FP_RANGES, stat};
 
 use crate::target::Target;
 
@@ -43,6 +43,44 @@ impl Probes {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
+    pub no_fp_code: NoFramePointerCode,
+}
+
+/// The ranges of code without frame pointers that `--unwind auto` copies stacks for.
+pub struct NoFramePointerCode {
+    map: Array<MapData, u64>,
+    current: Vec<(u64, u64)>,
+}
+
+impl NoFramePointerCode {
+    /// Replaces the ranges (sorted by start, disjoint). Past `MAX_NO_FP_RANGES`, the closest
+    /// ones are merged: covering more code costs more copies, never a wrong stack.
+    pub fn set(&mut self, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
+        let mut ranges = ranges.to_vec();
+        while ranges.len() > MAX_NO_FP_RANGES as usize {
+            let closest = (1..ranges.len())
+                .min_by_key(|&i| ranges[i].0 - ranges[i - 1].1)
+                .expect("more than one range");
+            ranges[closest - 1].1 = ranges[closest].1;
+            ranges.remove(closest);
+        }
+        if ranges == self.current {
+            return Ok(());
+        }
+        // The count goes last when ranges are added and first when removed, so that the BPF
+        // side never reads a range that is not written yet.
+        let count = ranges.len() as u64;
+        if count < self.current.len() as u64 {
+            self.map.set(0, count, 0)?;
+        }
+        for (i, &(start, end)) in ranges.iter().enumerate() {
+            self.map.set(1 + 2 * i as u32, start, 0)?;
+            self.map.set(2 + 2 * i as u32, end, 0)?;
+        }
+        self.map.set(0, count, 0)?;
+        self.current = ranges;
+        Ok(())
+    }
 }
 
 /// The per-CPU counters that the BPF programs keep.
@@ -62,7 +100,16 @@ impl Stats {
     }
 }
 
-pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
+/// How the BPF side captures stacks.
+#[derive(Clone, Copy, Debug)]
+pub struct StackCapture {
+    /// One of `leaktrace_common::unwind`'s constants.
+    pub mode: u32,
+    /// One of `leaktrace_common::STACK_COPY_SIZES`.
+    pub stack_copy_bytes: u32,
+}
+
+pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, Maps)> {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
     let unlimited = libc::rlimit {
@@ -74,6 +121,8 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ringbuf_bytes)
+        .override_global("UNWIND_MODE", &capture.mode, true)
+        .override_global("STACK_COPY_BYTES", &capture.stack_copy_bytes, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/leaktrace"
@@ -85,9 +134,16 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
     let stats = ebpf
         .take_map("STATS")
         .context("no STATS map in the BPF object")?;
+    let no_fp_code = ebpf
+        .take_map("NO_FP_CODE")
+        .context("no NO_FP_CODE map in the BPF object")?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
+        no_fp_code: NoFramePointerCode {
+            map: Array::try_from(no_fp_code).context("NO_FP_CODE is not an array")?,
+            current: Vec::new(),
+        },
     };
     Ok((ebpf, maps))
 }

@@ -100,6 +100,20 @@ pub fn path_in_target(pid: u32, target_path: &str) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(target_path.trim_start_matches('/'))
 }
 
+/// Where this process can open the file behind `mapping`, best first: the target's own view of
+/// it (`/proc/PID/map_files`, which also works for deleted files and other mount namespaces),
+/// then its path under the target's root, then the path as is.
+pub fn candidate_paths(pid: u32, mapping: &Mapping) -> [PathBuf; 3] {
+    [
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            mapping.start, mapping.end
+        )),
+        path_in_target(pid, &mapping.path),
+        PathBuf::from(&mapping.path),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,14 +5,14 @@
 //! namespaces), by file offset. Results are cached per address, so an address is symbolized
 //! once per trace. Runs on the reporter's thread, never on the event path.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::collections::HashMap;
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
     source::{Elf, Source},
 };
 
-use crate::proc_maps::{Mapping, ProcMaps, path_in_target};
+use crate::proc_maps::{ProcMaps, candidate_paths};
 
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,18 +102,20 @@ impl StackSymbolizer {
         // that is the line worth showing (it also stays inside the function when the call
         // was the function's last instruction).
         let lookup = module_offset.saturating_sub(1);
-        let sym = self.candidate_paths(mapping).into_iter().find_map(|path| {
-            let mut elf = Elf::new(path);
-            elf.debug_syms = true;
-            let src = Source::Elf(elf);
-            match self
-                .symbolizer
-                .symbolize_single(&src, Input::FileOffset(lookup))
-            {
-                Ok(Symbolized::Sym(sym)) => Some(sym.into_owned()),
-                _ => None,
-            }
-        });
+        let sym = candidate_paths(self.pid, mapping)
+            .into_iter()
+            .find_map(|path| {
+                let mut elf = Elf::new(path);
+                elf.debug_syms = true;
+                let src = Source::Elf(elf);
+                match self
+                    .symbolizer
+                    .symbolize_single(&src, Input::FileOffset(lookup))
+                {
+                    Ok(Symbolized::Sym(sym)) => Some(sym.into_owned()),
+                    _ => None,
+                }
+            });
         let Some(sym) = sym else {
             return vec![base];
         };
@@ -142,18 +144,6 @@ impl StackSymbolizer {
             ..base
         });
         frames
-    }
-
-    /// Where this process can open the file behind `mapping`, best first.
-    fn candidate_paths(&self, mapping: &Mapping) -> Vec<PathBuf> {
-        vec![
-            PathBuf::from(format!(
-                "/proc/{}/map_files/{:x}-{:x}",
-                self.pid, mapping.start, mapping.end
-            )),
-            path_in_target(self.pid, &mapping.path),
-            PathBuf::from(&mapping.path),
-        ]
     }
 }
 

@@ -14,11 +14,13 @@ use tokio::{
 };
 
 use crate::{
-    event::decode,
+    cli::Unwind,
+    event::{Event, decode, user_stack},
     heap::HeapModel,
     probes::{Maps, Probes},
     report::{SnapshotInput, Trends, snapshot},
     reporter::Reporter,
+    unwind::Unwinder,
 };
 
 /// How often events are drained when the ring buffer is not filling fast enough to wake us.
@@ -40,6 +42,7 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub unwind: Unwind,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -47,12 +50,17 @@ pub async fn run(
     settings: &Settings,
     probes: Probes,
     maps: Maps,
+    mut unwinder: Unwinder,
     reporter: &Reporter,
 ) -> anyhow::Result<Stop> {
     let start = Instant::now();
     let mut heap = HeapModel::default();
     let mut trends = Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0);
-    let Maps { events, stats } = maps;
+    let Maps {
+        events,
+        stats,
+        mut no_fp_code,
+    } = maps;
     // SAFETY: the ring buffer and the pidfd own their fds, which stay open and unchanged for
     // as long as the AsyncFd that owns them.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -72,7 +80,7 @@ pub async fn run(
     // The BPF side wakes us only when much is waiting; below that, events are drained here.
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     let mut bad_records = 0u64;
 
     // Undecodable records count as lost: they would otherwise vanish silently.
@@ -98,14 +106,21 @@ pub async fn run(
                 let mut guard = guard.context("waiting for events")?;
                 guard.clear_ready();
                 drop(guard);
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
             }
             _ = poll.tick() => {
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
             }
             _ = tick.tick() => {
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
                 reporter.send(take_snapshot(&heap, &mut trends, false, bad_records));
+                if settings.unwind == Unwind::Auto {
+                    // Code mapped since (dlopen) may lack frame pointers.
+                    unwinder.refresh_maps();
+                    no_fp_code
+                        .set(&unwinder.code_without_frame_pointers())
+                        .context("updating the BPF map of code without frame pointers")?;
+                }
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -113,7 +128,7 @@ pub async fn run(
             _ = exited.readable() => break Stop::TargetExited,
         }
     };
-    bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+    bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
     reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
@@ -121,16 +136,63 @@ pub async fn run(
     Ok(stop)
 }
 
+/// Buffers reused from event to event.
+#[derive(Default)]
+pub struct Scratch {
+    frames: Vec<u64>,
+    unwound: Vec<u64>,
+}
+
 /// Applies every record waiting in the ring buffer; returns how many could not be decoded.
-fn drain(ring: &mut RingBuf<MapData>, heap: &mut HeapModel, scratch: &mut Vec<u64>) -> u64 {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    heap: &mut HeapModel,
+    scratch: &mut Scratch,
+    unwinder: &mut Unwinder,
+) -> u64 {
     let mut bad = 0;
     while let Some(record) = ring.next() {
-        match decode(&record, scratch) {
-            Ok(event) => heap.apply(&event),
-            Err(_) => bad += 1,
+        if apply(&record, heap, scratch, unwinder).is_err() {
+            bad += 1;
         }
     }
     bad
+}
+
+/// Decodes one record, unwinds its stack copy if it has one, and applies it to the heap model.
+pub fn apply(
+    record: &[u8],
+    heap: &mut HeapModel,
+    scratch: &mut Scratch,
+    unwinder: &mut Unwinder,
+) -> Result<(), crate::event::DecodeError> {
+    let user = user_stack(record)?;
+    let event = decode(record, &mut scratch.frames)?;
+    match (event, user) {
+        (
+            Event::Alloc {
+                ts_ns,
+                addr,
+                size_bytes,
+                old_addr,
+                frames,
+                ..
+            },
+            Some(user),
+        ) if addr != 0 => {
+            let truncated = unwinder.unwind(&user, frames, &mut scratch.unwound);
+            heap.apply(&Event::Alloc {
+                ts_ns,
+                addr,
+                size_bytes,
+                old_addr,
+                frames: &scratch.unwound,
+                truncated,
+            });
+        }
+        (event, _) => heap.apply(&event),
+    }
+    Ok(())
 }
 
 fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {
