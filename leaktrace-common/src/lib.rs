@@ -23,7 +23,7 @@ pub mod unwind {
     /// Frame pointers, and a copy of the user stack with every allocation.
     pub const DWARF: u32 = 1;
     /// Frame pointers, and a copy of the user stack when the frame-pointer walk went through
-    /// code listed in the `NO_FP_CODE` map (code built without frame pointers).
+    /// code outside the `FP_CODE` map (code not known to keep frame pointers).
     pub const AUTO: u32 = 2;
 }
 
@@ -32,9 +32,9 @@ pub mod unwind {
 pub const STACK_COPY_SIZES: [u32; 4] = [4096, 8192, 16384, 32768];
 /// Default bytes of user stack copied per allocation (chosen by measurement: see README).
 pub const DEFAULT_STACK_COPY_BYTES: u32 = 8192;
-/// Ranges of code without frame pointers in the `NO_FP_CODE` array map: element 0 holds the
+/// Ranges of code known to keep frame pointers in the `FP_CODE` array map: element 0 holds the
 /// count, elements `1 + 2i` and `2 + 2i` the start and end of range `i`, sorted by start.
-pub const MAX_NO_FP_RANGES: u32 = 32;
+pub const MAX_FP_RANGES: u32 = 32;
 
 /// The allocator entry point a [`Pending`] call entered; also tells user space which call
 /// produced an [`AllocEvent`].

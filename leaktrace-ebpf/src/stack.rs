@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::RetProbeContext,
 };
 use leaktrace_common::{
-    AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_NO_FP_RANGES,
+    AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_FP_RANGES,
     MAX_STACK_DEPTH, UserRegs, stat, unwind,
 };
 
@@ -33,10 +33,11 @@ static UNWIND_MODE: u32 = unwind::FP;
 #[unsafe(no_mangle)]
 static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 
-/// Code built without frame pointers, as sorted address ranges (layout in leaktrace-common's
-/// `MAX_NO_FP_RANGES`). User space rewrites it when the target maps new code (dlopen).
+/// Code known to keep frame pointers, as sorted address ranges (layout in leaktrace-common's
+/// `MAX_FP_RANGES`). User space rewrites it when the target maps new code (dlopen); code not
+/// in it yet (a library just loaded, JIT code) counts as code without frame pointers.
 #[map]
-static NO_FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_NO_FP_RANGES, 0);
+static FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_FP_RANGES, 0);
 
 /// The record under construction when the stack may be copied: its size is known only once
 /// the frame-pointer stack has been looked at.
@@ -93,7 +94,7 @@ pub fn submit_with_stack_copy(
     };
     fill(header);
     // SAFETY: the per-CPU slot is this program's alone while it runs (no nesting on a CPU).
-    let copy = mode == unwind::DWARF || unsafe { walk_crossed_code_without_frame_pointers(header) };
+    let copy = mode == unwind::DWARF || unsafe { walk_left_frame_pointer_code(header) };
     if !copy {
         // SAFETY: as above.
         if EVENTS
@@ -187,25 +188,25 @@ unsafe fn copy_user_stack<const N: usize>(dst: *mut u8, sp: u64) -> u32 {
     copied as u32
 }
 
-/// For `--unwind auto`: whether the frame-pointer walk went through code built without frame
-/// pointers, so that it may have skipped or invented frames. Frame 0 (the allocator's caller)
-/// always counts; the walk's outermost frame does not when there are others: a walk ends
-/// where it meets a frame pointer it cannot follow, which on glibc is the stack's root
+/// For `--unwind auto`: whether the frame-pointer walk went through code not known to keep
+/// frame pointers, so that it may have skipped or invented frames. Frame 0 (the allocator's
+/// caller) always counts; the walk's outermost frame does not when there are others: a walk
+/// ends where it meets a frame pointer it cannot follow, which on glibc is the stack's root
 /// (`__libc_start_call_main`, `start_thread`), built without frame pointers. A walk that got
 /// no frames at all gets a copy too.
 ///
 /// # Safety
 /// `event` must point at a filled `AllocEvent`.
 #[inline(always)]
-unsafe fn walk_crossed_code_without_frame_pointers(event: *const AllocEvent) -> bool {
+unsafe fn walk_left_frame_pointer_code(event: *const AllocEvent) -> bool {
     // SAFETY: caller's promise.
     let depth = unsafe { (*event).stack_bytes } as usize / 8;
     if depth == 0 {
         return true;
     }
-    let ranges = match NO_FP_CODE.get(0) {
-        Some(&n) if n > 0 => n.min(u64::from(MAX_NO_FP_RANGES)) as u32,
-        _ => return false,
+    let ranges = match FP_CODE.get(0) {
+        Some(&n) if n > 0 => n.min(u64::from(MAX_FP_RANGES)) as u32,
+        _ => return true,
     };
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth || (i > 0 && i + 1 == depth) {
@@ -213,27 +214,27 @@ unsafe fn walk_crossed_code_without_frame_pointers(event: *const AllocEvent) -> 
         }
         // SAFETY: i < MAX_STACK_DEPTH.
         let pc = unsafe { (*event).frames[i] };
-        if in_ranges(pc, ranges) {
+        if !in_ranges(pc, ranges) {
             return true;
         }
     }
     false
 }
 
-/// Whether `pc` lies in one of the first `ranges` ranges of NO_FP_CODE (binary search).
+/// Whether `pc` lies in one of the first `ranges` ranges of FP_CODE (binary search).
 #[inline(always)]
 fn in_ranges(pc: u64, ranges: u32) -> bool {
     let (mut lo, mut hi) = (0u32, ranges);
-    // log2(MAX_NO_FP_RANGES) + 1 halvings find the last range that starts at or below pc.
+    // log2(MAX_FP_RANGES) + 1 halvings find the last range that starts at or below pc.
     for _ in 0..6 {
         if lo >= hi {
             break;
         }
         let mid = (lo + hi) / 2;
-        match NO_FP_CODE.get(1 + 2 * mid) {
+        match FP_CODE.get(1 + 2 * mid) {
             Some(&start) if start <= pc => lo = mid + 1,
             _ => hi = mid,
         }
     }
-    lo > 0 && NO_FP_CODE.get(2 * lo).is_some_and(|&end| pc < end)
+    lo > 0 && FP_CODE.get(2 * lo).is_some_and(|&end| pc < end)
 }

@@ -45,10 +45,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut unwinder = Unwinder::new(target.pid, target.maps.clone());
     if cli.unwind == Unwind::Auto {
         // Before attaching: the first allocations already need to know where frame pointers
-        // cannot be trusted.
-        maps.no_fp_code
-            .set(&unwinder.code_without_frame_pointers())
-            .context("filling the BPF map of code without frame pointers")?;
+        // can be trusted.
+        maps.fp_code
+            .set(&unwinder.code_with_frame_pointers())
+            .context("filling the BPF map of code with frame pointers")?;
     }
     let probes = probes::attach(ebpf, &target)?;
     let rendered_target = render::Target {

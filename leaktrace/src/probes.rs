@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use leaktrace_common::{MAX_NO_FP_RANGES, stat};
+use leaktrace_common::{MAX_FP_RANGES, stat};
 
 use crate::target::Target;
 
@@ -43,26 +43,25 @@ impl Probes {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
-    pub no_fp_code: NoFramePointerCode,
+    pub fp_code: FramePointerCode,
 }
 
-/// The ranges of code without frame pointers that `--unwind auto` copies stacks for.
-pub struct NoFramePointerCode {
+/// The ranges of code that keeps frame pointers, where `--unwind auto` trusts the
+/// frame-pointer walk (and copies the stack for everything else).
+pub struct FramePointerCode {
     map: Array<MapData, u64>,
     current: Vec<(u64, u64)>,
 }
 
-impl NoFramePointerCode {
-    /// Replaces the ranges (sorted by start, disjoint). Past `MAX_NO_FP_RANGES`, the closest
-    /// ones are merged: covering more code costs more copies, never a wrong stack.
+impl FramePointerCode {
+    /// Replaces the ranges (sorted by start, disjoint). Past `MAX_FP_RANGES`, the smallest
+    /// ones are left out: code left out costs stack copies, never a wrong stack.
     pub fn set(&mut self, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
         let mut ranges = ranges.to_vec();
-        while ranges.len() > MAX_NO_FP_RANGES as usize {
-            let closest = (1..ranges.len())
-                .min_by_key(|&i| ranges[i].0 - ranges[i - 1].1)
-                .expect("more than one range");
-            ranges[closest - 1].1 = ranges[closest].1;
-            ranges.remove(closest);
+        if ranges.len() > MAX_FP_RANGES as usize {
+            ranges.sort_by_key(|&(start, end)| std::cmp::Reverse(end - start));
+            ranges.truncate(MAX_FP_RANGES as usize);
+            ranges.sort_unstable();
         }
         if ranges == self.current {
             return Ok(());
@@ -134,14 +133,14 @@ pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, 
     let stats = ebpf
         .take_map("STATS")
         .context("no STATS map in the BPF object")?;
-    let no_fp_code = ebpf
-        .take_map("NO_FP_CODE")
-        .context("no NO_FP_CODE map in the BPF object")?;
+    let fp_code = ebpf
+        .take_map("FP_CODE")
+        .context("no FP_CODE map in the BPF object")?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
-        no_fp_code: NoFramePointerCode {
-            map: Array::try_from(no_fp_code).context("NO_FP_CODE is not an array")?,
+        fp_code: FramePointerCode {
+            map: Array::try_from(fp_code).context("FP_CODE is not an array")?,
             current: Vec::new(),
         },
     };

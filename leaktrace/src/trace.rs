@@ -59,7 +59,7 @@ pub async fn run(
     let Maps {
         events,
         stats,
-        mut no_fp_code,
+        mut fp_code,
     } = maps;
     // SAFETY: the ring buffer and the pidfd own their fds, which stay open and unchanged for
     // as long as the AsyncFd that owns them.
@@ -115,11 +115,11 @@ pub async fn run(
                 bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
                 reporter.send(take_snapshot(&heap, &mut trends, false, bad_records));
                 if settings.unwind == Unwind::Auto {
-                    // Code mapped since (dlopen) may lack frame pointers.
+                    // Code mapped since (dlopen) counts as code without frame pointers until judged here.
                     unwinder.refresh_maps();
-                    no_fp_code
-                        .set(&unwinder.code_without_frame_pointers())
-                        .context("updating the BPF map of code without frame pointers")?;
+                    fp_code
+                        .set(&unwinder.code_with_frame_pointers())
+                        .context("updating the BPF map of code with frame pointers")?;
                 }
             }
             _ = sigint.recv() => break Stop::Interrupted,
@@ -130,6 +130,16 @@ pub async fn run(
     };
     bad_records += drain(ring.get_mut(), &mut heap, &mut scratch, &mut unwinder);
     reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
+    if settings.unwind != Unwind::Fp {
+        let unwound = unwinder.stats();
+        eprintln!(
+            "leaktrace: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers)",
+            unwound.stacks,
+            heap.counters().allocations,
+            unwound.cfi_frames,
+            unwound.fp_frames
+        );
+    }
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
     drop(probes);

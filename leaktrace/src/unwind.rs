@@ -337,9 +337,9 @@ impl Unwinder {
         }
     }
 
-    /// The executable ranges of modules that do not keep frame pointers, sorted, adjacent
-    /// ones merged: what `--unwind auto` copies the stack for. Parses every module's CFI.
-    pub fn code_without_frame_pointers(&mut self) -> Vec<(u64, u64)> {
+    /// The executable ranges of modules that keep frame pointers, sorted, adjacent ones
+    /// merged: where `--unwind auto` trusts the frame-pointer walk. Parses every module's CFI.
+    pub fn code_with_frame_pointers(&mut self) -> Vec<(u64, u64)> {
         let mappings: Vec<Mapping> = self
             .maps
             .mappings
@@ -352,7 +352,7 @@ impl Unwinder {
             let keeps = self
                 .module(mapping)
                 .is_none_or(|module| module.keeps_frame_pointers);
-            if keeps {
+            if !keeps {
                 continue;
             }
             match ranges.last_mut() {
