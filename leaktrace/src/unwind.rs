@@ -404,7 +404,8 @@ impl Unwinder {
                 self.ctx = ctx;
                 step
             }
-            None => Step::FramePointer,
+            // Not cached: the module may show up in the next read of the memory map.
+            None => return Step::FramePointer,
         };
         self.steps.insert(pc, step);
         step

@@ -2,6 +2,7 @@
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
 mod support;
+mod unwind;
 
 use support::{
     Fixture, Leaktrace, all_symbols, compile, malloc_bytes_in, require_root, run_leaktrace,
@@ -9,7 +10,7 @@ use support::{
 };
 
 /// The line of `tests/fixtures/<file>` that contains `text`.
-fn line_of(file: &str, text: &str) -> u64 {
+pub(crate) fn line_of(file: &str, text: &str) -> u64 {
     let source = std::fs::read_to_string(format!(
         "{}/../tests/fixtures/{file}",
         env!("CARGO_MANIFEST_DIR")

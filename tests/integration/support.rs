@@ -40,11 +40,18 @@ pub struct Binary {
     pub path: PathBuf,
 }
 
+/// `tests/fixtures/<name>.c` is built with gcc, `<name>.cpp` with g++; `extra_flags` come last,
+/// so they override the defaults (`-O2 -fomit-frame-pointer`, `-shared -fPIC`).
 pub fn compile(name: &str, extra_flags: &[&str]) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(name);
-    let source = fixtures_dir().join(format!("{name}.c"));
-    let out = Command::new("gcc")
+    let cpp = fixtures_dir().join(format!("{name}.cpp"));
+    let (compiler, source) = if cpp.exists() {
+        ("g++", cpp)
+    } else {
+        ("gcc", fixtures_dir().join(format!("{name}.c")))
+    };
+    let out = Command::new(compiler)
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
         .arg(&path)
         .arg(&source)

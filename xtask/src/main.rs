@@ -32,8 +32,8 @@ enum Task {
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
-/// bpf-linker, and gcc for the test fixtures.
-const PACKAGES: [&str; 7] = [
+/// bpf-linker, and gcc and g++ for the test fixtures.
+const PACKAGES: [&str; 8] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -41,6 +41,7 @@ const PACKAGES: [&str; 7] = [
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "g++",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER: &str = "0.13.0";
