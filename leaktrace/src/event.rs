@@ -173,6 +173,99 @@ pub(crate) mod tests {
         .to_vec()
     }
 
+    /// The bytes BPF writes for an allocation with a stack copy of `stack` (at most 4096 bytes).
+    pub(crate) fn alloc_stack_record(
+        addr: u64,
+        fp_frames: &[u64],
+        regs: UserRegs,
+        stack: &[u8],
+    ) -> Vec<u8> {
+        let mut record = AllocStackEvent::<4096> {
+            alloc: AllocEvent {
+                kind: EVENT_ALLOC_STACK,
+                call: leaktrace_common::call::MALLOC,
+                pid_tgid: 7 << 32 | 8,
+                ts_ns: 1000,
+                addr,
+                size_bytes: 16,
+                old_addr: 0,
+                stack_bytes: u32::try_from(fp_frames.len() * 8).unwrap(),
+                stack_truncated: 0,
+                frames: [0; MAX_STACK_DEPTH],
+            },
+            regs,
+            stack_copy_bytes: u32::try_from(stack.len()).unwrap(),
+            _pad: 0,
+            stack: [0; 4096],
+        };
+        record.alloc.frames[..fp_frames.len()].copy_from_slice(fp_frames);
+        record.stack[..stack.len()].copy_from_slice(stack);
+        // SAFETY: AllocStackEvent is plain integers without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&raw const record).cast::<u8>(),
+                size_of::<AllocStackEvent<4096>>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_stack_copy() {
+        let regs = UserRegs {
+            ip: 0x401000,
+            sp: 0x7ff000,
+            bp: 0x7ff010,
+        };
+        let record = alloc_stack_record(0x1000, &[0x401000, 0x1], regs, &[1, 2, 3, 4]);
+        assert_eq!(
+            user_stack(&record).unwrap(),
+            Some(UserStack {
+                ip: 0x401000,
+                sp: 0x7ff000,
+                bp: 0x7ff010,
+                stack: &[1, 2, 3, 4],
+            })
+        );
+        // The rest of the record is an ordinary allocation, with its frame-pointer stack.
+        let mut scratch = Vec::new();
+        match decode(&record, &mut scratch).unwrap() {
+            Event::Alloc { addr, frames, .. } => {
+                assert_eq!((addr, frames), (0x1000, &[0x401000, 0x1][..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other kinds have no stack copy.
+        assert_eq!(user_stack(&alloc_record(1, 1, 0, &[])).unwrap(), None);
+        assert_eq!(user_stack(&free_record(1)).unwrap(), None);
+        assert_eq!(user_stack(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn rejects_malformed_stack_copies() {
+        let regs = UserRegs {
+            ip: 1,
+            sp: 2,
+            bp: 3,
+        };
+        let record = alloc_stack_record(0x1000, &[], regs, &[]);
+        assert_eq!(
+            user_stack(&record[..STACK_AT - 1]),
+            Err(DecodeError::Short(STACK_AT - 1))
+        );
+        for bad in [4097u32, u32::MAX] {
+            let mut record = record.clone();
+            record[COPY_BYTES_AT..COPY_BYTES_AT + 4].copy_from_slice(&bad.to_ne_bytes());
+            assert_eq!(user_stack(&record), Err(DecodeError::BadStackCopy(bad)));
+        }
+        // A copy that claims the whole record is fine; one byte more is not.
+        let mut record = record;
+        record[COPY_BYTES_AT..COPY_BYTES_AT + 4].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(user_stack(&record).unwrap().unwrap().stack.len(), 4096);
+        record.pop();
+        assert_eq!(user_stack(&record), Err(DecodeError::BadStackCopy(4096)));
+    }
+
     #[test]
     fn decodes_alloc_and_free() {
         let mut scratch = Vec::new();

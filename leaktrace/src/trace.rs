@@ -132,12 +132,19 @@ pub async fn run(
     reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
     if settings.unwind != Unwind::Fp {
         let unwound = unwinder.stats();
+        let busy_s = unwound.busy.as_secs_f64();
         eprintln!(
-            "leaktrace: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers)",
+            "leaktrace: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers) in {:.3}s ({:.0} stacks/s)",
             unwound.stacks,
             heap.counters().allocations,
             unwound.cfi_frames,
-            unwound.fp_frames
+            unwound.fp_frames,
+            busy_s,
+            if busy_s > 0.0 {
+                unwound.stacks as f64 / busy_s
+            } else {
+                0.0
+            }
         );
     }
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
@@ -227,4 +234,61 @@ fn monotonic_ns() -> u64 {
     // SAFETY: writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use leaktrace_common::UserRegs;
+
+    use super::*;
+    use crate::{
+        event::tests::{alloc_record, alloc_stack_record, free_record},
+        proc_maps::ProcMaps,
+    };
+
+    #[test]
+    fn a_stack_copy_is_unwound_before_the_heap_model_sees_it() {
+        let mut heap = HeapModel::default();
+        let mut scratch = Scratch::default();
+        // No module is mapped at these addresses: the unwinder follows the frame pointers in
+        // the copy, which here disagree with the frame-pointer stack the record carries.
+        let mut unwinder = Unwinder::new(u32::MAX, ProcMaps::default());
+        let sp = 0x7000_0000u64;
+        let stack: Vec<u8> = [0u64, 0x2222, 0, 0x3333]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let regs = UserRegs {
+            ip: 0x1111,
+            sp,
+            bp: sp,
+        };
+        // [sp] = saved bp (sp+16), [sp+8] = 0x2222; [sp+16] = 0, [sp+24] = 0x3333.
+        let mut stack = stack;
+        stack[..8].copy_from_slice(&(sp + 16).to_ne_bytes());
+        let record = alloc_stack_record(0x5000, &[0x1111, 0x9999], regs, &stack);
+        apply(&record, &mut heap, &mut scratch, &mut unwinder).unwrap();
+        apply(
+            &alloc_record(0x6000, 8, 0, &[0x1111, 0x9999]),
+            &mut heap,
+            &mut scratch,
+            &mut unwinder,
+        )
+        .unwrap();
+        let mut stacks: Vec<Vec<u64>> = heap
+            .usage(u64::MAX)
+            .iter()
+            .map(|u| heap.stacks().get(u.stack).frames.to_vec())
+            .collect();
+        stacks.sort();
+        assert_eq!(
+            stacks,
+            [vec![0x1111, 0x2222, 0x3333], vec![0x1111, 0x9999]],
+            "the copy's stack, and the plain record's frame-pointer stack"
+        );
+        assert_eq!(unwinder.stats().stacks, 1);
+        apply(&free_record(0x5000), &mut heap, &mut scratch, &mut unwinder).unwrap();
+        assert_eq!(heap.usage(u64::MAX).len(), 1);
+        assert!(apply(&[9, 0, 0, 0], &mut heap, &mut scratch, &mut unwinder).is_err());
+    }
 }

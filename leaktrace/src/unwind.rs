@@ -55,6 +55,8 @@ pub struct UnwindStats {
     /// frame-pointer stack where it matched, or is missing (the stack is marked truncated).
     pub window_ended: u64,
     pub modules_loaded: u64,
+    /// Time spent in [`Unwinder::unwind`].
+    pub busy: Duration,
 }
 
 /// The call-frame information of one ELF file, indexed by address.
@@ -416,6 +418,18 @@ impl Unwinder {
     /// ends before the outermost frame, its frames beyond the last pc found both ways are
     /// appended. Returns whether outer frames are missing (the stack is truncated).
     pub fn unwind(&mut self, user: &UserStack<'_>, fp_frames: &[u64], out: &mut Vec<u64>) -> bool {
+        let started = Instant::now();
+        let truncated = self.unwind_inner(user, fp_frames, out);
+        self.stats.busy += started.elapsed();
+        truncated
+    }
+
+    fn unwind_inner(
+        &mut self,
+        user: &UserStack<'_>,
+        fp_frames: &[u64],
+        out: &mut Vec<u64>,
+    ) -> bool {
         self.stats.stacks += 1;
         out.clear();
         let read = |addr: u64| -> Option<u64> {

@@ -1,5 +1,7 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
+mod bench_unwind;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -29,6 +31,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the cost per malloc/free pair of `--unwind dwarf|auto` next to `--unwind fp`,
+    /// and how fast leaktrace unwinds stack copies.
+    BenchUnwind {
+        /// malloc/free pairs per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+        /// Runs; each measures every configuration once, and the table shows medians.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
@@ -51,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::BenchUnwind { pairs, runs } => bench_unwind::bench_unwind(pairs, runs),
     }
 }
 
