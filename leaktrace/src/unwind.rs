@@ -93,8 +93,10 @@ struct Fde {
 const FRAME_POINTER_SHARE: f64 = 0.5;
 
 impl ModuleCfi {
-    /// Parses an ELF file's CFI sections and indexes their FDEs.
-    pub fn parse(data: &[u8]) -> Result<Self, String> {
+    /// Parses an ELF file's CFI sections and indexes their FDEs. `data` may be a whole file
+    /// in memory or an `object::ReadCache` over an open file, which reads only the headers
+    /// and the sections used (a binary with debug information can be very large).
+    pub fn parse<'data, R: object::ReadRef<'data>>(data: R) -> Result<Self, String> {
         let file = object::File::parse(data).map_err(|e| e.to_string())?;
         let section = |name: &str| {
             let section = file.section_by_name(name)?;
@@ -377,8 +379,8 @@ impl Unwinder {
                 // mount namespaces).
                 candidate_paths(pid, mapping)
                     .iter()
-                    .find_map(|path| std::fs::read(path).ok())
-                    .and_then(|data| ModuleCfi::parse(&data).ok())
+                    .find_map(|path| std::fs::File::open(path).ok())
+                    .and_then(|file| ModuleCfi::parse(&object::ReadCache::new(file)).ok())
             })
             .as_ref()
     }
@@ -503,8 +505,8 @@ mod tests {
 
     /// This test binary's own CFI: Rust on x86_64 keeps no frame pointers by default.
     fn own_module() -> ModuleCfi {
-        let data = std::fs::read("/proc/self/exe").unwrap();
-        ModuleCfi::parse(&data).unwrap()
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        ModuleCfi::parse(&object::ReadCache::new(file)).unwrap()
     }
 
     #[test]
@@ -531,8 +533,8 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_elf() {
-        assert!(ModuleCfi::parse(b"not an ELF file").is_err());
-        assert!(ModuleCfi::parse(&[]).is_err());
+        assert!(ModuleCfi::parse(&b"not an ELF file"[..]).is_err());
+        assert!(ModuleCfi::parse(&[][..]).is_err());
     }
 
     fn stack_of(words: &[u64]) -> Vec<u8> {
