@@ -10,12 +10,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_USER_STACK, pt_regs},
-    helpers::{
-        bpf_get_stack,
-        generated::{bpf_probe_read_kernel as read_kernel, bpf_probe_read_user as read_user},
-    },
+    helpers::{bpf_get_stack, generated::bpf_probe_read_user as read_user},
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::Array,
     programs::RetProbeContext,
 };
 use leaktrace_common::{
@@ -38,11 +35,6 @@ static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 /// in it yet (a library just loaded, JIT code) counts as code without frame pointers.
 #[map]
 static FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_FP_RANGES, 0);
-
-/// The record under construction when the stack may be copied: its size is known only once
-/// the frame-pointer stack has been looked at.
-#[map]
-static SCRATCH: PerCpuArray<AllocEvent> = PerCpuArray::with_max_entries(1, 0);
 
 const PAGE: usize = 4096;
 
@@ -80,63 +72,61 @@ pub unsafe fn fill_frame_pointer_stack(ctx: &RetProbeContext, event: *mut AllocE
     }
 }
 
-/// For `--unwind dwarf|auto`: builds the record in the per-CPU scratch slot with `fill` (which
-/// takes the frame-pointer stack), then submits it with a copy of the user stack when the
-/// mode asks for one, and as a plain allocation record otherwise.
+/// For `--unwind dwarf|auto`: reserves a record with room for the stack copy and builds the
+/// allocation in it with `fill` (which takes the frame-pointer stack); then submits it with a
+/// copy of the user stack when the mode asks for one, and otherwise sends the allocation alone
+/// as a plain record and discards the reservation.
+///
+/// The record is built in the reservation rather than in a per-CPU scratch slot: uprobe
+/// programs run with migration disabled but may be preempted, so another thread on the same
+/// CPU could overwrite a shared slot halfway through.
 #[inline(always)]
 pub fn submit_with_stack_copy(
     ctx: &RetProbeContext,
     mode: u32,
     fill: impl FnOnce(*mut AllocEvent),
 ) -> Result<u32, u32> {
-    let Some(header) = SCRATCH.get_ptr_mut(0) else {
-        return Err(0);
-    };
-    fill(header);
-    // SAFETY: the per-CPU slot is this program's alone while it runs (no nesting on a CPU).
-    let copy = mode == unwind::DWARF || unsafe { walk_left_frame_pointer_code(header) };
-    if !copy {
-        // SAFETY: as above.
-        if EVENTS
-            .output::<AllocEvent>(unsafe { &*header }, wakeup_flags())
-            .is_err()
-        {
-            count(stat::RINGBUF_FULL);
-            return Err(0);
-        }
-        return Ok(0);
-    }
-    // SAFETY: as above.
+    // SAFETY: a plain read of a global, as in `mode`.
     let copy_bytes = unsafe { core::ptr::read_volatile(&STACK_COPY_BYTES) };
     match copy_bytes {
-        4096 => submit_copy::<4096>(ctx, header),
-        8192 => submit_copy::<8192>(ctx, header),
-        16384 => submit_copy::<16384>(ctx, header),
-        _ => submit_copy::<32768>(ctx, header),
+        4096 => submit::<4096>(ctx, mode, fill),
+        8192 => submit::<8192>(ctx, mode, fill),
+        16384 => submit::<16384>(ctx, mode, fill),
+        _ => submit::<32768>(ctx, mode, fill),
     }
 }
 
 #[inline(always)]
-fn submit_copy<const N: usize>(
+fn submit<const N: usize>(
     ctx: &RetProbeContext,
-    header: *const AllocEvent,
+    mode: u32,
+    fill: impl FnOnce(*mut AllocEvent),
 ) -> Result<u32, u32> {
     let Some(mut entry) = EVENTS.reserve::<AllocStackEvent<N>>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
     };
     let record = entry.as_mut_ptr();
-    let regs = ctx.as_ptr().cast::<pt_regs>();
     // SAFETY: `record` is a reservation of size_of::<AllocStackEvent<N>>() bytes that only this
-    // program writes until it is submitted; `header` is the scratch slot; the context of a
-    // return probe is the user's pt_regs, which at a return are the caller's.
+    // program writes until it is submitted or discarded.
+    let alloc = unsafe { &raw mut (*record).alloc };
+    fill(alloc);
+    // SAFETY: as above; `alloc` is filled.
+    let copy = mode == unwind::DWARF || unsafe { walk_left_frame_pointer_code(alloc) };
+    if !copy {
+        // SAFETY: as above.
+        let sent = EVENTS.output::<AllocEvent>(unsafe { &*alloc }, wakeup_flags());
+        entry.discard(0);
+        if sent.is_err() {
+            count(stat::RINGBUF_FULL);
+            return Err(0);
+        }
+        return Ok(0);
+    }
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: as above; the context of a return probe is the user's pt_regs, which at a
+    // return are the caller's.
     unsafe {
-        // bpf_probe_read_kernel as memcpy: one helper call instead of ~1 KiB of BPF stores.
-        read_kernel(
-            (&raw mut (*record).alloc).cast(),
-            size_of::<AllocEvent>() as u32,
-            header.cast(),
-        );
         (*record).alloc.kind = EVENT_ALLOC_STACK;
         let sp = (*regs).rsp;
         (*record).regs = UserRegs {
