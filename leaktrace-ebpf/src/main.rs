@@ -228,7 +228,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
 
     let fill = |event: *mut AllocEvent| {
         // SAFETY: `event` points at a whole AllocEvent that only this program writes until it
-        // is submitted (a ring buffer reservation, or the per-CPU scratch slot).
+        // is submitted (a ring buffer reservation).
         unsafe {
             (*event).kind = EVENT_ALLOC;
             (*event).call = call;
