@@ -531,6 +531,84 @@ mod tests {
         assert_eq!(module.step_at(0, &mut ctx), Step::FramePointer);
     }
 
+    /// This thread's registers and a copy of its stack above `rsp`, up to the end of the
+    /// stack mapping: what the BPF side sends.
+    #[inline(never)]
+    fn capture_own_stack() -> (u64, u64, u64, Vec<u8>) {
+        let (ip, sp, bp): (u64, u64, u64);
+        // SAFETY: reads three registers; `lea` gives the address right after it, so that
+        // `ip - 1` (where the unwinder looks) is inside this function, with this `rsp`.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {bp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                bp = out(reg) bp,
+            );
+        }
+        let maps = ProcMaps::read(std::process::id()).unwrap();
+        let index = maps.mappings.partition_point(|m| m.end <= sp);
+        let end = maps.mappings[index].end;
+        let len = (end - sp).min(64 << 10) as usize;
+        // SAFETY: [sp, sp + len) is this thread's own, mapped stack; the frames above `sp` do
+        // not change while this function runs.
+        let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
+        (ip, sp, bp, stack)
+    }
+
+    #[inline(never)]
+    fn middle() -> (u64, u64, u64, Vec<u8>) {
+        let captured = capture_own_stack();
+        std::hint::black_box(captured)
+    }
+
+    #[inline(never)]
+    fn outer() -> (u64, u64, u64, Vec<u8>) {
+        let captured = middle();
+        std::hint::black_box(captured)
+    }
+
+    #[test]
+    fn unwinds_its_own_stack_with_cfi() {
+        let (ip, sp, bp, stack) = outer();
+        let pid = std::process::id();
+        let maps = ProcMaps::read(pid).unwrap();
+        let mut unwinder = Unwinder::new(pid, maps.clone());
+        let user = UserStack {
+            ip,
+            sp,
+            bp,
+            stack: &stack,
+        };
+        let mut pcs = Vec::new();
+        unwinder.unwind(&user, &[], &mut pcs);
+        let stats = unwinder.stats();
+        assert!(stats.cfi_frames >= 3, "{stats:?}");
+        let names: Vec<String> = crate::symbolize::StackSymbolizer::new(pid, maps)
+            .symbolize(&pcs)
+            .into_iter()
+            .filter_map(|f| f.symbol)
+            .collect();
+        let at = |name: &str| {
+            names
+                .iter()
+                .position(|n| n.ends_with(name))
+                .unwrap_or_else(|| panic!("{name} in {names:?}"))
+        };
+        let (capture, middle, outer, test) = (
+            at("tests::capture_own_stack"),
+            at("tests::middle"),
+            at("tests::outer"),
+            at("tests::unwinds_its_own_stack_with_cfi"),
+        );
+        assert!(
+            capture < middle && middle < outer && outer < test,
+            "{names:?}"
+        );
+    }
+
     #[test]
     fn rejects_what_is_not_elf() {
         assert!(ModuleCfi::parse(&b"not an ELF file"[..]).is_err());
