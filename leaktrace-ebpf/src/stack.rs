@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_USER_STACK, pt_regs},
+    bindings::{BPF_F_USER_STACK, BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{bpf_get_stack, generated::bpf_probe_read_user as read_user},
     macros::map,
     maps::Array,
@@ -116,7 +116,8 @@ fn submit<const N: usize>(
     if !copy {
         // SAFETY: as above.
         let sent = EVENTS.output::<AllocEvent>(unsafe { &*alloc }, wakeup_flags());
-        entry.discard(0);
+        // Without NO_WAKEUP, a discard wakes an idle reader up every time, for nothing.
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
         if sent.is_err() {
             count(stat::RINGBUF_FULL);
             return Err(0);
