@@ -203,3 +203,34 @@ fn a_library_loaded_after_attach_is_unwound_too() {
     assert!(with_both * 100 >= LEAKS * ROUNDS * 99, "{report}");
     assert_eq!(report["totals"]["lost_events"], 0);
 }
+
+#[test]
+fn stack_copies_that_do_not_fit_the_ring_buffer_are_counted_as_lost() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("nofp_libc", &NO_FRAME_POINTERS);
+    let leaks: u64 = 2000;
+    let mut fixture = Fixture::start(&binary, &[&leaks.to_string()]);
+    // Room for one record with an 8 KiB stack copy at a time.
+    let trace = Leaktrace::attach(
+        fixture.pid(),
+        &["--unwind", "dwarf", "--ringbuf-bytes", "16384"],
+    );
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    fixture.finish();
+    let report = outcome.last();
+    let totals = &report["totals"];
+    let seen = |field: &str| totals[field].as_u64().unwrap();
+    // A round: `leaks` strdup and `leaks` getline allocations, and fmemopen's FILE and
+    // buffers (3 allocations, 3 frees). Each is either seen or counted as lost.
+    assert_eq!(
+        seen("allocations") + seen("frees") + seen("lost_events"),
+        2 * leaks + 6,
+        "{totals}"
+    );
+    assert!(seen("lost_events") > 0, "{totals}");
+    assert_eq!(report["complete"], false);
+}
