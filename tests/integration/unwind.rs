@@ -234,3 +234,40 @@ fn stack_copies_that_do_not_fit_the_ring_buffer_are_counted_as_lost() {
     assert!(seen("lost_events") > 0, "{totals}");
     assert_eq!(report["complete"], false);
 }
+
+#[test]
+fn auto_copies_no_stack_where_frame_pointers_are_kept_and_every_stack_where_not() {
+    if !require_root() {
+        return;
+    }
+    // The stderr line that counts stack copies, for `binary` run one round under `--unwind auto`.
+    let copies_line = |binary: &Binary, args: &[&str]| {
+        let mut fixture = Fixture::start(binary, args);
+        let trace = Leaktrace::attach(fixture.pid(), &[]);
+        fixture.round();
+        let outcome = trace.stop();
+        assert!(outcome.status.success(), "{:?}", outcome.stderr);
+        fixture.finish();
+        outcome
+            .stderr
+            .iter()
+            .find(|l| l.contains("came with a stack copy"))
+            .unwrap_or_else(|| panic!("{:?}", outcome.stderr))
+            .clone()
+    };
+    // Built with frame pointers (the default of `compile`), calling malloc directly: the walk
+    // stays in code that keeps them, up to glibc's stack root.
+    let with_fp = compile("leaky", &[]);
+    let line = copies_line(&with_fp, &["100", "4096", "1000"]);
+    assert!(
+        line.starts_with("leaktrace: 0 of 1100 allocations came with a stack copy"),
+        "{line}"
+    );
+    // Without: frame 0 is in code that does not keep them, every time.
+    let without_fp = compile("nofp_libc", &NO_FRAME_POINTERS);
+    let line = copies_line(&without_fp, &["100"]);
+    assert!(
+        line.starts_with("leaktrace: 203 of 203 allocations came with a stack copy"),
+        "{line}"
+    );
+}
