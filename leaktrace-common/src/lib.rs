@@ -19,6 +19,29 @@ pub const EVENT_ALLOC: u32 = 1;
 pub const EVENT_FREE: u32 = 2;
 /// `RingEvent::kind` of an [`UnmapEvent`].
 pub const EVENT_UNMAP: u32 = 3;
+/// `RingEvent::kind` of an [`AllocStackEvent`]: an allocation with a copy of the user stack,
+/// for unwinding from call-frame information in user space.
+pub const EVENT_ALLOC_STACK: u32 = 8;
+
+/// How the BPF side captures stacks (the `UNWIND_MODE` global, set at load).
+pub mod unwind {
+    /// Frame pointers only (`bpf_get_stack`).
+    pub const FP: u32 = 0;
+    /// Frame pointers, and a copy of the user stack with every allocation.
+    pub const DWARF: u32 = 1;
+    /// Frame pointers, and a copy of the user stack when the frame-pointer walk went through
+    /// code outside the `FP_CODE` map (code not known to keep frame pointers).
+    pub const AUTO: u32 = 2;
+}
+
+/// The sizes `--stack-copy-bytes` may take: the BPF side reserves ring buffer records of a
+/// size known when it is verified, one variant per size.
+pub const STACK_COPY_SIZES: [u32; 4] = [4096, 8192, 16384, 32768];
+/// Default bytes of user stack copied per allocation (chosen by measurement: see README).
+pub const DEFAULT_STACK_COPY_BYTES: u32 = 8192;
+/// Ranges of code known to keep frame pointers in the `FP_CODE` array map: element 0 holds the
+/// count, elements `1 + 2i` and `2 + 2i` the start and end of range `i`, sorted by start.
+pub const MAX_FP_RANGES: u32 = 32;
 
 /// The allocator entry point a [`Pending`] call entered; also tells user space which call
 /// produced an [`AllocEvent`].
@@ -76,6 +99,33 @@ pub struct AllocEvent {
     pub stack_truncated: u32,
     /// User return addresses, innermost first: `frames[0]` is in the allocator's caller.
     pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// The registers of the allocator's caller at the allocator's return: what unwinding starts
+/// from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UserRegs {
+    /// The return address into the caller (`frames[0]` of the frame-pointer stack).
+    pub ip: u64,
+    /// The stack pointer: `AllocStackEvent::stack` starts here.
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// An [`AllocEvent`] followed by the caller's registers and the user stack from `regs.sp`
+/// upward, `N` bytes at most (one of [`STACK_COPY_SIZES`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AllocStackEvent<const N: usize> {
+    /// `alloc.kind` is [`EVENT_ALLOC_STACK`]; `alloc.frames` holds the frame-pointer stack.
+    pub alloc: AllocEvent,
+    pub regs: UserRegs,
+    /// Bytes of `stack` copied: up to a page boundary, and then whole pages until `N` or the
+    /// first page that could not be read (the top of the stack); 0 when none could.
+    pub stack_copy_bytes: u32,
+    pub _pad: u32,
+    pub stack: [u8; N],
 }
 
 /// A `free(addr)` of a non-null pointer, outside any other allocator call.
@@ -140,8 +190,11 @@ pub mod stat {
     pub const STACK_FAILED: u32 = 4;
     /// posix_memalign results that could not be read from the target.
     pub const READ_FAILED: u32 = 5;
+    /// Stack copies of which not even the first page could be read (the event is still
+    /// reported, with its frame-pointer stack).
+    pub const STACK_COPY_FAILED: u32 = 6;
     /// Number of statistics.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Default size of the event ring buffer. The kernel wants a power of two times the page size.
@@ -162,6 +215,11 @@ mod tests {
             4 + 4 + 8 * 6 + 4 + 4 + 8 * MAX_STACK_DEPTH
         );
         assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(size_of::<UserRegs>(), 24);
+        assert_eq!(
+            size_of::<AllocStackEvent<4096>>(),
+            size_of::<AllocEvent>() + 24 + 8 + 4096
+        );
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<Pending>(), 48);
     }

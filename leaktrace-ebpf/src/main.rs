@@ -10,17 +10,18 @@
 #![no_std]
 #![no_main]
 
+mod stack;
+
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
     AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, EVENT_UNMAP, FreeEvent,
-    MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat,
+    MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat, unwind,
 };
 
 /// User space resizes it from `--ringbuf-bytes` before loading.
@@ -38,14 +39,14 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 /// Frames kept per stack (`--max-depth`), 1..=[`MAX_STACK_DEPTH`]; user space sets it before
 /// loading. Read through `read_volatile`: otherwise the compiler folds in this initial value.
 #[unsafe(no_mangle)]
-static STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
+pub(crate) static STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
 /// Unread bytes in the ring buffer past which a submit wakes user space up. Below it, user
 /// space drains on its own short timer: a wakeup per event would cost more than the event.
 const WAKEUP_BYTES: u64 = 256 << 10;
 
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+pub(crate) fn wakeup_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
@@ -54,7 +55,7 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count(index: u32) {
+pub(crate) fn count(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; BPF programs do not nest on one CPU for uprobes.
         unsafe { *counter += 1 };
@@ -278,50 +279,30 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
 
-    // One frame more than kept, when the buffer has room for it, tells a stack of exactly
-    // `depth` frames from a longer one. The bounds keep the size provably within the buffer
-    // for the verifier.
-    // SAFETY: a plain read of a global that user space sets before load.
-    let depth = unsafe { core::ptr::read_volatile(&raw const STACK_DEPTH) }
-        .clamp(1, MAX_STACK_DEPTH as u32);
-    let keep_bytes = depth * 8;
-    let capture_bytes = (depth + 1).min(MAX_STACK_DEPTH as u32) * 8;
-
+    let fill = |event: *mut AllocEvent| {
+        // SAFETY: `event` points at a whole AllocEvent that only this program writes until it
+        // is submitted (a ring buffer reservation).
+        unsafe {
+            (*event).kind = EVENT_ALLOC;
+            (*event).call = call;
+            (*event).pid_tgid = key;
+            (*event).ts_ns = bpf_ktime_get_ns();
+            (*event).addr = addr;
+            (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
+            (*event).old_addr = released;
+            (*event).old_size_bytes = old_size_bytes;
+            stack::fill_frame_pointer_stack(ctx, event);
+        }
+    };
+    let mode = stack::mode();
+    if mode != unwind::FP {
+        return stack::submit_with_stack_copy(ctx, mode, fill);
+    }
     let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reservation of size_of::<AllocEvent>() bytes that only this
-    // program writes until it is submitted.
-    unsafe {
-        (*event).kind = EVENT_ALLOC;
-        (*event).call = call;
-        (*event).pid_tgid = key;
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).addr = addr;
-        (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
-        (*event).old_addr = released;
-        (*event).old_size_bytes = old_size_bytes;
-        let got = bpf_get_stack(
-            ctx.as_ptr(),
-            (*event).frames.as_mut_ptr().cast(),
-            capture_bytes,
-            BPF_F_USER_STACK as u64,
-        );
-        if got < 0 {
-            count(stat::STACK_FAILED);
-            (*event).stack_bytes = 0;
-            (*event).stack_truncated = 0;
-        } else {
-            // At the full depth nothing tells whether more frames existed: "truncated" then
-            // means "may be".
-            let got = got as u32;
-            (*event).stack_bytes = got.min(keep_bytes);
-            (*event).stack_truncated =
-                u32::from(got > keep_bytes || (got == keep_bytes && keep_bytes == capture_bytes));
-        }
-    }
+    fill(entry.as_mut_ptr());
     entry.submit(wakeup_flags());
     Ok(0)
 }

@@ -110,6 +110,48 @@ pub struct Cli {
     /// Size of the BPF ring buffer that carries events (a power of two, in bytes).
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_RINGBUF_BYTES, value_parser = ringbuf_bytes)]
     pub ringbuf_bytes: u32,
+
+    /// How stacks are unwound: `fp` follows frame pointers; `dwarf` also copies the user stack
+    /// of every allocation and unwinds it with the modules' call-frame information (.eh_frame);
+    /// `auto` does that only when the frame-pointer walk went through code built without
+    /// frame pointers.
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+
+    /// Bytes of user stack copied per allocation for `--unwind dwarf|auto`: 4096, 8192, 16384
+    /// or 32768. Deeper stacks are completed from their frame-pointer walk where it agrees.
+    #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_STACK_COPY_BYTES, value_parser = stack_copy_bytes)]
+    pub stack_copy_bytes: u32,
+}
+
+/// `--unwind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    Auto,
+    Fp,
+    Dwarf,
+}
+
+impl Unwind {
+    /// The BPF side's `UNWIND_MODE`.
+    pub fn bpf_mode(self) -> u32 {
+        use leaktrace_common::unwind;
+        match self {
+            Self::Auto => unwind::AUTO,
+            Self::Fp => unwind::FP,
+            Self::Dwarf => unwind::DWARF,
+        }
+    }
+}
+
+fn stack_copy_bytes(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if leaktrace_common::STACK_COPY_SIZES.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not one of {:?}",
+            leaktrace_common::STACK_COPY_SIZES
+        )),
+    }
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -219,6 +261,18 @@ mod tests {
             ),
             (vec![42], 0.5, 3, Some(9.0), Format::Json)
         );
+        assert_eq!((cli.unwind, cli.stack_copy_bytes), (Unwind::Auto, 8192));
+        let cli = Cli::try_parse_from([
+            "leaktrace",
+            "-p",
+            "42",
+            "--unwind",
+            "dwarf",
+            "--stack-copy-bytes",
+            "16384",
+        ])
+        .unwrap();
+        assert_eq!((cli.unwind, cli.stack_copy_bytes), (Unwind::Dwarf, 16384));
     }
 
     #[test]
@@ -328,6 +382,9 @@ mod tests {
             &["leaktrace", "-p", "1", "--sort", "age"],
             &["leaktrace", "-p", "1", "--max-depth", "0"],
             &["leaktrace", "-p", "1", "--max-depth", "128"],
+            &["leaktrace", "-p", "1", "--unwind", "lbr"],
+            &["leaktrace", "-p", "1", "--stack-copy-bytes", "5000"],
+            &["leaktrace", "-p", "1", "--stack-copy-bytes", "65536"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

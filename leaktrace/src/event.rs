@@ -3,7 +3,8 @@
 use std::mem::{offset_of, size_of};
 
 use leaktrace_common::{
-    AllocEvent, EVENT_ALLOC, EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, call,
+    AllocEvent, AllocStackEvent, EVENT_ALLOC, EVENT_ALLOC_STACK, EVENT_FREE, EVENT_UNMAP,
+    FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call,
 };
 
 use crate::mappings::Backing;
@@ -65,6 +66,47 @@ pub enum DecodeError {
     BadStack(u32),
     #[error("unknown allocator call {0}")]
     UnknownCall(u32),
+    #[error("stack copy of {0} bytes does not fit the record")]
+    BadStackCopy(u32),
+}
+
+/// The caller's registers and the copy of its stack that come with an `EVENT_ALLOC_STACK`
+/// record, for unwinding with call-frame information.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UserStack<'a> {
+    /// The return address into the allocator's caller.
+    pub ip: u64,
+    /// The caller's stack pointer: `stack[0]` is the byte at this address.
+    pub sp: u64,
+    pub bp: u64,
+    pub stack: &'a [u8],
+}
+
+/// Where an `AllocStackEvent`'s fields sit (the same for every size: the stack comes last).
+const REGS_AT: usize = offset_of!(AllocStackEvent<0>, regs);
+const COPY_BYTES_AT: usize = offset_of!(AllocStackEvent<0>, stack_copy_bytes);
+const STACK_AT: usize = offset_of!(AllocStackEvent<0>, stack);
+
+/// The registers and stack copy of an `EVENT_ALLOC_STACK` record; `None` for every other
+/// kind. The rest of the record decodes with [`decode`].
+pub fn user_stack(bytes: &[u8]) -> Result<Option<UserStack<'_>>, DecodeError> {
+    if bytes.len() < 4 || u32_at(bytes, 0) != EVENT_ALLOC_STACK {
+        return Ok(None);
+    }
+    if bytes.len() < STACK_AT {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let copied = u32_at(bytes, COPY_BYTES_AT);
+    let stack = usize::try_from(copied)
+        .ok()
+        .and_then(|n| bytes.get(STACK_AT..STACK_AT.checked_add(n)?))
+        .ok_or(DecodeError::BadStackCopy(copied))?;
+    Ok(Some(UserStack {
+        ip: u64_at(bytes, REGS_AT + offset_of!(UserRegs, ip)),
+        sp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, sp)),
+        bp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, bp)),
+        stack,
+    }))
 }
 
 fn u32_at(bytes: &[u8], offset: usize) -> u32 {
@@ -109,7 +151,8 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 size_bytes: u64_at(bytes, offset_of!(UnmapEvent, size_bytes)),
             })
         }
-        EVENT_ALLOC => {
+        // A record with a stack copy starts with a whole AllocEvent.
+        EVENT_ALLOC | EVENT_ALLOC_STACK => {
             if bytes.len() < size_of::<AllocEvent>() {
                 return Err(DecodeError::Short(bytes.len()));
             }
@@ -242,6 +285,44 @@ pub(crate) mod tests {
         .to_vec()
     }
 
+    /// The bytes BPF writes for an allocation with a stack copy of `stack` (at most 4096 bytes).
+    pub(crate) fn alloc_stack_record(
+        addr: u64,
+        fp_frames: &[u64],
+        regs: UserRegs,
+        stack: &[u8],
+    ) -> Vec<u8> {
+        let mut record = AllocStackEvent::<4096> {
+            alloc: AllocEvent {
+                kind: EVENT_ALLOC_STACK,
+                call: leaktrace_common::call::MALLOC,
+                pid_tgid: 7 << 32 | 8,
+                ts_ns: 1000,
+                addr,
+                size_bytes: 16,
+                old_addr: 0,
+                old_size_bytes: 0,
+                stack_bytes: u32::try_from(fp_frames.len() * 8).unwrap(),
+                stack_truncated: 0,
+                frames: [0; MAX_STACK_DEPTH],
+            },
+            regs,
+            stack_copy_bytes: u32::try_from(stack.len()).unwrap(),
+            _pad: 0,
+            stack: [0; 4096],
+        };
+        record.alloc.frames[..fp_frames.len()].copy_from_slice(fp_frames);
+        record.stack[..stack.len()].copy_from_slice(stack);
+        // SAFETY: AllocStackEvent is plain integers without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&raw const record).cast::<u8>(),
+                size_of::<AllocStackEvent<4096>>(),
+            )
+        }
+        .to_vec()
+    }
+
     #[test]
     fn decodes_mappings_by_call() {
         let mut scratch = Vec::new();
@@ -292,6 +373,62 @@ pub(crate) mod tests {
                 Err(DecodeError::UnknownCall(bad))
             );
         }
+    }
+
+    #[test]
+    fn decodes_a_stack_copy() {
+        let regs = UserRegs {
+            ip: 0x401000,
+            sp: 0x7ff000,
+            bp: 0x7ff010,
+        };
+        let record = alloc_stack_record(0x1000, &[0x401000, 0x1], regs, &[1, 2, 3, 4]);
+        assert_eq!(
+            user_stack(&record).unwrap(),
+            Some(UserStack {
+                ip: 0x401000,
+                sp: 0x7ff000,
+                bp: 0x7ff010,
+                stack: &[1, 2, 3, 4],
+            })
+        );
+        // The rest of the record is an ordinary allocation, with its frame-pointer stack.
+        let mut scratch = Vec::new();
+        match decode(&record, &mut scratch).unwrap() {
+            Event::Alloc { addr, frames, .. } => {
+                assert_eq!((addr, frames), (0x1000, &[0x401000, 0x1][..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other kinds have no stack copy.
+        assert_eq!(user_stack(&alloc_record(1, 1, 0, &[])).unwrap(), None);
+        assert_eq!(user_stack(&free_record(1)).unwrap(), None);
+        assert_eq!(user_stack(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn rejects_malformed_stack_copies() {
+        let regs = UserRegs {
+            ip: 1,
+            sp: 2,
+            bp: 3,
+        };
+        let record = alloc_stack_record(0x1000, &[], regs, &[]);
+        assert_eq!(
+            user_stack(&record[..STACK_AT - 1]),
+            Err(DecodeError::Short(STACK_AT - 1))
+        );
+        for bad in [4097u32, u32::MAX] {
+            let mut record = record.clone();
+            record[COPY_BYTES_AT..COPY_BYTES_AT + 4].copy_from_slice(&bad.to_ne_bytes());
+            assert_eq!(user_stack(&record), Err(DecodeError::BadStackCopy(bad)));
+        }
+        // A copy that claims the whole record is fine; one byte more is not.
+        let mut record = record;
+        record[COPY_BYTES_AT..COPY_BYTES_AT + 4].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(user_stack(&record).unwrap().unwrap().stack.len(), 4096);
+        record.pop();
+        assert_eq!(user_stack(&record), Err(DecodeError::BadStackCopy(4096)));
     }
 
     #[test]

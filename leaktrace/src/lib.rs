@@ -18,3 +18,4 @@ pub mod spawn;
 pub mod symbolize;
 pub mod target;
 pub mod trace;
+pub mod unwind;

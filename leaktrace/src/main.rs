@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::{Cli, Command, DiffArgs},
+    cli::{Cli, Command, DiffArgs, Unwind},
     output::{Destination, Output},
     probes, render,
     reporter::Reporter,
@@ -14,6 +14,7 @@ use leaktrace::{
     target::Target,
     trace,
     trace::{Session, Stop},
+    unwind::Unwinder,
 };
 
 /// `--fail-on-leak` found a leak.
@@ -83,7 +84,20 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     let style = render::Style::for_destination(&destination);
     let output = Output::open(destination, cli.format, targets[0].pid)?;
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
+    let capture = probes::StackCapture {
+        mode: cli.unwind.bpf_mode(),
+        stack_copy_bytes: cli.stack_copy_bytes,
+        max_depth: cli.max_depth,
+    };
+    let (ebpf, mut maps) = probes::load(cli.ringbuf_bytes, capture)?;
+    if cli.unwind == Unwind::Auto {
+        // Before attaching: the first allocations already need to know where frame pointers
+        // can be trusted. The map holds one address space: the first traced process's.
+        let first = &targets[0];
+        maps.fp_code
+            .set(&Unwinder::new(first.pid, first.maps.clone()).code_with_frame_pointers())
+            .context("filling the BPF map of code with frame pointers")?;
+    }
     let mut probes = probes::Probes::new(ebpf);
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
@@ -124,6 +138,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         with_freed: cli.format == render::Format::Pprof,
         file_mappings: cli.file_mappings,
         follow_forks: cli.follow_forks,
+        unwind: cli.unwind,
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
         let target = Target::open(child)?;
@@ -199,5 +214,6 @@ fn session(
     Ok(Session {
         pid: target.pid,
         reporter,
+        unwinder: Unwinder::new(target.pid, target.maps.clone()),
     })
 }

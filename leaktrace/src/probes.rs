@@ -5,13 +5,13 @@ use std::{collections::HashMap, num::NonZeroU32};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeLink, UProbeScope},
     },
 };
-use leaktrace_common::stat;
+use leaktrace_common::{MAX_FP_RANGES, stat};
 
 use crate::{allocator::EntryPoint, target::Target};
 
@@ -88,6 +88,43 @@ impl Drop for Probes {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
+    pub fp_code: FramePointerCode,
+}
+
+/// The ranges of code that keeps frame pointers, where `--unwind auto` trusts the
+/// frame-pointer walk (and copies the stack for everything else).
+pub struct FramePointerCode {
+    map: Array<MapData, u64>,
+    current: Vec<(u64, u64)>,
+}
+
+impl FramePointerCode {
+    /// Replaces the ranges (sorted by start, disjoint). Past `MAX_FP_RANGES`, the smallest
+    /// ones are left out: code left out costs stack copies, never a wrong stack.
+    pub fn set(&mut self, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
+        let mut ranges = ranges.to_vec();
+        if ranges.len() > MAX_FP_RANGES as usize {
+            ranges.sort_by_key(|&(start, end)| std::cmp::Reverse(end - start));
+            ranges.truncate(MAX_FP_RANGES as usize);
+            ranges.sort_unstable();
+        }
+        if ranges == self.current {
+            return Ok(());
+        }
+        // The count goes last when ranges are added and first when removed, so that the BPF
+        // side never reads a range that is not written yet.
+        let count = ranges.len() as u64;
+        if count < self.current.len() as u64 {
+            self.map.set(0, count, 0)?;
+        }
+        for (i, &(start, end)) in ranges.iter().enumerate() {
+            self.map.set(1 + 2 * i as u32, start, 0)?;
+            self.map.set(2 + 2 * i as u32, end, 0)?;
+        }
+        self.map.set(0, count, 0)?;
+        self.current = ranges;
+        Ok(())
+    }
 }
 
 /// The per-CPU counters that the BPF programs keep.
@@ -107,9 +144,19 @@ impl Stats {
     }
 }
 
-/// Loads the BPF programs with a ring buffer of `ringbuf_bytes` that keep at most `max_depth`
-/// frames per stack (1..=[`leaktrace_common::MAX_STACK_DEPTH`]).
-pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> {
+/// How the BPF side captures stacks.
+#[derive(Clone, Copy, Debug)]
+pub struct StackCapture {
+    /// One of `leaktrace_common::unwind`'s constants.
+    pub mode: u32,
+    /// One of `leaktrace_common::STACK_COPY_SIZES`.
+    pub stack_copy_bytes: u32,
+    /// Frames kept per frame-pointer stack, 1..=[`leaktrace_common::MAX_STACK_DEPTH`].
+    pub max_depth: u32,
+}
+
+/// Loads the BPF programs with a ring buffer of `ringbuf_bytes`.
+pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, Maps)> {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
     let unlimited = libc::rlimit {
@@ -121,7 +168,9 @@ pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> 
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ringbuf_bytes)
-        .override_global("STACK_DEPTH", &max_depth, true)
+        .override_global("STACK_DEPTH", &capture.max_depth, true)
+        .override_global("UNWIND_MODE", &capture.mode, true)
+        .override_global("STACK_COPY_BYTES", &capture.stack_copy_bytes, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/leaktrace"
@@ -133,9 +182,16 @@ pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> 
     let stats = ebpf
         .take_map("STATS")
         .context("no STATS map in the BPF object")?;
+    let fp_code = ebpf
+        .take_map("FP_CODE")
+        .context("no FP_CODE map in the BPF object")?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
+        fp_code: FramePointerCode {
+            map: Array::try_from(fp_code).context("FP_CODE is not an array")?,
+            current: Vec::new(),
+        },
     };
     Ok((ebpf, maps))
 }

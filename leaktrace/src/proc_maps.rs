@@ -100,6 +100,23 @@ pub fn path_in_target(pid: u32, target_path: &str) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(target_path.trim_start_matches('/'))
 }
 
+/// Where this process can open the file behind `mapping`, best first: the target's own view of
+/// it (`/proc/PID/map_files`, the very file mapped, even deleted, replaced or in another mount
+/// namespace; it needs CAP_SYS_ADMIN), then its path under the target's root, then the path as
+/// is. A file gone from its path (the kernel then shows "PATH (deleted)") has no fallback: no
+/// path names it any more.
+pub fn candidate_paths(pid: u32, mapping: &Mapping) -> Vec<PathBuf> {
+    let mut candidates = vec![PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    ))];
+    if !mapping.path.ends_with(" (deleted)") {
+        candidates.push(path_in_target(pid, &mapping.path));
+        candidates.push(PathBuf::from(&mapping.path));
+    }
+    candidates
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

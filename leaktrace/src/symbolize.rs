@@ -13,7 +13,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::proc_maps::{Mapping, ProcMaps, path_in_target};
+use crate::proc_maps::{Mapping, ProcMaps, candidate_paths};
 
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,24 +162,11 @@ impl StackSymbolizer {
     }
 
     /// The first path under which this process can open the file behind `mapping`:
-    /// `/proc/PID/map_files` is the very file mapped, even deleted, replaced or in another
-    /// mount namespace; the target's path through its root, or as it is, are the fallbacks
-    /// (map_files needs CAP_SYS_ADMIN). A file gone from its path (the kernel then shows
-    /// "PATH (deleted)") has no fallback: no path names it any more.
-    ///
-    /// The choice is made by opening the file, never by whether it has a symbol for an
-    /// address: a stripped file has none, and a file at the same path (a newer build, say)
-    /// would have wrong ones.
+    /// The first of [`candidate_paths`] that opens. The choice is made by opening the file,
+    /// never by whether it has a symbol for an address: a stripped file has none, and a file
+    /// at the same path (a newer build, say) would have wrong ones.
     fn openable_path(&self, mapping: &Mapping) -> Option<PathBuf> {
-        let mut candidates = vec![PathBuf::from(format!(
-            "/proc/{}/map_files/{:x}-{:x}",
-            self.pid, mapping.start, mapping.end
-        ))];
-        if !mapping.path.ends_with(" (deleted)") {
-            candidates.push(path_in_target(self.pid, &mapping.path));
-            candidates.push(PathBuf::from(&mapping.path));
-        }
-        candidates
+        candidate_paths(self.pid, mapping)
             .into_iter()
             .find(|path| std::fs::File::open(path).is_ok())
     }

@@ -15,11 +15,13 @@ use tokio::{
 };
 
 use crate::{
-    event::{decode, tgid_of},
+    cli::Unwind,
+    event::{Event, decode, tgid_of, user_stack},
     heap::HeapModel,
     probes::{Maps, Probes},
     report::{SnapshotInput, Trends, snapshot},
     reporter::Reporter,
+    unwind::Unwinder,
 };
 
 /// How often events are drained when the ring buffer is not filling fast enough to wake us.
@@ -60,6 +62,7 @@ pub struct Settings {
     pub file_mappings: bool,
     /// Trace the children that traced processes fork (`--follow-forks`).
     pub follow_forks: bool,
+    pub unwind: Unwind,
 }
 
 /// One traced process and where its reports go. Each has its own heap model: processes are
@@ -67,6 +70,9 @@ pub struct Settings {
 pub struct Session {
     pub pid: u32,
     pub reporter: Reporter,
+    /// Unwinds its stack copies (`--unwind auto|dwarf`) with its modules' call-frame
+    /// information.
+    pub unwinder: Unwinder,
 }
 
 /// Attaches to a forked child and returns its session (`--follow-forks`).
@@ -74,6 +80,7 @@ pub type Adopt<'a> = dyn FnMut(&mut Probes, u32) -> anyhow::Result<Session> + 'a
 
 struct Live {
     reporter: Reporter,
+    unwinder: Unwinder,
     heap: HeapModel,
     trends: Trends,
     /// Its executable, to tell a child that still runs the same program from one that exec'd.
@@ -90,7 +97,11 @@ pub async fn run(
     started: impl FnOnce(),
 ) -> anyhow::Result<Ended> {
     let start = Instant::now();
-    let Maps { events, stats } = maps;
+    let Maps {
+        events,
+        stats,
+        mut fp_code,
+    } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
     // AsyncFd that owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -111,7 +122,7 @@ pub async fn run(
     // The BPF side wakes us only when much is waiting; below that, events are drained here.
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     let mut bad_records = 0u64;
     let mut finished = Vec::new();
     let mut reports = 0u64;
@@ -177,6 +188,16 @@ pub async fn run(
                     take_snapshot(pid, session, false, bad_records);
                 }
                 reports += 1;
+                // Code mapped since (dlopen) counts as code without frame pointers until judged
+                // here. The map holds one address space: the first traced process's.
+                if settings.unwind == Unwind::Auto
+                    && let Some(session) = live.values_mut().next()
+                {
+                    session.unwinder.refresh_maps();
+                    fp_code
+                        .set(&session.unwinder.code_with_frame_pointers())
+                        .context("updating the BPF map of code with frame pointers")?;
+                }
             }
             Some(pid) = exit_rx.recv() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
@@ -202,6 +223,9 @@ pub async fn run(
     let mut reporters = Vec::new();
     for (pid, mut session) in std::mem::take(&mut live) {
         leak |= take_snapshot(pid, &mut session, true, bad_records);
+        if settings.unwind != Unwind::Fp {
+            report_unwinding(pid, &session);
+        }
         reporters.push(session.reporter);
     }
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final reports
@@ -220,10 +244,30 @@ pub async fn run(
     result
 }
 
+/// How much unwinding from stack copies cost, on stderr.
+fn report_unwinding(pid: u32, session: &Live) {
+    let unwound = session.unwinder.stats();
+    let busy_s = unwound.busy.as_secs_f64();
+    eprintln!(
+        "leaktrace: pid {pid}: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers) in {:.3}s ({:.0} stacks/s)",
+        unwound.stacks,
+        session.heap.counters().allocations,
+        unwound.cfi_frames,
+        unwound.fp_frames,
+        busy_s,
+        if busy_s > 0.0 {
+            unwound.stacks as f64 / busy_s
+        } else {
+            0.0
+        }
+    );
+}
+
 impl Live {
     fn new(session: Session, settings: &Settings) -> Self {
         Self {
             reporter: session.reporter,
+            unwinder: session.unwinder,
             heap: HeapModel::default(),
             trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
             exe: exe_id(session.pid),
@@ -295,12 +339,19 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// Buffers reused from event to event.
+#[derive(Default)]
+pub struct Scratch {
+    frames: Vec<u64>,
+    unwound: Vec<u64>,
+}
+
 /// Applies every record waiting in the ring buffer to the model of the process it came from;
 /// returns how many could not be decoded.
 fn drain(
     ring: &mut RingBuf<MapData>,
     live: &mut BTreeMap<u32, Live>,
-    scratch: &mut Vec<u64>,
+    scratch: &mut Scratch,
 ) -> u64 {
     let mut bad = 0;
     while let Some(record) = ring.next() {
@@ -308,17 +359,70 @@ fn drain(
             bad += 1;
             continue;
         };
-        match decode(&record, scratch) {
-            // A process no longer traced (it exited an instant ago): nothing to apply to.
-            Ok(event) => {
-                if let Some(session) = live.get_mut(&tgid) {
-                    session.heap.apply(&event);
-                }
-            }
-            Err(_) => bad += 1,
+        // A process no longer traced (it exited an instant ago): nothing to apply to.
+        let Some(session) = live.get_mut(&tgid) else {
+            continue;
+        };
+        if apply(&record, &mut session.heap, scratch, &mut session.unwinder).is_err() {
+            bad += 1;
         }
     }
     bad
+}
+
+/// Decodes one record, unwinds its stack copy if it has one, and applies it to the heap model.
+pub fn apply(
+    record: &[u8],
+    heap: &mut HeapModel,
+    scratch: &mut Scratch,
+    unwinder: &mut Unwinder,
+) -> Result<(), crate::event::DecodeError> {
+    let user = user_stack(record)?;
+    let event = decode(record, &mut scratch.frames)?;
+    let Some(user) = user else {
+        heap.apply(&event);
+        return Ok(());
+    };
+    match event {
+        Event::Alloc {
+            ts_ns,
+            addr,
+            size_bytes,
+            old_addr,
+            frames,
+            ..
+        } if addr != 0 => {
+            let truncated = unwinder.unwind(&user, frames, &mut scratch.unwound);
+            heap.apply(&Event::Alloc {
+                ts_ns,
+                addr,
+                size_bytes,
+                old_addr,
+                frames: &scratch.unwound,
+                truncated,
+            });
+        }
+        Event::Map {
+            ts_ns,
+            addr,
+            size_bytes,
+            source,
+            frames,
+            ..
+        } => {
+            let truncated = unwinder.unwind(&user, frames, &mut scratch.unwound);
+            heap.apply(&Event::Map {
+                ts_ns,
+                addr,
+                size_bytes,
+                source,
+                frames: &scratch.unwound,
+                truncated,
+            });
+        }
+        event => heap.apply(&event),
+    }
+    Ok(())
 }
 
 fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {
@@ -348,6 +452,12 @@ fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use leaktrace_common::UserRegs;
+
+    use crate::{
+        event::tests::{alloc_record, alloc_stack_record, free_record},
+        proc_maps::ProcMaps,
+    };
 
     #[test]
     fn reads_vm_rss() {
@@ -359,5 +469,51 @@ mod tests {
         assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_stack_copy_is_unwound_before_the_heap_model_sees_it() {
+        let mut heap = HeapModel::default();
+        let mut scratch = Scratch::default();
+        // No module is mapped at these addresses: the unwinder follows the frame pointers in
+        // the copy, which here disagree with the frame-pointer stack the record carries.
+        let mut unwinder = Unwinder::new(u32::MAX, ProcMaps::default());
+        let sp = 0x7000_0000u64;
+        let stack: Vec<u8> = [0u64, 0x2222, 0, 0x3333]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let regs = UserRegs {
+            ip: 0x1111,
+            sp,
+            bp: sp,
+        };
+        // [sp] = saved bp (sp+16), [sp+8] = 0x2222; [sp+16] = 0, [sp+24] = 0x3333.
+        let mut stack = stack;
+        stack[..8].copy_from_slice(&(sp + 16).to_ne_bytes());
+        let record = alloc_stack_record(0x5000, &[0x1111, 0x9999], regs, &stack);
+        apply(&record, &mut heap, &mut scratch, &mut unwinder).unwrap();
+        apply(
+            &alloc_record(0x6000, 8, 0, &[0x1111, 0x9999]),
+            &mut heap,
+            &mut scratch,
+            &mut unwinder,
+        )
+        .unwrap();
+        let mut stacks: Vec<Vec<u64>> = heap
+            .usage(u64::MAX)
+            .iter()
+            .map(|u| heap.stacks().get(u.stack).frames.to_vec())
+            .collect();
+        stacks.sort();
+        assert_eq!(
+            stacks,
+            [vec![0x1111, 0x2222, 0x3333], vec![0x1111, 0x9999]],
+            "the copy's stack, and the plain record's frame-pointer stack"
+        );
+        assert_eq!(unwinder.stats().stacks, 1);
+        apply(&free_record(0x5000), &mut heap, &mut scratch, &mut unwinder).unwrap();
+        assert_eq!(heap.usage(u64::MAX).len(), 1);
+        assert!(apply(&[9, 0, 0, 0], &mut heap, &mut scratch, &mut unwinder).is_err());
     }
 }

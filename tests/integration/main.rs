@@ -7,6 +7,7 @@ mod protobuf;
 mod service;
 mod stacks;
 mod support;
+mod unwind;
 
 use support::{
     Fixture, Leaktrace, all_symbols, compile, expected_sites, malloc_bytes_in, reported_sites,
@@ -14,7 +15,7 @@ use support::{
 };
 
 /// The line of `tests/fixtures/<file>` that contains `text`.
-fn line_of(file: &str, text: &str) -> u64 {
+pub(crate) fn line_of(file: &str, text: &str) -> u64 {
     let source = std::fs::read_to_string(format!(
         "{}/../tests/fixtures/{file}",
         env!("CARGO_MANIFEST_DIR")

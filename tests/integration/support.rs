@@ -35,14 +35,20 @@ fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-/// A fixture compiled from `tests/fixtures/<name>.c` into a temporary directory.
+/// A fixture compiled into a temporary directory.
 pub struct Binary {
     pub _dir: tempfile::TempDir,
     pub path: PathBuf,
 }
 
+/// `tests/fixtures/<name>.c` is built with gcc, `<name>.cpp` with g++; `extra_flags` come last,
+/// so they override the defaults (`-O2 -fomit-frame-pointer`, `-shared -fPIC`).
 pub fn compile(name: &str, extra_flags: &[&str]) -> Binary {
-    compile_source("gcc", &format!("{name}.c"), name, extra_flags)
+    if fixtures_dir().join(format!("{name}.cpp")).exists() {
+        compile_source("g++", &format!("{name}.cpp"), name, extra_flags)
+    } else {
+        compile_source("gcc", &format!("{name}.c"), name, extra_flags)
+    }
 }
 
 /// A C++ fixture, `tests/fixtures/<name>.cc`, compiled with g++ into `<output>`.

@@ -1,6 +1,7 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
 mod bench_symbolize;
+mod bench_unwind;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +38,16 @@ enum Task {
         #[arg(long)]
         stacks: Option<u64>,
     },
+    /// Measure the cost per malloc/free pair of `--unwind dwarf|auto` next to `--unwind fp`,
+    /// and how fast leaktrace unwinds stack copies.
+    BenchUnwind {
+        /// malloc/free pairs per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+        /// Runs; each measures every configuration once, and the table shows medians.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
@@ -67,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
+        Task::BenchUnwind { pairs, runs } => bench_unwind::bench_unwind(pairs, runs),
     }
 }
 
