@@ -91,6 +91,10 @@ pub struct AllocEvent {
     pub old_addr: u64,
     /// mremap's old length; 0 for other calls.
     pub old_size_bytes: u64,
+    /// `CLOCK_MONOTONIC` at the call's entry. The call may release `old_addr` any time after
+    /// it, and another thread may then get that address and report it before this call
+    /// returns: a block at `old_addr` that is younger than this is not the one released.
+    pub entry_ts_ns: u64,
     /// Bytes of `frames` that hold return addresses (at most 8 x the depth limit); 0 when the
     /// stack could not be read.
     pub stack_bytes: u32,
@@ -149,6 +153,8 @@ pub struct UnmapEvent {
     pub kind: u32,
     pub _pad: u32,
     pub pid_tgid: u64,
+    /// At munmap's entry, as [`AllocEvent::entry_ts_ns`]: the event is sent at its return (only
+    /// a munmap that succeeded releases anything), after the range may have been mapped again.
     pub ts_ns: u64,
     pub addr: u64,
     pub size_bytes: u64,
@@ -174,6 +180,8 @@ pub struct Pending {
     pub old_size_bytes: u64,
     /// posix_memalign's out-parameter.
     pub out_ptr: u64,
+    /// `CLOCK_MONOTONIC` at the outermost entry: see [`AllocEvent::entry_ts_ns`].
+    pub entry_ts_ns: u64,
 }
 
 /// Indexes of the per-CPU statistics array (`STATS`).
@@ -212,7 +220,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<AllocEvent>(),
-            4 + 4 + 8 * 6 + 4 + 4 + 8 * MAX_STACK_DEPTH
+            4 + 4 + 8 * 7 + 4 + 4 + 8 * MAX_STACK_DEPTH
         );
         assert_eq!(size_of::<FreeEvent>(), 32);
         assert_eq!(size_of::<UserRegs>(), 24);
@@ -221,6 +229,6 @@ mod tests {
             size_of::<AllocEvent>() + 24 + 8 + 4096
         );
         assert_eq!(size_of::<UnmapEvent>(), 40);
-        assert_eq!(size_of::<Pending>(), 48);
+        assert_eq!(size_of::<Pending>(), 56);
     }
 }

@@ -94,6 +94,8 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         old_addr: old.0,
         old_size_bytes: old.1,
         out_ptr,
+        // SAFETY: no preconditions.
+        entry_ts_ns: unsafe { bpf_ktime_get_ns() },
     };
     if PENDING.insert(&key, &pending, 0).is_err() {
         count(stat::PENDING_FULL);
@@ -221,6 +223,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     let size_bytes = pending.size_bytes;
     let old_addr = pending.old_addr;
     let old_size_bytes = pending.old_size_bytes;
+    let entry_ts_ns = pending.entry_ts_ns;
     let out_ptr = pending.out_ptr;
     let _ = PENDING.remove(&key);
 
@@ -231,7 +234,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             if ret != 0 {
                 return Ok(0);
             }
-            return unmapped(key, old_addr, old_size_bytes);
+            return unmapped(key, entry_ts_ns, old_addr, old_size_bytes);
         }
         call::MMAP | call::MMAP_FILE => {
             if ret == MAP_FAILED {
@@ -291,6 +294,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
             (*event).old_addr = released;
             (*event).old_size_bytes = old_size_bytes;
+            (*event).entry_ts_ns = entry_ts_ns;
             stack::fill_frame_pointer_stack(ctx, event);
         }
     };
@@ -307,13 +311,12 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-fn unmapped(pid_tgid: u64, addr: u64, size_bytes: u64) -> Result<u32, u32> {
+fn unmapped(pid_tgid: u64, entry_ts_ns: u64, addr: u64, size_bytes: u64) -> Result<u32, u32> {
     let event = UnmapEvent {
         kind: EVENT_UNMAP,
         _pad: 0,
         pid_tgid,
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns: entry_ts_ns,
         addr,
         size_bytes,
     };

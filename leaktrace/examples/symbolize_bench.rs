@@ -236,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             addr: 0x1000 + 16 * i as u64,
             size_bytes: 16,
             old_addr: 0,
+            entry_ts_ns: 0,
             frames,
             truncated: false,
         });

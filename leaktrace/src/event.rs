@@ -18,6 +18,9 @@ pub enum Event<'a> {
         addr: u64,
         size_bytes: u64,
         old_addr: u64,
+        /// When the call began: its release of `old_addr` happened after this, so a block at
+        /// that address younger than this is another one (see `AllocEvent::entry_ts_ns`).
+        entry_ts_ns: u64,
         /// Return addresses, innermost (the allocator's caller) first.
         frames: &'a [u64],
         truncated: bool,
@@ -53,6 +56,8 @@ pub enum MapSource {
         old_addr: u64,
         old_size_bytes: u64,
         old_kept: bool,
+        /// When the mremap began (see `AllocEvent::entry_ts_ns`).
+        entry_ts_ns: u64,
     },
 }
 
@@ -166,11 +171,13 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
             let addr = u64_at(bytes, offset_of!(AllocEvent, addr));
             let size_bytes = u64_at(bytes, offset_of!(AllocEvent, size_bytes));
             let old_addr = u64_at(bytes, offset_of!(AllocEvent, old_addr));
+            let entry_ts_ns = u64_at(bytes, offset_of!(AllocEvent, entry_ts_ns));
             let truncated = u32_at(bytes, offset_of!(AllocEvent, stack_truncated)) != 0;
             let remap = |old_kept| MapSource::Remap {
                 old_addr,
                 old_size_bytes: u64_at(bytes, offset_of!(AllocEvent, old_size_bytes)),
                 old_kept,
+                entry_ts_ns,
             };
             let source = match u32_at(bytes, offset_of!(AllocEvent, call)) {
                 call::MALLOC
@@ -194,6 +201,7 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                     addr,
                     size_bytes,
                     old_addr,
+                    entry_ts_ns,
                     frames: scratch,
                     truncated,
                 },
@@ -242,6 +250,7 @@ pub(crate) mod tests {
             size_bytes,
             old_addr,
             old_size_bytes,
+            entry_ts_ns: 900,
             stack_bytes: u32::try_from(frames.len() * 8).unwrap(),
             stack_truncated: 0,
             frames: [0; MAX_STACK_DEPTH],
@@ -302,6 +311,7 @@ pub(crate) mod tests {
                 size_bytes: 16,
                 old_addr: 0,
                 old_size_bytes: 0,
+                entry_ts_ns: 900,
                 stack_bytes: u32::try_from(fp_frames.len() * 8).unwrap(),
                 stack_truncated: 0,
                 frames: [0; MAX_STACK_DEPTH],
@@ -348,7 +358,8 @@ pub(crate) mod tests {
                 source: MapSource::Remap {
                     old_addr: 0x7000,
                     old_size_bytes: 8192,
-                    old_kept: true
+                    old_kept: true,
+                    entry_ts_ns: 900
                 },
                 frames: &[],
                 truncated: false
@@ -442,6 +453,7 @@ pub(crate) mod tests {
                 addr: 0x1000,
                 size_bytes: 64,
                 old_addr: 0,
+                entry_ts_ns: 900,
                 frames: &[0x401000, 0x402000],
                 truncated: false
             }

@@ -131,6 +131,10 @@ pub struct Allocated {
 #[derive(Debug, Default)]
 pub struct HeapModel {
     live: HashMap<u64, Live>,
+    /// Blocks that a younger block at the same address replaced before their release was seen,
+    /// by address: the birth time of the replaced one. A call that releases a block (realloc)
+    /// reports it at its return, and another thread may get the address in between.
+    replaced: HashMap<u64, u64>,
     mappings: Mappings,
     stacks: Stacks,
     counters: Counters,
@@ -146,28 +150,29 @@ impl HeapModel {
                 addr,
                 size_bytes,
                 old_addr,
+                entry_ts_ns,
                 frames,
                 truncated,
             } => {
                 if old_addr != 0 {
-                    self.release(old_addr);
+                    self.release(old_addr, entry_ts_ns);
                 }
                 if addr != 0 {
                     let stack = self.stacks.intern(frames, truncated, Origin::Heap);
                     self.counters.allocations += 1;
                     self.count_allocated(stack, size_bytes);
-                    // An address still live means its free was lost; the new block replaces it.
-                    self.live.insert(
-                        addr,
-                        Live {
-                            size_bytes,
-                            ts_ns,
-                            stack,
-                        },
-                    );
+                    // An address still live: its release is still on its way (or was lost).
+                    let new = Live {
+                        size_bytes,
+                        ts_ns,
+                        stack,
+                    };
+                    if let Some(old) = self.live.insert(addr, new) {
+                        self.replaced.insert(addr, old.ts_ns);
+                    }
                 }
             }
-            Event::Free { addr, .. } => self.release(addr),
+            Event::Free { ts_ns, addr } => self.release(addr, ts_ns),
             Event::Map {
                 ts_ns,
                 addr,
@@ -182,6 +187,7 @@ impl HeapModel {
                         old_addr,
                         old_size_bytes,
                         old_kept,
+                        entry_ts_ns,
                     } => {
                         // A mapping made before attach is taken for anonymous memory: its
                         // backing is unknown, and hiding it would hide memory.
@@ -190,7 +196,8 @@ impl HeapModel {
                             .backing_at(old_addr)
                             .unwrap_or(Backing::Anonymous);
                         if !old_kept {
-                            let unmapped = self.mappings.unmap(old_addr, old_size_bytes);
+                            let unmapped =
+                                self.mappings.unmap(old_addr, old_size_bytes, entry_ts_ns);
                             self.counters.frees += unmapped.released;
                         }
                         backing
@@ -204,9 +211,11 @@ impl HeapModel {
                 self.counters.frees += replaced.released;
             }
             Event::Unmap {
-                addr, size_bytes, ..
+                ts_ns,
+                addr,
+                size_bytes,
             } => {
-                let unmapped = self.mappings.unmap(addr, size_bytes);
+                let unmapped = self.mappings.unmap(addr, size_bytes, ts_ns);
                 self.counters.frees += unmapped.released;
                 if unmapped.bytes == 0 {
                     self.counters.unmatched_unmaps += 1;
@@ -224,10 +233,24 @@ impl HeapModel {
         self.allocated[index].count += 1;
     }
 
-    fn release(&mut self, addr: u64) {
+    /// Releases the block at `addr` that was born before `released_ns`, when the release began.
+    fn release(&mut self, addr: u64, released_ns: u64) {
         self.counters.frees += 1;
-        if self.live.remove(&addr).is_none() {
-            self.counters.unmatched_frees += 1;
+        match self.live.get(&addr) {
+            Some(live) if live.ts_ns <= released_ns => {
+                self.live.remove(&addr);
+            }
+            // The address was given out again before this release was seen: the block it
+            // releases is the one that the younger block replaced.
+            _ => {
+                if self
+                    .replaced
+                    .remove(&addr)
+                    .is_none_or(|born| born > released_ns)
+                {
+                    self.counters.unmatched_frees += 1;
+                }
+            }
         }
     }
 
@@ -312,6 +335,7 @@ mod tests {
             addr,
             size_bytes,
             old_addr: 0,
+            entry_ts_ns: 0,
             frames,
             truncated: false,
         }
@@ -324,10 +348,11 @@ mod tests {
         frames: &'static [u64],
     ) -> Event<'static> {
         Event::Alloc {
-            ts_ns: 99,
+            ts_ns: 1 << 40,
             addr,
             size_bytes,
             old_addr,
+            entry_ts_ns: 1 << 40,
             frames,
             truncated: false,
         }
@@ -347,7 +372,7 @@ mod tests {
             heap.apply(&alloc(0x1000 + i * 0x100, 64, &[1, 2]));
             heap.apply(&alloc(0x9000, 32, &[3, 2]));
             heap.apply(&Event::Free {
-                ts_ns: 0,
+                ts_ns: u64::MAX,
                 addr: 0x9000,
             });
         }
@@ -378,7 +403,7 @@ mod tests {
         heap.apply(&alloc(0x2000, 20, &[1]));
         heap.apply(&alloc(0x3000, 30, &[1]));
         heap.apply(&Event::Free {
-            ts_ns: 0,
+            ts_ns: u64::MAX,
             addr: 0x3000,
         });
         let mid = heap.usage_of_sizes(u64::MAX, 15..=30);
@@ -444,7 +469,7 @@ mod tests {
     fn frees_of_unknown_blocks_are_counted_not_errors() {
         let mut heap = HeapModel::default();
         heap.apply(&Event::Free {
-            ts_ns: 0,
+            ts_ns: u64::MAX,
             addr: 0x5000,
         });
         heap.apply(&realloc(0x6000, 0x7000, 8, &[1]));
@@ -512,7 +537,7 @@ mod tests {
 
     fn unmap(addr: u64, size_bytes: u64) -> Event<'static> {
         Event::Unmap {
-            ts_ns: 0,
+            ts_ns: u64::MAX,
             addr,
             size_bytes,
         }
@@ -547,6 +572,7 @@ mod tests {
                 old_addr: 0x20000,
                 old_size_bytes: 0x2000,
                 old_kept: false,
+                entry_ts_ns: u64::MAX,
             },
             &[3],
         ));
@@ -567,6 +593,7 @@ mod tests {
                 old_addr: 0x12000,
                 old_size_bytes: 0x1000,
                 old_kept: true,
+                entry_ts_ns: u64::MAX,
             },
             &[4],
         ));
@@ -577,6 +604,7 @@ mod tests {
                 old_addr: 0x90000,
                 old_size_bytes: 0x1000,
                 old_kept: false,
+                entry_ts_ns: u64::MAX,
             },
             &[5],
         ));
@@ -599,7 +627,7 @@ mod tests {
         // Heap blocks and mappings never touch each other: a free of a mapped address is an
         // unmatched free, not an unmap.
         heap.apply(&Event::Free {
-            ts_ns: 0,
+            ts_ns: u64::MAX,
             addr: 0x40000,
         });
         assert_eq!(heap.counters().unmatched_frees, 1);
@@ -607,5 +635,86 @@ mod tests {
             origin_usage(&heap, Origin::Mapping),
             [(0x1000, 1), (0x1000, 1)]
         );
+    }
+
+    #[test]
+    fn a_release_reported_after_its_address_was_reused_releases_the_older_block() {
+        let mut heap = HeapModel::default();
+        let at = |ts_ns, addr, frames| Event::Alloc {
+            ts_ns,
+            addr,
+            size_bytes: 8,
+            old_addr: 0,
+            entry_ts_ns: ts_ns,
+            frames,
+            truncated: false,
+        };
+        heap.apply(&at(10, 0x1000, &[1]));
+        // Thread A's realloc(0x1000) begins at 20 and frees the block inside; thread B gets
+        // 0x1000 at 30 and reports it first; A's return (moved to 0x2000) comes after.
+        heap.apply(&at(30, 0x1000, &[2]));
+        heap.apply(&Event::Alloc {
+            ts_ns: 40,
+            addr: 0x2000,
+            size_bytes: 16,
+            old_addr: 0x1000,
+            entry_ts_ns: 20,
+            frames: &[3],
+            truncated: false,
+        });
+        assert_eq!(usage_of(&heap, &[1]), None);
+        assert_eq!(usage_of(&heap, &[2]), Some((8, 1)), "B's block stays");
+        assert_eq!(usage_of(&heap, &[3]), Some((16, 1)));
+        // Same, but B frees its block before A's return is seen.
+        heap.apply(&at(50, 0x3000, &[1]));
+        heap.apply(&at(70, 0x3000, &[2]));
+        heap.apply(&Event::Free {
+            ts_ns: 80,
+            addr: 0x3000,
+        });
+        heap.apply(&Event::Alloc {
+            ts_ns: 90,
+            addr: 0x4000,
+            size_bytes: 16,
+            old_addr: 0x3000,
+            entry_ts_ns: 60,
+            frames: &[3],
+            truncated: false,
+        });
+        assert_eq!(usage_of(&heap, &[2]), Some((8, 1)));
+        assert_eq!(usage_of(&heap, &[3]), Some((32, 2)));
+        assert_eq!(
+            heap.counters(),
+            Counters {
+                allocations: 6,
+                frees: 3,
+                unmatched_frees: 0,
+                unmatched_unmaps: 0
+            }
+        );
+    }
+
+    #[test]
+    fn an_unmap_reported_after_its_range_was_mapped_again_leaves_the_new_mapping() {
+        let anon = MapSource::Mmap(Backing::Anonymous);
+        let mut heap = HeapModel::default();
+        // Mapped at 0x10000 (ts 0x10000); munmap begins later, the range is mapped again by
+        // another thread (ts 0x30000), and only then is the munmap's event seen.
+        heap.apply(&map(0x10000, 0x2000, anon, &[1]));
+        heap.apply(&Event::Map {
+            ts_ns: 0x30000,
+            addr: 0x10000,
+            size_bytes: 0x1000,
+            source: anon,
+            frames: &[2],
+            truncated: false,
+        });
+        heap.apply(&Event::Unmap {
+            ts_ns: 0x20000,
+            addr: 0x10000,
+            size_bytes: 0x2000,
+        });
+        assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x1000, 1)]);
+        assert_eq!(heap.counters().frees, 1);
     }
 }

@@ -74,7 +74,7 @@ impl Mappings {
         ts_ns: u64,
         backing: Backing,
     ) -> Unmapped {
-        let replaced = self.unmap(addr, size_bytes);
+        let replaced = self.unmap(addr, size_bytes, u64::MAX);
         if size_bytes == 0 {
             return replaced;
         }
@@ -105,9 +105,11 @@ impl Mappings {
         (addr < piece.end).then(|| self.mappings[&piece.mapping].backing)
     }
 
-    /// `munmap(addr, size_bytes)`: removes every tracked byte of the pages it covers, splitting
-    /// pieces that stick out on either side.
-    pub fn unmap(&mut self, addr: u64, size_bytes: u64) -> Unmapped {
+    /// `munmap(addr, size_bytes)` that began at `released_ns`: removes every tracked byte of the
+    /// pages it covers, splitting pieces that stick out on either side. Mappings younger than
+    /// `released_ns` stay: the range was mapped again (by another thread) after the release
+    /// began and before its event, sent at its return, was seen.
+    pub fn unmap(&mut self, addr: u64, size_bytes: u64, released_ns: u64) -> Unmapped {
         let mut done = Unmapped::default();
         if size_bytes == 0 {
             return done;
@@ -128,6 +130,7 @@ impl Mappings {
         let overlapping: Vec<u64> = first
             .into_iter()
             .chain(self.pieces.range(start..end).map(|(&s, _)| s))
+            .filter(|s| self.mappings[&self.pieces[s].mapping].ts_ns <= released_ns)
             .collect();
         for piece_start in overlapping {
             let piece = self.pieces.remove(&piece_start).expect("listed above");
@@ -191,7 +194,7 @@ mod tests {
     fn a_hole_in_the_middle_splits_a_mapping_that_stays_one_allocation() {
         let mut m = Mappings::default();
         m.map(0x10000, 0x4000, S, 1, Backing::Anonymous);
-        let done = m.unmap(0x11000, 0x1000);
+        let done = m.unmap(0x11000, 0x1000, u64::MAX);
         assert_eq!(
             done,
             Unmapped {
@@ -202,9 +205,9 @@ mod tests {
         assert_eq!(ranges(&m), [(0x10000, 0x11000, 0), (0x12000, 0x14000, 0)]);
         assert_eq!(m.mappings[&0].pieces, 2);
         // The rest goes: head, then tail with a length that is not a page multiple.
-        assert_eq!(m.unmap(0x10000, 0x1000).released, 0);
+        assert_eq!(m.unmap(0x10000, 0x1000, u64::MAX).released, 0);
         assert_eq!(
-            m.unmap(0x12000, 0x1001),
+            m.unmap(0x12000, 0x1001, u64::MAX),
             Unmapped {
                 released: 1,
                 bytes: 0x2000
@@ -220,7 +223,7 @@ mod tests {
         m.map(0x10000, 0x2000, S, 1, Backing::Anonymous);
         m.map(0x12000, 0x2000, StackId(1), 2, Backing::File);
         m.map(0x20000, 0x1000, S, 3, Backing::Anonymous);
-        let done = m.unmap(0x11000, 0x2000);
+        let done = m.unmap(0x11000, 0x2000, u64::MAX);
         assert_eq!(
             done,
             Unmapped {
@@ -239,7 +242,7 @@ mod tests {
         assert_eq!(m.backing_at(0x13800), Some(Backing::File));
         assert_eq!(m.backing_at(0x12000), None);
         // A range nobody tracked (mapped before attach) is no error.
-        assert_eq!(m.unmap(0x50000, 0x1000), Unmapped::default());
+        assert_eq!(m.unmap(0x50000, 0x1000, u64::MAX), Unmapped::default());
     }
 
     #[test]
@@ -268,10 +271,10 @@ mod tests {
         // The mapping is as long as asked; unmapping rounds up to whole pages.
         m.map(0x10000, 100, S, 1, Backing::Anonymous);
         assert_eq!(m.pieces().next().unwrap().size_bytes, 100);
-        assert_eq!(m.unmap(0x10000, 1).bytes, 100);
+        assert_eq!(m.unmap(0x10000, 1, u64::MAX).bytes, 100);
         m.map(u64::MAX - 0x1000, 0x5000, S, 1, Backing::Anonymous);
-        assert_eq!(m.unmap(u64::MAX - 0x1000, u64::MAX).released, 1);
-        assert_eq!(m.unmap(0, 0), Unmapped::default());
+        assert_eq!(m.unmap(u64::MAX - 0x1000, u64::MAX, u64::MAX).released, 1);
+        assert_eq!(m.unmap(0, 0, u64::MAX), Unmapped::default());
         assert!(m.pieces().next().is_none());
     }
 }

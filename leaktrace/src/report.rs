@@ -410,6 +410,7 @@ mod tests {
             addr,
             size_bytes: 100,
             old_addr: 0,
+            entry_ts_ns: 0,
             frames,
             truncated: false,
         });
@@ -487,7 +488,7 @@ mod tests {
             }
             if second == 4 {
                 heap.apply(&Event::Free {
-                    ts_ns: 0,
+                    ts_ns: u64::MAX,
                     addr: 0x30_000,
                 });
             }
@@ -576,7 +577,10 @@ mod tests {
         alloc(&mut heap, 2, 0.5, &[1]);
         snapshot(&heap, &mut trends, &input(1.0));
         snapshot(&heap, &mut trends, &input(2.0));
-        heap.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        heap.apply(&Event::Free {
+            ts_ns: u64::MAX,
+            addr: 1,
+        });
         // The window starts at attach (0 bytes), so over it the stack still grew.
         let snap = snapshot(&heap, &mut trends, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
@@ -587,7 +591,10 @@ mod tests {
         alloc(&mut heap2, 2, 0.5, &[1]);
         snapshot(&heap2, &mut trends2, &input(1.0));
         snapshot(&heap2, &mut trends2, &input(2.0));
-        heap2.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        heap2.apply(&Event::Free {
+            ts_ns: u64::MAX,
+            addr: 1,
+        });
         let snap = snapshot(&heap2, &mut trends2, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Shrinking);
         assert!(snap.stacks[0].growth_bytes_per_s < 0.0);
@@ -604,6 +611,7 @@ mod tests {
                     addr: i * 100 + j + 1,
                     size_bytes: 10,
                     old_addr: 0,
+                    entry_ts_ns: 0,
                     frames: Box::leak(vec![i].into_boxed_slice()),
                     truncated: false,
                 });
@@ -627,6 +635,7 @@ mod tests {
                 addr,
                 size_bytes,
                 old_addr: 0,
+                entry_ts_ns: 0,
                 frames: Box::leak(vec![frame].into_boxed_slice()),
                 truncated: false,
             });
@@ -672,7 +681,10 @@ mod tests {
             [(1, 1000)]
         );
         // Stacks that hold nothing now come after, for their totals since attach.
-        heap.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        heap.apply(&Event::Free {
+            ts_ns: u64::MAX,
+            addr: 1,
+        });
         let mut inp = input(4.0);
         inp.with_freed = true;
         let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);

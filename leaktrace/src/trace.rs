@@ -389,6 +389,7 @@ pub fn apply(
             addr,
             size_bytes,
             old_addr,
+            entry_ts_ns,
             frames,
             ..
         } if addr != 0 => {
@@ -398,6 +399,7 @@ pub fn apply(
                 addr,
                 size_bytes,
                 old_addr,
+                entry_ts_ns,
                 frames: &scratch.unwound,
                 truncated,
             });
