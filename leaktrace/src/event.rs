@@ -79,6 +79,9 @@ pub enum DecodeError {
 /// record, for unwinding with call-frame information.
 #[derive(Debug, PartialEq, Eq)]
 pub struct UserStack<'a> {
+    /// When the allocation returned (`CLOCK_MONOTONIC`): the code on the stack was mapped by
+    /// then.
+    pub ts_ns: u64,
     /// The return address into the allocator's caller.
     pub ip: u64,
     /// The caller's stack pointer: `stack[0]` is the byte at this address.
@@ -107,6 +110,7 @@ pub fn user_stack(bytes: &[u8]) -> Result<Option<UserStack<'_>>, DecodeError> {
         .and_then(|n| bytes.get(STACK_AT..STACK_AT.checked_add(n)?))
         .ok_or(DecodeError::BadStackCopy(copied))?;
     Ok(Some(UserStack {
+        ts_ns: u64_at(bytes, offset_of!(AllocEvent, ts_ns)),
         ip: u64_at(bytes, REGS_AT + offset_of!(UserRegs, ip)),
         sp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, sp)),
         bp: u64_at(bytes, REGS_AT + offset_of!(UserRegs, bp)),
@@ -397,6 +401,7 @@ pub(crate) mod tests {
         assert_eq!(
             user_stack(&record).unwrap(),
             Some(UserStack {
+                ts_ns: 1000,
                 ip: 0x401000,
                 sp: 0x7ff000,
                 bp: 0x7ff010,

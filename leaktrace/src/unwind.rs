@@ -296,14 +296,16 @@ fn step_of<T: gimli::ReaderOffset>(
 /// Files are identified by path and inode: a library replaced on disk is a new module.
 type ModuleKey = (String, u64);
 
-/// Re-reading the memory map for a pc outside every module is rate-limited: a JIT or a stack
-/// garbage pc must not cost a read of /proc per event.
-const MAPS_REFRESH_MIN: Duration = Duration::from_millis(20);
-
 pub struct Unwinder {
     pid: u32,
     maps: ProcMaps,
-    refreshed: Instant,
+    /// When `maps` was read (`CLOCK_MONOTONIC`). A pc outside every module re-reads it only
+    /// when the event is younger: code mapped before the allocation (a library dlopen'd just
+    /// before) is then found, and a JIT's or a garbage pc costs one read per batch of events,
+    /// not one per event.
+    refreshed_ns: u64,
+    /// The time of the event being unwound.
+    event_ns: u64,
     modules: HashMap<ModuleKey, Option<ModuleCfi>>,
     steps: HashMap<u64, Step>,
     ctx: Box<UnwindContext<usize>>,
@@ -316,7 +318,8 @@ impl Unwinder {
         Self {
             pid,
             maps,
-            refreshed: Instant::now(),
+            refreshed_ns: 0,
+            event_ns: 0,
             modules: HashMap::new(),
             steps: HashMap::new(),
             ctx: Box::new(UnwindContext::new()),
@@ -330,7 +333,7 @@ impl Unwinder {
 
     /// Re-reads the target's memory map (kept as is when the target is gone).
     pub fn refresh_maps(&mut self) {
-        self.refreshed = Instant::now();
+        self.refreshed_ns = crate::trace::monotonic_ns();
         if let Ok(maps) = ProcMaps::read(self.pid)
             && !maps.mappings.is_empty()
             && maps.mappings != self.maps.mappings
@@ -390,7 +393,7 @@ impl Unwinder {
         if let Some(&step) = self.steps.get(&pc) {
             return step;
         }
-        if self.maps.find(pc).is_none() && self.refreshed.elapsed() >= MAPS_REFRESH_MIN {
+        if self.maps.find(pc).is_none() && self.refreshed_ns < self.event_ns {
             self.refresh_maps();
         }
         let step = match self.maps.find(pc).cloned() {
@@ -420,6 +423,7 @@ impl Unwinder {
     /// ends before the outermost frame, its frames beyond the last pc found both ways are
     /// appended. Returns whether outer frames are missing (the stack is truncated).
     pub fn unwind(&mut self, user: &UserStack<'_>, fp_frames: &[u64], out: &mut Vec<u64>) -> bool {
+        self.event_ns = user.ts_ns;
         let started = Instant::now();
         let truncated = self.unwind_inner(user, fp_frames, out);
         self.stats.busy += started.elapsed();
@@ -577,6 +581,7 @@ mod tests {
         let maps = ProcMaps::read(pid).unwrap();
         let mut unwinder = Unwinder::new(pid, maps.clone());
         let user = UserStack {
+            ts_ns: 0,
             ip,
             sp,
             bp,
@@ -627,6 +632,7 @@ mod tests {
         // [sp] junk, [sp+8] bp0 -> saved bp (sp+24), return 0x2222; [sp+24] -> 0, 0x3333.
         let stack = stack_of(&[0xdead, sp + 24, 0x2222, 0, 0x3333]);
         let user = UserStack {
+            ts_ns: 0,
             ip: 0x1111,
             sp,
             bp: sp + 8,
@@ -641,6 +647,7 @@ mod tests {
         // the last pc both walks found, or is truncated when they share none.
         let short = &stack[..24];
         let user = UserStack {
+            ts_ns: 0,
             stack: short,
             ..user
         };
@@ -658,6 +665,7 @@ mod tests {
         // The saved frame pointer points at itself: a loop, not a caller.
         let stack = stack_of(&[sp, 0x2222]);
         let user = UserStack {
+            ts_ns: 0,
             ip: 0x1111,
             sp,
             bp: sp,
