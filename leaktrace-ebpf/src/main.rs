@@ -297,6 +297,20 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
     Ok(0)
 }
 
+/// Does nothing. `--noop-programs` attaches it where the entry programs and `free_entry` go,
+/// so that a benchmark measures the cost of the uprobe traps alone: the floor under which no
+/// program can go.
+#[uprobe]
+pub fn noop_entry(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Does nothing, where `alloc_return` goes (see `noop_entry`).
+#[uretprobe]
+pub fn noop_return(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -46,6 +46,16 @@ pub struct Cli {
     /// Size of the BPF ring buffer that carries events (a power of two, in bytes).
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_RINGBUF_BYTES, value_parser = ringbuf_bytes)]
     pub ringbuf_bytes: u32,
+
+    /// Benchmarks only: attach programs that do nothing at the same probe points, so that
+    /// `cargo xtask bench` measures the cost of the traps alone (the floor).
+    #[arg(long, hide = true)]
+    pub noop_programs: bool,
+
+    /// Benchmarks only: probe `free` at its first instruction even when a later one would be
+    /// cheaper to trap, to measure what the choice saves.
+    #[arg(long, hide = true)]
+    pub free_at_entry: bool,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {

@@ -31,7 +31,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None => Box::new(io::stdout()),
     };
     let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
-    let probes = probes::attach(ebpf, &target)?;
+    let options = probes::AttachOptions {
+        noop_programs: cli.noop_programs,
+        free_at_entry: cli.free_at_entry,
+    };
+    let probes = probes::attach(ebpf, &target, options)?;
     let rendered_target = render::Target {
         pid: target.pid,
         command: target.command.clone(),

@@ -92,9 +92,19 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
     Ok((ebpf, maps))
 }
 
+/// How to attach; the defaults are what users get, the rest serves benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttachOptions {
+    /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
+    /// ones, at exactly the same points: the cost of the traps alone.
+    pub noop_programs: bool,
+    /// Probe `free` at its entry rather than at `Allocator::free_probe_offset`.
+    pub free_at_entry: bool,
+}
+
 /// Attaches to the target's allocator, frees first: a free seen without its allocation is
 /// counted as unmatched, while an allocation seen without its free would look like a leak.
-pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
+pub fn attach(mut ebpf: Ebpf, target: &Target, options: AttachOptions) -> anyhow::Result<Probes> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
     let allocator = &target.allocator;
@@ -114,7 +124,17 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
             entries.push((symbol, program, offset));
         }
     }
-    let free = offset_of("free").context("no free")?;
+    let free_entry = offset_of("free").context("no free")?;
+    let free = if options.free_at_entry {
+        free_entry
+    } else {
+        allocator.free_probe_offset
+    };
+    let program_for = |program: &'static str| match (options.noop_programs, program) {
+        (false, _) => program,
+        (true, "alloc_return") => "noop_return",
+        (true, _) => "noop_entry",
+    };
     let mut attached = 0;
     let mut attach_one =
         |ebpf: &mut Ebpf, program: &str, symbol: &str, offset: u64| -> anyhow::Result<()> {
@@ -145,12 +165,12 @@ pub fn attach(mut ebpf: Ebpf, target: &Target) -> anyhow::Result<Probes> {
             attached += 1;
             Ok(())
         };
-    attach_one(&mut ebpf, "free_entry", "free", free)?;
+    attach_one(&mut ebpf, program_for("free_entry"), "free", free)?;
     for &(symbol, _, offset) in &entries {
-        attach_one(&mut ebpf, "alloc_return", symbol, offset)?;
+        attach_one(&mut ebpf, program_for("alloc_return"), symbol, offset)?;
     }
     for &(symbol, program, offset) in &entries {
-        attach_one(&mut ebpf, program, symbol, offset)?;
+        attach_one(&mut ebpf, program_for(program), symbol, offset)?;
     }
     Ok(Probes {
         attached,

@@ -1,11 +1,15 @@
 //! The process to trace: that it exists, that we may trace it, and which allocator it uses.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    elf_symbols::ElfSymbols,
+    elf_symbols::{ElfSymbols, executable_ranges},
+    probe_point::{Segment, emulated_probe_point},
     proc_maps::{ProcMaps, path_in_target},
 };
 
@@ -54,6 +58,9 @@ pub struct Allocator {
     pub path: PathBuf,
     /// Entry point name and file offset, for those the module has.
     pub entry_points: Vec<(&'static str, u64)>,
+    /// Where `free` is probed: its entry, or a later instruction that the kernel emulates
+    /// rather than single-steps (see `probe_point`).
+    pub free_probe_offset: u64,
 }
 
 #[derive(Debug)]
@@ -103,8 +110,13 @@ impl Target {
                 );
             }
         }
+        let free = entry_points
+            .iter()
+            .find(|&&(name, _)| name == "free")
+            .map_or(0, |&(_, offset)| offset);
         let allocator = Allocator {
             module: libc.path.clone(),
+            free_probe_offset: free_probe_point(&path, free),
             path,
             entry_points,
         };
@@ -115,6 +127,24 @@ impl Target {
             maps,
         })
     }
+}
+
+/// `free`'s probe point in the module at `path`; its entry when the code cannot be read.
+fn free_probe_point(path: &Path, free: u64) -> u64 {
+    let Ok(data) = fs::read(path) else {
+        return free;
+    };
+    let Ok(ranges) = executable_ranges(&data) else {
+        return free;
+    };
+    let segments: Vec<Segment<'_>> = ranges
+        .iter()
+        .map(|&(offset, size)| Segment {
+            bytes: &data[offset as usize..(offset + size) as usize],
+            file_offset: offset,
+        })
+        .collect();
+    emulated_probe_point(&segments, free)
 }
 
 pub fn is_alive(pid: u32) -> bool {
@@ -179,5 +209,15 @@ mod tests {
                 .any(|&(name, _)| name == "malloc")
         );
         assert!(is_alive(me.pid));
+        // Whatever it is, free's probe point is free's entry or within its first few bytes.
+        let free = me
+            .allocator
+            .entry_points
+            .iter()
+            .find(|&&(name, _)| name == "free")
+            .unwrap()
+            .1;
+        let at = me.allocator.free_probe_offset;
+        assert!((free..free + 16).contains(&at), "free at {free:#x}, probed at {at:#x}");
     }
 }
