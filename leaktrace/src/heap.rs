@@ -1,9 +1,11 @@
 //! The heap model: every allocation outstanding since attach, and the stacks that made them.
 //! It knows nothing of BPF, symbols or terminals.
 
-use std::collections::HashMap;
-
 use crate::event::Event;
+
+/// Keys are addresses and stacks from the target: foldhash (seeded per process) hashes them
+/// several times faster than SipHash, which took half of the per-event time.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Index of a distinct call stack in [`Stacks`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,7 +133,7 @@ impl HeapModel {
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
-        let mut by_stack: HashMap<StackId, StackUsage> = HashMap::new();
+        let mut by_stack: HashMap<StackId, StackUsage> = HashMap::default();
         for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
             let usage = by_stack.entry(live.stack).or_insert(StackUsage {
                 stack: live.stack,
