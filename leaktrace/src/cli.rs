@@ -56,6 +56,11 @@ pub struct Cli {
     /// cheaper to trap, to measure what the choice saves.
     #[arg(long, hide = true)]
     pub free_at_entry: bool,
+
+    /// Benchmarks only: print the BPF programs' counters to stderr at exit
+    /// (`leaktrace: bpf stats NAME=N ...`).
+    #[arg(long, hide = true)]
+    pub print_bpf_stats: bool,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {

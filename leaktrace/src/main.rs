@@ -60,6 +60,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        print_bpf_stats: cli.print_bpf_stats,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -54,6 +54,21 @@ impl Stats {
         self.sum(stat::RINGBUF_FULL) + self.sum(stat::PENDING_FULL)
     }
 
+    /// Every counter, named, for `--print-bpf-stats`.
+    pub fn all(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("ringbuf_full", stat::RINGBUF_FULL),
+            ("pending_full", stat::PENDING_FULL),
+            ("return_without_entry", stat::RETURN_WITHOUT_ENTRY),
+            ("stale_entry", stat::STALE_ENTRY),
+            ("stack_failed", stat::STACK_FAILED),
+            ("read_failed", stat::READ_FAILED),
+        ]
+        .into_iter()
+        .map(|(name, index)| (name, self.sum(index)))
+        .collect()
+    }
+
     fn sum(&self, index: u32) -> u64 {
         self.0
             .get(&index, 0)

@@ -40,6 +40,7 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub print_bpf_stats: bool,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -114,6 +115,14 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+    if settings.print_bpf_stats {
+        let counters: Vec<String> = stats
+            .all()
+            .iter()
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        eprintln!("leaktrace: bpf stats {}", counters.join(" "));
+    }
     reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.
