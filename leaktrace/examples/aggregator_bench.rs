@@ -6,6 +6,7 @@
 //!
 //! Prints `key value` lines that xtask parses:
 //!     events_per_s CPU WALL     (one line per run: per second of CPU time, of wall time)
+//!     bare_map_events_per_s N   (one line per run: the same addresses into a bare hash map)
 //!     bytes_per_live L N        (one line per live-set size L)
 
 use std::{
@@ -195,6 +196,34 @@ fn events_per_s(live: usize) -> (f64, f64) {
     (EVENTS as f64 / cpu, EVENTS as f64 / wall)
 }
 
+/// The floor under `events_per_s`: the same stream of addresses into a bare hash map of the same
+/// entry size (no decoding, no stacks). With a live set far larger than the caches, each event
+/// costs a random access to a table in DRAM, model or not.
+fn bare_map_events_per_s(live: usize) -> f64 {
+    let mut map: std::collections::HashMap<u64, (u64, u64, u32), foldhash::fast::RandomState> =
+        std::collections::HashMap::default();
+    let mut queue = std::collections::VecDeque::new();
+    let mut next_addr = 0x5600_0000_0000u64;
+    let mut ts = 1u64;
+    let mut alloc = |map: &mut std::collections::HashMap<_, _, _>,
+                     queue: &mut std::collections::VecDeque<u64>| {
+        next_addr += 16 * (1 + (ts & 7));
+        ts += 1;
+        map.insert(next_addr, (64u64, ts, (ts % 1000) as u32));
+        queue.push_back(next_addr);
+    };
+    for _ in 0..live {
+        alloc(&mut map, &mut queue);
+    }
+    let cpu = thread_cpu_s();
+    for _ in 0..EVENTS / 2 {
+        alloc(&mut map, &mut queue);
+        let oldest = queue.pop_front().expect("a live block");
+        black_box(map.remove(&oldest));
+    }
+    EVENTS as f64 / (thread_cpu_s() - cpu)
+}
+
 /// Bytes the heap model holds per live allocation once `live` are outstanding, stacks included.
 fn bytes_per_live(live: usize) -> f64 {
     let mut stream = Stream::new();
@@ -223,5 +252,6 @@ fn main() {
     for _ in 0..RUNS {
         let (cpu, wall) = events_per_s(live);
         println!("events_per_s {cpu:.0} {wall:.0}");
+        println!("bare_map_events_per_s {:.0}", bare_map_events_per_s(live));
     }
 }

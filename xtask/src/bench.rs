@@ -543,8 +543,8 @@ impl Loss {
 struct Aggregator {
     /// live-set size -> bytes per live allocation
     bytes_per_live: Vec<(u64, f64)>,
-    /// live-set size -> (events/s of CPU time, of wall time) per run
-    events_per_s: Vec<(u64, Summary, Summary)>,
+    /// live-set size -> events/s of CPU time, of wall time, and of a bare hash map (CPU time)
+    events_per_s: Vec<(u64, Summary, Summary, Summary)>,
 }
 
 /// Live-set sizes at which events/s are measured: what fits in caches, and what does not.
@@ -565,7 +565,7 @@ fn aggregator() -> anyhow::Result<Aggregator> {
         if !out.status.success() {
             bail!("{} failed ({})", binary.display(), out.status);
         }
-        let (mut cpu, mut wall) = (Vec::new(), Vec::new());
+        let (mut cpu, mut wall, mut bare) = (Vec::new(), Vec::new(), Vec::new());
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words[..] {
@@ -576,12 +576,16 @@ fn aggregator() -> anyhow::Result<Aggregator> {
                     cpu.push(c.parse()?);
                     wall.push(w.parse()?);
                 }
+                ["bare_map_events_per_s", b] => bare.push(b.parse()?),
                 _ => {}
             }
         }
-        result
-            .events_per_s
-            .push((live, Summary::of(cpu), Summary::of(wall)));
+        result.events_per_s.push((
+            live,
+            Summary::of(cpu),
+            Summary::of(wall),
+            Summary::of(bare),
+        ));
     }
     Ok(result)
 }
@@ -593,16 +597,23 @@ impl Aggregator {
             "aggregator alone (decode + heap model, one thread; 1000 stacks of 8-32 frames; each alloc at a new address, each free of the oldest):"
         );
         println!(
-            "{:>14} {:>30} {:>30}",
-            "live allocs", "M events/s of CPU time", "M events/s of wall time"
+            "{:>12} {:>26} {:>26} {:>34}",
+            "live allocs",
+            "M events/s (CPU time)",
+            "M events/s (wall time)",
+            "floor: bare hash map (CPU time)"
         );
-        for (live, cpu, wall) in &self.events_per_s {
+        for (live, cpu, wall, bare) in &self.events_per_s {
             println!(
-                "{live:>14} {:>30} {:>30}",
+                "{live:>12} {:>26} {:>26} {:>34}",
                 cpu.scaled(1e-6).show(2),
-                wall.scaled(1e-6).show(2)
+                wall.scaled(1e-6).show(2),
+                bare.scaled(1e-6).show(2)
             );
         }
+        println!(
+            "  floor: the same addresses inserted into and removed from a bare hash map with entries of the same size (no decoding, no stacks)"
+        );
         for (live, bytes) in &self.bytes_per_live {
             println!(
                 "  user-space bytes per live allocation at {live} live: {bytes:.1} (all bytes the process allocated for the model, counted by a global allocator, divided by live allocations)"
