@@ -77,8 +77,7 @@ impl Rng {
 
 fn as_bytes<T: Copy>(value: &T) -> Vec<u8> {
     // SAFETY: the leaktrace-common event types are plain integers without padding.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
-        .to_vec()
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
 /// One allocation record per stack, as BPF writes them; `addr` and `ts_ns` are patched per event.

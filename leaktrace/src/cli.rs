@@ -61,6 +61,12 @@ pub struct Cli {
     /// (`leaktrace: bpf stats NAME=N ...`).
     #[arg(long, hide = true)]
     pub print_bpf_stats: bool,
+
+    /// Benchmarks only: have the kernel time every BPF program run (two clock reads per run)
+    /// and print each program's runs and run time to stderr at exit
+    /// (`leaktrace: bpf program NAME runs=N run_time_ns=T`).
+    #[arg(long, hide = true)]
+    pub print_program_times: bool,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {

@@ -74,7 +74,9 @@ pub fn executable_ranges(data: &[u8]) -> Result<Vec<(u64, u64)>, object::Error> 
     let file = object::File::parse(data)?;
     Ok(file
         .segments()
-        .filter(|s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0))
+        .filter(
+            |s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0),
+        )
         .map(|s| s.file_range())
         .filter(|&(offset, size)| size > 0 && offset.saturating_add(size) <= data.len() as u64)
         .collect())

@@ -34,6 +34,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let options = probes::AttachOptions {
         noop_programs: cli.noop_programs,
         free_at_entry: cli.free_at_entry,
+        program_stats: cli.print_program_times,
     };
     let probes = probes::attach(ebpf, &target, options)?;
     let rendered_target = render::Target {

@@ -50,9 +50,10 @@ pub struct Segment<'a> {
 /// The file offset at which to probe the function that starts at `entry`: `entry` itself, or a
 /// later instruction that the kernel emulates and every call reaches with the arguments intact.
 pub fn emulated_probe_point(code: &[Segment<'_>], entry: u64) -> u64 {
-    let Some(segment) = code.iter().find(|c| {
-        entry >= c.file_offset && entry - c.file_offset < c.bytes.len() as u64
-    }) else {
+    let Some(segment) = code
+        .iter()
+        .find(|c| entry >= c.file_offset && entry - c.file_offset < c.bytes.len() as u64)
+    else {
         return entry;
     };
     let Some(candidate) = first_emulated(segment, entry) else {
@@ -67,12 +68,8 @@ pub fn emulated_probe_point(code: &[Segment<'_>], entry: u64) -> u64 {
 /// The first instruction from `entry` that the kernel emulates, if only skippable instructions
 /// come before it.
 fn first_emulated(segment: &Segment<'_>, entry: u64) -> Option<u64> {
-    let mut decoder = Decoder::with_ip(
-        64,
-        segment.bytes,
-        segment.file_offset,
-        DecoderOptions::NONE,
-    );
+    let mut decoder =
+        Decoder::with_ip(64, segment.bytes, segment.file_offset, DecoderOptions::NONE);
     decoder
         .set_position(usize::try_from(entry - segment.file_offset).ok()?)
         .ok()?;
@@ -128,9 +125,10 @@ fn is_skippable(instruction: &Instruction, info: &mut InstructionInfoFactory) ->
             OpAccess::None | OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
         )
     };
-    let writes_argument = info.used_registers().iter().any(|used| {
-        writes(used.access()) && PROTECTED.contains(&used.register().full_register())
-    });
+    let writes_argument = info
+        .used_registers()
+        .iter()
+        .any(|used| writes(used.access()) && PROTECTED.contains(&used.register().full_register()));
     let writes_memory = info.used_memory().iter().any(|used| writes(used.access()));
     !writes_argument && !writes_memory
 }
@@ -139,12 +137,8 @@ fn is_skippable(instruction: &Instruction, info: &mut InstructionInfoFactory) ->
 /// compilers put no data in x86-64 code, and a misdecoded byte can only add a target, which
 /// makes the answer more careful, not less.
 fn lands_in(segment: &Segment<'_>, entry: u64, candidate: u64) -> bool {
-    let mut decoder = Decoder::with_ip(
-        64,
-        segment.bytes,
-        segment.file_offset,
-        DecoderOptions::NONE,
-    );
+    let mut decoder =
+        Decoder::with_ip(64, segment.bytes, segment.file_offset, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut instruction);
@@ -192,7 +186,10 @@ mod tests {
     #[test]
     fn a_write_to_an_argument_or_the_stack_stops_the_skip() {
         // xor %edi,%edi writes the pointer free would read.
-        assert_eq!(probe_point(&[&[0x31, 0xff][..], &JE_REL32, &[RET]].concat()), 0);
+        assert_eq!(
+            probe_point(&[&[0x31, 0xff][..], &JE_REL32, &[RET]].concat()),
+            0
+        );
         // sub $0x18,%rsp moves the stack pointer.
         assert_eq!(
             probe_point(&[&[0x48, 0x83, 0xec, 0x18][..], &JE_REL32, &[RET]].concat()),

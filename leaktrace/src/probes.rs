@@ -29,12 +29,30 @@ const ENTRY_PROGRAMS: [(&str, &str); 9] = [
 /// Programs attached to one process. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// Keeps the kernel's run-time statistics of BPF programs on while held (`--print-bpf-stats`).
+    run_time_stats: Option<std::os::fd::OwnedFd>,
 }
 
 impl Probes {
     pub fn attached(&self) -> usize {
         self.attached
+    }
+
+    /// Per program that ran: its name, how often it ran, and its total run time in ns, when
+    /// `AttachOptions::program_stats` turned the kernel's statistics on.
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        if self.run_time_stats.is_none() {
+            return Vec::new();
+        }
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                let runs = info.run_count();
+                (runs > 0).then(|| (name.to_owned(), runs, info.run_time().as_nanos() as u64))
+            })
+            .collect()
     }
 }
 
@@ -115,6 +133,9 @@ pub struct AttachOptions {
     pub noop_programs: bool,
     /// Probe `free` at its entry rather than at `Allocator::free_probe_offset`.
     pub free_at_entry: bool,
+    /// Turn on the kernel's run-time statistics of BPF programs (it costs two clock reads per
+    /// program run, so only for benchmarks).
+    pub program_stats: bool,
 }
 
 /// Attaches to the target's allocator, frees first: a free seen without its allocation is
@@ -187,8 +208,17 @@ pub fn attach(mut ebpf: Ebpf, target: &Target, options: AttachOptions) -> anyhow
     for &(symbol, program, offset) in &entries {
         attach_one(&mut ebpf, program_for(program), symbol, offset)?;
     }
+    let run_time_stats = if options.program_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("turning on BPF run-time statistics")?,
+        )
+    } else {
+        None
+    };
     Ok(Probes {
         attached,
-        _ebpf: ebpf,
+        ebpf,
+        run_time_stats: run_time_stats,
     })
 }

@@ -218,6 +218,9 @@ mod tests {
             .unwrap()
             .1;
         let at = me.allocator.free_probe_offset;
-        assert!((free..free + 16).contains(&at), "free at {free:#x}, probed at {at:#x}");
+        assert!(
+            (free..free + 16).contains(&at),
+            "free at {free:#x}, probed at {at:#x}"
+        );
     }
 }

@@ -123,6 +123,10 @@ pub async fn run(
             .collect();
         eprintln!("leaktrace: bpf stats {}", counters.join(" "));
     }
+    // Empty unless `--print-program-times` turned the kernel's statistics on.
+    for (name, runs, run_time_ns) in probes.program_stats() {
+        eprintln!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
+    }
     reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
     // on its way meanwhile.

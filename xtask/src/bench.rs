@@ -93,7 +93,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     let server = wanted(Part::Server)
         .then(|| server(args, &echo_server))
         .transpose()?;
-    let loss = wanted(Part::Loss).then(|| loss(&malloc_bench)).transpose()?;
+    let loss = wanted(Part::Loss)
+        .then(|| loss(&malloc_bench))
+        .transpose()?;
     let aggregator = wanted(Part::Aggregator).then(aggregator).transpose()?;
 
     println!();
@@ -427,7 +429,9 @@ fn server(args: &Args, binary: &Path) -> anyhow::Result<Server> {
                 server.lost_events += outcome.lost_events;
                 server.allocations += outcome.allocations;
                 server.return_without_entry += outcome.return_without_entry;
-                server.leaktrace_cpu.push(outcome.cpu_s / args.server_seconds);
+                server
+                    .leaktrace_cpu
+                    .push(outcome.cpu_s / args.server_seconds);
             }
             drop(fixture);
             results.insert(config.name, (result.requests_per_s, result.p99_us));
@@ -448,11 +452,21 @@ impl Server {
             "config", "requests/s", "p99 latency us", "throughput vs untraced"
         );
         for config in SERVER_CONFIGS {
-            let rps = Summary::of(self.rounds.iter().filter_map(|r| Some(r.get(config.name)?.0)));
-            let p99 = Summary::of(self.rounds.iter().filter_map(|r| Some(r.get(config.name)?.1)));
-            let relative = Summary::of(self.rounds.iter().filter_map(|r| {
-                Some(r.get(config.name)?.0 / r.get(UNTRACED.name)?.0)
-            }));
+            let rps = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.0)),
+            );
+            let p99 = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.1)),
+            );
+            let relative = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.0 / r.get(UNTRACED.name)?.0)),
+            );
             println!(
                 "{:<12} {:>26} {:>22} {:>22}",
                 config.name,
@@ -476,6 +490,8 @@ impl Server {
 struct Loss {
     /// (offered events/s, achieved events/s, lost events)
     steps: Vec<(Option<f64>, f64, u64)>,
+    /// Per BPF program of the first step: name, runs, ns per run (the kernel's own timing).
+    programs: Vec<(String, u64, f64)>,
 }
 
 /// Seconds per step of the loss ramp: long enough to fill a ring buffer that is not drained.
@@ -484,7 +500,10 @@ const LOSS_SECONDS: f64 = 4.0;
 /// Runs the microbenchmark's two threads flat out under leaktrace; if anything was lost, offers
 /// lower rates until nothing is.
 fn loss(binary: &Path) -> anyhow::Result<Loss> {
-    let mut loss = Loss { steps: Vec::new() };
+    let mut loss = Loss {
+        steps: Vec::new(),
+        programs: Vec::new(),
+    };
     let mut offered: Option<f64> = None;
     for _ in 0..6 {
         step(&format!(
@@ -495,7 +514,10 @@ fn loss(binary: &Path) -> anyhow::Result<Loss> {
         ));
         let mut fixture = Fixture::start(binary)?;
         expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
-        let tracing = Tracing::start(LEAKTRACE.tracer, fixture.pid(), &bench_dir())?;
+        // The kernel times each program run here (it costs two clock reads per run, so not in
+        // the microbenchmark's timed runs).
+        let tracer = Tracer::Leaktrace(&["--print-program-times"]);
+        let tracing = Tracing::start(tracer, fixture.pid(), &bench_dir())?;
         // Two events (malloc, free) per pair.
         let pairs_per_s = offered.map_or(0.0, |r| r / 2.0);
         fixture.send(&format!("rate {pairs_per_s} {LOSS_SECONDS}"))?;
@@ -508,6 +530,13 @@ fn loss(binary: &Path) -> anyhow::Result<Loss> {
         let outcome = tracing.stop()?.context("leaktrace wrote no report")?;
         fixture.send("quit")?;
         loss.steps.push((offered, achieved, outcome.lost_events));
+        if loss.programs.is_empty() {
+            loss.programs = outcome
+                .programs
+                .iter()
+                .map(|(name, runs, ns)| (name.clone(), *runs, *ns as f64 / (*runs).max(1) as f64))
+                .collect();
+        }
         if outcome.lost_events == 0 {
             break;
         }
@@ -519,7 +548,9 @@ fn loss(binary: &Path) -> anyhow::Result<Loss> {
 impl Loss {
     fn print(&self) {
         println!();
-        println!("loss under leaktrace (default settings: 32 MiB ring buffer), {LOSS_SECONDS} s per step:");
+        println!(
+            "loss under leaktrace (default settings: 32 MiB ring buffer), {LOSS_SECONDS} s per step:"
+        );
         for &(offered, achieved, lost) in &self.steps {
             println!(
                 "  offered {:>14}  achieved {:>10.0} events/s  lost {lost}",
@@ -535,6 +566,12 @@ impl Loss {
                 println!("  highest rate seen with zero drops: {achieved:.0} events/s")
             }
             None => println!("  drops at every rate tried"),
+        }
+        println!(
+            "  where leaktrace's added cost goes: time inside each BPF program, as the kernel measures it (bpf run-time stats, first step):"
+        );
+        for (name, runs, ns) in &self.programs {
+            println!("    {name:<22} {runs:>10} runs {ns:>8.0} ns per run");
         }
     }
 }
@@ -580,12 +617,9 @@ fn aggregator() -> anyhow::Result<Aggregator> {
                 _ => {}
             }
         }
-        result.events_per_s.push((
-            live,
-            Summary::of(cpu),
-            Summary::of(wall),
-            Summary::of(bare),
-        ));
+        result
+            .events_per_s
+            .push((live, Summary::of(cpu), Summary::of(wall), Summary::of(bare)));
     }
     Ok(result)
 }

@@ -21,7 +21,10 @@ impl Summary {
     }
 
     pub fn scaled(self, factor: f64) -> Self {
-        Self(self.0.map(|(m, lo, hi)| (m * factor, lo * factor, hi * factor)))
+        Self(
+            self.0
+                .map(|(m, lo, hi)| (m * factor, lo * factor, hi * factor)),
+        )
     }
 
     /// `median [min..max]` with `decimals` decimals, or `-`.

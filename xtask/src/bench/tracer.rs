@@ -23,7 +23,7 @@ pub enum Tracer {
 }
 
 /// What leaktrace's final report said.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub lost_events: u64,
     pub allocations: u64,
@@ -33,14 +33,27 @@ pub struct Outcome {
     pub return_without_entry: u64,
     /// CPU seconds (user + system) that leaktrace's own process used while tracing.
     pub cpu_s: f64,
+    /// Per BPF program: name, runs, total run time in ns (with `--print-program-times`).
+    pub programs: Vec<(String, u64, u64)>,
+}
+
+/// `leaktrace: bpf program NAME runs=N run_time_ns=T`
+fn parse_program_time(line: &str) -> Option<(String, u64, u64)> {
+    let mut words = line
+        .strip_prefix("leaktrace: bpf program ")?
+        .split_whitespace();
+    let name = words.next()?.to_owned();
+    let runs = words.next()?.strip_prefix("runs=")?.parse().ok()?;
+    let ns = words.next()?.strip_prefix("run_time_ns=")?.parse().ok()?;
+    Some((name, runs, ns))
 }
 
 /// A tracer attached to a process; `stop` detaches it (and dropping it kills it).
 pub struct Tracing {
     child: Option<Child>,
     report: Option<PathBuf>,
-    /// Kept so that the tracer never blocks on a full pipe.
-    _lines: Option<mpsc::Receiver<String>>,
+    /// Its output, read on a thread so that the tracer never blocks on a full pipe.
+    lines: Option<mpsc::Receiver<String>>,
 }
 
 /// How long attaching may take: leaktrace loads and attaches in well under a second, but the
@@ -53,7 +66,7 @@ impl Tracing {
             Tracer::None => Ok(Self {
                 child: None,
                 report: None,
-                _lines: None,
+                lines: None,
             }),
             Tracer::Leaktrace(extra) => leaktrace(pid, extra, dir),
             Tracer::Bpftrace => bpftrace(pid, dir),
@@ -85,21 +98,27 @@ impl Tracing {
         if !status.success() {
             bail!("leaktrace failed ({status})");
         }
-        let text = fs::read_to_string(report)
-            .with_context(|| format!("reading {}", report.display()))?;
+        let text =
+            fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
         let last = text.lines().last().context("leaktrace wrote no report")?;
         let json: serde_json::Value =
             serde_json::from_str(last).context("parsing leaktrace's report")?;
         let total = |name: &str| json["totals"][name].as_u64().unwrap_or(0);
-        let stats = self
-            ._lines
-            .as_ref()
-            .and_then(|lines| {
-                lines
-                    .try_iter()
-                    .find_map(|line| line.strip_prefix("leaktrace: bpf stats ").map(str::to_owned))
-            })
+        // The rest of its stderr, up to the end (the reader thread hangs up at EOF).
+        let mut rest = Vec::new();
+        if let Some(lines) = &self.lines {
+            while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+                rest.push(line);
+            }
+        }
+        let stats = rest
+            .iter()
+            .find_map(|line| line.strip_prefix("leaktrace: bpf stats "))
             .unwrap_or_default();
+        let programs = rest
+            .iter()
+            .filter_map(|line| parse_program_time(line))
+            .collect();
         let stat = |name: &str| {
             stats
                 .split_whitespace()
@@ -112,6 +131,7 @@ impl Tracing {
             frees: total("frees"),
             return_without_entry: stat("return_without_entry"),
             cpu_s,
+            programs,
         }))
     }
 }
@@ -120,7 +140,14 @@ fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     let report = dir.join("leaktrace.json");
     let mut child = Child(
         Command::new(workspace().join("target/release/leaktrace"))
-            .args(["-p", &pid.to_string(), "--format", "json", "--interval", "3600"])
+            .args([
+                "-p",
+                &pid.to_string(),
+                "--format",
+                "json",
+                "--interval",
+                "3600",
+            ])
             .arg("--print-bpf-stats")
             .arg("--output")
             .arg(&report)
@@ -144,7 +171,7 @@ fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     Ok(Tracing {
         child: Some(child),
         report: Some(report),
-        _lines: Some(lines),
+        lines: Some(lines),
     })
 }
 
@@ -169,7 +196,15 @@ fn libc_of(pid: u32) -> anyhow::Result<String> {
 fn memleak_script(libc: &str) -> String {
     let entry = |f: &str| format!("uprobe:{libc}:{f}");
     let ret = |f: &str| format!("uretprobe:{libc}:{f}");
-    let returning = ["malloc", "valloc", "pvalloc", "calloc", "realloc", "memalign", "aligned_alloc"];
+    let returning = [
+        "malloc",
+        "valloc",
+        "pvalloc",
+        "calloc",
+        "realloc",
+        "memalign",
+        "aligned_alloc",
+    ];
     format!(
         "{malloc}, {valloc}, {pvalloc} {{ @size[tid] = arg0; }}\n\
          {calloc} {{ @size[tid] = arg0 * arg1; }}\n\
@@ -228,7 +263,10 @@ fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
     let deadline = Instant::now() + ATTACH_TIMEOUT;
     while perf_event_fds(child.0.id()) < probes {
         if child.0.try_wait()?.is_some() {
-            bail!("bpftrace exited while attaching (run {} by hand to see why)", script.display());
+            bail!(
+                "bpftrace exited while attaching (run {} by hand to see why)",
+                script.display()
+            );
         }
         if Instant::now() > deadline {
             bail!("bpftrace did not attach within {ATTACH_TIMEOUT:?}");
@@ -238,7 +276,7 @@ fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
     Ok(Tracing {
         child: Some(child),
         report: None,
-        _lines: Some(lines),
+        lines: Some(lines),
     })
 }
 
@@ -252,7 +290,12 @@ fn cpu_seconds(pid: u32) -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // SAFETY: no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (ticks(14) + ticks(15)) as f64 / hz
@@ -264,7 +307,8 @@ fn perf_event_fds(pid: u32) -> usize {
     };
     fds.filter_map(Result::ok)
         .filter(|fd| {
-            fs::read_link(fd.path()).is_ok_and(|target| target.to_string_lossy() == "anon_inode:[perf_event]")
+            fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy() == "anon_inode:[perf_event]")
         })
         .count()
 }
@@ -276,11 +320,35 @@ mod tests {
     #[test]
     fn the_memleak_script_probes_every_allocating_function_and_free() {
         let script = memleak_script("/lib/libc.so.6");
-        for f in ["malloc", "calloc", "realloc", "memalign", "aligned_alloc", "valloc", "pvalloc"] {
-            assert!(script.contains(&format!("uprobe:/lib/libc.so.6:{f}")), "{f}");
-            assert!(script.contains(&format!("uretprobe:/lib/libc.so.6:{f}")), "{f}");
+        for f in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "memalign",
+            "aligned_alloc",
+            "valloc",
+            "pvalloc",
+        ] {
+            assert!(
+                script.contains(&format!("uprobe:/lib/libc.so.6:{f}")),
+                "{f}"
+            );
+            assert!(
+                script.contains(&format!("uretprobe:/lib/libc.so.6:{f}")),
+                "{f}"
+            );
         }
         assert!(script.contains("uprobe:/lib/libc.so.6:free { delete(@allocs[arg0]); }"));
+    }
+
+    #[test]
+    fn parses_program_times() {
+        assert_eq!(
+            parse_program_time("leaktrace: bpf program alloc_return runs=12 run_time_ns=3400"),
+            Some(("alloc_return".into(), 12, 3400))
+        );
+        assert_eq!(parse_program_time("leaktrace: bpf program x runs=1"), None);
+        assert_eq!(parse_program_time("leaktrace: tracing pid 1"), None);
     }
 
     #[test]
