@@ -4,13 +4,21 @@
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
 
-/// Frames captured per allocation. 127 is the kernel's default `perf_event_max_stack`.
+/// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, past
+/// which `bpf_get_stack` returns no more.
 pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Frames kept per stack unless `--max-depth` says otherwise: all the kernel gives. A frame
+/// pointer walk costs per frame that exists, so a lower limit saves nothing on ordinary stacks,
+/// while a stack cut short can hide the caller that tells two leaks apart.
+pub const DEFAULT_STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
 /// `RingEvent::kind` of an [`AllocEvent`].
 pub const EVENT_ALLOC: u32 = 1;
 /// `RingEvent::kind` of a [`FreeEvent`].
 pub const EVENT_FREE: u32 = 2;
+/// `RingEvent::kind` of an [`UnmapEvent`].
+pub const EVENT_UNMAP: u32 = 3;
 
 /// The allocator entry point a [`Pending`] call entered; also tells user space which call
 /// produced an [`AllocEvent`].
@@ -21,6 +29,21 @@ pub mod call {
     pub const REALLOCARRAY: u32 = 4;
     pub const POSIX_MEMALIGN: u32 = 5;
     pub const ALIGNED_ALLOC: u32 = 6;
+    /// `mmap` of anonymous memory (`MAP_ANONYMOUS`).
+    pub const MMAP: u32 = 7;
+    /// `mmap` of a file: reported apart from heap memory.
+    pub const MMAP_FILE: u32 = 8;
+    /// `mremap`: `old_addr`/`old_size_bytes` are released, `addr`/`size_bytes` mapped.
+    pub const MREMAP: u32 = 9;
+    /// `mremap` with `MREMAP_DONTUNMAP`: the old range stays mapped.
+    pub const MREMAP_KEEP: u32 = 10;
+    /// `munmap`: its return produces an [`UnmapEvent`](super::UnmapEvent).
+    pub const MUNMAP: u32 = 11;
+
+    /// Calls that map address ranges rather than return heap blocks.
+    pub const fn is_mapping(call: u32) -> bool {
+        matches!(call, MMAP | MMAP_FILE | MREMAP | MREMAP_KEEP)
+    }
 }
 
 /// A completed allocator call that returned memory, released memory, or both (realloc).
@@ -43,11 +66,15 @@ pub struct AllocEvent {
     /// The size requested for `addr`.
     pub size_bytes: u64,
     /// A block this call released (realloc's old pointer when it moved, shrank, grew, or was
-    /// freed by `realloc(p, 0)`), or 0.
+    /// freed by `realloc(p, 0)`; mremap's old range), or 0.
     pub old_addr: u64,
-    /// Bytes of `frames` that hold return addresses; 0 when the stack could not be read.
+    /// mremap's old length; 0 for other calls.
+    pub old_size_bytes: u64,
+    /// Bytes of `frames` that hold return addresses (at most 8 x the depth limit); 0 when the
+    /// stack could not be read.
     pub stack_bytes: u32,
-    /// Non-zero when `frames` was full, so the stack may be cut short.
+    /// Non-zero when the stack had more frames than the depth limit (`--max-depth`) kept; at
+    /// the limit of [`MAX_STACK_DEPTH`] frames, when it may have had more.
     pub stack_truncated: u32,
     /// User return addresses, innermost first: `frames[0]` is in the allocator's caller.
     pub frames: [u64; MAX_STACK_DEPTH],
@@ -65,6 +92,20 @@ pub struct FreeEvent {
     pub addr: u64,
 }
 
+/// A successful `munmap(addr, size_bytes)` outside any other allocator call. The range may
+/// cover parts of several mappings, or none that leaktrace saw being made.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnmapEvent {
+    /// Always [`EVENT_UNMAP`].
+    pub kind: u32,
+    pub _pad: u32,
+    pub pid_tgid: u64,
+    pub ts_ns: u64,
+    pub addr: u64,
+    pub size_bytes: u64,
+}
+
 /// Per-thread state between an allocator's entry and its return, keyed by the full
 /// `pid_tgid`: pairing by tgid alone would mix up threads that allocate at the same time.
 #[repr(C)]
@@ -79,8 +120,10 @@ pub struct Pending {
     /// the return of the pending call was never seen, so the state is stale.
     pub entry_sp: u64,
     pub size_bytes: u64,
-    /// realloc's old pointer.
+    /// realloc's old pointer; the range munmap and mremap release.
     pub old_addr: u64,
+    /// The length of the range at `old_addr` (munmap, mremap).
+    pub old_size_bytes: u64,
     /// posix_memalign's out-parameter.
     pub out_ptr: u64,
 }
@@ -118,9 +161,10 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<AllocEvent>(),
-            4 + 4 + 8 * 5 + 4 + 4 + 8 * MAX_STACK_DEPTH
+            4 + 4 + 8 * 6 + 4 + 4 + 8 * MAX_STACK_DEPTH
         );
         assert_eq!(size_of::<FreeEvent>(), 32);
-        assert_eq!(size_of::<Pending>(), 40);
+        assert_eq!(size_of::<UnmapEvent>(), 40);
+        assert_eq!(size_of::<Pending>(), 48);
     }
 }

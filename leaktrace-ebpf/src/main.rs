@@ -1,5 +1,6 @@
-//! leaktrace's BPF programs: uprobes on the allocator's entry points, a uretprobe on their
-//! returns, and a uprobe on `free`. Each completed call becomes one ring buffer record.
+//! leaktrace's BPF programs: uprobes on the allocator's entry points (the malloc family, mmap,
+//! munmap and mremap), a uretprobe on their returns, and a uprobe on `free`. Each completed
+//! call becomes one ring buffer record.
 //!
 //! The stack is taken at the return, not at the entry: there the user registers are those of
 //! the caller right after the call (the kernel has put the original return address back in
@@ -18,8 +19,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH,
-    Pending, call, stat,
+    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, EVENT_UNMAP, FreeEvent,
+    MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat,
 };
 
 /// User space resizes it from `--ringbuf-bytes` before loading.
@@ -33,6 +34,11 @@ static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Frames kept per stack (`--max-depth`), 1..=[`MAX_STACK_DEPTH`]; user space sets it before
+/// loading. Read through `read_volatile`: otherwise the compiler folds in this initial value.
+#[unsafe(no_mangle)]
+static STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
 /// Unread bytes in the ring buffer past which a submit wakes user space up. Below it, user
 /// space drains on its own short timer: a wakeup per event would cost more than the event.
@@ -63,15 +69,10 @@ fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
 }
 
 /// Records an allocator entry, unless it is nested inside another allocator call of the same
-/// thread (glibc's `realloc(NULL, n)` calls `malloc`): those are counted once, as the outer call.
+/// thread (glibc's `realloc(NULL, n)` calls `malloc`, a large `malloc` calls `mmap`): those are
+/// counted once, as the outer call.
 #[inline(always)]
-fn enter(
-    ctx: &ProbeContext,
-    call: u32,
-    size_bytes: u64,
-    old_addr: u64,
-    out_ptr: u64,
-) -> Result<u32, u32> {
+fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_ptr: u64) -> u32 {
     let key = bpf_get_current_pid_tgid();
     let sp = stack_pointer(ctx);
     if let Some(pending) = PENDING.get_ptr_mut(&key) {
@@ -80,7 +81,7 @@ fn enter(
         // A nested call runs deeper in the stack (lower or, for a tail call, equal address).
         if sp <= pending.entry_sp {
             pending.depth += 1;
-            return Ok(0);
+            return 0;
         }
         count(stat::STALE_ENTRY);
     }
@@ -89,13 +90,14 @@ fn enter(
         depth: 1,
         entry_sp: sp,
         size_bytes,
-        old_addr,
+        old_addr: old.0,
+        old_size_bytes: old.1,
         out_ptr,
     };
     if PENDING.insert(&key, &pending, 0).is_err() {
         count(stat::PENDING_FULL);
     }
-    Ok(0)
+    0
 }
 
 /// `n * size` for calloc and reallocarray. It may wrap: those calls fail on overflow, and a
@@ -119,9 +121,7 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 /// `malloc(size)`, and `valloc(size)` and `pvalloc(size)`, which take the same argument.
 #[uprobe]
 pub fn malloc_entry(ctx: ProbeContext) -> u32 {
-    match enter(&ctx, call::MALLOC, arg(&ctx, 0), 0, 0) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(&ctx, call::MALLOC, arg(&ctx, 0), (0, 0), 0)
 }
 
 /// `calloc(n, size)`. An overflowing product fails in the allocator (it returns NULL), so the
@@ -129,42 +129,71 @@ pub fn malloc_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn calloc_entry(ctx: ProbeContext) -> u32 {
     let size = product(arg(&ctx, 0), arg(&ctx, 1));
-    match enter(&ctx, call::CALLOC, size, 0, 0) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(&ctx, call::CALLOC, size, (0, 0), 0)
 }
 
 /// `realloc(ptr, size)`.
 #[uprobe]
 pub fn realloc_entry(ctx: ProbeContext) -> u32 {
-    match enter(&ctx, call::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(&ctx, call::REALLOC, arg(&ctx, 1), (arg(&ctx, 0), 0), 0)
 }
 
 /// `reallocarray(ptr, n, size)`.
 #[uprobe]
 pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
     let size = product(arg(&ctx, 1), arg(&ctx, 2));
-    match enter(&ctx, call::REALLOCARRAY, size, arg(&ctx, 0), 0) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(&ctx, call::REALLOCARRAY, size, (arg(&ctx, 0), 0), 0)
 }
 
 /// `posix_memalign(&out, alignment, size)`: the block comes back through `out`.
 #[uprobe]
 pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
-    match enter(&ctx, call::POSIX_MEMALIGN, arg(&ctx, 2), 0, arg(&ctx, 0)) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(
+        &ctx,
+        call::POSIX_MEMALIGN,
+        arg(&ctx, 2),
+        (0, 0),
+        arg(&ctx, 0),
+    )
 }
 
 /// `aligned_alloc(alignment, size)` and `memalign(alignment, size)`.
 #[uprobe]
 pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
-    match enter(&ctx, call::ALIGNED_ALLOC, arg(&ctx, 1), 0, 0) {
-        Ok(v) | Err(v) => v,
-    }
+    enter(&ctx, call::ALIGNED_ALLOC, arg(&ctx, 1), (0, 0), 0)
+}
+
+const MAP_ANONYMOUS: u64 = 0x20;
+const MREMAP_DONTUNMAP: u64 = 4;
+/// What mmap and mremap return on failure.
+const MAP_FAILED: u64 = u64::MAX;
+
+/// `mmap(addr, length, prot, flags, fd, offset)`.
+#[uprobe]
+pub fn mmap_entry(ctx: ProbeContext) -> u32 {
+    let call = if arg(&ctx, 3) & MAP_ANONYMOUS != 0 {
+        call::MMAP
+    } else {
+        call::MMAP_FILE
+    };
+    enter(&ctx, call, arg(&ctx, 1), (0, 0), 0)
+}
+
+/// `mremap(old_addr, old_size, new_size, flags, ...)`.
+#[uprobe]
+pub fn mremap_entry(ctx: ProbeContext) -> u32 {
+    let call = if arg(&ctx, 3) & MREMAP_DONTUNMAP != 0 {
+        call::MREMAP_KEEP
+    } else {
+        call::MREMAP
+    };
+    enter(&ctx, call, arg(&ctx, 2), (arg(&ctx, 0), arg(&ctx, 1)), 0)
+}
+
+/// `munmap(addr, length)`: reported at its return, and only when it succeeded.
+#[uprobe]
+pub fn munmap_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, call::MUNMAP, 0, (arg(&ctx, 0), arg(&ctx, 1)), 0)
 }
 
 /// The return of every allocating entry point above.
@@ -190,11 +219,32 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     let call = pending.call;
     let size_bytes = pending.size_bytes;
     let old_addr = pending.old_addr;
+    let old_size_bytes = pending.old_size_bytes;
     let out_ptr = pending.out_ptr;
     let _ = PENDING.remove(&key);
 
     let ret: u64 = ctx.ret();
     let (addr, released) = match call {
+        call::MUNMAP => {
+            // 0 on success, -1 on failure (nothing was unmapped).
+            if ret != 0 {
+                return Ok(0);
+            }
+            return unmapped(key, old_addr, old_size_bytes);
+        }
+        call::MMAP | call::MMAP_FILE => {
+            if ret == MAP_FAILED {
+                return Ok(0);
+            }
+            (ret, 0)
+        }
+        call::MREMAP | call::MREMAP_KEEP => {
+            // On failure the old mapping is untouched.
+            if ret == MAP_FAILED {
+                return Ok(0);
+            }
+            (ret, old_addr)
+        }
         call::POSIX_MEMALIGN => {
             // It returns 0 on success and leaves `out` alone on failure.
             if ret as u32 != 0 {
@@ -225,6 +275,15 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
 
+    // One frame more than kept, when the buffer has room for it, tells a stack of exactly
+    // `depth` frames from a longer one. The bounds keep the size provably within the buffer
+    // for the verifier.
+    // SAFETY: a plain read of a global that user space sets before load.
+    let depth = unsafe { core::ptr::read_volatile(&raw const STACK_DEPTH) }
+        .clamp(1, MAX_STACK_DEPTH as u32);
+    let keep_bytes = depth * 8;
+    let capture_bytes = (depth + 1).min(MAX_STACK_DEPTH as u32) * 8;
+
     let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
@@ -240,11 +299,11 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         (*event).addr = addr;
         (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
         (*event).old_addr = released;
-        let frames_bytes = (MAX_STACK_DEPTH * 8) as u32;
+        (*event).old_size_bytes = old_size_bytes;
         let got = bpf_get_stack(
             ctx.as_ptr(),
             (*event).frames.as_mut_ptr().cast(),
-            frames_bytes,
+            capture_bytes,
             BPF_F_USER_STACK as u64,
         );
         if got < 0 {
@@ -252,11 +311,32 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             (*event).stack_bytes = 0;
             (*event).stack_truncated = 0;
         } else {
-            (*event).stack_bytes = got as u32;
-            (*event).stack_truncated = u32::from(got as u32 >= frames_bytes);
+            // At the full depth nothing tells whether more frames existed: "truncated" then
+            // means "may be".
+            let got = got as u32;
+            (*event).stack_bytes = got.min(keep_bytes);
+            (*event).stack_truncated =
+                u32::from(got > keep_bytes || (got == keep_bytes && keep_bytes == capture_bytes));
         }
     }
     entry.submit(wakeup_flags());
+    Ok(0)
+}
+
+fn unmapped(pid_tgid: u64, addr: u64, size_bytes: u64) -> Result<u32, u32> {
+    let event = UnmapEvent {
+        kind: EVENT_UNMAP,
+        _pad: 0,
+        pid_tgid,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        addr,
+        size_bytes,
+    };
+    if EVENTS.output::<UnmapEvent>(&event, wakeup_flags()).is_err() {
+        count(stat::RINGBUF_FULL);
+        return Err(0);
+    }
     Ok(0)
 }
 

@@ -93,6 +93,7 @@ fn alloc_records(rng: &mut Rng) -> Vec<Vec<u8>> {
                 addr: 0,
                 size_bytes: 16 + rng.below(4096) as u64,
                 old_addr: 0,
+                old_size_bytes: 0,
                 stack_bytes: (depth * 8) as u32,
                 stack_truncated: 0,
                 frames: [0; MAX_STACK_DEPTH],

@@ -27,6 +27,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub min_age: Option<f64>,
 
+    /// List the stacks that hold mappings of files too. They are never added to the heap
+    /// numbers; without this flag, only their total is shown.
+    #[arg(long)]
+    pub file_mappings: bool,
+
     /// Stacks shown per report, biggest first.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
@@ -42,6 +47,11 @@ pub struct Cli {
     /// Reports over which growth is measured and leaks are told from stable usage.
     #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
     pub window: u16,
+
+    /// Frames kept per stack, innermost first (1 to 127, the kernel's limit); a deeper stack is
+    /// cut and marked truncated.
+    #[arg(long, value_name = "N", default_value_t = leaktrace_common::DEFAULT_STACK_DEPTH, value_parser = clap::value_parser!(u32).range(1..=leaktrace_common::MAX_STACK_DEPTH as i64))]
+    pub max_depth: u32,
 
     /// Size of the BPF ring buffer that carries events (a power of two, in bytes).
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_RINGBUF_BYTES, value_parser = ringbuf_bytes)]
@@ -110,6 +120,16 @@ mod tests {
     }
 
     #[test]
+    fn max_depth_defaults_to_the_kernel_limit() {
+        let cli = Cli::try_parse_from(["leaktrace", "-p", "1"]).unwrap();
+        assert_eq!(cli.max_depth, 127);
+        for n in ["1", "127"] {
+            let cli = Cli::try_parse_from(["leaktrace", "-p", "1", "--max-depth", n]).unwrap();
+            assert_eq!(cli.max_depth.to_string(), n);
+        }
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             &["leaktrace"][..],
@@ -118,6 +138,8 @@ mod tests {
             &["leaktrace", "-p", "1", "-i", "nan"],
             &["leaktrace", "-p", "1", "--ringbuf-bytes", "5000"],
             &["leaktrace", "-p", "1", "--window", "1"],
+            &["leaktrace", "-p", "1", "--max-depth", "0"],
+            &["leaktrace", "-p", "1", "--max-depth", "128"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -2,7 +2,11 @@
 
 use std::mem::{offset_of, size_of};
 
-use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH};
+use leaktrace_common::{
+    AllocEvent, EVENT_ALLOC, EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, call,
+};
+
+use crate::mappings::Backing;
 
 /// One allocator event, borrowed from the ring buffer record.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,6 +25,34 @@ pub enum Event<'a> {
         ts_ns: u64,
         addr: u64,
     },
+    /// mmap or mremap mapped `addr..addr + size_bytes`.
+    Map {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+        source: MapSource,
+        frames: &'a [u64],
+        truncated: bool,
+    },
+    /// munmap released whatever was mapped in `addr..addr + size_bytes` (whole pages).
+    Unmap {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+    },
+}
+
+/// Where a mapped range comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapSource {
+    Mmap(Backing),
+    /// mremap of `old_addr..old_addr + old_size_bytes`, which is unmapped unless `old_kept`
+    /// (`MREMAP_DONTUNMAP`). The new range keeps the old mapping's backing.
+    Remap {
+        old_addr: u64,
+        old_size_bytes: u64,
+        old_kept: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +63,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("stack of {0} bytes does not fit the record")]
     BadStack(u32),
+    #[error("unknown allocator call {0}")]
+    UnknownCall(u32),
 }
 
 fn u32_at(bytes: &[u8], offset: usize) -> u32 {
@@ -57,6 +91,16 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 addr: u64_at(bytes, offset_of!(FreeEvent, addr)),
             })
         }
+        EVENT_UNMAP => {
+            if bytes.len() < size_of::<UnmapEvent>() {
+                return Err(DecodeError::Short(bytes.len()));
+            }
+            Ok(Event::Unmap {
+                ts_ns: u64_at(bytes, offset_of!(UnmapEvent, ts_ns)),
+                addr: u64_at(bytes, offset_of!(UnmapEvent, addr)),
+                size_bytes: u64_at(bytes, offset_of!(UnmapEvent, size_bytes)),
+            })
+        }
         EVENT_ALLOC => {
             if bytes.len() < size_of::<AllocEvent>() {
                 return Err(DecodeError::Short(bytes.len()));
@@ -67,15 +111,48 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 return Err(DecodeError::BadStack(stack_bytes));
             }
             let frames_at = offset_of!(AllocEvent, frames);
+            let ts_ns = u64_at(bytes, offset_of!(AllocEvent, ts_ns));
+            let addr = u64_at(bytes, offset_of!(AllocEvent, addr));
+            let size_bytes = u64_at(bytes, offset_of!(AllocEvent, size_bytes));
+            let old_addr = u64_at(bytes, offset_of!(AllocEvent, old_addr));
+            let truncated = u32_at(bytes, offset_of!(AllocEvent, stack_truncated)) != 0;
+            let remap = |old_kept| MapSource::Remap {
+                old_addr,
+                old_size_bytes: u64_at(bytes, offset_of!(AllocEvent, old_size_bytes)),
+                old_kept,
+            };
+            let source = match u32_at(bytes, offset_of!(AllocEvent, call)) {
+                call::MALLOC
+                | call::CALLOC
+                | call::REALLOC
+                | call::REALLOCARRAY
+                | call::POSIX_MEMALIGN
+                | call::ALIGNED_ALLOC => None,
+                call::MMAP => Some(MapSource::Mmap(Backing::Anonymous)),
+                call::MMAP_FILE => Some(MapSource::Mmap(Backing::File)),
+                call::MREMAP => Some(remap(false)),
+                call::MREMAP_KEEP => Some(remap(true)),
+                other => return Err(DecodeError::UnknownCall(other)),
+            };
             scratch.clear();
             scratch.extend((0..depth).map(|i| u64_at(bytes, frames_at + 8 * i)));
-            Ok(Event::Alloc {
-                ts_ns: u64_at(bytes, offset_of!(AllocEvent, ts_ns)),
-                addr: u64_at(bytes, offset_of!(AllocEvent, addr)),
-                size_bytes: u64_at(bytes, offset_of!(AllocEvent, size_bytes)),
-                old_addr: u64_at(bytes, offset_of!(AllocEvent, old_addr)),
-                frames: scratch,
-                truncated: u32_at(bytes, offset_of!(AllocEvent, stack_truncated)) != 0,
+            Ok(match source {
+                None => Event::Alloc {
+                    ts_ns,
+                    addr,
+                    size_bytes,
+                    old_addr,
+                    frames: scratch,
+                    truncated,
+                },
+                Some(source) => Event::Map {
+                    ts_ns,
+                    addr,
+                    size_bytes,
+                    source,
+                    frames: scratch,
+                    truncated,
+                },
             })
         }
         kind => Err(DecodeError::UnknownKind(kind)),
@@ -93,14 +170,26 @@ pub(crate) mod tests {
         old_addr: u64,
         frames: &[u64],
     ) -> Vec<u8> {
+        call_record(call::MALLOC, addr, size_bytes, (old_addr, 0), frames)
+    }
+
+    /// The bytes BPF writes for any call that returns memory.
+    pub(crate) fn call_record(
+        call: u32,
+        addr: u64,
+        size_bytes: u64,
+        (old_addr, old_size_bytes): (u64, u64),
+        frames: &[u64],
+    ) -> Vec<u8> {
         let mut event = AllocEvent {
             kind: EVENT_ALLOC,
-            call: leaktrace_common::call::MALLOC,
+            call,
             pid_tgid: 7 << 32 | 8,
             ts_ns: 1000,
             addr,
             size_bytes,
             old_addr,
+            old_size_bytes,
             stack_bytes: u32::try_from(frames.len() * 8).unwrap(),
             stack_truncated: 0,
             frames: [0; MAX_STACK_DEPTH],
@@ -126,6 +215,74 @@ pub(crate) mod tests {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<FreeEvent>())
         }
         .to_vec()
+    }
+
+    pub(crate) fn unmap_record(addr: u64, size_bytes: u64) -> Vec<u8> {
+        let event = UnmapEvent {
+            kind: EVENT_UNMAP,
+            _pad: 0,
+            pid_tgid: 7 << 32 | 8,
+            ts_ns: 3000,
+            addr,
+            size_bytes,
+        };
+        // SAFETY: UnmapEvent is plain integers without padding.
+        unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<UnmapEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_mappings_by_call() {
+        let mut scratch = Vec::new();
+        let record = call_record(call::MMAP_FILE, 0x7000, 8192, (0, 0), &[0x401000]);
+        assert_eq!(
+            decode(&record, &mut scratch).unwrap(),
+            Event::Map {
+                ts_ns: 1000,
+                addr: 0x7000,
+                size_bytes: 8192,
+                source: MapSource::Mmap(Backing::File),
+                frames: &[0x401000],
+                truncated: false
+            }
+        );
+        let record = call_record(call::MREMAP_KEEP, 0x9000, 4096, (0x7000, 8192), &[]);
+        assert_eq!(
+            decode(&record, &mut scratch).unwrap(),
+            Event::Map {
+                ts_ns: 1000,
+                addr: 0x9000,
+                size_bytes: 4096,
+                source: MapSource::Remap {
+                    old_addr: 0x7000,
+                    old_size_bytes: 8192,
+                    old_kept: true
+                },
+                frames: &[],
+                truncated: false
+            }
+        );
+        assert_eq!(
+            decode(&unmap_record(0x7000, 100), &mut scratch).unwrap(),
+            Event::Unmap {
+                ts_ns: 3000,
+                addr: 0x7000,
+                size_bytes: 100
+            }
+        );
+        assert_eq!(
+            decode(&unmap_record(1, 1)[..39], &mut scratch),
+            Err(DecodeError::Short(39))
+        );
+        // munmap never produces an allocation record; nor does a call this build lacks.
+        for bad in [call::MUNMAP, 0, 99] {
+            assert_eq!(
+                decode(&call_record(bad, 1, 1, (0, 0), &[]), &mut scratch),
+                Err(DecodeError::UnknownCall(bad))
+            );
+        }
     }
 
     #[test]

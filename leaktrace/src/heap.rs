@@ -1,7 +1,12 @@
 //! The heap model: every allocation outstanding since attach, and the stacks that made them.
 //! It knows nothing of BPF, symbols or terminals.
 
-use crate::event::Event;
+use std::collections::HashSet;
+
+use crate::{
+    event::{Event, MapSource},
+    mappings::{Backing, Mappings},
+};
 
 /// Keys are addresses and stacks from the target: foldhash (seeded per process) hashes them
 /// several times faster than SipHash, which took half of the per-event time.
@@ -11,26 +16,65 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackId(pub u32);
 
+/// What kind of memory a stack holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// Blocks of the malloc family.
+    Heap,
+    /// Anonymous mappings (mmap, mremap).
+    Mapping,
+    /// Mappings of files: reported apart, never added to heap numbers.
+    FileMapping,
+}
+
+impl Origin {
+    const ALL: usize = 3;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Heap => "malloc",
+            Origin::Mapping => "mmap",
+            Origin::FileMapping => "mmap_file",
+        }
+    }
+}
+
+impl From<Backing> for Origin {
+    fn from(backing: Backing) -> Self {
+        match backing {
+            Backing::Anonymous => Origin::Mapping,
+            Backing::File => Origin::FileMapping,
+        }
+    }
+}
+
 /// A distinct call stack: return addresses, innermost first.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stack {
     pub frames: Box<[u64]>,
     /// The capture hit its depth limit: outer frames are missing.
     pub truncated: bool,
+    pub origin: Origin,
 }
 
 /// Interns stacks, comparing every frame: two different stacks never share an id.
 #[derive(Debug, Default)]
 pub struct Stacks {
-    ids: HashMap<Box<[u64]>, StackId>,
+    /// One table per origin, so that a lookup borrows the frames without allocating.
+    ids: [HashMap<Box<[u64]>, StackId>; Origin::ALL],
     stacks: Vec<Stack>,
 }
 
 impl Stacks {
-    /// Truncation is not part of the identity: a stack is truncated exactly when its capture
-    /// filled the whole buffer, so equal frames have equal truncation.
-    pub fn intern(&mut self, frames: &[u64], truncated: bool) -> StackId {
-        if let Some(&id) = self.ids.get(frames) {
+    /// Truncation is not part of the identity: the kept frames are what tells stacks apart.
+    /// The same frames may come once cut from a deeper stack and once whole (the unwinder can
+    /// stop early, at code without frame pointers); then the stack shows as truncated, since
+    /// some of its allocations came from deeper. The origin is part of it: an mremap call site
+    /// can move both anonymous and file mappings.
+    pub fn intern(&mut self, frames: &[u64], truncated: bool, origin: Origin) -> StackId {
+        let ids = &mut self.ids[origin as usize];
+        if let Some(&id) = ids.get(frames) {
+            self.stacks[id.0 as usize].truncated |= truncated;
             return id;
         }
         let id =
@@ -38,8 +82,9 @@ impl Stacks {
         self.stacks.push(Stack {
             frames: frames.into(),
             truncated,
+            origin,
         });
-        self.ids.insert(frames.into(), id);
+        ids.insert(frames.into(), id);
         id
     }
 
@@ -65,6 +110,9 @@ pub struct Counters {
     pub frees: u64,
     /// Releases of blocks that were allocated before attach (or whose allocation was lost).
     pub unmatched_frees: u64,
+    /// munmaps that released nothing leaktrace saw being mapped: mappings older than the
+    /// attach, and glibc's own unmapping of large blocks that `free` released.
+    pub unmatched_unmaps: u64,
 }
 
 /// Outstanding memory of one stack at one instant.
@@ -79,6 +127,7 @@ pub struct StackUsage {
 #[derive(Debug, Default)]
 pub struct HeapModel {
     live: HashMap<u64, Live>,
+    mappings: Mappings,
     stacks: Stacks,
     counters: Counters,
 }
@@ -98,7 +147,7 @@ impl HeapModel {
                     self.release(old_addr);
                 }
                 if addr != 0 {
-                    let stack = self.stacks.intern(frames, truncated);
+                    let stack = self.stacks.intern(frames, truncated, Origin::Heap);
                     self.counters.allocations += 1;
                     // An address still live means its free was lost; the new block replaces it.
                     self.live.insert(
@@ -112,6 +161,49 @@ impl HeapModel {
                 }
             }
             Event::Free { addr, .. } => self.release(addr),
+            Event::Map {
+                ts_ns,
+                addr,
+                size_bytes,
+                source,
+                frames,
+                truncated,
+            } => {
+                let backing = match source {
+                    MapSource::Mmap(backing) => backing,
+                    MapSource::Remap {
+                        old_addr,
+                        old_size_bytes,
+                        old_kept,
+                    } => {
+                        // A mapping made before attach is taken for anonymous memory: its
+                        // backing is unknown, and hiding it would hide memory.
+                        let backing = self
+                            .mappings
+                            .backing_at(old_addr)
+                            .unwrap_or(Backing::Anonymous);
+                        if !old_kept {
+                            let unmapped = self.mappings.unmap(old_addr, old_size_bytes);
+                            self.counters.frees += unmapped.released;
+                        }
+                        backing
+                    }
+                };
+                let stack = self.stacks.intern(frames, truncated, backing.into());
+                self.counters.allocations += 1;
+                // MAP_FIXED over tracked memory replaces it.
+                let replaced = self.mappings.map(addr, size_bytes, stack, ts_ns, backing);
+                self.counters.frees += replaced.released;
+            }
+            Event::Unmap {
+                addr, size_bytes, ..
+            } => {
+                let unmapped = self.mappings.unmap(addr, size_bytes);
+                self.counters.frees += unmapped.released;
+                if unmapped.bytes == 0 {
+                    self.counters.unmatched_unmaps += 1;
+                }
+            }
         }
     }
 
@@ -134,16 +226,25 @@ impl HeapModel {
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
         let mut by_stack: HashMap<StackId, StackUsage> = HashMap::default();
-        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
-            let usage = by_stack.entry(live.stack).or_insert(StackUsage {
-                stack: live.stack,
+        let mut add = |stack: StackId, size_bytes: u64, new_allocation: bool, ts_ns: u64| {
+            let usage = by_stack.entry(stack).or_insert(StackUsage {
+                stack,
                 outstanding_bytes: 0,
                 outstanding_allocations: 0,
                 oldest_ts_ns: u64::MAX,
             });
-            usage.outstanding_bytes += live.size_bytes;
-            usage.outstanding_allocations += 1;
-            usage.oldest_ts_ns = usage.oldest_ts_ns.min(live.ts_ns);
+            usage.outstanding_bytes += size_bytes;
+            usage.outstanding_allocations += u64::from(new_allocation);
+            usage.oldest_ts_ns = usage.oldest_ts_ns.min(ts_ns);
+        };
+        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
+            add(live.stack, live.size_bytes, true, live.ts_ns);
+        }
+        // A mapping split by a partial munmap is still one allocation.
+        let mut counted = HashSet::new();
+        for piece in self.mappings.pieces().filter(|p| p.ts_ns <= born_by_ns) {
+            let first_piece = counted.insert(piece.mapping);
+            add(piece.stack, piece.size_bytes, first_piece, piece.ts_ns);
         }
         by_stack.into_values().collect()
     }
@@ -205,7 +306,8 @@ mod tests {
             Counters {
                 allocations: 20,
                 frees: 10,
-                unmatched_frees: 0
+                unmatched_frees: 0,
+                unmatched_unmaps: 0
             }
         );
         let oldest = heap
@@ -253,7 +355,8 @@ mod tests {
             Counters {
                 allocations: 3,
                 frees: 3,
-                unmatched_frees: 0
+                unmatched_frees: 0,
+                unmatched_unmaps: 0
             }
         );
     }
@@ -271,7 +374,8 @@ mod tests {
             Counters {
                 allocations: 1,
                 frees: 2,
-                unmatched_frees: 2
+                unmatched_frees: 2,
+                unmatched_unmaps: 0
             }
         );
         assert_eq!(usage_of(&heap, &[1]), Some((8, 1)));
@@ -280,19 +384,149 @@ mod tests {
     #[test]
     fn stacks_differing_in_one_frame_stay_apart() {
         let mut stacks = Stacks::default();
-        let a = stacks.intern(&[1, 2, 3], false);
-        assert_eq!(stacks.intern(&[1, 2, 3], false), a);
-        let b = stacks.intern(&[1, 2, 4], false);
-        let c = stacks.intern(&[1, 2], false);
-        let d = stacks.intern(&[4, 2, 3], true);
+        let a = stacks.intern(&[1, 2, 3], false, Origin::Heap);
+        assert_eq!(stacks.intern(&[1, 2, 3], false, Origin::Heap), a);
+        let b = stacks.intern(&[1, 2, 4], false, Origin::Heap);
+        let c = stacks.intern(&[1, 2], false, Origin::Heap);
+        let d = stacks.intern(&[4, 2, 3], true, Origin::Heap);
+        let e = stacks.intern(&[1, 2, 3], false, Origin::FileMapping);
+        assert_eq!(stacks.intern(&[1, 2, 3], false, Origin::FileMapping), e);
+        assert_eq!(stacks.get(e).origin, Origin::FileMapping);
         assert_eq!(
-            [a, b, c, d]
+            [a, b, c, d, e]
                 .iter()
                 .collect::<std::collections::HashSet<_>>()
                 .len(),
-            4
+            5
         );
         assert!(stacks.get(d).truncated);
         assert_eq!(&*stacks.get(b).frames, &[1, 2, 4]);
+    }
+
+    #[test]
+    fn the_same_frames_once_cut_short_show_as_truncated() {
+        let mut stacks = Stacks::default();
+        let a = stacks.intern(&[1, 2], false, Origin::Heap);
+        assert!(!stacks.get(a).truncated);
+        assert_eq!(stacks.intern(&[1, 2], true, Origin::Heap), a);
+        assert!(stacks.get(a).truncated);
+        // A later whole capture does not undo it.
+        assert_eq!(stacks.intern(&[1, 2], false, Origin::Heap), a);
+        assert!(stacks.get(a).truncated);
+    }
+
+    fn map(
+        addr: u64,
+        size_bytes: u64,
+        source: MapSource,
+        frames: &'static [u64],
+    ) -> Event<'static> {
+        Event::Map {
+            ts_ns: addr,
+            addr,
+            size_bytes,
+            source,
+            frames,
+            truncated: false,
+        }
+    }
+
+    fn unmap(addr: u64, size_bytes: u64) -> Event<'static> {
+        Event::Unmap {
+            ts_ns: 0,
+            addr,
+            size_bytes,
+        }
+    }
+
+    fn origin_usage(heap: &HeapModel, origin: Origin) -> Vec<(u64, u64)> {
+        let mut found: Vec<_> = heap
+            .usage(u64::MAX)
+            .into_iter()
+            .filter(|u| heap.stacks().get(u.stack).origin == origin)
+            .map(|u| (u.outstanding_bytes, u.outstanding_allocations))
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn mappings_split_move_and_keep_their_backing() {
+        let anon = MapSource::Mmap(Backing::Anonymous);
+        let mut heap = HeapModel::default();
+        heap.apply(&map(0x10000, 0x4000, anon, &[1]));
+        heap.apply(&map(0x20000, 0x2000, MapSource::Mmap(Backing::File), &[2]));
+        // A hole in the middle: one allocation in two pieces.
+        heap.apply(&unmap(0x11000, 0x1000));
+        assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x3000, 1)]);
+        // mremap moves the file mapping and grows it: still a file mapping, now of the
+        // mremap's stack.
+        heap.apply(&map(
+            0x30000,
+            0x3000,
+            MapSource::Remap {
+                old_addr: 0x20000,
+                old_size_bytes: 0x2000,
+                old_kept: false,
+            },
+            &[3],
+        ));
+        assert_eq!(origin_usage(&heap, Origin::FileMapping), [(0x3000, 1)]);
+        assert_eq!(
+            heap.usage(u64::MAX)
+                .iter()
+                .filter(|u| *heap.stacks().get(u.stack).frames == [2])
+                .count(),
+            0
+        );
+        // MREMAP_DONTUNMAP keeps the old range; a remap of memory mapped before attach is
+        // taken for anonymous memory.
+        heap.apply(&map(
+            0x40000,
+            0x1000,
+            MapSource::Remap {
+                old_addr: 0x12000,
+                old_size_bytes: 0x1000,
+                old_kept: true,
+            },
+            &[4],
+        ));
+        heap.apply(&map(
+            0x50000,
+            0x1000,
+            MapSource::Remap {
+                old_addr: 0x90000,
+                old_size_bytes: 0x1000,
+                old_kept: false,
+            },
+            &[5],
+        ));
+        assert_eq!(
+            origin_usage(&heap, Origin::Mapping),
+            [(0x1000, 1), (0x1000, 1), (0x3000, 1)]
+        );
+        // The rest of the first mapping goes; an unmap of nothing tracked is counted apart.
+        heap.apply(&unmap(0x10000, 0x4000));
+        heap.apply(&unmap(0x70000, 0x1000));
+        assert_eq!(
+            heap.counters(),
+            Counters {
+                allocations: 5,
+                frees: 2,
+                unmatched_frees: 0,
+                unmatched_unmaps: 1
+            }
+        );
+        // Heap blocks and mappings never touch each other: a free of a mapped address is an
+        // unmatched free, not an unmap.
+        heap.apply(&Event::Free {
+            ts_ns: 0,
+            addr: 0x40000,
+        });
+        assert_eq!(heap.counters().unmatched_frees, 1);
+        assert_eq!(
+            origin_usage(&heap, Origin::Mapping),
+            [(0x1000, 1), (0x1000, 1)]
+        );
     }
 }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod elf_symbols;
 pub mod event;
 pub mod heap;
+pub mod mappings;
 pub mod probe_point;
 pub mod probes;
 pub mod proc_maps;

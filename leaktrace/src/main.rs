@@ -30,7 +30,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         None => Box::new(io::stdout()),
     };
-    let (ebpf, maps) = probes::load(cli.ringbuf_bytes)?;
+    let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let options = probes::AttachOptions {
         noop_programs: cli.noop_programs,
         free_at_entry: cli.free_at_entry,
@@ -46,14 +46,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // at attach: a target that exits at once still gets its stacks symbolized.
     let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
         .context("starting the reporter thread")?;
-    eprintln!(
-        "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
-        target.pid,
-        target.command,
-        target.allocator.module,
-        probes.attached(),
-        cli.interval
-    );
     let settings = trace::Settings {
         pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
@@ -62,6 +54,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
         print_bpf_stats: cli.print_bpf_stats,
+        file_mappings: cli.file_mappings,
+        ready_message: format!(
+            "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
+            target.pid,
+            target.command,
+            target.allocator.module,
+            probes.attached(),
+            cli.interval
+        ),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -12,18 +12,22 @@ use leaktrace_common::stat;
 
 use crate::target::Target;
 
-/// Which program runs at which entry point. `alloc_return` runs at the return of every
-/// allocating one.
-const ENTRY_PROGRAMS: [(&str, &str); 9] = [
+/// Which program runs at which entry point. `alloc_return` runs at the return of every one.
+/// Attached in this order: calls that release memory before those that only allocate, so that
+/// a call made while attaching can leave a release unmatched, never a block falsely outstanding.
+const ENTRY_PROGRAMS: [(&str, &str); 12] = [
+    ("munmap", "munmap_entry"),
+    ("mremap", "mremap_entry"),
+    ("realloc", "realloc_entry"),
+    ("reallocarray", "reallocarray_entry"),
     ("malloc", "malloc_entry"),
     ("valloc", "malloc_entry"),
     ("pvalloc", "malloc_entry"),
     ("calloc", "calloc_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
     ("posix_memalign", "posix_memalign_entry"),
     ("aligned_alloc", "aligned_alloc_entry"),
     ("memalign", "aligned_alloc_entry"),
+    ("mmap", "mmap_entry"),
 ];
 
 /// Programs attached to one process. Dropping it detaches every probe.
@@ -95,7 +99,9 @@ impl Stats {
     }
 }
 
-pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
+/// Loads the BPF programs with a ring buffer of `ringbuf_bytes` that keep at most `max_depth`
+/// frames per stack (1..=[`leaktrace_common::MAX_STACK_DEPTH`]).
+pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
     let unlimited = libc::rlimit {
@@ -107,6 +113,7 @@ pub fn load(ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Maps)> {
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("EVENTS", ringbuf_bytes)
+        .override_global("STACK_DEPTH", &max_depth, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/leaktrace"

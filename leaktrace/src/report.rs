@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::heap::{Counters, HeapModel, StackId, StackUsage};
+use crate::heap::{Counters, HeapModel, Origin, StackId, StackUsage};
 
 /// How a stack's outstanding memory behaves over the trend window (see the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +40,11 @@ pub struct Totals {
     pub frees: u64,
     pub lost_events: u64,
     pub unmatched_frees: u64,
+    /// Of `outstanding_bytes`, the part in anonymous mappings (mmap/mremap).
+    pub mapped_bytes: u64,
+    /// Mappings of files: outstanding, but not heap memory, so not in `outstanding_bytes`.
+    pub file_mapped_bytes: u64,
+    pub file_mappings: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +57,7 @@ pub struct StackSummary {
     /// Return addresses, innermost first.
     pub addresses: Box<[u64]>,
     pub truncated: bool,
+    pub origin: Origin,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -193,6 +199,8 @@ pub struct SnapshotInput {
     /// Only allocations at least this old count (`--min-age`).
     pub min_age_ns: u64,
     pub top: usize,
+    /// List stacks holding file mappings (`--file-mappings`); they are always totalled apart.
+    pub file_mappings: bool,
     pub last: bool,
 }
 
@@ -203,15 +211,31 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         allocations,
         frees,
         unmatched_frees,
+        unmatched_unmaps: _,
     } = heap.counters();
+    let origin = |u: &StackUsage| heap.stacks().get(u.stack).origin;
+    let sum = |wanted: &[Origin], field: fn(&StackUsage) -> u64| -> u64 {
+        usage
+            .iter()
+            .filter(|u| wanted.contains(&origin(u)))
+            .map(field)
+            .sum()
+    };
+    let in_memory = [Origin::Heap, Origin::Mapping];
     let totals = Totals {
-        outstanding_bytes: usage.iter().map(|u| u.outstanding_bytes).sum(),
-        outstanding_allocations: usage.iter().map(|u| u.outstanding_allocations).sum(),
+        outstanding_bytes: sum(&in_memory, |u| u.outstanding_bytes),
+        outstanding_allocations: sum(&in_memory, |u| u.outstanding_allocations),
         allocations,
         frees,
         lost_events: input.lost_events,
         unmatched_frees,
+        mapped_bytes: sum(&[Origin::Mapping], |u| u.outstanding_bytes),
+        file_mapped_bytes: sum(&[Origin::FileMapping], |u| u.outstanding_bytes),
+        file_mappings: sum(&[Origin::FileMapping], |u| u.outstanding_allocations),
     };
+    if !input.file_mappings {
+        usage.retain(|u| origin(u) != Origin::FileMapping);
+    }
     // Biggest first; ties broken by stack id so that output is stable.
     usage.sort_unstable_by(|a, b| {
         b.outstanding_bytes
@@ -234,6 +258,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
                 kind,
                 addresses: stack.frames.clone(),
                 truncated: stack.truncated,
+                origin: stack.origin,
             }
         })
         .collect();
@@ -255,6 +280,7 @@ mod tests {
 
     fn input(elapsed_s: f64) -> SnapshotInput {
         SnapshotInput {
+            file_mappings: false,
             pid: 1,
             timestamp_ms: 0,
             elapsed_s,
@@ -276,6 +302,58 @@ mod tests {
             frames,
             truncated: false,
         });
+    }
+
+    #[test]
+    fn file_mappings_are_totalled_apart_and_listed_only_on_request() {
+        use crate::{event::MapSource, mappings::Backing};
+        let mut heap = HeapModel::default();
+        alloc(&mut heap, 0x1000, 0.5, &[1]);
+        for (addr, backing, frames) in [
+            (0x10_000, Backing::Anonymous, &[2u64] as &'static [u64]),
+            (0x20_000, Backing::File, &[3]),
+        ] {
+            heap.apply(&Event::Map {
+                ts_ns: 1,
+                addr,
+                size_bytes: 8192,
+                source: MapSource::Mmap(backing),
+                frames,
+                truncated: false,
+            });
+        }
+        let mut trends = Trends::new(10, 0.0);
+        let snap = snapshot(&heap, &mut trends, &input(1.0));
+        assert_eq!(
+            (
+                snap.totals.outstanding_bytes,
+                snap.totals.outstanding_allocations,
+                snap.totals.mapped_bytes,
+                snap.totals.file_mapped_bytes,
+                snap.totals.file_mappings
+            ),
+            (8192 + 100, 2, 8192, 8192, 1)
+        );
+        let origins: Vec<Origin> = snap.stacks.iter().map(|s| s.origin).collect();
+        assert_eq!(origins, [Origin::Mapping, Origin::Heap]);
+        assert_eq!(snap.stack_count, 2);
+
+        let listed = snapshot(
+            &heap,
+            &mut trends,
+            &SnapshotInput {
+                file_mappings: true,
+                ..input(2.0)
+            },
+        );
+        assert_eq!(listed.totals, snap.totals);
+        assert_eq!(listed.stack_count, 3);
+        assert!(
+            listed
+                .stacks
+                .iter()
+                .any(|s| s.origin == Origin::FileMapping)
+        );
     }
 
     #[test]

@@ -34,11 +34,9 @@ impl Reporter {
                 let mut text = String::new();
                 for snapshot in rx {
                     symbolizer.refresh_maps();
-                    let frames: Vec<_> = snapshot
-                        .stacks
-                        .iter()
-                        .map(|s| symbolizer.symbolize(&s.addresses))
-                        .collect();
+                    let stacks: Vec<&[u64]> =
+                        snapshot.stacks.iter().map(|s| &*s.addresses).collect();
+                    let frames = symbolizer.symbolize_stacks(&stacks);
                     text.clear();
                     format.render(
                         &Report {

@@ -36,7 +36,7 @@ pub fn check_privileges() -> anyhow::Result<()> {
 
 /// Allocator entry points, as exported by glibc (and by the other allocators that replace
 /// malloc with the same names).
-pub const ENTRY_POINTS: [&str; 10] = [
+pub const ENTRY_POINTS: [&str; 13] = [
     "malloc",
     "calloc",
     "realloc",
@@ -47,6 +47,9 @@ pub const ENTRY_POINTS: [&str; 10] = [
     "valloc",
     "pvalloc",
     "free",
+    "mmap",
+    "munmap",
+    "mremap",
 ];
 
 /// The module that provides `malloc` to the target, and where to attach in it.

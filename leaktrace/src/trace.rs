@@ -41,6 +41,10 @@ pub struct Settings {
     pub window: usize,
     pub min_age: Duration,
     pub print_bpf_stats: bool,
+    pub file_mappings: bool,
+    /// Printed to stderr once tracing runs and Ctrl-C is handled: a signal that follows it
+    /// ends the trace with a final report instead of killing leaktrace.
+    pub ready_message: String,
 }
 
 /// Runs the trace; every probe is detached when it returns.
@@ -66,6 +70,7 @@ pub async fn run(
             .context("polling the target's pidfd")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    eprintln!("{}", settings.ready_message);
     let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));
@@ -87,6 +92,7 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
+            file_mappings: settings.file_mappings,
             top: settings.top,
             last,
         };

@@ -1,11 +1,12 @@
 //! Integration tests: leaktrace attached to real processes with known ground truth.
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
+mod stacks;
 mod support;
 
 use support::{
-    Fixture, Leaktrace, all_symbols, compile, malloc_bytes_in, require_root, run_leaktrace,
-    stack_of,
+    Fixture, Leaktrace, all_symbols, compile, expected_sites, malloc_bytes_in, reported_sites,
+    require_root, run_leaktrace, stack_of,
 };
 
 /// The line of `tests/fixtures/<file>` that contains `text`.
@@ -215,34 +216,9 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
 
-    // "expect SITE BYTES COUNT", as the fixture counted it.
-    let mut want: Vec<(String, u64, u64)> = expected
-        .iter()
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!((f.len(), f[0]), (4, "expect"), "{line}");
-            (
-                f[1].to_owned(),
-                f[2].parse().unwrap(),
-                f[3].parse().unwrap(),
-            )
-        })
-        .collect();
-    want.sort();
-    // Per site, the function that called the allocator: an unrolled loop calls from several
-    // places, which are distinct stacks of the same site.
-    let mut got = std::collections::BTreeMap::<String, (u64, u64)>::new();
-    for stack in report["stacks"].as_array().unwrap() {
-        let site = stack["frames"][0]["symbol"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned();
-        let entry = got.entry(site).or_default();
-        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
-        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
-    }
-    let got: Vec<(String, u64, u64)> = got.into_iter().map(|(site, (b, n))| (site, b, n)).collect();
-    assert_eq!(got, want);
+    // As the fixture counted it, and nothing else.
+    let want = expected_sites(&expected);
+    assert_eq!(reported_sites(report), want);
     // --top 100 showed every stack that holds memory.
     assert_eq!(
         report["stack_count"],
@@ -254,6 +230,67 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
         want.iter().map(|w| w.1).sum::<u64>()
     );
     assert_eq!(totals["lost_events"], 0);
+    // The block allocated before attach and freed after it, and nothing else.
+    assert_eq!(totals["unmatched_frees"], 1);
+    fixture.finish();
+}
+
+#[test]
+fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("mappings", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100", "--file-mappings"]);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+
+    // As the fixture counted it. Nothing else: glibc's own mmaps of large blocks are not
+    // counted a second time, and the churn of the threads is gone.
+    let want = expected_sites(&expected);
+    assert_eq!(reported_sites(report), want);
+
+    let sum = |origins: &[&str]| -> u64 {
+        want.iter()
+            .filter(|w| origins.contains(&w.3.as_str()))
+            .map(|w| w.1)
+            .sum()
+    };
+    let totals = &report["totals"];
+    // File mappings are listed (--file-mappings) but never added to the heap numbers.
+    assert_eq!(totals["outstanding_bytes"], sum(&["malloc", "mmap"]));
+    assert_eq!(totals["mapped_bytes"], sum(&["mmap"]));
+    assert_eq!(totals["file_mapped_bytes"], sum(&["mmap_file"]));
+    assert_eq!(totals["file_mappings"], 6);
+    assert_eq!(totals["lost_events"], 0);
     assert_eq!(totals["unmatched_frees"], 0);
+    fixture.finish();
+}
+
+#[test]
+fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 10 leaks and 20000 temporary blocks: 40010 events in a tight loop, into a ring buffer
+    // that holds three allocation records.
+    let mut fixture = Fixture::start(&binary, &["10", "64", "20000"]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--ringbuf-bytes", "4096"]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    let totals = &report["totals"];
+    let lost = totals["lost_events"].as_u64().unwrap();
+    assert!(lost > 0, "{totals}");
+    assert_eq!(report["complete"], false);
+    // Every event was either received or counted as lost, exactly once.
+    let received = totals["allocations"].as_u64().unwrap() + totals["frees"].as_u64().unwrap();
+    assert_eq!(received + lost, 10 + 2 * 20000, "{totals}");
     fixture.finish();
 }

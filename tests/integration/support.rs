@@ -69,10 +69,22 @@ pub struct Fixture {
     lines: mpsc::Receiver<String>,
 }
 
+impl Binary {
+    /// A binary that a test built itself into `dir`, which is removed with it.
+    pub fn new(dir: tempfile::TempDir, path: PathBuf) -> Self {
+        Self { _dir: dir, path }
+    }
+}
+
 impl Fixture {
     pub fn start(binary: &Binary, args: &[&str]) -> Self {
-        let mut child = Command::new(&binary.path)
-            .args(args)
+        Self::spawn(Command::new(&binary.path).args(args))
+    }
+
+    /// Starts a fixture through a command of the test's own (a wrapper such as `unshare`
+    /// that ends up exec'ing the fixture in the same process).
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -335,4 +347,49 @@ pub fn malloc_bytes_in(pid: u32) -> [u8; 4] {
     std::io::Seek::seek(&mut mem, std::io::SeekFrom::Start(addr)).unwrap();
     mem.read_exact(&mut bytes).unwrap();
     bytes
+}
+
+/// Outstanding memory of one site: the function that called the allocator, the bytes and
+/// allocations it holds, and the report's `origin` (malloc, mmap, mmap_file).
+pub type Site = (String, u64, u64, String);
+
+/// The sites a fixture printed as `expect SITE BYTES COUNT ORIGIN` lines (fixture.h), sorted.
+pub fn expected_sites(lines: &[String]) -> Vec<Site> {
+    let mut sites: Vec<Site> = lines
+        .iter()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!((f.len(), f[0]), (5, "expect"), "{line}");
+            (
+                f[1].to_owned(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+                f[4].to_owned(),
+            )
+        })
+        .collect();
+    sites.sort();
+    sites
+}
+
+/// A report's stacks summed per site (`frames[0]`, the allocator's caller) and origin, sorted.
+/// An unrolled loop calls from several places, which are distinct stacks of the same site.
+pub fn reported_sites(report: &Value) -> Vec<Site> {
+    let mut sites = std::collections::BTreeMap::<(String, String), (u64, u64)>::new();
+    for stack in report["stacks"].as_array().unwrap() {
+        let site = stack["frames"][0]["symbol"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let origin = stack["origin"].as_str().unwrap().to_owned();
+        let entry = sites.entry((site, origin)).or_default();
+        entry.0 += stack["outstanding_bytes"].as_u64().unwrap();
+        entry.1 += stack["outstanding_allocations"].as_u64().unwrap();
+    }
+    let mut sites: Vec<Site> = sites
+        .into_iter()
+        .map(|((site, origin), (bytes, count))| (site, bytes, count, origin))
+        .collect();
+    sites.sort();
+    sites
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
+mod bench_symbolize;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -35,11 +37,17 @@ enum Task {
     /// leaktrace, under the floor (no-op programs) and under bpftrace; a server under load;
     /// the aggregator alone; event loss. Needs root; installs bpftrace.
     Bench(bench::Args),
+    /// Time symbolizing and rendering a report of 10,000+ distinct stacks (needs root).
+    BenchSymbolize {
+        /// Distinct stacks in the report (default 12000).
+        #[arg(long)]
+        stacks: Option<u64>,
+    },
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
-/// bpf-linker, and gcc for the test fixtures.
-const PACKAGES: [&str; 7] = [
+/// bpf-linker, and gcc and g++ for the test fixtures.
+const PACKAGES: [&str; 8] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -47,6 +55,7 @@ const PACKAGES: [&str; 7] = [
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "g++",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER: &str = "0.13.0";
@@ -57,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::bench(&args),
+        Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
     }
 }
 

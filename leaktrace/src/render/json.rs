@@ -33,6 +33,11 @@ struct JsonTotals {
     frees: u64,
     lost_events: u64,
     unmatched_frees: u64,
+    /// Of `outstanding_bytes`, the part in anonymous mappings.
+    mapped_bytes: u64,
+    /// Mappings of files: outstanding, but not in `outstanding_bytes`.
+    file_mapped_bytes: u64,
+    file_mappings: u64,
 }
 
 #[derive(Serialize)]
@@ -42,6 +47,8 @@ struct JsonStack<'a> {
     growth_bytes_per_s: f64,
     oldest_age_s: f64,
     kind: &'static str,
+    /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`.
+    origin: &'static str,
     truncated: bool,
     frames: Vec<JsonFrame<'a>>,
 }
@@ -92,6 +99,9 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             frees: t.frees,
             lost_events: t.lost_events,
             unmatched_frees: t.unmatched_frees,
+            mapped_bytes: t.mapped_bytes,
+            file_mapped_bytes: t.file_mapped_bytes,
+            file_mappings: t.file_mappings,
         },
         stack_count: snapshot.stack_count,
         stacks: snapshot
@@ -104,6 +114,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 growth_bytes_per_s: round3(stack.growth_bytes_per_s),
                 oldest_age_s: round3(stack.oldest_age_s),
                 kind: stack.kind.as_str(),
+                origin: stack.origin.as_str(),
                 truncated: stack.truncated,
                 frames: frames.iter().map(JsonFrame::from).collect(),
             })
@@ -122,6 +133,7 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
+        heap::Origin,
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -139,6 +151,9 @@ mod tests {
                 frees: 2,
                 lost_events: 5,
                 unmatched_frees: 1,
+                mapped_bytes: 0,
+                file_mapped_bytes: 8192,
+                file_mappings: 1,
             },
             stack_count: 1,
             stacks: vec![StackSummary {
@@ -149,6 +164,7 @@ mod tests {
                 kind: Kind::Leak,
                 addresses: Box::new([0x401136]),
                 truncated: false,
+                origin: Origin::Heap,
             }],
             last: true,
         };
@@ -187,7 +203,8 @@ mod tests {
         assert_eq!(
             v["totals"],
             serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,
-                               "frees": 2, "lost_events": 5, "unmatched_frees": 1})
+                               "frees": 2, "lost_events": 5, "unmatched_frees": 1, "mapped_bytes": 0,
+                               "file_mapped_bytes": 8192, "file_mappings": 1})
         );
         let stack = &v["stacks"][0];
         assert_eq!(stack["outstanding_bytes"], 4096);
@@ -195,6 +212,7 @@ mod tests {
         assert_eq!(stack["growth_bytes_per_s"], 409.6);
         assert_eq!(stack["oldest_age_s"], 9.5);
         assert_eq!(stack["kind"], "leak");
+        assert_eq!(stack["origin"], "malloc");
         assert_eq!(
             stack["frames"][0],
             serde_json::json!({"address": "0x401136", "symbol": "cache_insert", "offset": 42,

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
+use crate::heap::Origin;
 use crate::symbolize::Frame;
 
 /// Frames shown per stack; the rest are counted.
@@ -26,6 +27,17 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         t.frees,
         t.unmatched_frees,
     );
+    if t.mapped_bytes > 0 {
+        let _ = writeln!(out, "of which {} in mmap'd memory", bytes(t.mapped_bytes));
+    }
+    if t.file_mapped_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "not counted above: {} in {} mappings of files (--file-mappings lists them)",
+            bytes(t.file_mapped_bytes),
+            t.file_mappings
+        );
+    }
     if t.lost_events > 0 {
         let _ = writeln!(
             out,
@@ -46,10 +58,10 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             signed_bytes(stack.growth_bytes_per_s),
             stack.oldest_age_s,
             stack.kind.as_str(),
-            if stack.truncated {
-                "  (stack truncated)"
-            } else {
-                ""
+            match stack.origin {
+                Origin::Heap => "",
+                Origin::Mapping => "  [mmap]",
+                Origin::FileMapping => "  [file mmap]",
             },
         );
         for frame in frames.iter().take(MAX_FRAMES) {
@@ -57,6 +69,15 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         }
         if frames.len() > MAX_FRAMES {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - MAX_FRAMES);
+        }
+        if stack.truncated {
+            // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
+            let _ = writeln!(
+                out,
+                "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
+                stack.addresses.len(),
+                if stack.addresses.len() == 1 { "" } else { "s" }
+            );
         }
     }
     if s.stack_count > s.stacks.len() {
@@ -74,6 +95,8 @@ fn frame_line(frame: &Frame) -> String {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
     let mut line = match (&frame.symbol, module) {
+        // Inlined code has no call of its own, so no offset into it.
+        (Some(symbol), _) if frame.inlined => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
         (None, Some(module)) => format!("{module}+{:#x}", frame.module_offset),
         (None, None) => format!("{:#x}", frame.address),
@@ -123,6 +146,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
+        heap::Origin,
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -158,10 +182,21 @@ mod tests {
                 kind: Kind::Leak,
                 addresses: Box::new([1, 2]),
                 truncated: true,
+                origin: Origin::Heap,
             }],
             last: false,
         };
         let frames = vec![vec![
+            Frame {
+                address: 1,
+                symbol: Some("inlined_helper".into()),
+                offset: 0,
+                module: Some("/tmp/leaky".into()),
+                module_offset: 0x1150,
+                file: Some("leaky.c".into()),
+                line: Some(11),
+                inlined: true,
+            },
             Frame {
                 address: 1,
                 symbol: Some("leak_site".into()),
@@ -200,8 +235,18 @@ mod tests {
         assert!(out.contains("pid 7 (./leaky)"), "{out}");
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
-        assert!(out.contains("leak  (stack truncated)"), "{out}");
-        assert!(out.contains("leak_site+0x1a (leaky.c:12)"), "{out}");
+        assert!(
+            out.contains(
+                "libfoo.so+0x99\n       … (truncated at 2 frames: outer callers not captured, see --max-depth)\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "       inlined_helper [inlined] (leaky.c:11)\n       leak_site+0x1a (leaky.c:12)\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");
     }
