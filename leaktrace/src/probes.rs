@@ -226,6 +226,6 @@ pub fn attach(mut ebpf: Ebpf, target: &Target, options: AttachOptions) -> anyhow
     Ok(Probes {
         attached,
         ebpf,
-        run_time_stats: run_time_stats,
+        run_time_stats,
     })
 }
