@@ -7,6 +7,7 @@
 //! Prints `key value` lines that xtask parses:
 //!     events_per_s CPU WALL     (one line per run: per second of CPU time, of wall time)
 //!     bare_map_events_per_s N   (one line per run: the same addresses into a bare hash map)
+//!     apply_only_events_per_s N (one line per run: the model without decoding records)
 //!     bytes_per_live L N        (one line per live-set size L)
 
 use std::{
@@ -17,7 +18,10 @@ use std::{
     time::Instant,
 };
 
-use leaktrace::{event::decode, heap::HeapModel};
+use leaktrace::{
+    event::{Event, decode},
+    heap::HeapModel,
+};
 use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call};
 
 struct Counting;
@@ -196,6 +200,47 @@ fn events_per_s(live: usize) -> (f64, f64) {
     (EVENTS as f64 / cpu, EVENTS as f64 / wall)
 }
 
+/// The heap model without decoding: the same stream as `events_per_s`, applied as events built
+/// from stacks held in memory, which splits the cost between reading records and the model.
+fn apply_only_events_per_s(live: usize) -> f64 {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let stacks: Vec<Vec<u64>> = (0..STACKS)
+        .map(|_| {
+            let depth = MIN_DEPTH + rng.below(MAX_DEPTH - MIN_DEPTH + 1);
+            (0..depth)
+                .map(|_| 0x5555_0000_0000 + rng.below(1 << 24) as u64)
+                .collect()
+        })
+        .collect();
+    let mut heap = HeapModel::default();
+    let mut queue = std::collections::VecDeque::new();
+    let mut next_addr = 0x5600_0000_0000u64;
+    let mut ts_ns = 1u64;
+    let mut alloc = |heap: &mut HeapModel, queue: &mut std::collections::VecDeque<u64>| {
+        next_addr += 16 * (1 + (ts_ns & 7));
+        ts_ns += 1;
+        heap.apply(&Event::Alloc {
+            ts_ns,
+            addr: next_addr,
+            size_bytes: 64,
+            old_addr: 0,
+            frames: &stacks[rng.below(STACKS)],
+            truncated: false,
+        });
+        queue.push_back(next_addr);
+    };
+    for _ in 0..live {
+        alloc(&mut heap, &mut queue);
+    }
+    let cpu = thread_cpu_s();
+    for _ in 0..EVENTS / 2 {
+        alloc(&mut heap, &mut queue);
+        let addr = queue.pop_front().expect("a live block");
+        heap.apply(&Event::Free { ts_ns: 0, addr });
+    }
+    EVENTS as f64 / (thread_cpu_s() - cpu)
+}
+
 /// The floor under `events_per_s`: the same stream of addresses into a bare hash map of the same
 /// entry size (no decoding, no stacks). With a live set far larger than the caches, each event
 /// costs a random access to a table in DRAM, model or not.
@@ -253,5 +298,9 @@ fn main() {
         let (cpu, wall) = events_per_s(live);
         println!("events_per_s {cpu:.0} {wall:.0}");
         println!("bare_map_events_per_s {:.0}", bare_map_events_per_s(live));
+        println!(
+            "apply_only_events_per_s {:.0}",
+            apply_only_events_per_s(live)
+        );
     }
 }

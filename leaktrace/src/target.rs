@@ -225,5 +225,15 @@ mod tests {
             (free..free + 16).contains(&at),
             "free at {free:#x}, probed at {at:#x}"
         );
+        // Debian's glibc (2.36 on these machines) begins free with `test %rdi,%rdi` and a
+        // conditional jump, which nothing else jumps into: the jump is the probe point.
+        let code = fs::read(&me.allocator.path).unwrap();
+        let entry = &code[free as usize..free as usize + 5];
+        let is_jcc = |b: &[u8]| {
+            (0x70..=0x7f).contains(&b[0]) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]))
+        };
+        if entry[..3] == [0x48, 0x85, 0xff] && is_jcc(&entry[3..]) {
+            assert_eq!(at, free + 3);
+        }
     }
 }

@@ -294,3 +294,41 @@ fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
     assert_eq!(received + lost, 10 + 2 * 20000, "{totals}");
     fixture.finish();
 }
+
+/// The probes of `leaktrace` and of the bench's floor (`--noop-programs`), from the announcement
+/// "... (N probes); ...".
+fn probes_announced(stderr: &[String]) -> u64 {
+    stderr
+        .iter()
+        .find_map(|line| {
+            let (_, rest) = line.split_once(" (")?;
+            rest.split_once(" probes)")?.0.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no probe count in {stderr:?}"))
+}
+
+#[test]
+fn the_bench_floor_traps_at_the_same_points_and_records_nothing() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 10 leaks of 4096 bytes and 100 temporary blocks per round.
+    let mut fixture = Fixture::start(&binary, &["10", "4096", "100"]);
+    let real = Leaktrace::attach(fixture.pid(), &[]).stop();
+    assert!(real.status.success(), "{:?}", real.stderr);
+
+    let floor = Leaktrace::attach(fixture.pid(), &["--noop-programs"]);
+    fixture.round();
+    let outcome = floor.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    assert_eq!(
+        probes_announced(&outcome.stderr),
+        probes_announced(&real.stderr)
+    );
+    let totals = &outcome.last()["totals"];
+    assert_eq!(totals["allocations"], 0);
+    assert_eq!(totals["frees"], 0);
+    assert_eq!(totals["lost_events"], 0);
+    fixture.finish();
+}
