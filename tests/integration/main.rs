@@ -301,8 +301,8 @@ fn probes_announced(stderr: &[String]) -> u64 {
     stderr
         .iter()
         .find_map(|line| {
-            let (_, rest) = line.split_once(" (")?;
-            rest.split_once(" probes)")?.0.parse().ok()
+            let (head, _) = line.split_once(" probes)")?;
+            head.rsplit_once('(')?.1.parse().ok()
         })
         .unwrap_or_else(|| panic!("no probe count in {stderr:?}"))
 }
