@@ -39,11 +39,9 @@ pub mod call {
     pub const MREMAP_KEEP: u32 = 10;
     /// `munmap`: its return produces an [`UnmapEvent`](super::UnmapEvent).
     pub const MUNMAP: u32 = 11;
-
-    /// Calls that map address ranges rather than return heap blocks.
-    pub const fn is_mapping(call: u32) -> bool {
-        matches!(call, MMAP | MMAP_FILE | MREMAP | MREMAP_KEEP)
-    }
+    /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the new usable
+    /// size (less than `size` when it could not).
+    pub const XALLOCX: u32 = 12;
 }
 
 /// A completed allocator call that returned memory, released memory, or both (realloc).

@@ -269,6 +269,9 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             // Failure: the old block stays allocated, nothing changed.
             _ => return Ok(0),
         },
+        // `ret` is the new usable size: below the size asked for, nothing was resized.
+        call::XALLOCX if ret < size_bytes => return Ok(0),
+        call::XALLOCX => (old_addr, old_addr),
         _ => (ret, 0),
     };
     if addr == 0 && released == 0 {
@@ -375,6 +378,13 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
         return Err(0);
     }
     Ok(0)
+}
+
+/// jemalloc's `xallocx(ptr, size, extra, flags)`: the block stays at `ptr`; its return (in
+/// `alloc_return`) reports it resized to `size` when that succeeded.
+#[uprobe]
+pub fn xallocx_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, call::XALLOCX, arg(&ctx, 1), (arg(&ctx, 0), 0), 0)
 }
 
 /// Does nothing. `--noop-programs` attaches it where the entry programs and `free_entry` go,

@@ -259,6 +259,7 @@ fn main() -> anyhow::Result<()> {
     let target = Target {
         pid,
         command: binary.display().to_string(),
+        allocator: String::new(),
         allocator_module: String::new(),
     };
     let maps = ProcMaps::read(pid)?;

@@ -11,9 +11,14 @@ use crate::render::Format;
 #[derive(Debug, Parser)]
 #[command(name = "leaktrace", version, about, long_about = None)]
 pub struct Cli {
-    /// The process to trace.
-    #[arg(short, long)]
-    pub pid: u32,
+    /// The process to trace; repeat it to trace several (each is reported separately).
+    #[arg(short, long, required = true)]
+    pub pid: Vec<u32>,
+
+    /// Also trace the children that traced processes fork, while they run the same program
+    /// (each reported separately, by pid).
+    #[arg(long)]
+    pub follow_forks: bool,
 
     /// Seconds between reports.
     #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = positive_secs)]
@@ -115,7 +120,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (cli.pid, cli.interval, cli.top, cli.duration, cli.format),
-            (42, 0.5, 3, Some(9.0), Format::Json)
+            (vec![42], 0.5, 3, Some(9.0), Format::Json)
         );
     }
 
@@ -127,6 +132,14 @@ mod tests {
             let cli = Cli::try_parse_from(["leaktrace", "-p", "1", "--max-depth", n]).unwrap();
             assert_eq!(cli.max_depth.to_string(), n);
         }
+    }
+
+    #[test]
+    fn pid_may_be_given_more_than_once() {
+        let cli =
+            Cli::try_parse_from(["leaktrace", "-p", "1", "--pid", "2", "--follow-forks"]).unwrap();
+        assert_eq!(cli.pid, [1, 2]);
+        assert!(cli.follow_forks);
     }
 
     #[test]

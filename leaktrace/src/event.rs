@@ -75,6 +75,14 @@ fn u64_at(bytes: &[u8], offset: usize) -> u64 {
     u64::from_ne_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
 }
 
+/// The process (tgid) a record came from: every record has the `pid_tgid` of the thread that
+/// made the call at the same offset.
+pub fn tgid_of(bytes: &[u8]) -> Option<u32> {
+    const AT: usize = offset_of!(FreeEvent, pid_tgid);
+    const _: () = assert!(AT == offset_of!(AllocEvent, pid_tgid));
+    (bytes.len() >= AT + 8).then(|| (u64_at(bytes, AT) >> 32) as u32)
+}
+
 /// Decodes one record. The frames are copied out, since ring buffer records are not aligned
 /// for `u64` from Rust's point of view; `scratch` is reused between calls.
 pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, DecodeError> {
@@ -127,7 +135,8 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 | call::REALLOC
                 | call::REALLOCARRAY
                 | call::POSIX_MEMALIGN
-                | call::ALIGNED_ALLOC => None,
+                | call::ALIGNED_ALLOC
+                | call::XALLOCX => None,
                 call::MMAP => Some(MapSource::Mmap(Backing::Anonymous)),
                 call::MMAP_FILE => Some(MapSource::Mmap(Backing::File)),
                 call::MREMAP => Some(remap(false)),

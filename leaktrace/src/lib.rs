@@ -1,6 +1,7 @@
 //! leaktrace's logic as a library: the `leaktrace` binary is a thin CLI over it, and benches
 //! (`cargo xtask bench`) drive the heap model, decoding and rendering directly.
 
+pub mod allocator;
 pub mod cli;
 pub mod elf_symbols;
 pub mod event;

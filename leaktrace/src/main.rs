@@ -6,7 +6,13 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::Cli, probes, render, reporter::Reporter, target, target::Target, trace, trace::Stop,
+    cli::Cli,
+    probes, render,
+    reporter::{Reporter, SharedWriter},
+    target,
+    target::Target,
+    trace,
+    trace::{Session, Stop},
 };
 
 fn main() -> ExitCode {
@@ -23,60 +29,107 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     target::check_privileges()?;
-    let target = Target::open(cli.pid)?;
+    let targets = cli
+        .pid
+        .iter()
+        .map(|&pid| Target::open(pid))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let out: Box<dyn io::Write + Send> = match &cli.output {
         Some(path) => {
             Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)
         }
         None => Box::new(io::stdout()),
     };
+    // Each traced process has its own reporter thread; they share the output, a whole report
+    // at a time.
+    let out = SharedWriter::new(out);
     let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let options = probes::AttachOptions {
         noop_programs: cli.noop_programs,
         free_at_entry: cli.free_at_entry,
         program_stats: cli.print_program_times,
     };
-    let probes = probes::attach(ebpf, &target, options)?;
-    let rendered_target = render::Target {
-        pid: target.pid,
-        command: target.command.clone(),
-        allocator_module: target.allocator.module.clone(),
-    };
-    // Started before the user (or a test) is told that tracing runs, with the memory map read
-    // at attach: a target that exits at once still gets its stacks symbolized.
-    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), cli.format, out)
-        .context("starting the reporter thread")?;
+    let mut probes = probes::Probes::new(ebpf, options)?;
+    let mut sessions = Vec::new();
+    let mut announcements = Vec::new();
+    for target in &targets {
+        let attached = probes.attach(target)?;
+        sessions.push(session(target, cli.format, &out)?);
+        announcements.push(format!(
+            "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
+            target.pid,
+            target.command,
+            target.allocator.describe(),
+            cli.interval
+        ));
+    }
     let settings = trace::Settings {
-        pid: target.pid,
         interval: Duration::from_secs_f64(cli.interval),
         duration: cli.duration.map(Duration::from_secs_f64),
         top: cli.top,
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
-        print_bpf_stats: cli.print_bpf_stats,
         file_mappings: cli.file_mappings,
-        ready_message: format!(
-            "leaktrace: tracing pid {} ({}) through {} ({} probes); a report every {}s, Ctrl-C to stop",
-            target.pid,
-            target.command,
-            target.allocator.module,
-            probes.attached(),
-            cli.interval
-        ),
+        print_bpf_stats: cli.print_bpf_stats,
+        follow_forks: cli.follow_forks,
+    };
+    let mut adopt = |probes: &mut probes::Probes, child: u32| {
+        let target = Target::open(child)?;
+        let attached = probes.attach(&target)?;
+        let session = session(&target, cli.format, &out)?;
+        eprintln!(
+            "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
+            target.command
+        );
+        Ok(session)
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
-    let stop = runtime.block_on(trace::run(&settings, probes, maps, &reporter))?;
-    reporter.finish().context("writing the report")?;
-    match stop {
-        Stop::TargetExited => {
-            eprintln!("leaktrace: process {} exited; probes detached", target.pid)
+    // Said once the signal handlers are in place: Ctrl-C from then on ends with a report.
+    let started = || {
+        for line in &announcements {
+            eprintln!("{line}");
         }
+    };
+    let stop = runtime.block_on(trace::run(
+        &settings, probes, maps, sessions, &mut adopt, started,
+    ))?;
+    let pids = cli
+        .pid
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match stop {
+        Stop::TargetExited => eprintln!("leaktrace: process {pids} exited; probes detached"),
         Stop::Interrupted | Stop::Terminated | Stop::Duration => {
-            eprintln!("leaktrace: detached from pid {}", target.pid);
+            eprintln!("leaktrace: detached from pid {pids}");
         }
     }
     Ok(())
+}
+
+/// A reporter for one traced process, started before the user (or a test) is told that
+/// tracing runs, with the memory map read at attach: a target that exits at once still gets
+/// its stacks symbolized.
+fn session(target: &Target, format: render::Format, out: &SharedWriter) -> anyhow::Result<Session> {
+    let rendered_target = render::Target {
+        pid: target.pid,
+        command: target.command.clone(),
+        allocator: target.allocator.name().to_owned(),
+        allocator_module: target.allocator.module().to_owned(),
+    };
+    let reporter = Reporter::spawn(
+        rendered_target,
+        target.maps.clone(),
+        format,
+        Box::new(out.clone()),
+    )
+    .context("starting the reporter thread")?;
+    Ok(Session {
+        pid: target.pid,
+        reporter,
+    })
 }

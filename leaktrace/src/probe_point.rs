@@ -17,10 +17,14 @@
 //! Only for functions whose entry carries no uretprobe: a uretprobe must sit on the entry, and a
 //! uprobe there shares its trap for free.
 
+use std::path::Path;
+
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
     Register,
 };
+
+use crate::elf_symbols::executable_ranges;
 
 /// Instructions skipped at most: a prologue's test of the argument comes first or not at all.
 const MAX_SKIPPED: usize = 4;
@@ -63,6 +67,25 @@ pub fn emulated_probe_point(code: &[Segment<'_>], entry: u64) -> u64 {
         return entry;
     }
     candidate
+}
+
+/// `emulated_probe_point` for the function at file offset `entry` of the ELF file at `path`;
+/// `entry` itself when the file cannot be read or parsed.
+pub fn in_module(path: &Path, entry: u64) -> u64 {
+    let Ok(data) = std::fs::read(path) else {
+        return entry;
+    };
+    let Ok(ranges) = executable_ranges(&data) else {
+        return entry;
+    };
+    let segments: Vec<Segment<'_>> = ranges
+        .iter()
+        .map(|&(offset, size)| Segment {
+            bytes: &data[offset as usize..(offset + size) as usize],
+            file_offset: offset,
+        })
+        .collect();
+    emulated_probe_point(&segments, entry)
 }
 
 /// The first instruction from `entry` that the kernel emulates, if only skippable instructions
@@ -222,6 +245,35 @@ mod tests {
         // Five skippable instructions before the branch: too far.
         let code = [&TEST_RDI[..]; 5].concat();
         assert_eq!(probe_point(&[&code[..], &JE_REL32, &[RET]].concat()), 0);
+    }
+
+    #[test]
+    fn glibc_s_free_on_this_machine_is_probed_after_its_test() {
+        let me = crate::target::Target::open(std::process::id()).unwrap();
+        let free = me
+            .allocator
+            .entry_points
+            .iter()
+            .find(|e| e.symbol == "free")
+            .expect("glibc's free");
+        let at = in_module(&free.path, free.file_offset);
+        // Whatever the build, the probe point is the entry or within its first few bytes.
+        assert!(
+            (free.file_offset..free.file_offset + 16).contains(&at),
+            "free at {:#x}, probed at {at:#x}",
+            free.file_offset
+        );
+        // Debian's glibc (2.36 on these machines) begins free with `test %rdi,%rdi` and a
+        // conditional jump, which nothing else jumps into: the jump is the probe point.
+        let code = std::fs::read(&free.path).unwrap();
+        let entry = &code[free.file_offset as usize..free.file_offset as usize + 5];
+        let is_jcc = |b: &[u8]| {
+            (0x70..=0x7f).contains(&b[0]) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]))
+        };
+        if entry[..3] == [0x48, 0x85, 0xff] && is_jcc(&entry[3..]) {
+            assert_eq!(at, free.file_offset + 3);
+        }
+        assert_eq!(in_module(Path::new("/nonexistent"), 0x1234), 0x1234);
     }
 
     #[test]

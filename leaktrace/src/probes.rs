@@ -1,46 +1,70 @@
 //! Loading the BPF programs and attaching them to the target's allocator.
 
-use std::num::NonZeroU32;
+use std::{collections::HashMap, num::NonZeroU32};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 use leaktrace_common::stat;
 
-use crate::target::Target;
+use crate::{allocator::EntryPoint, probe_point, target::Target};
 
-/// Which program runs at which entry point. `alloc_return` runs at the return of every one.
-/// Attached in this order: calls that release memory before those that only allocate, so that
-/// a call made while attaching can leave a release unmatched, never a block falsely outstanding.
-const ENTRY_PROGRAMS: [(&str, &str); 12] = [
-    ("munmap", "munmap_entry"),
-    ("mremap", "mremap_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
-    ("malloc", "malloc_entry"),
-    ("valloc", "malloc_entry"),
-    ("pvalloc", "malloc_entry"),
-    ("calloc", "calloc_entry"),
-    ("posix_memalign", "posix_memalign_entry"),
-    ("aligned_alloc", "aligned_alloc_entry"),
-    ("memalign", "aligned_alloc_entry"),
-    ("mmap", "mmap_entry"),
-];
-
-/// Programs attached to one process. Dropping it detaches every probe.
+/// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
+    /// Each process's probes, so that those of a process that exits can be detached without
+    /// waiting for the end of the trace (a forking server's children come and go).
+    links: HashMap<u32, Vec<UProbeLink>>,
     ebpf: Ebpf,
-    /// Keeps the kernel's run-time statistics of BPF programs on while held (`--print-bpf-stats`).
+    options: AttachOptions,
+    /// Keeps the kernel's run-time statistics of BPF programs on while held
+    /// (`AttachOptions::program_stats`).
     run_time_stats: Option<std::os::fd::OwnedFd>,
 }
 
+/// How to attach; the defaults are what users get, the rest serves benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttachOptions {
+    /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
+    /// ones, at exactly the same points: the cost of the traps alone.
+    pub noop_programs: bool,
+    /// Probe free-like functions at their entry rather than at a later instruction that the
+    /// kernel emulates (see `probe_point`).
+    pub free_at_entry: bool,
+    /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
+    /// run, so only for benchmarks).
+    pub program_stats: bool,
+}
+
 impl Probes {
+    /// Probes attached so far, over all processes.
     pub fn attached(&self) -> usize {
         self.attached
+    }
+
+    /// Nothing attached yet.
+    pub fn new(ebpf: Ebpf, options: AttachOptions) -> anyhow::Result<Self> {
+        let run_time_stats = if options.program_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("turning on BPF run-time statistics")?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            attached: 0,
+            links: HashMap::new(),
+            ebpf,
+            options,
+            run_time_stats,
+        })
     }
 
     /// Per program that ran: its name, how often it ran, and its total run time in ns, when
@@ -57,6 +81,28 @@ impl Probes {
                 (runs > 0).then(|| (name.to_owned(), runs, info.run_time().as_nanos() as u64))
             })
             .collect()
+    }
+
+    /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
+    /// how many probes that took.
+    pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
+        let links = self.links.entry(target.pid).or_default();
+        let before = links.len();
+        let result = attach_to(&mut self.ebpf, target, links, self.options);
+        let added = links.len() - before;
+        self.attached += added;
+        result.map(|()| added)
+    }
+
+    /// Detaches the probes of a process that exited, on a thread of their own: the kernel
+    /// takes ~85 ms per probe, which the event loop must not wait for.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(links) = self.links.remove(&pid) {
+            self.attached -= links.len();
+            let _ = std::thread::Builder::new()
+                .name("detach".into())
+                .spawn(move || drop(links));
+        }
     }
 }
 
@@ -132,55 +178,31 @@ pub fn load(ringbuf_bytes: u32, max_depth: u32) -> anyhow::Result<(Ebpf, Maps)> 
     Ok((ebpf, maps))
 }
 
-/// How to attach; the defaults are what users get, the rest serves benchmarks.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AttachOptions {
-    /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
-    /// ones, at exactly the same points: the cost of the traps alone.
-    pub noop_programs: bool,
-    /// Probe `free` at its entry rather than at `Allocator::free_probe_offset`.
-    pub free_at_entry: bool,
-    /// Turn on the kernel's run-time statistics of BPF programs (it costs two clock reads per
-    /// program run, so only for benchmarks).
-    pub program_stats: bool,
-}
-
-/// Attaches to the target's allocator, frees first: a free seen without its allocation is
-/// counted as unmatched, while an allocation seen without its free would look like a leak.
-pub fn attach(mut ebpf: Ebpf, target: &Target, options: AttachOptions) -> anyhow::Result<Probes> {
+/// Attaches to the target's allocator, frees first, then the returns, then the other entries
+/// in `allocator`'s order (munmap, mremap and realloc before the calls that only allocate): a
+/// release seen without its allocation is counted as unmatched, while an allocation seen
+/// without its release would look like a leak.
+/// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
+/// runs at the return of every one but the free-like ones.
+///
+/// A free-like entry (no uretprobe) is probed at the first instruction the kernel emulates
+/// when a straight-line prefix leads to one (`probe_point`); the others must stay on the entry,
+/// where their uretprobe already traps.
+fn attach_to(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    links: &mut Vec<UProbeLink>,
+    options: AttachOptions,
+) -> anyhow::Result<()> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
-    let allocator = &target.allocator;
-    let offset_of = |name: &str| {
-        allocator
-            .entry_points
-            .iter()
-            .find(|&&(n, _)| n == name)
-            .map(|&(_, o)| o)
-    };
-    // Aliases (glibc's aligned_alloc and memalign) share one address: probe it once.
-    let mut seen = Vec::new();
-    let mut entries = Vec::new();
-    for (symbol, program) in ENTRY_PROGRAMS {
-        if let Some(offset) = offset_of(symbol).filter(|o| !seen.contains(o)) {
-            seen.push(offset);
-            entries.push((symbol, program, offset));
-        }
-    }
-    let free_entry = offset_of("free").context("no free")?;
-    let free = if options.free_at_entry {
-        free_entry
-    } else {
-        allocator.free_probe_offset
-    };
     let program_for = |program: &'static str| match (options.noop_programs, program) {
         (false, _) => program,
         (true, "alloc_return") => "noop_return",
         (true, _) => "noop_entry",
     };
-    let mut attached = 0;
     let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, symbol: &str, offset: u64| -> anyhow::Result<()> {
+        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint, offset: u64| -> anyhow::Result<()> {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .with_context(|| format!("no program {program} in the BPF object"))?
@@ -190,42 +212,36 @@ pub fn attach(mut ebpf: Ebpf, target: &Target, options: AttachOptions) -> anyhow
                     .load()
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
-            probe
-                .attach(offset, &allocator.path, scope)
-                .map_err(|err| {
-                    if crate::target::is_alive(target.pid) {
-                        anyhow!(err).context(format!(
-                            "attaching {program} to {symbol} in {}",
-                            allocator.module
-                        ))
-                    } else {
-                        anyhow!(
-                            "process {} exited while leaktrace was attaching",
-                            target.pid
-                        )
-                    }
-                })?;
-            attached += 1;
+            let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
+                if crate::target::is_alive(target.pid) {
+                    anyhow!(err).context(format!(
+                        "attaching {program} to {} in {}",
+                        entry.symbol, entry.module
+                    ))
+                } else {
+                    anyhow!(
+                        "process {} exited while leaktrace was attaching",
+                        target.pid
+                    )
+                }
+            })?;
+            links.push(probe.take_link(link)?);
             Ok(())
         };
-    attach_one(&mut ebpf, program_for("free_entry"), "free", free)?;
-    for &(symbol, _, offset) in &entries {
-        attach_one(&mut ebpf, program_for("alloc_return"), symbol, offset)?;
+    let entries = &target.allocator.entry_points;
+    for entry in entries.iter().filter(|e| !e.allocates()) {
+        let offset = if options.free_at_entry {
+            entry.file_offset
+        } else {
+            probe_point::in_module(&entry.path, entry.file_offset)
+        };
+        attach_one(ebpf, program_for(entry.program), entry, offset)?;
     }
-    for &(symbol, program, offset) in &entries {
-        attach_one(&mut ebpf, program_for(program), symbol, offset)?;
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(ebpf, program_for("alloc_return"), entry, entry.file_offset)?;
     }
-    let run_time_stats = if options.program_stats {
-        Some(
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .context("turning on BPF run-time statistics")?,
-        )
-    } else {
-        None
-    };
-    Ok(Probes {
-        attached,
-        ebpf,
-        run_time_stats,
-    })
+    for entry in entries.iter().filter(|e| e.allocates()) {
+        attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
+    }
+    Ok(())
 }

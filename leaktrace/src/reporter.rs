@@ -71,3 +71,32 @@ impl Reporter {
             .unwrap_or_else(|_| Err(io::Error::other("the reporter thread panicked")))
     }
 }
+
+/// One output shared by several reporters: each report is written whole, under the lock, so
+/// reports of different processes never interleave.
+#[derive(Clone)]
+pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Box<dyn io::Write + Send>>>);
+
+impl SharedWriter {
+    pub fn new(out: Box<dyn io::Write + Send>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(out)))
+    }
+}
+
+impl io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = self
+            .0
+            .lock()
+            .map_err(|_| io::Error::other("a reporter thread panicked"))?;
+        out.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| io::Error::other("a reporter thread panicked"))?
+            .flush()
+    }
+}

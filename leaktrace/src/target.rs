@@ -1,16 +1,12 @@
 //! The process to trace: that it exists, that we may trace it, and which allocator it uses.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::fs;
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    elf_symbols::{ElfSymbols, executable_ranges},
-    probe_point::{Segment, emulated_probe_point},
-    proc_maps::{ProcMaps, path_in_target},
+    allocator::{self, Allocator},
+    proc_maps::ProcMaps,
 };
 
 /// Capabilities that tracing needs: BPF and PERFMON (or SYS_ADMIN, which implies both on older
@@ -32,38 +28,6 @@ pub fn check_privileges() -> anyhow::Result<()> {
         bail!("leaktrace needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): run it with sudo");
     }
     Ok(())
-}
-
-/// Allocator entry points, as exported by glibc (and by the other allocators that replace
-/// malloc with the same names).
-pub const ENTRY_POINTS: [&str; 13] = [
-    "malloc",
-    "calloc",
-    "realloc",
-    "reallocarray",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-    "free",
-    "mmap",
-    "munmap",
-    "mremap",
-];
-
-/// The module that provides `malloc` to the target, and where to attach in it.
-#[derive(Debug)]
-pub struct Allocator {
-    /// As the target names it.
-    pub module: String,
-    /// Where this process opens it (through the target's root).
-    pub path: PathBuf,
-    /// Entry point name and file offset, for those the module has.
-    pub entry_points: Vec<(&'static str, u64)>,
-    /// Where `free` is probed: its entry, or a later instruction that the kernel emulates
-    /// rather than single-steps (see `probe_point`).
-    pub free_probe_offset: u64,
 }
 
 #[derive(Debug)]
@@ -88,41 +52,8 @@ impl Target {
                 anyhow::anyhow!("process {pid} exited before leaktrace could attach")
             }
         })?;
-        let libc = maps
-            .mappings
-            .iter()
-            .find(|m| m.is_file() && m.is_executable() && is_libc(m.file_name()))
-            .with_context(|| {
-                format!(
-                    "process {pid} ({command}) maps no glibc (a static binary, or another C library): \
-                     leaktrace traces glibc's malloc for now"
-                )
-            })?;
-        let path = path_in_target(pid, &libc.path);
-        let symbols = ElfSymbols::read(&path)
-            .with_context(|| format!("reading the allocator of process {pid}"))?;
-        let entry_points: Vec<_> = ENTRY_POINTS
-            .iter()
-            .filter_map(|&name| symbols.file_offset(name).map(|offset| (name, offset)))
-            .collect();
-        for required in ["malloc", "free"] {
-            if !entry_points.iter().any(|&(name, _)| name == required) {
-                bail!(
-                    "{} exports no `{required}`: leaktrace cannot trace this allocator",
-                    libc.path
-                );
-            }
-        }
-        let free = entry_points
-            .iter()
-            .find(|&&(name, _)| name == "free")
-            .map_or(0, |&(_, offset)| offset);
-        let allocator = Allocator {
-            module: libc.path.clone(),
-            free_probe_offset: free_probe_point(&path, free),
-            path,
-            entry_points,
-        };
+        let allocator = allocator::discover(pid, &maps)
+            .with_context(|| format!("process {pid} ({command})"))?;
         Ok(Self {
             pid,
             command,
@@ -132,35 +63,12 @@ impl Target {
     }
 }
 
-/// `free`'s probe point in the module at `path`; its entry when the code cannot be read.
-fn free_probe_point(path: &Path, free: u64) -> u64 {
-    let Ok(data) = fs::read(path) else {
-        return free;
-    };
-    let Ok(ranges) = executable_ranges(&data) else {
-        return free;
-    };
-    let segments: Vec<Segment<'_>> = ranges
-        .iter()
-        .map(|&(offset, size)| Segment {
-            bytes: &data[offset as usize..(offset + size) as usize],
-            file_offset: offset,
-        })
-        .collect();
-    emulated_probe_point(&segments, free)
-}
-
 pub fn is_alive(pid: u32) -> bool {
     // A zombie has exited: it runs no more code and has no memory map.
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
     })
-}
-
-fn is_libc(file_name: &str) -> bool {
-    file_name.starts_with("libc.so")
-        || (file_name.starts_with("libc-") && file_name.ends_with(".so"))
 }
 
 fn read_command(pid: u32) -> Option<String> {
@@ -178,14 +86,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recognises_glibc_names() {
-        assert!(is_libc("libc.so.6"));
-        assert!(is_libc("libc-2.31.so"));
-        assert!(!is_libc("libcrypto.so.3"));
-        assert!(!is_libc("libc++.so.1"));
-    }
-
-    #[test]
     fn no_such_pid_says_so() {
         let err = Target::open(u32::MAX - 1).unwrap_err().to_string();
         assert_eq!(
@@ -201,39 +101,16 @@ mod tests {
     fn finds_glibc_in_this_process() {
         let me = Target::open(std::process::id()).unwrap();
         assert!(
-            me.allocator.module.contains("libc"),
+            me.allocator.module().contains("libc"),
             "{}",
-            me.allocator.module
+            me.allocator.module()
         );
         assert!(
             me.allocator
                 .entry_points
                 .iter()
-                .any(|&(name, _)| name == "malloc")
+                .any(|e| e.symbol == "malloc")
         );
         assert!(is_alive(me.pid));
-        // Whatever it is, free's probe point is free's entry or within its first few bytes.
-        let free = me
-            .allocator
-            .entry_points
-            .iter()
-            .find(|&&(name, _)| name == "free")
-            .unwrap()
-            .1;
-        let at = me.allocator.free_probe_offset;
-        assert!(
-            (free..free + 16).contains(&at),
-            "free at {free:#x}, probed at {at:#x}"
-        );
-        // Debian's glibc (2.36 on these machines) begins free with `test %rdi,%rdi` and a
-        // conditional jump, which nothing else jumps into: the jump is the probe point.
-        let code = fs::read(&me.allocator.path).unwrap();
-        let entry = &code[free as usize..free as usize + 5];
-        let is_jcc = |b: &[u8]| {
-            (0x70..=0x7f).contains(&b[0]) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]))
-        };
-        if entry[..3] == [0x48, 0x85, 0xff] && is_jcc(&entry[3..]) {
-            assert_eq!(at, free + 3);
-        }
     }
 }

@@ -2,6 +2,7 @@
 //! until Ctrl-C, SIGTERM, `--duration` or the target's exit.
 
 use std::{
+    collections::BTreeMap,
     os::fd::{FromRawFd as _, OwnedFd},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -14,7 +15,7 @@ use tokio::{
 };
 
 use crate::{
-    event::decode,
+    event::{decode, tgid_of},
     heap::HeapModel,
     probes::{Maps, Probes},
     report::{SnapshotInput, Trends, snapshot},
@@ -30,47 +31,65 @@ pub enum Stop {
     Interrupted,
     Terminated,
     Duration,
+    /// Every traced process exited.
     TargetExited,
 }
 
 pub struct Settings {
-    pub pid: u32,
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
-    pub print_bpf_stats: bool,
     pub file_mappings: bool,
-    /// Printed to stderr once tracing runs and Ctrl-C is handled: a signal that follows it
-    /// ends the trace with a final report instead of killing leaktrace.
-    pub ready_message: String,
+    /// Print the BPF counters (and program run times, when measured) at the end (benchmarks).
+    pub print_bpf_stats: bool,
+    /// Trace the children that traced processes fork (`--follow-forks`).
+    pub follow_forks: bool,
 }
 
-/// Runs the trace; every probe is detached when it returns.
+/// One traced process and where its reports go. Each has its own heap model: processes are
+/// reported separately, by pid.
+pub struct Session {
+    pub pid: u32,
+    pub reporter: Reporter,
+}
+
+/// Attaches to a forked child and returns its session (`--follow-forks`).
+pub type Adopt<'a> = dyn FnMut(&mut Probes, u32) -> anyhow::Result<Session> + 'a;
+
+struct Live {
+    reporter: Reporter,
+    heap: HeapModel,
+    trends: Trends,
+    /// Its executable, to tell a child that still runs the same program from one that exec'd.
+    exe: Option<(u64, u64)>,
+}
+
+/// Runs the trace; every probe is detached and every report written when it returns.
 pub async fn run(
     settings: &Settings,
-    probes: Probes,
+    mut probes: Probes,
     maps: Maps,
-    reporter: &Reporter,
+    sessions: Vec<Session>,
+    adopt: &mut Adopt<'_>,
+    started: impl FnOnce(),
 ) -> anyhow::Result<Stop> {
     let start = Instant::now();
-    let mut heap = HeapModel::default();
-    let mut trends = Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0);
     let Maps { events, stats } = maps;
-    // SAFETY: the ring buffer and the pidfd own their fds, which stay open and unchanged for
-    // as long as the AsyncFd that owns them.
+    // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
+    // AsyncFd that owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
-    // SAFETY: as above.
-    let exited =
-        unsafe { AsyncFd::register_with_interest(pidfd(settings.pid)?, Interest::READABLE) }
-            .map_err(std::io::Error::from)
-            .context("polling the target's pidfd")?;
+    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let mut live = BTreeMap::new();
+    for session in sessions {
+        watch_exit(session.pid, &exit_tx)?;
+        live.insert(session.pid, Live::new(session, settings));
+    }
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    eprintln!("{}", settings.ready_message);
     let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));
@@ -80,11 +99,13 @@ pub async fn run(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
+    let mut finished = Vec::new();
+    started();
 
     // Undecodable records count as lost: they would otherwise vanish silently.
-    let take_snapshot = |heap: &HeapModel, trends: &mut Trends, last: bool, bad_records: u64| {
+    let take_snapshot = |pid: u32, live: &mut Live, last: bool, bad_records: u64| {
         let input = SnapshotInput {
-            pid: settings.pid,
+            pid,
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -96,7 +117,8 @@ pub async fn run(
             top: settings.top,
             last,
         };
-        snapshot(heap, trends, &input)
+        live.reporter
+            .send(snapshot(&live.heap, &mut live.trends, &input));
     };
 
     let stop = loop {
@@ -105,22 +127,50 @@ pub async fn run(
                 let mut guard = guard.context("waiting for events")?;
                 guard.clear_ready();
                 drop(guard);
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
             }
             _ = poll.tick() => {
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+                bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                if settings.follow_forks {
+                    for child in new_children(&live) {
+                        match adopt(&mut probes, child) {
+                            Ok(session) => {
+                                watch_exit(child, &exit_tx)?;
+                                live.insert(child, Live::new(session, settings));
+                            }
+                            // It exited or exec'd meanwhile: nothing to follow.
+                            Err(err) => eprintln!("leaktrace: not following child {child}: {err:#}"),
+                        }
+                    }
+                }
             }
             _ = tick.tick() => {
-                bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
-                reporter.send(take_snapshot(&heap, &mut trends, false, bad_records));
+                bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                for (&pid, session) in &mut live {
+                    take_snapshot(pid, session, false, bad_records);
+                }
+            }
+            Some(pid) = exit_rx.recv() => {
+                bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                if let Some(mut session) = live.remove(&pid) {
+                    take_snapshot(pid, &mut session, true, bad_records);
+                    probes.detach(pid);
+                    // Its final report is written meanwhile; a forking server's children
+                    // must not keep a reporter thread each until the end.
+                    let reporter = session.reporter;
+                    finished.push(std::thread::spawn(move || reporter.finish()));
+                }
+                if live.is_empty() {
+                    break Stop::TargetExited;
+                }
+                eprintln!("leaktrace: process {pid} exited; its probes detached, tracing the others");
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
             () = &mut deadline => break Stop::Duration,
-            _ = exited.readable() => break Stop::TargetExited,
         }
     };
-    bad_records += drain(ring.get_mut(), &mut heap, &mut scratch);
+    bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
     if settings.print_bpf_stats {
         let counters: Vec<String> = stats
             .all()
@@ -133,19 +183,104 @@ pub async fn run(
     for (name, runs, run_time_ns) in probes.program_stats() {
         eprintln!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
     }
-    reporter.send(take_snapshot(&heap, &mut trends, true, bad_records));
-    // The kernel takes ~85 ms per uprobe to detach, one after the other: the final report is
-    // on its way meanwhile.
+    let mut reporters = Vec::new();
+    for (pid, mut session) in std::mem::take(&mut live) {
+        take_snapshot(pid, &mut session, true, bad_records);
+        reporters.push(session.reporter);
+    }
+    // The kernel takes ~85 ms per uprobe to detach, one after the other: the final reports
+    // are on their way meanwhile.
     drop(probes);
-    Ok(stop)
+    let mut result = Ok(stop);
+    let finished = finished.into_iter().map(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("a reporter panicked")))
+    });
+    for outcome in reporters.into_iter().map(Reporter::finish).chain(finished) {
+        if let Err(err) = outcome {
+            result = Err(anyhow::Error::from(err).context("writing the report"));
+        }
+    }
+    result
 }
 
-/// Applies every record waiting in the ring buffer; returns how many could not be decoded.
-fn drain(ring: &mut RingBuf<MapData>, heap: &mut HeapModel, scratch: &mut Vec<u64>) -> u64 {
+impl Live {
+    fn new(session: Session, settings: &Settings) -> Self {
+        Self {
+            reporter: session.reporter,
+            heap: HeapModel::default(),
+            trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
+            exe: exe_id(session.pid),
+        }
+    }
+}
+
+/// Sends `pid` on `tx` when the process exits.
+fn watch_exit(pid: u32, tx: &tokio::sync::mpsc::UnboundedSender<u32>) -> anyhow::Result<()> {
+    // SAFETY: the pidfd owns its fd, which stays open for as long as the AsyncFd owns it.
+    let exited = unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the target's pidfd")?;
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let _ = exited.readable().await;
+        let _ = tx.send(pid);
+    });
+    Ok(())
+}
+
+/// The (device, inode) of a process's executable.
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Children of traced processes, not traced yet, that still run their parent's program.
+fn new_children(live: &BTreeMap<u32, Live>) -> Vec<u32> {
+    let mut found = Vec::new();
+    for (&pid, session) in live {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !live.contains_key(&child)
+                    && !found.contains(&child)
+                    && session.exe.is_some()
+                    && exe_id(child) == session.exe
+                {
+                    found.push(child);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Applies every record waiting in the ring buffer to the model of the process it came from;
+/// returns how many could not be decoded.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    live: &mut BTreeMap<u32, Live>,
+    scratch: &mut Vec<u64>,
+) -> u64 {
     let mut bad = 0;
     while let Some(record) = ring.next() {
+        let Some(tgid) = tgid_of(&record) else {
+            bad += 1;
+            continue;
+        };
         match decode(&record, scratch) {
-            Ok(event) => heap.apply(&event),
+            // A process no longer traced (it exited an instant ago): nothing to apply to.
+            Ok(event) => {
+                if let Some(session) = live.get_mut(&tgid) {
+                    session.heap.apply(&event);
+                }
+            }
             Err(_) => bad += 1,
         }
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 pub const LEAKTRACE: &str = env!("CARGO_BIN_EXE_leaktrace");
 const TIMEOUT: Duration = Duration::from_secs(30);
+const DETACH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Tests that load BPF need root. Outside CI they skip (and say so); under `CI=true` a skip
 /// would hide a broken suite, so they fail instead.
@@ -36,15 +37,24 @@ fn fixtures_dir() -> PathBuf {
 
 /// A fixture compiled from `tests/fixtures/<name>.c` into a temporary directory.
 pub struct Binary {
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
     pub path: PathBuf,
 }
 
 pub fn compile(name: &str, extra_flags: &[&str]) -> Binary {
+    compile_source("gcc", &format!("{name}.c"), name, extra_flags)
+}
+
+/// A C++ fixture, `tests/fixtures/<name>.cc`, compiled with g++ into `<output>`.
+pub fn compile_cxx(name: &str, output: &str, extra_flags: &[&str]) -> Binary {
+    compile_source("g++", &format!("{name}.cc"), output, extra_flags)
+}
+
+fn compile_source(compiler: &str, file: &str, output: &str, extra_flags: &[&str]) -> Binary {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(name);
-    let source = fixtures_dir().join(format!("{name}.c"));
-    let out = Command::new("gcc")
+    let path = dir.path().join(output);
+    let source = fixtures_dir().join(file);
+    let out = Command::new(compiler)
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
         .arg(&path)
         .arg(&source)
@@ -53,7 +63,7 @@ pub fn compile(name: &str, extra_flags: &[&str]) -> Binary {
         .expect("gcc runs");
     assert!(
         out.status.success(),
-        "gcc {}: {}",
+        "{compiler} {}: {}",
         source.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -78,12 +88,12 @@ impl Binary {
 
 impl Fixture {
     pub fn start(binary: &Binary, args: &[&str]) -> Self {
-        Self::spawn(Command::new(&binary.path).args(args))
+        Self::start_command(Command::new(&binary.path).args(args))
     }
 
-    /// Starts a fixture through a command of the test's own (a wrapper such as `unshare`
-    /// that ends up exec'ing the fixture in the same process).
-    pub fn spawn(command: &mut Command) -> Self {
+    /// Starts the fixture with a command of the caller's (a wrapper such as `unshare`, an
+    /// environment such as `LD_PRELOAD`).
+    pub fn start_command(command: &mut Command) -> Self {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -156,7 +166,11 @@ fn line_reader(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<St
 }
 
 fn wait_timeout(child: &mut Child) -> Option<ExitStatus> {
-    let deadline = Instant::now() + TIMEOUT;
+    wait_timeout_for(child, TIMEOUT)
+}
+
+fn wait_timeout_for(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
             return Some(status);
@@ -169,7 +183,9 @@ fn wait_timeout(child: &mut Child) -> Option<ExitStatus> {
 /// leaktrace attached to a process, reporting JSON. Killed on drop.
 pub struct Leaktrace {
     child: Child,
-    stdout: Option<ChildStdout>,
+    /// Read as it comes: a report bigger than the pipe's buffer would otherwise block
+    /// leaktrace's writes, and so its exit.
+    stdout: Option<thread::JoinHandle<String>>,
     stderr_lines: mpsc::Receiver<String>,
     stderr: Vec<String>,
 }
@@ -204,7 +220,13 @@ impl Leaktrace {
             .stderr(Stdio::piped())
             .spawn()
             .expect("leaktrace starts");
-        let stdout = child.stdout.take();
+        let stdout = child.stdout.take().map(|mut out: ChildStdout| {
+            thread::spawn(move || {
+                let mut text = String::new();
+                let _ = out.read_to_string(&mut text);
+                text
+            })
+        });
         let stderr_lines = line_reader(child.stderr.take().unwrap());
         let mut this = Self {
             child,
@@ -226,6 +248,25 @@ impl Leaktrace {
         }
     }
 
+    /// Waits until leaktrace prints a status line that starts with `prefix`.
+    pub fn wait_for_stderr(&mut self, prefix: &str) {
+        loop {
+            match self.stderr_lines.recv_timeout(TIMEOUT) {
+                Ok(line) => {
+                    let found = line.starts_with(prefix);
+                    self.stderr.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "leaktrace never printed {prefix:?}; stderr: {:?}",
+                    self.stderr
+                ),
+            }
+        }
+    }
+
     pub fn interrupt(&self) {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
@@ -233,13 +274,15 @@ impl Leaktrace {
 
     /// Waits for leaktrace to exit (it must, by itself or after `interrupt`).
     pub fn wait(mut self) -> Outcome {
-        let mut out = String::new();
-        let status = wait_timeout(&mut self.child).expect("leaktrace exits");
-        self.stdout
+        // Detaching takes the kernel ~85 ms per probe, one probe at a time machine-wide: with
+        // tests (and allocators with many entry points) in parallel, that adds up.
+        let status = wait_timeout_for(&mut self.child, DETACH_TIMEOUT).expect("leaktrace exits");
+        let out = self
+            .stdout
             .take()
             .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+            .join()
+            .expect("the stdout reader never panics");
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
             self.stderr.push(line);
         }

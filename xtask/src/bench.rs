@@ -620,9 +620,13 @@ fn aggregator() -> anyhow::Result<Aggregator> {
                 _ => {}
             }
         }
-        result
-            .events_per_s
-            .push((live, Summary::of(cpu), Summary::of(wall), Summary::of(bare)));
+        result.events_per_s.push((
+            live,
+            Summary::of(cpu),
+            Summary::of(wall),
+            Summary::of(apply),
+            Summary::of(bare),
+        ));
     }
     Ok(result)
 }

@@ -46,8 +46,9 @@ enum Task {
 }
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
-/// bpf-linker, and gcc and g++ for the test fixtures.
-const PACKAGES: [&str; 8] = [
+/// bpf-linker, gcc and g++ for the test fixtures, the allocators the fixtures link with
+/// (jemalloc, tcmalloc, mimalloc), and redis, a real service that runs on jemalloc.
+const PACKAGES: [&str; 14] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -56,6 +57,12 @@ const PACKAGES: [&str; 8] = [
     "zlib1g-dev",
     "gcc",
     "g++",
+    "libjemalloc-dev",
+    "libtcmalloc-minimal4",
+    "libmimalloc-dev",
+    "redis-server",
+    "redis-tools",
+    "util-linux",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER: &str = "0.13.0";

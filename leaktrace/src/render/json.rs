@@ -18,6 +18,7 @@ struct JsonReport<'a> {
     complete: bool,
     /// The last report of the trace.
     last: bool,
+    allocator: &'a str,
     allocator_module: &'a str,
     totals: JsonTotals,
     /// Stacks that hold memory; `stacks` lists the top of them.
@@ -91,6 +92,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         elapsed_s: round3(snapshot.elapsed_s),
         complete: t.lost_events == 0,
         last: snapshot.last,
+        allocator: &report.target.allocator,
         allocator_module: &report.target.allocator_module,
         totals: JsonTotals {
             outstanding_bytes: t.outstanding_bytes,
@@ -181,6 +183,7 @@ mod tests {
         let target = Target {
             pid: 42,
             command: "app".into(),
+            allocator: "glibc".into(),
             allocator_module: "/lib/libc.so.6".into(),
         };
         let mut out = String::new();
@@ -200,6 +203,8 @@ mod tests {
         assert_eq!(v["timestamp_ms"], 1_764_000_000_000u64);
         assert_eq!(v["elapsed_s"], 10.0);
         assert_eq!(v["complete"], false);
+        assert_eq!(v["allocator"], "glibc");
+        assert_eq!(v["allocator_module"], "/lib/libc.so.6");
         assert_eq!(
             v["totals"],
             serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,

@@ -10,7 +10,9 @@ use crate::{report::Snapshot, symbolize::Frame};
 pub struct Target {
     pub pid: u32,
     pub command: String,
-    /// The module whose allocator is traced.
+    /// The allocator traced: "glibc", "jemalloc", "tcmalloc", "mimalloc", "jemalloc (_rjem_)".
+    pub allocator: String,
+    /// The module that holds it, as the target names it.
     pub allocator_module: String,
 }
 

@@ -18,6 +18,14 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         "── leaktrace {when} · pid {} ({}) · {:.1}s ──",
         s.pid, report.target.command, s.elapsed_s
     );
+    let target = report.target;
+    if !target.allocator.is_empty() {
+        let _ = writeln!(
+            out,
+            "allocator {} in {}",
+            target.allocator, target.allocator_module
+        );
+    }
     let _ = writeln!(
         out,
         "outstanding {} in {} allocations · {} allocations, {} frees since attach · {} frees of older blocks",
@@ -221,7 +229,8 @@ mod tests {
         let target = Target {
             pid: 7,
             command: "./leaky".into(),
-            allocator_module: String::new(),
+            allocator: "jemalloc".into(),
+            allocator_module: "/lib/libjemalloc.so.2".into(),
         };
         let mut out = String::new();
         render(
@@ -233,6 +242,10 @@ mod tests {
             &mut out,
         );
         assert!(out.contains("pid 7 (./leaky)"), "{out}");
+        assert!(
+            out.contains("\nallocator jemalloc in /lib/libjemalloc.so.2\n"),
+            "{out}"
+        );
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
         assert!(

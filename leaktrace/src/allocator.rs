@@ -1,0 +1,872 @@
+//! Which allocator a process really uses: `malloc` and the rest resolved the way the dynamic
+//! linker resolves them for that process (the executable first, then its libraries in load
+//! order, `LD_PRELOAD` ones included), so that leaktrace attaches where the calls really go:
+//! glibc, jemalloc, tcmalloc, mimalloc, a static executable, or a Rust binary with a
+//! statically linked, prefixed jemalloc (`_rjem_*`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, bail};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
+
+use crate::proc_maps::{ProcMaps, path_in_target};
+
+/// The BPF program that handles a free-like entry point.
+pub const FREE_PROGRAM: &str = "free_entry";
+
+/// Entry points looked up by name in the process's global scope, with the BPF program that
+/// reads their arguments. Each allocator's API maps onto a C one by argument position:
+/// `mallocx(size, flags)` is read like `malloc(size)`, `rallocx(ptr, size, flags)` like
+/// `realloc`, `sdallocx(ptr, size, flags)` like `free`. Aliases (tcmalloc's `tc_malloc` is its
+/// `malloc`) share an address and get one probe, named by the first name listed.
+///
+/// jemalloc's `xallocx(ptr, size, extra, flags)` resizes in place and returns the new usable
+/// size: its own program reports the block resized to `size` when that is at least `size`.
+///
+/// Not traced: mimalloc's `mi_reallocf` (frees the block when it fails) and `mi_heap_*` (the
+/// size is not the first argument).
+const ENTRY_POINTS: &[(&str, &str)] = &[
+    // C and POSIX: glibc, and every allocator that replaces it under the same names. Those
+    // that release memory come first: they are attached first (see `probes::attach`).
+    ("munmap", "munmap_entry"),
+    ("mremap", "mremap_entry"),
+    ("realloc", "realloc_entry"),
+    ("reallocarray", "reallocarray_entry"),
+    ("malloc", "malloc_entry"),
+    ("calloc", "calloc_entry"),
+    ("posix_memalign", "posix_memalign_entry"),
+    ("aligned_alloc", "aligned_alloc_entry"),
+    ("memalign", "aligned_alloc_entry"),
+    ("valloc", "malloc_entry"),
+    ("pvalloc", "malloc_entry"),
+    ("free", FREE_PROGRAM),
+    ("cfree", FREE_PROGRAM),
+    ("mmap", "mmap_entry"),
+    // jemalloc.
+    ("mallocx", "malloc_entry"),
+    ("rallocx", "realloc_entry"),
+    ("sdallocx", FREE_PROGRAM),
+    ("dallocx", FREE_PROGRAM),
+    ("xallocx", "xallocx_entry"),
+    // tcmalloc.
+    ("tc_malloc", "malloc_entry"),
+    ("tc_malloc_skip_new_handler", "malloc_entry"),
+    ("tc_calloc", "calloc_entry"),
+    ("tc_realloc", "realloc_entry"),
+    ("tc_memalign", "aligned_alloc_entry"),
+    ("tc_posix_memalign", "posix_memalign_entry"),
+    ("tc_valloc", "malloc_entry"),
+    ("tc_pvalloc", "malloc_entry"),
+    ("tc_new", "malloc_entry"),
+    ("tc_new_nothrow", "malloc_entry"),
+    ("tc_newarray", "malloc_entry"),
+    ("tc_newarray_nothrow", "malloc_entry"),
+    ("tc_new_aligned", "malloc_entry"),
+    ("tc_new_aligned_nothrow", "malloc_entry"),
+    ("tc_newarray_aligned", "malloc_entry"),
+    ("tc_newarray_aligned_nothrow", "malloc_entry"),
+    ("tc_free", FREE_PROGRAM),
+    ("tc_cfree", FREE_PROGRAM),
+    ("tc_free_sized", FREE_PROGRAM),
+    ("tc_delete", FREE_PROGRAM),
+    ("tc_delete_sized", FREE_PROGRAM),
+    ("tc_delete_nothrow", FREE_PROGRAM),
+    ("tc_delete_aligned", FREE_PROGRAM),
+    ("tc_delete_sized_aligned", FREE_PROGRAM),
+    ("tc_delete_aligned_nothrow", FREE_PROGRAM),
+    ("tc_deletearray", FREE_PROGRAM),
+    ("tc_deletearray_sized", FREE_PROGRAM),
+    ("tc_deletearray_nothrow", FREE_PROGRAM),
+    ("tc_deletearray_aligned", FREE_PROGRAM),
+    ("tc_deletearray_sized_aligned", FREE_PROGRAM),
+    ("tc_deletearray_aligned_nothrow", FREE_PROGRAM),
+    // mimalloc: `mi_malloc_aligned(size, alignment)` and the like take the size first.
+    ("mi_malloc", "malloc_entry"),
+    ("mi_malloc_small", "malloc_entry"),
+    ("mi_zalloc", "malloc_entry"),
+    ("mi_zalloc_small", "malloc_entry"),
+    ("mi_malloc_aligned", "malloc_entry"),
+    ("mi_zalloc_aligned", "malloc_entry"),
+    ("mi_new", "malloc_entry"),
+    ("mi_new_nothrow", "malloc_entry"),
+    ("mi_new_aligned", "malloc_entry"),
+    ("mi_new_aligned_nothrow", "malloc_entry"),
+    ("mi_valloc", "malloc_entry"),
+    ("mi_pvalloc", "malloc_entry"),
+    ("mi_calloc", "calloc_entry"),
+    ("mi_mallocn", "calloc_entry"),
+    ("mi_new_n", "calloc_entry"),
+    ("mi_calloc_aligned", "calloc_entry"),
+    ("mi_realloc", "realloc_entry"),
+    ("mi_new_realloc", "realloc_entry"),
+    ("mi_realloc_aligned", "realloc_entry"),
+    ("mi_reallocn", "reallocarray_entry"),
+    ("mi_reallocarray", "reallocarray_entry"),
+    ("mi_new_reallocn", "reallocarray_entry"),
+    ("mi_recalloc", "reallocarray_entry"),
+    ("mi_posix_memalign", "posix_memalign_entry"),
+    ("mi_memalign", "aligned_alloc_entry"),
+    ("mi_aligned_alloc", "aligned_alloc_entry"),
+    ("mi_free", FREE_PROGRAM),
+    ("mi_cfree", FREE_PROGRAM),
+    ("mi_free_size", FREE_PROGRAM),
+    ("mi_free_aligned", FREE_PROGRAM),
+    ("mi_free_size_aligned", FREE_PROGRAM),
+];
+
+/// C++ `operator new` (size first in every form: plain, nothrow, aligned) and `operator
+/// delete` (pointer first: plain, sized, aligned, nothrow), for `new` and `new[]`.
+///
+/// They are traced only where the module that provides `malloc` provides them too: an
+/// allocator's own operators (jemalloc's, tcmalloc's, mimalloc's) allocate from it directly,
+/// without going through its exported `malloc`. Any other provider (libstdc++, whose
+/// `operator new` calls `malloc`) is a wrapper around the traced `malloc`/`free`, and probing
+/// both would count its blocks twice. A delete that still calls a traced free-like function
+/// (jemalloc's `operator delete(void*)` jumps to `free`) is left out for the same reason.
+const CXX_OPERATORS: &[(&str, &str)] = &[
+    ("_Znwm", "malloc_entry"),
+    ("_Znam", "malloc_entry"),
+    ("_ZnwmRKSt9nothrow_t", "malloc_entry"),
+    ("_ZnamRKSt9nothrow_t", "malloc_entry"),
+    ("_ZnwmSt11align_val_t", "malloc_entry"),
+    ("_ZnamSt11align_val_t", "malloc_entry"),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
+    ("_ZdlPv", FREE_PROGRAM),
+    ("_ZdaPv", FREE_PROGRAM),
+    ("_ZdlPvm", FREE_PROGRAM),
+    ("_ZdaPvm", FREE_PROGRAM),
+    ("_ZdlPvRKSt9nothrow_t", FREE_PROGRAM),
+    ("_ZdaPvRKSt9nothrow_t", FREE_PROGRAM),
+    ("_ZdlPvSt11align_val_t", FREE_PROGRAM),
+    ("_ZdaPvSt11align_val_t", FREE_PROGRAM),
+    ("_ZdlPvmSt11align_val_t", FREE_PROGRAM),
+    ("_ZdaPvmSt11align_val_t", FREE_PROGRAM),
+    ("_ZdlPvSt11align_val_tRKSt9nothrow_t", FREE_PROGRAM),
+    ("_ZdaPvSt11align_val_tRKSt9nothrow_t", FREE_PROGRAM),
+];
+
+/// A jemalloc linked statically under a prefix, which the program calls directly (not through
+/// the dynamic linker): `_rjem_` is the prefix of Rust's tikv-jemallocator.
+const PREFIXED_JEMALLOC: &[(&str, &[&str])] = &[(
+    "_rjem_",
+    &[
+        "malloc",
+        "calloc",
+        "realloc",
+        "posix_memalign",
+        "aligned_alloc",
+        "memalign",
+        "valloc",
+        "free",
+        "mallocx",
+        "rallocx",
+        "sdallocx",
+        "dallocx",
+        "xallocx",
+    ],
+)];
+
+/// One function to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryPoint {
+    pub symbol: String,
+    /// The BPF program that runs at its entry.
+    pub program: &'static str,
+    /// The module, as the target names it.
+    pub module: String,
+    /// Where this process opens the module (through the target's root).
+    pub path: PathBuf,
+    pub file_offset: u64,
+}
+
+impl EntryPoint {
+    /// It is reported at its return, so it also gets the `alloc_return` uretprobe: all but
+    /// the free-like ones (munmap too: only a munmap that succeeded releases anything).
+    pub fn allocates(&self) -> bool {
+        self.program != FREE_PROGRAM
+    }
+}
+
+/// An allocator that the process uses, and the module that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Family {
+    /// "glibc", "jemalloc", "tcmalloc", "mimalloc", "jemalloc (_rjem_)", or "malloc" for one
+    /// leaktrace does not recognise.
+    pub name: String,
+    pub module: String,
+}
+
+/// What leaktrace attaches to in one process.
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    /// The program's own allocator first (a Rust binary's prefixed jemalloc comes before the
+    /// `malloc` its C libraries use).
+    pub families: Vec<Family>,
+    /// One per probed address.
+    pub entry_points: Vec<EntryPoint>,
+}
+
+impl Allocator {
+    /// The allocator of the program's own allocations, e.g. "jemalloc".
+    pub fn name(&self) -> &str {
+        &self.families[0].name
+    }
+
+    /// The module that holds it, as the target names it.
+    pub fn module(&self) -> &str {
+        &self.families[0].module
+    }
+
+    /// "jemalloc in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2", joined by " + ".
+    pub fn describe(&self) -> String {
+        self.families
+            .iter()
+            .map(|f| format!("{} in {}", f.name, f.module))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+}
+
+/// Finds the allocator of process `pid`, whose memory map is `maps`: the module that
+/// provides `malloc` to it and the entry points to probe. Fails, in one line, when the
+/// process has no allocator entry point leaktrace knows.
+pub fn discover(pid: u32, maps: &ProcMaps) -> anyhow::Result<Allocator> {
+    let order = load_order(pid, maps)?;
+    let modules: Vec<Module> = order
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Module::read(pid, maps, name, i == 0))
+        .collect::<anyhow::Result<_>>()?;
+    resolve(&modules)
+}
+
+fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
+    let lookup = |name: &str| {
+        modules
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| m.lookup(name).map(|sym| (i, sym)))
+    };
+    let mut candidates: Vec<(usize, String, &'static str, Sym)> = Vec::new();
+    let mut families = Vec::new();
+
+    // A prefixed jemalloc in the executable serves the program's own allocations.
+    for &(prefix, names) in PREFIXED_JEMALLOC {
+        let Some(exe) = modules.first() else { break };
+        let found: Vec<_> = names
+            .iter()
+            .filter_map(|&name| {
+                let symbol = format!("{prefix}{name}");
+                let program = program_of(name)?;
+                exe.all.get(&symbol).map(|&sym| (0, symbol, program, sym))
+            })
+            .collect();
+        if found.iter().any(|c| c.1.ends_with("malloc")) {
+            families.push(Family {
+                name: format!("jemalloc ({prefix})"),
+                module: exe.name.clone(),
+            });
+            candidates.extend(found);
+        }
+    }
+
+    let malloc = lookup("malloc");
+    if let Some((m, _)) = malloc {
+        if lookup("free").is_none() {
+            bail!(
+                "{} provides `malloc` but no `free` is found: leaktrace cannot trace this allocator",
+                modules[m].name
+            );
+        }
+        families.push(Family {
+            name: modules[m].classify().to_owned(),
+            module: modules[m].name.clone(),
+        });
+        for &(name, program) in ENTRY_POINTS {
+            if let Some((i, sym)) = lookup(name) {
+                candidates.push((i, name.to_owned(), program, sym));
+            }
+        }
+        for &(name, program) in CXX_OPERATORS {
+            if let Some((i, sym)) = lookup(name).filter(|&(i, _)| i == m) {
+                candidates.push((i, name.to_owned(), program, sym));
+            }
+        }
+    }
+    if families.is_empty() {
+        let exe = modules
+            .first()
+            .map_or("the executable", |m| m.name.as_str());
+        bail!(
+            "no allocator entry point found: neither {exe} nor its libraries define `malloc` \
+             (nor a prefixed jemalloc such as `_rjem_malloc`); a stripped static binary hides it"
+        );
+    }
+
+    // A function that only jumps to another traced one (mimalloc's `posix_memalign` is
+    // `jmp mi_posix_memalign`) needs no probe of its own: the target's sees the call. A
+    // free-like function that calls another traced free-like one anywhere (jemalloc's
+    // `operator delete(void*)` ends in `jmp free`) would report each free twice.
+    let mut wrappers = HashSet::new();
+    for (k, c) in candidates.iter().enumerate() {
+        if c.1 == "malloc" || c.1 == "free" {
+            continue;
+        }
+        let module = &modules[c.0];
+        let others: Vec<_> = candidates
+            .iter()
+            .filter(|o| o.3.vaddr != c.3.vaddr || o.0 != c.0)
+            .collect();
+        let targets = |free_only: bool| {
+            let kept = others.iter().filter(|o| !free_only || o.2 == FREE_PROGRAM);
+            let addresses: HashSet<u64> = kept
+                .clone()
+                .filter(|o| o.0 == c.0)
+                .map(|o| o.3.vaddr)
+                .collect();
+            let names: HashSet<&str> = kept.map(|o| o.1.as_str()).collect();
+            (addresses, names)
+        };
+        let (addresses, names) = targets(false);
+        let trampoline = module.jumps_first_to_any(&c.3, &addresses, &names);
+        let (addresses, names) = targets(true);
+        if trampoline || (c.2 == FREE_PROGRAM && module.calls_any(&c.3, &addresses, &names)) {
+            wrappers.insert(k);
+        }
+    }
+
+    let mut seen = HashSet::new();
+    let entry_points = candidates
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| !wrappers.contains(k))
+        .filter(|(_, c)| seen.insert((c.0, c.3.vaddr)))
+        .map(|(_, (i, symbol, program, sym))| EntryPoint {
+            symbol,
+            program,
+            module: modules[i].name.clone(),
+            path: modules[i].path.clone(),
+            file_offset: sym.file_offset,
+        })
+        .collect();
+    Ok(Allocator {
+        families,
+        entry_points,
+    })
+}
+
+fn program_of(name: &str) -> Option<&'static str> {
+    ENTRY_POINTS
+        .iter()
+        .find(|&&(n, _)| n == name)
+        .map(|&(_, program)| program)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sym {
+    vaddr: u64,
+    size: u64,
+    file_offset: u64,
+}
+
+/// One ELF module of the process, with what resolution needs from it.
+struct Module {
+    /// As the target names it (its path in /proc/PID/maps).
+    name: String,
+    path: PathBuf,
+    /// Symbols other modules bind to: the dynamic symbol table's defined global functions.
+    exported: HashMap<String, Sym>,
+    /// Every defined global function (the executable's own code binds to them directly, and
+    /// a static executable has no dynamic symbol table).
+    all: HashMap<String, Sym>,
+    is_executable: bool,
+    /// Addresses of PLT stubs and GOT slots, and the symbol they lead to.
+    imports: HashMap<u64, String>,
+    /// (vaddr, size, file offset) of each loadable segment.
+    segments: Vec<(u64, u64, u64)>,
+    data: Vec<u8>,
+}
+
+impl Module {
+    /// Opens the module through the target's root (a container's own files), else through
+    /// `/proc/PID/map_files` (a library deleted or replaced on disk since it was loaded, as
+    /// after a package upgrade); the executable through `/proc/PID/exe`.
+    fn read(pid: u32, maps: &ProcMaps, name: &str, is_executable: bool) -> anyhow::Result<Self> {
+        let mut paths = Vec::new();
+        if is_executable {
+            paths.push(PathBuf::from(format!("/proc/{pid}/exe")));
+        }
+        paths.push(path_in_target(pid, name));
+        if let Some(m) = maps.mappings.iter().find(|m| m.path == name) {
+            paths.push(PathBuf::from(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                m.start, m.end
+            )));
+        }
+        let mut opened = None;
+        let mut first_error = None;
+        for path in paths {
+            match fs::read(&path) {
+                Ok(data) => {
+                    opened = Some((path, data));
+                    break;
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let (path, data) = match (opened, first_error) {
+            (Some(opened), _) => opened,
+            (None, err) => {
+                return Err(anyhow::anyhow!(
+                    err.unwrap_or_else(|| std::io::Error::other("no path"))
+                )
+                .context(format!("reading {name} of process {pid}")));
+            }
+        };
+        let mut module = Self::parse(name, path, data, is_executable)
+            .with_context(|| format!("{name} is not an ELF file leaktrace can read"))?;
+        module.name = name.to_owned();
+        Ok(module)
+    }
+
+    fn parse(
+        name: &str,
+        path: PathBuf,
+        data: Vec<u8>,
+        is_executable: bool,
+    ) -> Result<Self, object::Error> {
+        let file = object::File::parse(&*data)?;
+        let segments: Vec<(u64, u64, u64)> = file
+            .segments()
+            .map(|s| {
+                let (offset, size) = s.file_range();
+                (s.address(), size, offset)
+            })
+            .collect();
+        let file_offset = |addr: u64| {
+            segments
+                .iter()
+                .find(|&&(start, size, _)| start <= addr && addr < start + size)
+                .map(|&(start, _, offset)| addr - start + offset)
+        };
+        let functions = |symbols: object::SymbolIterator<'_, '_>| {
+            let mut map = HashMap::new();
+            for symbol in symbols {
+                if symbol.kind() != object::SymbolKind::Text
+                    || symbol.is_undefined()
+                    || !symbol.is_global()
+                    || symbol.address() == 0
+                {
+                    continue;
+                }
+                let (Ok(name), Some(offset)) = (symbol.name(), file_offset(symbol.address()))
+                else {
+                    continue;
+                };
+                map.entry(name.to_owned()).or_insert(Sym {
+                    vaddr: symbol.address(),
+                    size: symbol.size(),
+                    file_offset: offset,
+                });
+            }
+            map
+        };
+        let exported = functions(file.dynamic_symbols());
+        let mut all = functions(file.symbols());
+        for (name, sym) in &exported {
+            all.entry(name.clone()).or_insert(*sym);
+        }
+        let imports = imports(&file);
+        drop(file);
+        Ok(Self {
+            name: name.to_owned(),
+            path,
+            exported,
+            all,
+            is_executable,
+            imports,
+            segments,
+            data,
+        })
+    }
+
+    /// The definition of `name` that a reference from another module binds to. The
+    /// executable's own code calls its functions directly, exported or not.
+    fn lookup(&self, name: &str) -> Option<Sym> {
+        if self.is_executable {
+            self.all.get(name).copied()
+        } else {
+            self.exported.get(name).copied()
+        }
+    }
+
+    /// The allocator this module implements, recognised by the API only it exports.
+    fn classify(&self) -> &'static str {
+        let has = |name: &str| self.all.contains_key(name);
+        if has("mallocx") {
+            "jemalloc"
+        } else if has("tc_malloc") {
+            "tcmalloc"
+        } else if has("mi_malloc") {
+            "mimalloc"
+        } else if has("__libc_malloc") {
+            "glibc"
+        } else {
+            "malloc"
+        }
+    }
+
+    fn code(&self, sym: &Sym) -> Option<&[u8]> {
+        // A function's size may be missing; 4 KiB covers any wrapper.
+        let len = if sym.size == 0 {
+            4096
+        } else {
+            sym.size.min(4096)
+        };
+        let &(start, size, offset) = self
+            .segments
+            .iter()
+            .find(|&&(start, size, _)| start <= sym.vaddr && sym.vaddr < start + size)?;
+        let len = len.min(start + size - sym.vaddr);
+        let begin = usize::try_from(offset + sym.vaddr - start).ok()?;
+        self.data.get(begin..begin + usize::try_from(len).ok()?)
+    }
+
+    /// Whether the function at `sym` calls or jumps to one of `addresses` in this module, or
+    /// to one of `names` through the PLT or the GOT.
+    fn calls_any(&self, sym: &Sym, addresses: &HashSet<u64>, names: &HashSet<&str>) -> bool {
+        let Some(code) = self.code(sym) else {
+            return false;
+        };
+        branch_targets(sym.vaddr, code).any(|target| self.leads_to(target, addresses, names))
+    }
+
+    /// Whether the function at `sym` is nothing but a jump (after an optional `endbr64`) to
+    /// one of `addresses` or `names`.
+    fn jumps_first_to_any(
+        &self,
+        sym: &Sym,
+        addresses: &HashSet<u64>,
+        names: &HashSet<&str>,
+    ) -> bool {
+        const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+        let Some(code) = self.code(sym) else {
+            return false;
+        };
+        let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+        let code = &code[skip..];
+        let first_is_jump = code.first() == Some(&0xe9) || code.starts_with(&[0xff, 0x25]);
+        first_is_jump
+            && branch_targets(sym.vaddr + skip as u64, code)
+                .next()
+                .is_some_and(|target| self.leads_to(target, addresses, names))
+    }
+
+    fn leads_to(&self, target: u64, addresses: &HashSet<u64>, names: &HashSet<&str>) -> bool {
+        addresses.contains(&target)
+            || self
+                .imports
+                .get(&target)
+                .is_some_and(|name| names.contains(name.as_str()))
+    }
+}
+
+/// Targets of every `call rel32`, `jmp rel32`, `call *disp(%rip)` and `jmp *disp(%rip)` whose
+/// bytes appear in `code` (at `vaddr`). A byte scan, not a disassembly: a false match would
+/// also have to hit one of the few addresses asked about.
+fn branch_targets(vaddr: u64, code: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    (0..code.len()).filter_map(move |i| {
+        let rel = |at: usize| {
+            code.get(at..at + 4)
+                .map(|b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))))
+        };
+        let next = |len: usize| (vaddr + (i + len) as u64) as i64;
+        match code[i] {
+            0xe8 | 0xe9 => rel(i + 1).map(|r| (next(5) + r) as u64),
+            0xff if matches!(code.get(i + 1), Some(0x15 | 0x25)) => {
+                rel(i + 2).map(|r| (next(6) + r) as u64)
+            }
+            _ => None,
+        }
+    })
+}
+
+/// PLT stubs and GOT slots of the functions a module imports, by address: a call through
+/// either reaches the named function wherever the dynamic linker bound it.
+fn imports(file: &object::File<'_>) -> HashMap<u64, String> {
+    let mut imports = HashMap::new();
+    let (Some(relocations), Some(dynsym)) =
+        (file.dynamic_relocations(), file.dynamic_symbol_table())
+    else {
+        return imports;
+    };
+    use object::ObjectSymbolTable as _;
+    for (slot, relocation) in relocations {
+        if let object::RelocationTarget::Symbol(index) = relocation.target()
+            && let Ok(symbol) = dynsym.symbol_by_index(index)
+            && let Ok(name) = symbol.name()
+            && !name.is_empty()
+        {
+            imports.insert(slot, name.to_owned());
+        }
+    }
+    // Each stub jumps through its GOT slot: `jmp *disp(%rip)` (with a `bnd` or `endbr64`
+    // around it in .plt.sec). Entries are 16 bytes (8 in .plt.got).
+    let mut stubs = Vec::new();
+    for (section, entry) in [(".plt", 16), (".plt.sec", 16), (".plt.got", 8)] {
+        let Some(section) = file.section_by_name(section) else {
+            continue;
+        };
+        let Ok(code) = section.data() else { continue };
+        let base = section.address();
+        for (i, window) in code.windows(2).enumerate() {
+            if window == [0xff, 0x25]
+                && let Some(slot) = branch_targets(base + i as u64, &code[i..]).next()
+                && let Some(name) = imports.get(&slot)
+            {
+                let at = base + i as u64;
+                stubs.push((at - (at - base) % entry, name.clone()));
+            }
+        }
+    }
+    imports.extend(stubs);
+    imports
+}
+
+/// The process's modules in the order the dynamic linker searches them: the executable, then
+/// the link map (`LD_PRELOAD` libraries, then `DT_NEEDED` breadth first, then `dlopen`ed ones).
+/// Without a readable link map (a static executable), the executable, then the other
+/// executable file mappings in the order they appear in the memory map.
+fn load_order(pid: u32, maps: &ProcMaps) -> anyhow::Result<Vec<String>> {
+    let exe = fs::metadata(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("reading /proc/{pid}/exe"))?;
+    let exe_mapping = maps
+        .mappings
+        .iter()
+        .find(|m| m.is_file() && m.inode == exe.ino())
+        .with_context(|| format!("process {pid} does not map its own executable"))?;
+    let mut order = vec![exe_mapping.path.clone()];
+    let linked = link_map(pid, maps, exe_mapping).unwrap_or_default();
+    let rest = if linked.is_empty() {
+        maps.mappings
+            .iter()
+            .filter(|m| m.is_file() && m.is_executable())
+            .map(|m| m.path.clone())
+            .collect()
+    } else {
+        linked
+    };
+    for path in rest {
+        if !order.contains(&path) {
+            order.push(path);
+        }
+    }
+    Ok(order)
+}
+
+/// The libraries in the dynamic linker's link map (`r_debug.r_map`), as paths of the memory
+/// map. None when the executable has no `DT_DEBUG` (static) or the map cannot be read.
+fn link_map(
+    pid: u32,
+    maps: &ProcMaps,
+    exe_mapping: &crate::proc_maps::Mapping,
+) -> Option<Vec<String>> {
+    let data = fs::read(format!("/proc/{pid}/exe")).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let dynamic = file.section_by_name(".dynamic")?.address();
+    let lowest = file.segments().map(|s| s.address() & !0xfff).min()?;
+    let first = maps.mappings.iter().find(|m| {
+        m.inode == exe_mapping.inode && m.path == exe_mapping.path && m.file_offset == 0
+    })?;
+    let bias = first.start.wrapping_sub(lowest);
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let read_u64 = |addr: u64| {
+        let mut buf = [0; 8];
+        mem.read_exact_at(&mut buf, addr).ok()?;
+        Some(u64::from_le_bytes(buf))
+    };
+    const DT_NULL: u64 = 0;
+    const DT_DEBUG: u64 = 21;
+    let mut r_debug = 0;
+    for i in 0..512 {
+        let at = dynamic.wrapping_add(bias) + i * 16;
+        match read_u64(at)? {
+            DT_NULL => break,
+            DT_DEBUG => {
+                r_debug = read_u64(at + 8)?;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if r_debug == 0 {
+        return None;
+    }
+    // struct r_debug { int r_version; struct link_map *r_map; ... }
+    // struct link_map { l_addr; char *l_name; l_ld; l_next; l_prev; }
+    let mut node = read_u64(r_debug + 8)?;
+    let mut paths = Vec::new();
+    for _ in 0..4096 {
+        if node == 0 {
+            break;
+        }
+        let (name_ptr, ld, next) = (
+            read_u64(node + 8)?,
+            read_u64(node + 16)?,
+            read_u64(node + 24)?,
+        );
+        // The executable (empty name) and the vDSO (no file) are skipped; a library is named
+        // by the memory map's path of the mapping that holds its dynamic section.
+        if let Some(mapping) = maps.find(ld)
+            && mapping.inode != exe_mapping.inode
+            && name_ptr != 0
+        {
+            paths.push(mapping.path.clone());
+        }
+        node = next;
+    }
+    Some(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module(name: &str, is_executable: bool) -> Module {
+        Module::parse(
+            name,
+            PathBuf::from(name),
+            fs::read(name).unwrap(),
+            is_executable,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn branch_targets_decode_relative_calls_and_jumps() {
+        // call +0x10; jmp -0x10; jmp *0x20(%rip); a stray 0xe8 at the end is cut short.
+        // Targets are relative to the end of each instruction.
+        let code = [
+            0xe8, 0x10, 0, 0, 0, 0xe9, 0xf0, 0xff, 0xff, 0xff, 0xff, 0x25, 0x20, 0, 0, 0, 0xe8,
+        ];
+        let targets: Vec<u64> = branch_targets(0x1000, &code).collect();
+        assert_eq!(targets, [0x1015, 0xffa, 0x1030]);
+    }
+
+    #[test]
+    fn this_process_resolves_malloc_to_glibc_and_skips_libstdcxx_operators() {
+        let maps = ProcMaps::read(std::process::id()).unwrap();
+        let allocator = discover(std::process::id(), &maps).unwrap();
+        assert_eq!(allocator.name(), "glibc");
+        assert!(allocator.module().contains("libc.so"), "{allocator:?}");
+        let symbols: Vec<&str> = allocator
+            .entry_points
+            .iter()
+            .map(|e| e.symbol.as_str())
+            .collect();
+        assert!(symbols.contains(&"malloc") && symbols.contains(&"free"));
+        assert!(!symbols.iter().any(|s| s.starts_with("_Z")), "{symbols:?}");
+        // aligned_alloc and memalign are one function in glibc: probed once.
+        let mut offsets: Vec<_> = allocator
+            .entry_points
+            .iter()
+            .map(|e| (&e.path, e.file_offset))
+            .collect();
+        offsets.sort();
+        offsets.dedup();
+        assert_eq!(offsets.len(), allocator.entry_points.len());
+    }
+
+    #[test]
+    fn allocator_libraries_are_classified_and_their_wrappers_left_out() {
+        for (lib, name, probed, left_out) in [
+            (
+                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                "jemalloc",
+                &["mallocx", "sdallocx", "_Znwm", "_ZdlPvm"][..],
+                // operator delete(void*) jumps to free.
+                &["_ZdlPv"][..],
+            ),
+            (
+                "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                "tcmalloc",
+                &["malloc", "_Znwm", "_ZdlPvm"][..],
+                &[][..],
+            ),
+            (
+                "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+                "mimalloc",
+                &["malloc", "_Znwm"][..],
+                // mi_free_size (operator delete(void*, size_t)) jumps to mi_free.
+                &["mi_free_size", "_ZdlPvm"][..],
+            ),
+        ] {
+            if !fs::exists(lib).unwrap() {
+                // Installed by `cargo xtask setup`; a bare `cargo test` may run without it.
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "{lib} missing"
+                );
+                eprintln!("skipping {lib}: not installed (cargo xtask setup)");
+                continue;
+            }
+            let library = module(lib, false);
+            let allocator = resolve(&[module("/proc/self/exe", true), module(lib, false)]).unwrap();
+            assert_eq!(allocator.name(), name);
+            assert_eq!(allocator.module(), lib);
+            // Aliases share a probe, named after the first name listed: compare addresses.
+            let offsets: Vec<u64> = allocator
+                .entry_points
+                .iter()
+                .map(|e| e.file_offset)
+                .collect();
+            let offset = |s: &str| library.lookup(s).unwrap().file_offset;
+            for s in probed {
+                assert!(offsets.contains(&offset(s)), "{lib}: {s} not probed");
+            }
+            for s in left_out {
+                assert!(!offsets.contains(&offset(s)), "{lib}: {s} probed");
+            }
+        }
+    }
+
+    #[test]
+    fn the_link_map_lists_this_process_s_libraries_in_load_order() {
+        let pid = std::process::id();
+        let maps = ProcMaps::read(pid).unwrap();
+        let order = load_order(pid, &maps).unwrap();
+        let exe = maps.mappings.iter().find(|m| m.path == order[0]).unwrap();
+        let linked = link_map(pid, &maps, exe).expect("r_debug is readable");
+        assert_eq!(linked, order[1..], "the order is the link map's");
+        assert_eq!(
+            order[0],
+            fs::read_link("/proc/self/exe").unwrap().to_str().unwrap()
+        );
+        // libc is linked by everything, so it comes after the libraries that need it; the
+        // dynamic linker itself is loaded last.
+        let libc = order.iter().position(|p| p.contains("/libc.so")).unwrap();
+        let ld = order.iter().position(|p| p.contains("/ld-linux")).unwrap();
+        assert!(libc < ld, "{order:?}");
+    }
+
+    #[test]
+    fn non_elf_modules_are_rejected() {
+        for data in [&b""[..], b"\x7fELF garbage that is not an ELF header"] {
+            assert!(Module::parse("x", PathBuf::from("x"), data.to_vec(), false).is_err());
+        }
+    }
+
+    #[test]
+    fn a_process_without_malloc_is_an_error() {
+        let err = resolve(&[]).unwrap_err().to_string();
+        assert!(err.starts_with("no allocator entry point found"), "{err}");
+    }
+}

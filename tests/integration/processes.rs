@@ -1,0 +1,98 @@
+//! Several processes at once: `--pid` given more than once, and `--follow-forks`. Each
+//! process is reported separately, by pid.
+
+use serde_json::Value;
+
+use crate::support::{Fixture, Leaktrace, compile, require_root, stack_of};
+
+/// The final report of `pid` among all of leaktrace's reports.
+fn last_of(reports: &[Value], pid: u32) -> &Value {
+    let last = reports
+        .iter()
+        .rev()
+        .find(|r| r["pid"] == pid)
+        .unwrap_or_else(|| panic!("no report for pid {pid}"));
+    assert_eq!(last["last"], true, "pid {pid}'s final report comes last");
+    last
+}
+
+#[test]
+fn two_pids_are_traced_at_once_and_reported_separately() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let mut first = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let mut second = Fixture::start(&binary, &["30", "1000", "200"]);
+    let (a, b) = (first.pid().to_string(), second.pid().to_string());
+    let mut trace = Leaktrace::attach(first.pid(), &["--pid", &b]);
+    first.round();
+    second.round();
+    second.round();
+    // One exits: its final report comes, and the other is still traced.
+    let second_pid = second.pid();
+    assert!(second.finish().success());
+    trace.wait_for_stderr(&format!("leaktrace: process {second_pid} exited"));
+    first.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .iter()
+            .any(|l| l.starts_with(&format!("leaktrace: tracing pid {b} "))),
+        "{:?}",
+        outcome.stderr
+    );
+    for (pid, bytes, count) in [(&a, 2 * 100 * 4096, 200), (&b, 2 * 30 * 1000, 60)] {
+        let report = last_of(&outcome.reports, pid.parse().unwrap());
+        let leak = stack_of(report, "leak_site").expect("leak_site named");
+        assert_eq!(leak["outstanding_bytes"], bytes, "pid {pid}");
+        assert_eq!(leak["outstanding_allocations"], count, "pid {pid}");
+        assert_eq!(report["totals"]["outstanding_bytes"], bytes, "pid {pid}");
+        assert_eq!(report["totals"]["unmatched_frees"], 0, "pid {pid}");
+    }
+    first.finish();
+}
+
+#[test]
+fn a_forked_child_is_followed_and_reported_by_its_own_pid() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("forking", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let parent = fixture.pid();
+    let mut trace = Leaktrace::attach(parent, &["--follow-forks"]);
+    let printed = fixture.round();
+    let child: u32 = printed[0]
+        .strip_prefix("child ")
+        .expect("the fixture names its child")
+        .parse()
+        .unwrap();
+    trace.wait_for_stderr(&format!(
+        "leaktrace: following a fork: tracing pid {child} "
+    ));
+    fixture.round();
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+
+    let parent_report = last_of(&outcome.reports, parent);
+    let leak = stack_of(parent_report, "parent_leak_site").expect("parent's leak named");
+    assert_eq!(leak["outstanding_bytes"], 2 * 100 * 4096);
+    assert_eq!(leak["outstanding_allocations"], 200);
+    assert!(
+        stack_of(parent_report, "child_leak_site").is_none(),
+        "the child's blocks are not the parent's"
+    );
+    assert_eq!(parent_report["totals"]["outstanding_bytes"], 2 * 100 * 4096);
+
+    let child_report = last_of(&outcome.reports, child);
+    let leak = stack_of(child_report, "child_leak_site").expect("child's leak named");
+    assert_eq!(leak["outstanding_bytes"], 2 * 50 * 2048);
+    assert_eq!(leak["outstanding_allocations"], 100);
+    assert_eq!(child_report["totals"]["outstanding_bytes"], 2 * 50 * 2048);
+    assert_eq!(child_report["totals"]["unmatched_frees"], 0);
+    fixture.finish();
+}
