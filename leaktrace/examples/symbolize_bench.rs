@@ -12,7 +12,7 @@
 //!    times the final report from Ctrl-C to its last byte: drain, snapshot, symbolize, render
 //!    and write, as a user waits for it.
 //! 3. Replays those stacks (addresses captured by BPF) through the heap model, the
-//!    symbolizer and both renderers in this process, timing each step: a cold symbolizer (the
+//!    symbolizer and every renderer in this process, timing each step: a cold symbolizer (the
 //!    first report of a trace) and a warm one (every later report).
 
 use std::{
@@ -251,7 +251,11 @@ fn main() -> anyhow::Result<()> {
             now_ns: 2,
             lost_events: 0,
             min_age_ns: 0,
+            sizes: 0..=u64::MAX,
             top: usize::MAX,
+            sort: leaktrace::report::SortKey::Bytes,
+            with_freed: false,
+            rss_bytes: None,
             file_mappings: false,
             last: true,
         },
@@ -278,26 +282,29 @@ fn main() -> anyhow::Result<()> {
             target: &target,
             snapshot: &snap,
             frames: &frames,
+            style: Default::default(),
         };
-        let mut rendered = [
-            (Format::Text, Duration::ZERO, 0),
-            (Format::Json, Duration::ZERO, 0),
-        ];
-        for (format, took, bytes) in &mut rendered {
+        let mut line = format!("{label:<5} symbolize {:>9}", ms(symbolized));
+        for format in [
+            Format::Text,
+            Format::Json,
+            Format::Folded,
+            Format::Pprof,
+            Format::Svg,
+        ] {
             let started = Instant::now();
-            let mut out = String::new();
-            format.render(&report, &mut out);
-            *took = started.elapsed();
-            *bytes = out.len();
+            let mut out = Vec::new();
+            format
+                .render(&report, &mut out)
+                .expect("rendering into memory");
+            let _ = write!(
+                line,
+                "   {format:?} {:>9} ({} KiB)",
+                ms(started.elapsed()),
+                out.len() >> 10
+            );
         }
-        println!(
-            "{label:<5} symbolize {:>9}   text render {:>9} ({} KiB)   json render {:>9} ({} KiB)",
-            ms(symbolized),
-            ms(rendered[0].1),
-            rendered[0].2 >> 10,
-            ms(rendered[1].1),
-            rendered[1].2 >> 10,
-        );
+        println!("{line}");
     };
     println!(
         "{} distinct stacks, {} frames, {} distinct addresses",

@@ -8,7 +8,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     os::unix::fs::{FileExt as _, MetadataExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
@@ -242,6 +242,22 @@ pub fn discover(pid: u32, maps: &ProcMaps) -> anyhow::Result<Allocator> {
         .iter()
         .enumerate()
         .map(|(i, name)| Module::read(pid, maps, name, i == 0))
+        .collect::<anyhow::Result<_>>()?;
+    resolve(&modules)
+}
+
+/// The allocator of a program not started yet (spawn mode), from its files: the executable
+/// and then the libraries its loader will load, in load order (`ld.so --list`).
+pub fn discover_files(executable: &Path, libraries: &[PathBuf]) -> anyhow::Result<Allocator> {
+    let modules: Vec<Module> = std::iter::once(executable)
+        .chain(libraries.iter().map(PathBuf::as_path))
+        .enumerate()
+        .map(|(i, path)| {
+            let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let name = path.display().to_string();
+            Module::parse(&name, path.to_owned(), data, i == 0)
+                .with_context(|| format!("{name} is not an ELF file leaktrace can read"))
+        })
         .collect::<anyhow::Result<_>>()?;
     resolve(&modules)
 }

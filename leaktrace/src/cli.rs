@@ -2,23 +2,45 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
-use crate::render::Format;
+use crate::{diff::DiffFormat, render::Format, report::SortKey};
 
 /// Outstanding memory allocations of a running process, by call stack: find memory leaks
 /// in production without restarting anything.
 #[derive(Debug, Parser)]
-#[command(name = "leaktrace", version, about, long_about = None)]
+#[command(
+    name = "leaktrace",
+    version,
+    about,
+    long_about = None,
+    args_override_self = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json",
+    after_help = "Exit status: 0 when the trace ran, 1 on an error, 3 with --fail-on-leak when a stack of the final report is a leak."
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub subcommand: Option<Command>,
+
     /// The process to trace; repeat it to trace several (each is reported separately).
-    #[arg(short, long, required = true)]
+    #[arg(
+        short,
+        long,
+        required_unless_present = "command",
+        conflicts_with = "command"
+    )]
     pub pid: Vec<u32>,
 
     /// Also trace the children that traced processes fork, while they run the same program
     /// (each reported separately, by pid).
     #[arg(long)]
     pub follow_forks: bool,
+
+    /// Run this command and trace it from its first allocation; the trace ends when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 
     /// Seconds between reports.
     #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = positive_secs)]
@@ -27,6 +49,26 @@ pub struct Cli {
     /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     pub duration: Option<f64>,
+
+    /// Stop after this many reports; the last of them is the final report.
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Order of the stacks in a report.
+    #[arg(long, value_enum, value_name = "KEY", default_value_t = SortKey::Bytes)]
+    pub sort: SortKey,
+
+    /// Count only blocks of at least this size (bytes; K, M, G suffixes are powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = size_bytes)]
+    pub min_size: Option<u64>,
+
+    /// Count only blocks of at most this size (bytes; K, M, G suffixes are powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = size_bytes)]
+    pub max_size: Option<u64>,
+
+    /// Exit with status 3 when any stack of the final report is a `leak`.
+    #[arg(long)]
+    pub fail_on_leak: bool,
 
     /// Count only allocations at least this old: hides blocks that are merely in flight.
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
@@ -37,17 +79,24 @@ pub struct Cli {
     #[arg(long)]
     pub file_mappings: bool,
 
-    /// Stacks shown per report, biggest first.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub top: usize,
+    /// Stacks shown per report, biggest first [default: 10; every stack for folded, pprof
+    /// and svg].
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
 
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Write reports to this file instead of stdout.
-    #[arg(short, long, value_name = "FILE")]
+    /// Write reports to this file instead of stdout, or, to a directory (one that exists, or a
+    /// path ending in /), a timestamped file per report. A file in the folded, pprof or svg
+    /// format holds the latest report.
+    #[arg(short, long, value_name = "FILE|DIR")]
     pub output: Option<PathBuf>,
+
+    /// With --output DIR: keep only the newest N report files (bounded disk use).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
 
     /// Reports over which growth is measured and leaks are told from stable usage.
     #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
@@ -91,6 +140,69 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Which stacks grew between two JSON reports (the last report of each file), and by how much.
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report (`leaktrace --format json`).
+    pub old: PathBuf,
+    /// The later report.
+    pub new: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// Stacks shown, most growth first.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
+}
+
+/// A size in bytes: `4096`, `4K`, `4KiB`, `1M`, `2G` (powers of 1024).
+pub fn size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{s}` is not a size (for example 4096, 64K, 1M)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{s}` is not a size (for example 4096, 64K, 1M)"))
+}
+
+impl Cli {
+    /// Stacks per report.
+    pub fn top(&self) -> usize {
+        match self.top {
+            Some(top) => top,
+            None if self.format.is_whole_file() => usize::MAX,
+            None => 10,
+        }
+    }
+
+    /// The sizes that count: `--min-size` to `--max-size`.
+    pub fn sizes(&self) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
+        let (min, max) = (
+            self.min_size.unwrap_or(0),
+            self.max_size.unwrap_or(u64::MAX),
+        );
+        anyhow::ensure!(
+            min <= max,
+            "--min-size {min} is larger than --max-size {max}: no block could count"
+        );
+        Ok(min..=max)
+    }
+}
+
 fn ringbuf_bytes(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n.is_power_of_two() && n >= 4096 => Ok(n),
@@ -119,9 +231,91 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (cli.pid, cli.interval, cli.top, cli.duration, cli.format),
+            (
+                cli.pid.clone(),
+                cli.interval,
+                cli.top(),
+                cli.duration,
+                cli.format
+            ),
             (vec![42], 0.5, 3, Some(9.0), Format::Json)
         );
+    }
+
+    #[test]
+    fn parses_incident_flags() {
+        let cli = Cli::try_parse_from([
+            "leaktrace",
+            "-p",
+            "1",
+            "--count",
+            "4",
+            "--sort",
+            "growth",
+            "--min-size",
+            "4K",
+            "--max-size",
+            "1MiB",
+            "--fail-on-leak",
+        ])
+        .unwrap();
+        assert_eq!(cli.count, Some(4));
+        assert_eq!(cli.sort, SortKey::Growth);
+        assert_eq!(cli.sizes().unwrap(), 4096..=1 << 20);
+        assert!(cli.fail_on_leak);
+        let inverted =
+            Cli::try_parse_from(["leaktrace", "-p", "1", "--min-size", "9", "--max-size", "8"])
+                .unwrap();
+        assert!(inverted.sizes().is_err());
+    }
+
+    #[test]
+    fn spawn_mode_and_diff_are_told_apart_from_a_trace() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let spawn =
+            Cli::try_parse_from(["leaktrace", "-i", "1", "--", "ls", "-l", "--", "x"]).unwrap();
+        assert_eq!(spawn.command, ["ls", "-l", "--", "x"]);
+        assert!(spawn.pid.is_empty());
+        let diff =
+            Cli::try_parse_from(["leaktrace", "diff", "a.json", "b.json", "-f", "json"]).unwrap();
+        let Some(Command::Diff(args)) = diff.subcommand else {
+            panic!("{diff:?}")
+        };
+        assert_eq!(
+            (args.old, args.new, args.format),
+            ("a.json".into(), "b.json".into(), DiffFormat::Json)
+        );
+        // A command named diff runs after `--`.
+        let cmd = Cli::try_parse_from(["leaktrace", "--", "diff", "a", "b"]).unwrap();
+        assert!(cmd.subcommand.is_none());
+        assert_eq!(cmd.command, ["diff", "a", "b"]);
+        for bad in [
+            &["leaktrace", "-p", "1", "--", "ls"][..],
+            &["leaktrace", "-p", "1", "diff", "a", "b"],
+            &["leaktrace", "diff", "a"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_bytes("0"), Ok(0));
+        assert_eq!(size_bytes("4096"), Ok(4096));
+        assert_eq!(size_bytes("64k"), Ok(65536));
+        assert_eq!(size_bytes("2G"), Ok(2 << 30));
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5M",
+            "4X",
+            "99999999999999999999",
+            "17179869184G",
+        ] {
+            assert!(size_bytes(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -151,6 +345,8 @@ mod tests {
             &["leaktrace", "-p", "1", "-i", "nan"],
             &["leaktrace", "-p", "1", "--ringbuf-bytes", "5000"],
             &["leaktrace", "-p", "1", "--window", "1"],
+            &["leaktrace", "-p", "1", "--count", "0"],
+            &["leaktrace", "-p", "1", "--sort", "age"],
             &["leaktrace", "-p", "1", "--max-depth", "0"],
             &["leaktrace", "-p", "1", "--max-depth", "128"],
         ] {

@@ -124,12 +124,22 @@ pub struct StackUsage {
     pub oldest_ts_ns: u64,
 }
 
+/// Everything one stack allocated since attach, freed or not (pprof's alloc_space and
+/// alloc_objects).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub bytes: u64,
+    pub count: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct HeapModel {
     live: HashMap<u64, Live>,
     mappings: Mappings,
     stacks: Stacks,
     counters: Counters,
+    /// Indexed by stack id.
+    allocated: Vec<Allocated>,
 }
 
 impl HeapModel {
@@ -149,6 +159,7 @@ impl HeapModel {
                 if addr != 0 {
                     let stack = self.stacks.intern(frames, truncated, Origin::Heap);
                     self.counters.allocations += 1;
+                    self.count_allocated(stack, size_bytes);
                     // An address still live means its free was lost; the new block replaces it.
                     self.live.insert(
                         addr,
@@ -191,6 +202,7 @@ impl HeapModel {
                 };
                 let stack = self.stacks.intern(frames, truncated, backing.into());
                 self.counters.allocations += 1;
+                self.count_allocated(stack, size_bytes);
                 // MAP_FIXED over tracked memory replaces it.
                 let replaced = self.mappings.map(addr, size_bytes, stack, ts_ns, backing);
                 self.counters.frees += replaced.released;
@@ -205,6 +217,15 @@ impl HeapModel {
                 }
             }
         }
+    }
+
+    fn count_allocated(&mut self, stack: StackId, size_bytes: u64) {
+        let index = stack.0 as usize;
+        if index >= self.allocated.len() {
+            self.allocated.resize(index + 1, Allocated::default());
+        }
+        self.allocated[index].bytes += size_bytes;
+        self.allocated[index].count += 1;
     }
 
     fn release(&mut self, addr: u64) {
@@ -222,9 +243,36 @@ impl HeapModel {
         &self.stacks
     }
 
+    /// What `stack` allocated since attach, freed or not.
+    pub fn allocated(&self, stack: StackId) -> Allocated {
+        self.allocated
+            .get(stack.0 as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Every stack that allocated since attach, with what it allocated.
+    pub fn allocated_stacks(&self) -> impl Iterator<Item = (StackId, Allocated)> + '_ {
+        self.allocated
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.count > 0)
+            .map(|(i, &a)| (StackId(i as u32), a))
+    }
+
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
     /// allocated at or before `born_by_ns`.
     pub fn usage(&self, born_by_ns: u64) -> Vec<StackUsage> {
+        self.usage_of_sizes(born_by_ns, 0..=u64::MAX)
+    }
+
+    /// As [`Self::usage`], counting only blocks whose size is in `sizes` (`--min-size`,
+    /// `--max-size`).
+    pub fn usage_of_sizes(
+        &self,
+        born_by_ns: u64,
+        sizes: std::ops::RangeInclusive<u64>,
+    ) -> Vec<StackUsage> {
         let mut by_stack: HashMap<StackId, StackUsage> = HashMap::default();
         let mut add = |stack: StackId, size_bytes: u64, new_allocation: bool, ts_ns: u64| {
             let usage = by_stack.entry(stack).or_insert(StackUsage {
@@ -237,12 +285,20 @@ impl HeapModel {
             usage.outstanding_allocations += u64::from(new_allocation);
             usage.oldest_ts_ns = usage.oldest_ts_ns.min(ts_ns);
         };
-        for live in self.live.values().filter(|live| live.ts_ns <= born_by_ns) {
+        for live in self
+            .live
+            .values()
+            .filter(|live| live.ts_ns <= born_by_ns && sizes.contains(&live.size_bytes))
+        {
             add(live.stack, live.size_bytes, true, live.ts_ns);
         }
         // A mapping split by a partial munmap is still one allocation.
         let mut counted = HashSet::new();
-        for piece in self.mappings.pieces().filter(|p| p.ts_ns <= born_by_ns) {
+        for piece in self
+            .mappings
+            .pieces()
+            .filter(|p| p.ts_ns <= born_by_ns && sizes.contains(&p.size_bytes))
+        {
             let first_piece = counted.insert(piece.mapping);
             add(piece.stack, piece.size_bytes, first_piece, piece.ts_ns);
         }
@@ -317,6 +373,33 @@ mod tests {
             .unwrap()
             .oldest_ts_ns;
         assert_eq!(oldest, 0x1000);
+    }
+
+    #[test]
+    fn sizes_filter_usage_and_allocated_counts_every_block() {
+        let mut heap = HeapModel::default();
+        heap.apply(&alloc(0x1000, 10, &[1]));
+        heap.apply(&alloc(0x2000, 20, &[1]));
+        heap.apply(&alloc(0x3000, 30, &[1]));
+        heap.apply(&Event::Free {
+            ts_ns: 0,
+            addr: 0x3000,
+        });
+        let mid = heap.usage_of_sizes(u64::MAX, 15..=30);
+        assert_eq!(
+            (mid[0].outstanding_bytes, mid[0].outstanding_allocations),
+            (20, 1)
+        );
+        assert!(heap.usage_of_sizes(u64::MAX, 21..=29).is_empty());
+        let stack = mid[0].stack;
+        assert_eq!(
+            heap.allocated(stack),
+            Allocated {
+                bytes: 60,
+                count: 3
+            }
+        );
+        assert_eq!(heap.allocated(StackId(7)), Allocated::default());
     }
 
     #[test]

@@ -1,24 +1,33 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-use std::{fs::File, io, process::ExitCode, time::Duration};
+use std::{io, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::Cli,
+    cli::{Cli, Command, DiffArgs},
+    output::{Destination, Output},
     probes, render,
-    reporter::{Reporter, SharedWriter},
-    target,
+    reporter::Reporter,
+    spawn, target,
     target::Target,
     trace,
     trace::{Session, Stop},
 };
 
+/// `--fail-on-leak` found a leak.
+const EXIT_LEAK: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match &cli.subcommand {
+        Some(Command::Diff(args)) => diff(args).map(|()| false),
+        None => run(&cli),
+    };
+    match result {
+        Ok(leak) if leak && cli.fail_on_leak => ExitCode::from(EXIT_LEAK),
+        Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the cause chain joined by ": ".
             eprintln!("leaktrace: error: {err:#}");
@@ -27,22 +36,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+/// `leaktrace diff OLD NEW`.
+fn diff(args: &DiffArgs) -> anyhow::Result<()> {
+    let old = leaktrace::diff::Side::load(&args.old)?;
+    let new = leaktrace::diff::Side::load(&args.new)?;
+    let out = leaktrace::diff::render(&old, &new, args.format, args.top);
+    match io::Write::write_all(&mut io::stdout(), out.as_bytes()) {
+        // A reader that went away (`| head`) is not an error.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the diff"),
+    }
+}
+
+/// Traces; returns whether a final report holds a leak.
+fn run(cli: &Cli) -> anyhow::Result<bool> {
+    let sizes = cli.sizes()?;
     target::check_privileges()?;
-    let targets = cli
-        .pid
-        .iter()
-        .map(|&pid| Target::open(pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let out: Box<dyn io::Write + Send> = match &cli.output {
-        Some(path) => {
-            Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)
-        }
-        None => Box::new(io::stdout()),
+    // Spawn mode forks here, before any thread exists: the child waits before exec until the
+    // probes are attached.
+    let mut child = None;
+    let targets = if cli.command.is_empty() {
+        cli.pid
+            .iter()
+            .map(|&pid| Target::open(pid))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        let program = spawn::find_program(&cli.command[0])?;
+        let libraries = spawn::libraries(&program)?;
+        let forked = spawn::Child::fork(&program, &cli.command)?;
+        let target = spawn::target(forked.pid, &cli.command, &program, &libraries)?;
+        child = Some(forked);
+        vec![target]
     };
-    // Each traced process has its own reporter thread; they share the output, a whole report
-    // at a time.
-    let out = SharedWriter::new(out);
+    let destination = Destination::new(
+        cli.output.as_deref(),
+        cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+    )?;
+    if (targets.len() > 1 || cli.follow_forks)
+        && cli.format.is_whole_file()
+        && matches!(destination, Destination::File(_))
+    {
+        bail!(
+            "one {} file cannot hold the reports of several processes: write them to a directory (-o DIR/)",
+            cli.format.extension()
+        );
+    }
+    let style = render::Style::for_destination(&destination);
+    let output = Output::open(destination, cli.format, targets[0].pid)?;
     let (ebpf, maps) = probes::load(cli.ringbuf_bytes, cli.max_depth)?;
     let options = probes::AttachOptions {
         noop_programs: cli.noop_programs,
@@ -54,7 +94,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut announcements = Vec::new();
     for target in &targets {
         let attached = probes.attach(target)?;
-        sessions.push(session(target, cli.format, &out)?);
+        sessions.push(session(
+            target,
+            cli.format,
+            style,
+            output.for_pid(target.pid),
+        )?);
         announcements.push(format!(
             "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
             target.pid,
@@ -63,12 +108,25 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             cli.interval
         ));
     }
+    let watcher = match &mut child {
+        Some(child) => {
+            let watcher = spawn::MapsWatcher::start(child.pid, sessions[0].reporter.maps_updater())
+                .context("starting the maps watcher")?;
+            child.release()?;
+            Some(watcher)
+        }
+        None => None,
+    };
     let settings = trace::Settings {
         interval: Duration::from_secs_f64(cli.interval),
         duration: cli.duration.map(Duration::from_secs_f64),
-        top: cli.top,
+        top: cli.top(),
         window: usize::from(cli.window),
         min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
+        sizes,
+        sort: cli.sort,
+        count: cli.count,
+        with_freed: cli.format == render::Format::Pprof,
         file_mappings: cli.file_mappings,
         print_bpf_stats: cli.print_bpf_stats,
         follow_forks: cli.follow_forks,
@@ -76,7 +134,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
         let target = Target::open(child)?;
         let attached = probes.attach(&target)?;
-        let session = session(&target, cli.format, &out)?;
+        let session = session(&target, cli.format, style, output.for_pid(child))?;
         eprintln!(
             "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
             target.command
@@ -93,41 +151,57 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             eprintln!("{line}");
         }
     };
-    let stop = runtime.block_on(trace::run(
+    let ended = runtime.block_on(trace::run(
         &settings, probes, maps, sessions, &mut adopt, started,
-    ))?;
-    let pids = cli
-        .pid
+    ));
+    drop(watcher);
+    let ended = ended?;
+    let pids = targets
         .iter()
-        .map(u32::to_string)
+        .map(|t| t.pid.to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    match stop {
+    match ended.stop {
         Stop::TargetExited => eprintln!("leaktrace: process {pids} exited; probes detached"),
-        Stop::Interrupted | Stop::Terminated | Stop::Duration => {
+        Stop::Interrupted | Stop::Terminated | Stop::Duration | Stop::Count => {
             eprintln!("leaktrace: detached from pid {pids}");
         }
     }
-    Ok(())
+    if let Some(mut child) = child {
+        // The trace ended first (--duration, --count, a signal): like `timeout`, the command
+        // is asked to stop, so that `leaktrace --duration 60 -- ./service` ends.
+        if ended.stop != Stop::TargetExited {
+            child.signal(libc::SIGTERM);
+        }
+        let status = child.wait()?;
+        eprintln!(
+            "leaktrace: `{}` exited with status {status}",
+            targets[0].command
+        );
+    }
+    if ended.leak && cli.fail_on_leak {
+        eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
+    }
+    Ok(ended.leak)
 }
 
 /// A reporter for one traced process, started before the user (or a test) is told that
 /// tracing runs, with the memory map read at attach: a target that exits at once still gets
 /// its stacks symbolized.
-fn session(target: &Target, format: render::Format, out: &SharedWriter) -> anyhow::Result<Session> {
+fn session(
+    target: &Target,
+    format: render::Format,
+    style: render::Style,
+    output: Output,
+) -> anyhow::Result<Session> {
     let rendered_target = render::Target {
         pid: target.pid,
         command: target.command.clone(),
         allocator: target.allocator.name().to_owned(),
         allocator_module: target.allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(
-        rendered_target,
-        target.maps.clone(),
-        format,
-        Box::new(out.clone()),
-    )
-    .context("starting the reporter thread")?;
+    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), format, style, output)
+        .context("starting the reporter thread")?;
     Ok(Session {
         pid: target.pid,
         reporter,

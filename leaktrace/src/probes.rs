@@ -21,6 +21,10 @@ pub struct Probes {
     /// Each process's probes, so that those of a process that exits can be detached without
     /// waiting for the end of the trace (a forking server's children come and go).
     links: HashMap<u32, Vec<UProbeLink>>,
+    /// Threads detaching the probes of processes that exited. They must finish before
+    /// leaktrace exits: a thread killed by the exit in the middle of an unregister makes the
+    /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
+    detaching: Vec<std::thread::JoinHandle<()>>,
     ebpf: Ebpf,
     options: AttachOptions,
     /// Keeps the kernel's run-time statistics of BPF programs on while held
@@ -61,6 +65,7 @@ impl Probes {
         Ok(Self {
             attached: 0,
             links: HashMap::new(),
+            detaching: Vec::new(),
             ebpf,
             options,
             run_time_stats,
@@ -99,9 +104,25 @@ impl Probes {
     pub fn detach(&mut self, pid: u32) {
         if let Some(links) = self.links.remove(&pid) {
             self.attached -= links.len();
-            let _ = std::thread::Builder::new()
+            self.detaching.retain(|thread| !thread.is_finished());
+            // Without a thread, the closure (and so the links) is dropped here: detached
+            // at once, the event loop waiting.
+            if let Ok(thread) = std::thread::Builder::new()
                 .name("detach".into())
-                .spawn(move || drop(links));
+                .spawn(move || drop(links))
+            {
+                self.detaching.push(thread);
+            }
+        }
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // Detach the rest here, then wait for the threads detaching the others.
+        self.links.clear();
+        for thread in self.detaching.drain(..) {
+            let _ = thread.join();
         }
     }
 }

@@ -2,7 +2,19 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::heap::{Counters, HeapModel, Origin, StackId, StackUsage};
+use crate::heap::{Allocated, Counters, HeapModel, Origin, StackId, StackUsage};
+
+/// The order of stacks in a report (`--sort`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    /// Outstanding bytes, biggest first.
+    #[default]
+    Bytes,
+    /// Outstanding allocations, most first.
+    Count,
+    /// Growth in bytes/s over the last reports, fastest first.
+    Growth,
+}
 
 /// How a stack's outstanding memory behaves over the trend window (see the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +66,8 @@ pub struct StackSummary {
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: f64,
     pub kind: Kind,
+    /// Everything this stack allocated since attach, freed or not.
+    pub allocated: Allocated,
     /// Return addresses, innermost first.
     pub addresses: Box<[u64]>,
     pub truncated: bool,
@@ -69,8 +83,21 @@ pub struct Snapshot {
     /// How many stacks hold memory; `stacks` is the top of them.
     pub stack_count: usize,
     pub stacks: Vec<StackSummary>,
+    /// The target's resident set (VmRSS) now, when it could be read.
+    pub rss_bytes: Option<u64>,
+    /// How fast the resident set changed over the trend window (least squares).
+    pub rss_growth_bytes_per_s: Option<f64>,
+    /// Stacks classified `leak`, listed in `stacks` or not (`--top`).
+    pub leak_stacks: usize,
     /// The last report of the trace.
     pub last: bool,
+}
+
+impl Snapshot {
+    /// Any stack is a leak, shown or beyond `--top` (`--fail-on-leak`).
+    pub fn has_leak(&self) -> bool {
+        self.leak_stacks > 0
+    }
 }
 
 /// The recent outstanding bytes of every stack, one sample per report.
@@ -82,6 +109,8 @@ pub struct Trends {
     /// Samples closer than this to the previous one replace it.
     min_spacing_s: f64,
     samples: HashMap<StackId, VecDeque<(f64, u64)>>,
+    /// The target's resident set, one sample per report.
+    rss: VecDeque<(f64, u64)>,
 }
 
 impl Trends {
@@ -91,7 +120,24 @@ impl Trends {
             latest_s: 0.0,
             min_spacing_s,
             samples: HashMap::new(),
+            rss: VecDeque::new(),
         }
+    }
+
+    /// Records the target's resident set; returns its growth over the window (bytes/s), once
+    /// two samples exist.
+    fn observe_rss(&mut self, elapsed_s: f64, rss_bytes: u64) -> Option<f64> {
+        if let Some(&(t, _)) = self.rss.back()
+            && elapsed_s - t < self.min_spacing_s
+            && self.rss.len() > 1
+        {
+            self.rss.pop_back();
+        }
+        self.rss.push_back((elapsed_s, rss_bytes));
+        while self.rss.len() > self.window {
+            self.rss.pop_front();
+        }
+        (self.rss.len() >= 2).then(|| slope(self.rss.iter()))
     }
 
     /// Records one sample of every stack (0 for stacks that no longer hold memory).
@@ -146,6 +192,13 @@ impl Trends {
         );
         // Within 1% over the last samples: a plateau, whatever came before it.
         let flat = recent.len() >= MIN_LEAK_SAMPLES && (high - low) as f64 <= 0.01 * high as f64;
+        // A full cache jitters (an entry evicted and not yet replaced, or younger than
+        // --min-age): within 5%, and no higher than the peak it reached before the last
+        // samples, it holds, while a leak makes a new high every few samples.
+        let earlier_peak = bytes[..bytes.len() - recent.len()].iter().max().copied();
+        let below_peak = recent.len() >= MIN_LEAK_SAMPLES
+            && (high - low) as f64 <= 0.05 * high as f64
+            && earlier_peak.is_some_and(|peak| high as f64 <= 1.01 * peak as f64);
         let never_fell = bytes.windows(2).all(|w| w[1] >= w[0]);
         let still_rising = recent.windows(2).all(|w| w[1] > w[0]);
         // Old allocations never reclaimed: one made before the window's second sample is
@@ -155,7 +208,7 @@ impl Trends {
             .is_some_and(|&(t, _)| oldest_age_s >= self.latest_s - t);
         let kind = if bytes.len() > MIN_LEAK_SAMPLES && never_fell && still_rising && holds_old {
             Kind::Leak
-        } else if flat {
+        } else if flat || below_peak {
             Kind::Stable
         } else if last > first {
             Kind::Growing
@@ -198,15 +251,29 @@ pub struct SnapshotInput {
     pub lost_events: u64,
     /// Only allocations at least this old count (`--min-age`).
     pub min_age_ns: u64,
+    /// Only blocks of these sizes count (`--min-size`, `--max-size`).
+    pub sizes: std::ops::RangeInclusive<u64>,
     pub top: usize,
+    pub sort: SortKey,
+    /// Also list, after the top stacks, the stacks that allocated since attach but hold
+    /// nothing now (pprof's alloc_space and alloc_objects).
+    pub with_freed: bool,
+    /// The target's VmRSS now.
+    pub rss_bytes: Option<u64>,
     /// List stacks holding file mappings (`--file-mappings`); they are always totalled apart.
     pub file_mappings: bool,
     pub last: bool,
 }
 
 pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) -> Snapshot {
-    let mut usage = heap.usage(input.now_ns.saturating_sub(input.min_age_ns));
+    let mut usage = heap.usage_of_sizes(
+        input.now_ns.saturating_sub(input.min_age_ns),
+        input.sizes.clone(),
+    );
     trends.observe(input.elapsed_s, &usage);
+    let rss_growth_bytes_per_s = input
+        .rss_bytes
+        .and_then(|rss| trends.observe_rss(input.elapsed_s, rss));
     let Counters {
         allocations,
         frees,
@@ -236,39 +303,79 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
     if !input.file_mappings {
         usage.retain(|u| origin(u) != Origin::FileMapping);
     }
-    // Biggest first; ties broken by stack id so that output is stable.
-    usage.sort_unstable_by(|a, b| {
-        b.outstanding_bytes
-            .cmp(&a.outstanding_bytes)
-            .then(a.stack.cmp(&b.stack))
-    });
     let stack_count = usage.len();
-    let stacks = usage
+    // Every stack is classified before sorting: `--sort growth` needs the growth of all.
+    let mut stacks: Vec<(StackId, StackSummary)> = usage
         .iter()
-        .take(input.top)
         .map(|u| {
             let oldest_age_s = input.now_ns.saturating_sub(u.oldest_ts_ns) as f64 / 1e9;
             let (growth_bytes_per_s, kind) = trends.classify(u.stack, oldest_age_s);
             let stack = heap.stacks().get(u.stack);
-            StackSummary {
+            let summary = StackSummary {
                 outstanding_bytes: u.outstanding_bytes,
                 outstanding_allocations: u.outstanding_allocations,
                 growth_bytes_per_s,
                 oldest_age_s,
                 kind,
+                allocated: heap.allocated(u.stack),
                 addresses: stack.frames.clone(),
                 truncated: stack.truncated,
                 origin: stack.origin,
-            }
+            };
+            (u.stack, summary)
         })
         .collect();
+    // Biggest first by the chosen key, then by bytes; ties broken by stack id so that output
+    // is stable.
+    stacks.sort_unstable_by(|(ida, a), (idb, b)| {
+        let by_key = match input.sort {
+            SortKey::Bytes => std::cmp::Ordering::Equal,
+            SortKey::Count => b.outstanding_allocations.cmp(&a.outstanding_allocations),
+            SortKey::Growth => b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s),
+        };
+        by_key
+            .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
+            .then(ida.cmp(idb))
+    });
+    let leak_stacks = stacks.iter().filter(|(_, s)| s.kind == Kind::Leak).count();
+    stacks.truncate(input.top);
+    if input.with_freed {
+        let holding: std::collections::HashSet<StackId> = usage.iter().map(|u| u.stack).collect();
+        for (id, allocated) in heap.allocated_stacks() {
+            if holding.contains(&id) {
+                continue;
+            }
+            let stack = heap.stacks().get(id);
+            if stack.origin == Origin::FileMapping && !input.file_mappings {
+                continue;
+            }
+            let (growth_bytes_per_s, kind) = trends.classify(id, 0.0);
+            stacks.push((
+                id,
+                StackSummary {
+                    outstanding_bytes: 0,
+                    outstanding_allocations: 0,
+                    growth_bytes_per_s,
+                    oldest_age_s: 0.0,
+                    kind,
+                    allocated,
+                    addresses: stack.frames.clone(),
+                    truncated: stack.truncated,
+                    origin: stack.origin,
+                },
+            ));
+        }
+    }
     Snapshot {
         pid: input.pid,
         timestamp_ms: input.timestamp_ms,
         elapsed_s: input.elapsed_s,
         totals,
         stack_count,
-        stacks,
+        stacks: stacks.into_iter().map(|(_, s)| s).collect(),
+        rss_bytes: input.rss_bytes,
+        rss_growth_bytes_per_s,
+        leak_stacks,
         last: input.last,
     }
 }
@@ -287,7 +394,11 @@ mod tests {
             now_ns: (elapsed_s * 1e9) as u64,
             lost_events: 0,
             min_age_ns: 0,
+            sizes: 0..=u64::MAX,
             top: 10,
+            sort: SortKey::Bytes,
+            with_freed: false,
+            rss_bytes: None,
             last: false,
         }
     }
@@ -383,6 +494,8 @@ mod tests {
             last = Some(snapshot(&heap, &mut trends, &input(t)));
         }
         let snap = last.unwrap();
+        assert!(snap.has_leak());
+        assert_eq!(snap.leak_stacks, 1);
         assert_eq!(snap.totals.outstanding_bytes, 12 * 100 + 2 * 100);
         assert_eq!(snap.stack_count, 2);
         let leak = &snap.stacks[0];
@@ -397,6 +510,53 @@ mod tests {
         let cache = &snap.stacks[1];
         assert_eq!(cache.kind, Kind::Stable);
         assert_eq!(cache.growth_bytes_per_s, 0.0);
+    }
+
+    /// The kind of a stack whose outstanding bytes were `series`, one sample a second.
+    fn kind_of(series: &[u64]) -> Kind {
+        let mut trends = Trends::new(10, 0.0);
+        for (i, &bytes) in series.iter().enumerate() {
+            let usage = [StackUsage {
+                stack: StackId(0),
+                outstanding_bytes: bytes,
+                outstanding_allocations: 1,
+                oldest_ts_ns: 0,
+            }];
+            trends.observe(i as f64 + 1.0, if bytes == 0 { &[] } else { &usage });
+        }
+        trends.classify(StackId(0), series.len() as f64).1
+    }
+
+    #[test]
+    fn a_full_cache_that_jitters_below_its_peak_is_stable_a_leak_is_not() {
+        // Filled to 250, then an entry or three missing at times.
+        assert_eq!(kind_of(&[100, 250, 248, 247, 247, 250]), Kind::Stable);
+        assert_eq!(kind_of(&[100, 250, 240, 245, 250, 238]), Kind::Stable);
+        // Above its old peak by more than 1%: growing again.
+        assert_eq!(kind_of(&[100, 250, 248, 250, 255, 255]), Kind::Growing);
+        // A leak that paused for a sample makes a new high: not stable.
+        assert_eq!(kind_of(&[100, 110, 120, 130, 130, 133]), Kind::Growing);
+        // Strictly rising with old blocks kept: a leak.
+        assert_eq!(kind_of(&[100, 110, 120, 130, 140]), Kind::Leak);
+        // Jitter wider than 5%: not called stable.
+        assert_eq!(kind_of(&[100, 250, 250, 200, 250, 230]), Kind::Growing);
+    }
+
+    #[test]
+    fn a_leak_beyond_top_still_counts_for_fail_on_leak() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10, 0.0);
+        let mut snap = None;
+        for second in 1..=5u64 {
+            alloc(&mut heap, second, second as f64 - 0.5, &[1]);
+            let mut inp = input(second as f64);
+            inp.top = 0;
+            snap = Some(snapshot(&heap, &mut trends, &inp));
+        }
+        let snap = snap.unwrap();
+        assert!(snap.stacks.is_empty());
+        assert_eq!(snap.stack_count, 1);
+        assert!(snap.has_leak());
     }
 
     #[test]
@@ -455,5 +615,96 @@ mod tests {
         assert_eq!(snap.stack_count, 5);
         let bytes: Vec<u64> = snap.stacks.iter().map(|s| s.outstanding_bytes).collect();
         assert_eq!(bytes, [50, 40]);
+    }
+
+    #[test]
+    fn sort_keys_order_by_count_and_growth_and_sizes_filter() {
+        let mut heap = HeapModel::default();
+        let mut trends = Trends::new(10, 0.0);
+        let add = |heap: &mut HeapModel, addr: u64, size_bytes: u64, frame: u64| {
+            heap.apply(&Event::Alloc {
+                ts_ns: 0,
+                addr,
+                size_bytes,
+                old_addr: 0,
+                frames: Box::leak(vec![frame].into_boxed_slice()),
+                truncated: false,
+            });
+        };
+        // Stack 1: one big block, allocated once. Stack 2: many small ones, still coming.
+        add(&mut heap, 1, 1000, 1);
+        for i in 0..5 {
+            add(&mut heap, 100 + i, 10, 2);
+        }
+        snapshot(&heap, &mut trends, &input(1.0));
+        snapshot(&heap, &mut trends, &input(2.0));
+        for i in 0..5 {
+            add(&mut heap, 200 + i, 10, 2);
+        }
+        let order = |sort: SortKey, sizes: std::ops::RangeInclusive<u64>, trends: &mut Trends| {
+            let mut inp = input(3.0);
+            inp.sort = sort;
+            inp.sizes = sizes;
+            snapshot(&heap, trends, &inp)
+                .stacks
+                .iter()
+                .map(|s| (s.addresses[0], s.outstanding_bytes))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(SortKey::Bytes, 0..=u64::MAX, &mut Trends::new(10, 0.0)),
+            [(1, 1000), (2, 100)]
+        );
+        assert_eq!(
+            order(SortKey::Count, 0..=u64::MAX, &mut Trends::new(10, 0.0)),
+            [(2, 100), (1, 1000)]
+        );
+        assert_eq!(
+            order(SortKey::Growth, 0..=u64::MAX, &mut trends),
+            [(2, 100), (1, 1000)]
+        );
+        assert_eq!(
+            order(SortKey::Bytes, 0..=999, &mut Trends::new(10, 0.0)),
+            [(2, 100)]
+        );
+        assert_eq!(
+            order(SortKey::Bytes, 11..=1000, &mut Trends::new(10, 0.0)),
+            [(1, 1000)]
+        );
+        // Stacks that hold nothing now come after, for their totals since attach.
+        heap.apply(&Event::Free { ts_ns: 0, addr: 1 });
+        let mut inp = input(4.0);
+        inp.with_freed = true;
+        let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);
+        assert_eq!(snap.stack_count, 1);
+        let got: Vec<_> = snap
+            .stacks
+            .iter()
+            .map(|s| {
+                (
+                    s.addresses[0],
+                    s.outstanding_bytes,
+                    s.allocated.bytes,
+                    s.allocated.count,
+                )
+            })
+            .collect();
+        assert_eq!(got, [(2, 100, 100, 10), (1, 0, 1000, 1)]);
+    }
+
+    #[test]
+    fn rss_growth_is_the_slope_over_the_window() {
+        let heap = HeapModel::default();
+        let mut trends = Trends::new(3, 0.0);
+        let mut at = |t: f64, rss: u64| {
+            let mut inp = input(t);
+            inp.rss_bytes = Some(rss);
+            snapshot(&heap, &mut trends, &inp).rss_growth_bytes_per_s
+        };
+        assert_eq!(at(1.0, 1000), None);
+        assert_eq!(at(2.0, 3000), Some(2000.0));
+        assert_eq!(at(3.0, 5000), Some(2000.0));
+        // The window holds 3 samples: 3000, 5000, 5000.
+        assert_eq!(at(4.0, 5000), Some(1000.0));
     }
 }

@@ -1,21 +1,27 @@
 //! The reporter thread: symbolizes each snapshot's stacks, renders the report and writes it.
 //! It owns the blazesym symbolizer (not `Send`) and its caches, off the event path.
 
-use std::{
-    io::{self, Write as _},
-    sync::mpsc,
-    thread,
-};
+use std::{io, sync::mpsc, thread};
 
 use crate::{
+    output::Output,
     proc_maps::ProcMaps,
-    render::{Format, Report, Target},
+    render::{Format, Report, Style, Target},
     report::Snapshot,
     symbolize::StackSymbolizer,
 };
 
+enum Message {
+    Snapshot(Snapshot),
+    /// A newer memory map of the target (spawn mode: read just after `exec`).
+    Maps(ProcMaps),
+    /// Everything is queued: write what is and end, whatever other senders (a maps updater)
+    /// are still alive.
+    Finish,
+}
+
 pub struct Reporter {
-    tx: mpsc::Sender<Snapshot>,
+    tx: mpsc::Sender<Message>,
     handle: thread::JoinHandle<io::Result<()>>,
 }
 
@@ -24,29 +30,42 @@ impl Reporter {
         target: Target,
         maps: ProcMaps,
         format: Format,
-        mut out: Box<dyn io::Write + Send>,
+        style: Style,
+        mut out: Output,
     ) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Snapshot>();
+        let (tx, rx) = mpsc::channel::<Message>();
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
                 let mut symbolizer = StackSymbolizer::new(target.pid, maps);
-                let mut text = String::new();
-                for snapshot in rx {
+                let mut rendered = Vec::new();
+                for message in rx {
+                    let snapshot = match message {
+                        Message::Snapshot(snapshot) => snapshot,
+                        Message::Maps(maps) => {
+                            symbolizer.set_maps(maps);
+                            continue;
+                        }
+                        Message::Finish => break,
+                    };
+                    if !out.wants(snapshot.last) {
+                        continue;
+                    }
                     symbolizer.refresh_maps();
                     let stacks: Vec<&[u64]> =
                         snapshot.stacks.iter().map(|s| &*s.addresses).collect();
                     let frames = symbolizer.symbolize_stacks(&stacks);
-                    text.clear();
+                    rendered.clear();
                     format.render(
                         &Report {
                             target: &target,
                             snapshot: &snapshot,
                             frames: &frames,
+                            style,
                         },
-                        &mut text,
-                    );
-                    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                        &mut rendered,
+                    )?;
+                    match out.write(&rendered, snapshot.timestamp_ms) {
                         // A reader that went away (`| head`) is not an error.
                         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
                         other => other?,
@@ -60,43 +79,28 @@ impl Reporter {
     /// Queues a snapshot; never blocks the event path.
     pub fn send(&self, snapshot: Snapshot) {
         // The thread only ends early on a broken pipe; then there is nobody to report to.
-        let _ = self.tx.send(snapshot);
+        let _ = self.tx.send(Message::Snapshot(snapshot));
+    }
+
+    /// A handle that sends newer memory maps of the target from another thread.
+    pub fn maps_updater(&self) -> MapsUpdater {
+        MapsUpdater(self.tx.clone())
     }
 
     /// Waits until every queued report is written.
     pub fn finish(self) -> io::Result<()> {
-        drop(self.tx);
+        let _ = self.tx.send(Message::Finish);
         self.handle
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the reporter thread panicked")))
     }
 }
 
-/// One output shared by several reporters: each report is written whole, under the lock, so
-/// reports of different processes never interleave.
-#[derive(Clone)]
-pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Box<dyn io::Write + Send>>>);
+/// Sends the reporter a newer memory map of the target.
+pub struct MapsUpdater(mpsc::Sender<Message>);
 
-impl SharedWriter {
-    pub fn new(out: Box<dyn io::Write + Send>) -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(out)))
-    }
-}
-
-impl io::Write for SharedWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = self
-            .0
-            .lock()
-            .map_err(|_| io::Error::other("a reporter thread panicked"))?;
-        out.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("a reporter thread panicked"))?
-            .flush()
+impl MapsUpdater {
+    pub fn update(&self, maps: ProcMaps) {
+        let _ = self.0.send(Message::Maps(maps));
     }
 }

@@ -71,6 +71,13 @@ impl StackSymbolizer {
         }
     }
 
+    /// Replaces the memory map (spawn mode: the command's own, read after `exec`).
+    pub fn set_maps(&mut self, maps: ProcMaps) {
+        if !maps.mappings.is_empty() {
+            self.maps = maps;
+        }
+    }
+
     /// The frames of one stack, innermost first; an address inside inlined code gives several.
     pub fn symbolize(&mut self, addresses: &[u64]) -> Vec<Frame> {
         self.symbolize_stacks(&[addresses])

@@ -31,8 +31,18 @@ pub enum Stop {
     Interrupted,
     Terminated,
     Duration,
+    /// `--count` reports were made.
+    Count,
     /// Every traced process exited.
     TargetExited,
+}
+
+/// How a trace ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub stop: Stop,
+    /// A stack of a final report (of any traced process) is a `leak`.
+    pub leak: bool,
 }
 
 pub struct Settings {
@@ -41,6 +51,12 @@ pub struct Settings {
     pub top: usize,
     pub window: usize,
     pub min_age: Duration,
+    pub sizes: std::ops::RangeInclusive<u64>,
+    pub sort: crate::report::SortKey,
+    /// Stop after this many reports.
+    pub count: Option<u64>,
+    /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
+    pub with_freed: bool,
     pub file_mappings: bool,
     /// Print the BPF counters (and program run times, when measured) at the end (benchmarks).
     pub print_bpf_stats: bool,
@@ -74,7 +90,7 @@ pub async fn run(
     sessions: Vec<Session>,
     adopt: &mut Adopt<'_>,
     started: impl FnOnce(),
-) -> anyhow::Result<Stop> {
+) -> anyhow::Result<Ended> {
     let start = Instant::now();
     let Maps { events, stats } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
@@ -100,10 +116,13 @@ pub async fn run(
     let mut scratch = Vec::new();
     let mut bad_records = 0u64;
     let mut finished = Vec::new();
+    let mut reports = 0u64;
+    let mut leak = false;
     started();
 
-    // Undecodable records count as lost: they would otherwise vanish silently.
-    let take_snapshot = |pid: u32, live: &mut Live, last: bool, bad_records: u64| {
+    // Undecodable records count as lost: they would otherwise vanish silently. Returns whether
+    // the report holds a leak.
+    let take_snapshot = |pid: u32, live: &mut Live, last: bool, bad_records: u64| -> bool {
         let input = SnapshotInput {
             pid,
             timestamp_ms: SystemTime::now()
@@ -113,12 +132,18 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             min_age_ns: settings.min_age.as_nanos() as u64,
+            sizes: settings.sizes.clone(),
             file_mappings: settings.file_mappings,
             top: settings.top,
+            sort: settings.sort,
+            with_freed: settings.with_freed,
+            rss_bytes: rss_bytes(pid),
             last,
         };
-        live.reporter
-            .send(snapshot(&live.heap, &mut live.trends, &input));
+        let report = snapshot(&live.heap, &mut live.trends, &input);
+        let leak = report.has_leak();
+        live.reporter.send(report);
+        leak
     };
 
     let stop = loop {
@@ -145,15 +170,20 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                // The last report `--count` allows is the final one.
+                if settings.count.is_some_and(|count| reports + 1 >= count) {
+                    break Stop::Count;
+                }
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 for (&pid, session) in &mut live {
                     take_snapshot(pid, session, false, bad_records);
                 }
+                reports += 1;
             }
             Some(pid) = exit_rx.recv() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 if let Some(mut session) = live.remove(&pid) {
-                    take_snapshot(pid, &mut session, true, bad_records);
+                    leak |= take_snapshot(pid, &mut session, true, bad_records);
                     probes.detach(pid);
                     // Its final report is written meanwhile; a forking server's children
                     // must not keep a reporter thread each until the end.
@@ -185,13 +215,13 @@ pub async fn run(
     }
     let mut reporters = Vec::new();
     for (pid, mut session) in std::mem::take(&mut live) {
-        take_snapshot(pid, &mut session, true, bad_records);
+        leak |= take_snapshot(pid, &mut session, true, bad_records);
         reporters.push(session.reporter);
     }
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final reports
     // are on their way meanwhile.
     drop(probes);
-    let mut result = Ok(stop);
+    let mut result = Ok(Ended { stop, leak });
     let finished = finished.into_iter().map(|t| {
         t.join()
             .unwrap_or_else(|_| Err(std::io::Error::other("a reporter panicked")))
@@ -261,6 +291,24 @@ fn new_children(live: &BTreeMap<u32, Live>) -> Vec<u32> {
     found
 }
 
+/// The target's resident set (`VmRSS` of /proc/PID/status); `None` once it has exited.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Applies every record waiting in the ring buffer to the model of the process it came from;
 /// returns how many could not be decoded.
 fn drain(
@@ -309,4 +357,21 @@ fn monotonic_ns() -> u64 {
     // SAFETY: writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss() {
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t    1234 kB\nThreads: 1\n"),
+            Some(1234 * 1024)
+        );
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
 }

@@ -3,6 +3,7 @@
 
 mod allocators;
 mod processes;
+mod protobuf;
 mod service;
 mod stacks;
 mod support;
@@ -287,6 +288,541 @@ fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
     let received = totals["allocations"].as_u64().unwrap() + totals["frees"].as_u64().unwrap();
     assert_eq!(received + lost, 10 + 2 * 20000, "{totals}");
     fixture.finish();
+}
+
+/// Starts `patterns` (see tests/fixtures/patterns.c) and traces it: for `secs` while it runs
+/// (then its cache goes quiet and leaktrace is stopped while the leak goes on), or, with `None`,
+/// until leaktrace ends by itself.
+fn trace_patterns(leak_bytes: &str, extra: &[&str], secs: Option<f64>) -> support::Outcome {
+    let binary = compile("patterns", &[]);
+    let mut fixture = Fixture::start(&binary, &[leak_bytes]);
+    let mut args = vec!["--interval", "0.25"];
+    args.extend_from_slice(extra);
+    let trace = Leaktrace::attach(fixture.pid(), &args);
+    fixture.send("go");
+    let outcome = match secs {
+        Some(secs) => {
+            std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+            fixture.send("quiet");
+            fixture.expect_line("quiet");
+            trace.stop()
+        }
+        None => trace.wait(),
+    };
+    assert!(fixture.finish().success());
+    outcome
+}
+#[test]
+fn a_leak_is_a_leak_a_full_cache_is_stable_and_a_freed_burst_is_gone() {
+    if !require_root() {
+        return;
+    }
+    let outcome = trace_patterns("1024", &["--fail-on-leak"], Some(3.0));
+    assert_eq!(outcome.status.code(), Some(3), "{:?}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .iter()
+            .any(|l| l.contains("the final report holds a leak")),
+        "{:?}",
+        outcome.stderr
+    );
+    let report = outcome.last();
+    assert_eq!(report["complete"], true);
+    let leak = stack_of(report, "leak_site").expect("the leak is reported");
+    assert_eq!(leak["kind"], "leak", "{leak}");
+    // Every leaked block is outstanding: as many as were allocated, 1024 bytes each.
+    let count = leak["outstanding_allocations"].as_u64().unwrap();
+    assert!(count > 100, "{leak}");
+    assert_eq!(leak["outstanding_bytes"], count * 1024);
+    assert_eq!(leak["allocations"], count);
+    assert_eq!(leak["allocated_bytes"], count * 1024);
+    assert!(leak["growth_bytes_per_s"].as_f64().unwrap() > 0.0, "{leak}");
+
+    let cache = stack_of(report, "cache_put").expect("the cache is reported");
+    assert_eq!(cache["kind"], "stable", "{cache}");
+    assert_eq!(cache["outstanding_bytes"], 200 * 128);
+    assert_eq!(cache["outstanding_allocations"], 200);
+    // It allocated 20 blocks a tick, freed all but the last 200.
+    assert_eq!(cache["allocations"].as_u64().unwrap() % 20, 0, "{cache}");
+    assert!(cache["allocations"].as_u64().unwrap() > 200, "{cache}");
+
+    assert!(
+        stack_of(report, "burst_site").is_none(),
+        "the freed burst is gone: {report}"
+    );
+    assert!(report["rss_bytes"].as_u64().unwrap() > 0, "{report}");
+}
+
+#[test]
+fn fail_on_leak_passes_a_plateau() {
+    if !require_root() {
+        return;
+    }
+    let outcome = trace_patterns("0", &["--fail-on-leak"], Some(2.0));
+    assert_eq!(outcome.status.code(), Some(0), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    assert!(stack_of(report, "leak_site").is_none());
+    assert_eq!(stack_of(report, "cache_put").unwrap()["kind"], "stable");
+    assert!(
+        report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["kind"] != "leak")
+    );
+}
+
+#[test]
+fn count_and_size_filters() {
+    if !require_root() {
+        return;
+    }
+    // Only blocks of 1000 to 2000 bytes: the leak's, not the cache's 128-byte ones; 3 reports.
+    let outcome = trace_patterns(
+        "1024",
+        &["--count", "3", "--min-size", "1000", "--max-size", "2K"],
+        None,
+    );
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    assert_eq!(outcome.reports.len(), 3, "{:?}", outcome.reports);
+    let report = outcome.last();
+    assert!(stack_of(report, "cache_put").is_none(), "{report}");
+    let leak = stack_of(report, "leak_site").unwrap();
+    assert_eq!(
+        report["totals"]["outstanding_bytes"],
+        leak["outstanding_bytes"]
+    );
+    // Now the other way round.
+    let outcome = trace_patterns("1024", &["--count", "2", "--max-size", "128"], None);
+    assert_eq!(outcome.reports.len(), 2);
+    let report = outcome.last();
+    assert!(stack_of(report, "leak_site").is_none(), "{report}");
+    assert!(stack_of(report, "cache_put").is_some(), "{report}");
+}
+
+/// Traces `leaky` (100 leaks of 4096 bytes and 1000 temporary 128-byte blocks) with
+/// `--format FORMAT -o FILE`, and returns the file's bytes once leaktrace has stopped.
+fn trace_leaky_to_file(format: &str) -> (Vec<u8>, support::Binary) {
+    let binary = compile("leaky", &[]);
+    let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report");
+    let pid = fixture.pid().to_string();
+    let trace = Leaktrace::start(&[
+        "-p",
+        &pid,
+        "--interval",
+        "0.5",
+        "--format",
+        format,
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    fixture.finish();
+    (std::fs::read(&file).unwrap(), binary)
+}
+
+#[test]
+fn pprof_has_inuse_and_alloc_samples_functions_lines_and_mappings() {
+    use protobuf::Message;
+    if !require_root() {
+        return;
+    }
+    let (gzipped, binary) = trace_leaky_to_file("pprof");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut raw)
+        .expect("gzipped");
+    // profile.proto: 1 sample_type, 2 sample, 3 mapping, 4 location, 5 function, 6 strings.
+    let profile = Message::parse(&raw);
+    let strings: Vec<String> = profile
+        .bytes(6)
+        .iter()
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect();
+    assert_eq!(strings[0], "");
+    let s = |i: u64| strings[i as usize].as_str();
+    let types: Vec<(&str, &str)> = profile
+        .messages(1)
+        .iter()
+        .map(|t| (s(t.uint(1)), s(t.uint(2))))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("inuse_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("alloc_objects", "count")
+        ]
+    );
+    assert_eq!(s(profile.uint(14)), "inuse_space", "default sample type");
+    let functions: std::collections::HashMap<u64, Message> = profile
+        .messages(5)
+        .into_iter()
+        .map(|f| (f.uint(1), f))
+        .collect();
+    let locations: std::collections::HashMap<u64, Message> = profile
+        .messages(4)
+        .into_iter()
+        .map(|l| (l.uint(1), l))
+        .collect();
+    let mappings: std::collections::HashMap<u64, Message> = profile
+        .messages(3)
+        .into_iter()
+        .map(|m| (m.uint(1), m))
+        .collect();
+    // Each sample by the function of its leaf location (the allocator's caller).
+    let mut by_leaf = std::collections::BTreeMap::new();
+    for sample in profile.messages(2) {
+        let leaf = &locations[&sample.uints(1)[0]];
+        let line = leaf.messages(4).pop().expect("the leaf has a line");
+        let function = &functions[&line.uint(1)];
+        let name = s(function.uint(2)).to_owned();
+        if name == "leak_site" {
+            assert_eq!(line.uint(2), line_of("leaky.c", "void *p = malloc(bytes);"));
+            assert!(s(function.uint(4)).ends_with("leaky.c"));
+            let mapping = &mappings[&leaf.uint(2)];
+            assert_eq!(s(mapping.uint(5)), binary.path.to_str().unwrap());
+            assert!(mapping.uint(2) <= leaf.uint(3) && leaf.uint(3) < mapping.uint(3));
+            // The caller's location is main.
+            let caller = &locations[&sample.uints(1)[1]];
+            let caller_line = caller.messages(4).pop().unwrap();
+            assert_eq!(s(functions[&caller_line.uint(1)].uint(2)), "main");
+        }
+        // main calls temp_site from two places: two stacks, summed here.
+        let sum: &mut Vec<u64> = by_leaf.entry(name).or_insert_with(|| vec![0; 4]);
+        for (total, v) in sum.iter_mut().zip(sample.uints(2)) {
+            *total += v;
+        }
+    }
+    // leak_site: all outstanding; temp_site: all freed, yet counted since attach.
+    assert_eq!(by_leaf["leak_site"], [409_600, 100, 409_600, 100]);
+    assert_eq!(by_leaf["temp_site"], [0, 0, 128_000, 1000]);
+    assert_eq!(by_leaf.len(), 2, "{by_leaf:?}");
+}
+
+#[test]
+fn folded_stacks_are_outermost_first_with_outstanding_bytes() {
+    if !require_root() {
+        return;
+    }
+    let (folded, _binary) = trace_leaky_to_file("folded");
+    let folded = String::from_utf8(folded).unwrap();
+    let lines: Vec<(Vec<&str>, u64)> = folded
+        .lines()
+        .map(|line| {
+            let (stack, bytes) = line.rsplit_once(' ').expect("STACK BYTES");
+            (stack.split(';').collect(), bytes.parse().expect("a number"))
+        })
+        .collect();
+    // Only the leak is outstanding; the churn is gone.
+    assert_eq!(lines.len(), 1, "{folded}");
+    let (frames, bytes) = &lines[0];
+    assert_eq!(*bytes, 409_600);
+    assert_eq!(frames[frames.len() - 1], "leak_site");
+    assert_eq!(frames[frames.len() - 2], "main");
+}
+
+#[test]
+fn svg_flame_graph_names_the_leaking_function() {
+    if !require_root() {
+        return;
+    }
+    let (svg, _binary) = trace_leaky_to_file("svg");
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml"), "{}", &svg[..100.min(svg.len())]);
+    assert!(svg.contains("<svg"));
+    assert!(
+        svg.contains("leak_site"),
+        "the leaking function is in the graph"
+    );
+    assert!(svg.contains("409,600 bytes"), "with its outstanding bytes");
+    assert!(!svg.contains("temp_site"));
+}
+
+/// The report files in `dir`, oldest first (their names sort by time).
+fn report_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_directory_gets_a_report_per_interval_and_diff_shows_what_grew() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let reports = dir.path().join("reports/");
+    let pid = fixture.pid().to_string();
+    let trace = Leaktrace::start(&[
+        "-p",
+        &pid,
+        "--interval",
+        "0.2",
+        "--format",
+        "json",
+        "-o",
+        reports.to_str().unwrap(),
+        "--keep",
+        "2",
+    ]);
+    fixture.round();
+    // The second report written after round 1 (the first may have been taken as the round
+    // ended): 100 leaks.
+    let before_round_2 = report_files(&reports);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let first = loop {
+        let now = report_files(&reports);
+        if let Some(new) = now.iter().filter(|p| !before_round_2.contains(p)).nth(1) {
+            let copy = dir.path().join("first.json");
+            std::fs::copy(new, &copy).unwrap();
+            break copy;
+        }
+        assert!(std::time::Instant::now() < deadline, "no report file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    fixture.round();
+    // Let several more intervals pass: --keep 2 must prune them.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let kept = report_files(&reports);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for file in &kept {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(&format!("leaktrace-{pid}-2")), "{name}");
+        // One report per file.
+        assert_eq!(std::fs::read_to_string(file).unwrap().lines().count(), 1);
+    }
+    let last = kept.last().unwrap();
+    let final_report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last).unwrap()).unwrap();
+    assert_eq!(final_report["last"], true);
+
+    let diff = run_leaktrace(&[
+        "diff",
+        first.to_str().unwrap(),
+        last.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert_eq!(v["old"]["outstanding_bytes"], 409_600);
+    assert_eq!(v["new"]["outstanding_bytes"], 819_200);
+    let grown = v["stacks"].as_array().unwrap();
+    assert_eq!(grown.len(), 1, "{v}");
+    assert_eq!(grown[0]["frames"][0]["symbol"], "leak_site");
+    assert_eq!(grown[0]["delta_bytes"], 409_600);
+    assert_eq!(grown[0]["delta_allocations"], 100);
+    assert_eq!(grown[0]["old_bytes"], 409_600);
+    assert_eq!(grown[0]["new_bytes"], 819_200);
+
+    let text = run_leaktrace(&["diff", first.to_str().unwrap(), last.to_str().unwrap()]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("+400.0 KiB (+100 allocs)  400.0 KiB → 800.0 KiB"),
+        "{text}"
+    );
+    assert!(
+        text.contains("leak_site (") && text.contains("leaky.c:"),
+        "{text}"
+    );
+    fixture.finish();
+}
+
+/// Runs `leaktrace ARGS` to completion with `stdin` as its (and so the command's) input.
+fn run_leaktrace_with_input(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(support::LEAKTRACE)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("leaktrace runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn spawn_mode_traces_a_command_from_its_first_allocation() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.json");
+    // One round, then the fixture's stdin closes and it exits.
+    let out = run_leaktrace_with_input(
+        &[
+            "--format",
+            "json",
+            "-o",
+            file.to_str().unwrap(),
+            "--",
+            binary.path.to_str().unwrap(),
+            "100",
+            "4096",
+            "1000",
+        ],
+        "go\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("exited with status 0"), "{stderr}");
+    // The command's own output is untouched.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\ndone\n");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let report: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(report["last"], true);
+    assert_eq!(report["complete"], true);
+    // Everything since the first allocation: main's calloc(100, 8) before "ready" too.
+    let totals = &report["totals"];
+    assert_eq!(totals["outstanding_bytes"], 100 * 4096 + 800, "{report}");
+    assert_eq!(totals["outstanding_allocations"], 101);
+    assert_eq!(totals["allocations"], 1101);
+    assert_eq!(totals["frees"], 1000);
+    assert_eq!(totals["unmatched_frees"], 0);
+    let leak = stack_of(&report, "leak_site").expect("symbolized after the command exited");
+    assert_eq!(leak["outstanding_bytes"], 409_600);
+    let kept = stack_of(&report, "main").expect("main's calloc");
+    assert_eq!(kept["outstanding_bytes"], 800);
+}
+
+#[test]
+fn spawn_mode_reports_the_command_s_status_and_errors_clearly() {
+    if !require_root() {
+        return;
+    }
+    let out = run_leaktrace_with_input(&["-f", "json", "--", "sh", "-c", "exit 7"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "leaktrace's own status: {stderr}"
+    );
+    assert!(
+        stderr.contains("`sh -c exit 7` exited with status 7"),
+        "{stderr}"
+    );
+    // The trace ends first: the command is stopped (SIGTERM: 128 + 15).
+    let out = run_leaktrace_with_input(&["--duration", "0.5", "--", "sleep", "30"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("`sleep 30` exited with status 143"),
+        "{stderr}"
+    );
+    let missing = run_leaktrace(&["--", "no-such-command-here"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "leaktrace: error: no command `no-such-command-here` in PATH\n"
+    );
+}
+
+/// `leaktrace --fail-on-leak -- patterns LEAK_BYTES`, fed "go" and closed after `secs`: a
+/// scripted load test.
+fn load_test(leak_bytes: &str, secs: f64) -> (std::process::ExitStatus, serde_json::Value) {
+    use std::io::Write as _;
+    let binary = compile("patterns", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.json");
+    let mut child = std::process::Command::new(support::LEAKTRACE)
+        .args(["--interval", "0.25", "--fail-on-leak", "-f", "json", "-o"])
+        .arg(&file)
+        .arg("--")
+        .arg(&binary.path)
+        .arg(leak_bytes)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The load starts once the probes are attached (which takes seconds on a busy machine).
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen
+        .lines()
+        .any(|l| l.starts_with("leaktrace: tracing pid"))
+    {
+        let n = std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap();
+        assert!(n > 0, "leaktrace did not attach: {seen}");
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+    drop(stdin);
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let report = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(seen.contains("exited with status 0"), "{seen}");
+    (status, report)
+}
+
+#[test]
+fn fail_on_leak_gates_a_spawned_load_test() {
+    if !require_root() {
+        return;
+    }
+    let (status, report) = load_test("1024", 2.5);
+    assert_eq!(status.code(), Some(3), "{report}");
+    assert_eq!(stack_of(&report, "leak_site").unwrap()["kind"], "leak");
+    // The fixed build: the cache plateaus, nothing leaks.
+    let (status, report) = load_test("0", 2.5);
+    assert_eq!(status.code(), Some(0), "{report}");
+    let cache = stack_of(&report, "cache_put").unwrap();
+    assert_eq!(cache["kind"], "stable", "{cache}");
+    assert_eq!(cache["outstanding_bytes"], 25_600);
+}
+
+#[test]
+fn sort_by_count_puts_the_many_small_cache_entries_first() {
+    if !require_root() {
+        return;
+    }
+    // After 0.75 s: the leak holds at most 150 blocks of 1024 bytes (one per 5 ms tick), more
+    // bytes than the full cache's 200 blocks of 128 bytes once 25 ticks ran.
+    let order = |sort: &str| {
+        let outcome = trace_patterns("1024", &["--count", "3", "--sort", sort], None);
+        assert!(outcome.status.success(), "{:?}", outcome.stderr);
+        let report = outcome.last().clone();
+        let firsts: Vec<String> = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["frames"][0]["symbol"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        (firsts, report)
+    };
+    let (by_count, report) = order("count");
+    assert_eq!(by_count[0], "cache_put", "{report}");
+    assert_eq!(by_count[1], "leak_site", "{report}");
+    let (by_bytes, report) = order("bytes");
+    assert_eq!(by_bytes[0], "leak_site", "{report}");
+    assert_eq!(by_bytes[1], "cache_put", "{report}");
 }
 
 /// The probes of `leaktrace` and of the bench's floor (`--noop-programs`), from the announcement

@@ -114,7 +114,7 @@ impl Fixture {
         self.child.id()
     }
 
-    fn expect_line(&mut self, want: &str) {
+    pub fn expect_line(&mut self, want: &str) {
         let line = self
             .lines
             .recv_timeout(TIMEOUT)
@@ -136,6 +136,13 @@ impl Fixture {
                 Err(_) => panic!("fixture never finished its round; printed {lines:?}"),
             }
         }
+    }
+
+    /// Sends one line, without waiting for an answer (`patterns.c` runs by itself).
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
     }
 
     /// Closes stdin and waits for the fixture to exit by itself.
@@ -213,9 +220,15 @@ impl Leaktrace {
     /// Starts leaktrace and waits until its probes are attached.
     pub fn attach(pid: u32, extra: &[&str]) -> Self {
         let pid = pid.to_string();
+        let mut args = vec!["-p", &pid, "--format", "json", "--interval", "0.5"];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    /// Starts leaktrace with exactly these arguments and waits until its probes are attached.
+    pub fn start(args: &[&str]) -> Self {
         let mut child = Command::new(LEAKTRACE)
-            .args(["-p", &pid, "--format", "json", "--interval", "0.5"])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -286,8 +299,10 @@ impl Leaktrace {
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
             self.stderr.push(line);
         }
+        // Only JSON Lines on stdout are reports; other formats go to files.
         let reports = out
             .lines()
+            .filter(|line| line.starts_with('{'))
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect();
         Outcome {

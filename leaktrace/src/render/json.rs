@@ -20,6 +20,9 @@ struct JsonReport<'a> {
     last: bool,
     allocator: &'a str,
     allocator_module: &'a str,
+    /// The target's resident set (VmRSS) and its growth over the trend window.
+    rss_bytes: Option<u64>,
+    rss_growth_bytes_per_s: Option<f64>,
     totals: JsonTotals,
     /// Stacks that hold memory; `stacks` lists the top of them.
     stack_count: usize,
@@ -48,6 +51,9 @@ struct JsonStack<'a> {
     growth_bytes_per_s: f64,
     oldest_age_s: f64,
     kind: &'static str,
+    /// Everything this stack allocated since attach, freed or not.
+    allocated_bytes: u64,
+    allocations: u64,
     /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`.
     origin: &'static str,
     truncated: bool,
@@ -94,6 +100,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         last: snapshot.last,
         allocator: &report.target.allocator,
         allocator_module: &report.target.allocator_module,
+        rss_bytes: snapshot.rss_bytes,
+        rss_growth_bytes_per_s: snapshot.rss_growth_bytes_per_s.map(round3),
         totals: JsonTotals {
             outstanding_bytes: t.outstanding_bytes,
             outstanding_allocations: t.outstanding_allocations,
@@ -116,6 +124,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 growth_bytes_per_s: round3(stack.growth_bytes_per_s),
                 oldest_age_s: round3(stack.oldest_age_s),
                 kind: stack.kind.as_str(),
+                allocated_bytes: stack.allocated.bytes,
+                allocations: stack.allocated.count,
                 origin: stack.origin.as_str(),
                 truncated: stack.truncated,
                 frames: frames.iter().map(JsonFrame::from).collect(),
@@ -135,7 +145,7 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
-        heap::Origin,
+        heap::{Allocated, Origin},
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -164,10 +174,17 @@ mod tests {
                 growth_bytes_per_s: 409.6,
                 oldest_age_s: 9.5,
                 kind: Kind::Leak,
+                allocated: Allocated {
+                    bytes: 8192,
+                    count: 2,
+                },
                 addresses: Box::new([0x401136]),
                 truncated: false,
                 origin: Origin::Heap,
             }],
+            rss_bytes: Some(1 << 20),
+            rss_growth_bytes_per_s: Some(1024.0004),
+            leak_stacks: 0,
             last: true,
         };
         let frames = vec![vec![Frame {
@@ -192,6 +209,7 @@ mod tests {
                 target: &target,
                 snapshot: &snapshot,
                 frames: &frames,
+                style: Default::default(),
             },
             &mut out,
         );
@@ -217,6 +235,11 @@ mod tests {
         assert_eq!(stack["growth_bytes_per_s"], 409.6);
         assert_eq!(stack["oldest_age_s"], 9.5);
         assert_eq!(stack["kind"], "leak");
+        // Added fields.
+        assert_eq!(stack["allocated_bytes"], 8192);
+        assert_eq!(stack["allocations"], 2);
+        assert_eq!(v["rss_bytes"], 1 << 20);
+        assert_eq!(v["rss_growth_bytes_per_s"], 1024.0);
         assert_eq!(stack["origin"], "malloc");
         assert_eq!(
             stack["frames"][0],

@@ -1,6 +1,10 @@
-//! Renderers: a symbolized report to text or JSON Lines. They know nothing of BPF.
+//! Renderers: a symbolized report to text, JSON Lines, folded stacks, pprof or an SVG flame
+//! graph. They know nothing of BPF.
 
+pub mod folded;
 pub mod json;
+pub mod pprof;
+pub mod svg;
 pub mod text;
 
 use crate::{report::Snapshot, symbolize::Frame};
@@ -16,11 +20,49 @@ pub struct Target {
     pub allocator_module: String,
 }
 
+/// How text is laid out for where it goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Style {
+    /// ANSI colours (a terminal, and no `NO_COLOR`).
+    pub color: bool,
+    /// Lines are cut to this many columns (a terminal's width).
+    pub width: Option<usize>,
+}
+
+impl Style {
+    /// Colour and the terminal's width when reports go to a terminal, unless `NO_COLOR` is set
+    /// (no-color.org); plain text otherwise.
+    pub fn for_destination(destination: &crate::output::Destination) -> Self {
+        use std::io::IsTerminal as _;
+        if *destination != crate::output::Destination::Stdout || !std::io::stdout().is_terminal() {
+            return Self::default();
+        }
+        Self {
+            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            width: terminal_width(),
+        }
+    }
+}
+
+/// Columns of the terminal on stdout.
+fn terminal_width() -> Option<usize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
 /// A snapshot with its stacks symbolized: `frames[i]` belongs to `snapshot.stacks[i]`.
 pub struct Report<'a> {
     pub target: &'a Target,
     pub snapshot: &'a Snapshot,
     pub frames: &'a [Vec<Frame>],
+    pub style: Style,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,13 +71,103 @@ pub enum Format {
     Text,
     /// One JSON object per report, one per line (the contract in DESIGN.md).
     Json,
+    /// Collapsed stacks (outermost frame first, `;`-joined, then outstanding bytes), for
+    /// flamegraph.pl, inferno and speedscope.
+    Folded,
+    /// A gzipped pprof profile.proto (inuse_space/objects, alloc_space/objects).
+    Pprof,
+    /// An SVG flame graph of outstanding bytes.
+    Svg,
 }
 
 impl Format {
-    pub fn render(self, report: &Report<'_>, out: &mut String) {
+    /// Appends the rendered report to `out`.
+    pub fn render(self, report: &Report<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut text = String::new();
         match self {
-            Self::Text => text::render(report, out),
-            Self::Json => json::render(report, out),
+            Self::Text => text::render(report, &mut text),
+            Self::Json => json::render(report, &mut text),
+            Self::Folded => folded::render(report, &mut text),
+            Self::Pprof => return pprof::render(report, out),
+            Self::Svg => return svg::render(report, out),
         }
+        out.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+
+    /// A report is a whole file (not one of a stream of reports): a file holds only the
+    /// latest report, and stdout gets only the final one.
+    pub fn is_whole_file(self) -> bool {
+        matches!(self, Self::Folded | Self::Pprof | Self::Svg)
+    }
+
+    /// The file name extension of a report in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Text => "txt",
+            Self::Json => "json",
+            Self::Folded => "folded",
+            Self::Pprof => "pb.gz",
+            Self::Svg => "svg",
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{
+        heap::{Allocated, Origin},
+        report::{Kind, StackSummary, Totals},
+    };
+
+    /// A frame of `module` at `address` (which is also its offset in the module).
+    pub fn frame(address: u64, symbol: Option<&str>, module: &str) -> Frame {
+        Frame {
+            address,
+            symbol: symbol.map(str::to_owned),
+            offset: 1,
+            module: Some(module.to_owned()),
+            module_offset: address,
+            file: symbol.map(|_| "app.c".to_owned()),
+            line: symbol.map(|_| 10),
+            inlined: false,
+        }
+    }
+
+    /// A report with one stack per entry of `bytes`, each of one block allocated once.
+    pub fn report_of(bytes: &[u64]) -> (Target, Snapshot) {
+        let target = Target {
+            pid: 9,
+            command: "app".into(),
+            allocator: "glibc".into(),
+            allocator_module: "/lib/libc.so.6".into(),
+        };
+        let snapshot = Snapshot {
+            pid: 9,
+            timestamp_ms: 1000,
+            elapsed_s: 2.0,
+            totals: Totals::default(),
+            stack_count: bytes.len(),
+            stacks: bytes
+                .iter()
+                .map(|&b| StackSummary {
+                    outstanding_bytes: b,
+                    outstanding_allocations: 1,
+                    growth_bytes_per_s: 0.0,
+                    oldest_age_s: 1.0,
+                    kind: Kind::Stable,
+                    allocated: Allocated { bytes: b, count: 1 },
+                    addresses: Box::new([]),
+                    truncated: false,
+                    origin: Origin::Heap,
+                })
+                .collect(),
+            rss_bytes: None,
+            rss_growth_bytes_per_s: None,
+            leak_stacks: 0,
+            last: true,
+        };
+        (target, snapshot)
     }
 }

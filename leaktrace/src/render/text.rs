@@ -2,9 +2,8 @@
 
 use std::fmt::Write as _;
 
-use super::Report;
-use crate::heap::Origin;
-use crate::symbolize::Frame;
+use super::{Report, Style};
+use crate::{heap::Origin, report::Kind, symbolize::Frame};
 
 /// Frames shown per stack; the rest are counted.
 const MAX_FRAMES: usize = 12;
@@ -12,11 +11,23 @@ const MAX_FRAMES: usize = 12;
 pub fn render(report: &Report<'_>, out: &mut String) {
     let s = report.snapshot;
     let t = &s.totals;
+    let style = report.style;
+    let paint = Paint(style.color);
+    let fit = |line: String| cut(&line, style.width);
     let when = if s.last { "final report" } else { "report" };
+    // The target's RSS and its trend next to the heap's numbers, in the header line.
+    let rss = match (s.rss_bytes, s.rss_growth_bytes_per_s) {
+        (Some(rss), Some(rate)) => format!(" · RSS {} ({}/s)", bytes(rss), signed_bytes(rate)),
+        (Some(rss), None) => format!(" · RSS {}", bytes(rss)),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "── leaktrace {when} · pid {} ({}) · {:.1}s ──",
-        s.pid, report.target.command, s.elapsed_s
+        "{}",
+        paint.bold(&fit(format!(
+            "── leaktrace {when} · pid {} ({}) · {:.1}s{rss} ──",
+            s.pid, report.target.command, s.elapsed_s
+        )))
     );
     let target = report.target;
     if !target.allocator.is_empty() {
@@ -28,43 +39,65 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "outstanding {} in {} allocations · {} allocations, {} frees since attach · {} frees of older blocks",
-        bytes(t.outstanding_bytes),
-        t.outstanding_allocations,
-        t.allocations,
-        t.frees,
-        t.unmatched_frees,
+        "{}",
+        fit(format!(
+            "outstanding {} in {} allocations · {} allocations, {} frees since attach · {} frees of older blocks",
+            bytes(t.outstanding_bytes),
+            t.outstanding_allocations,
+            t.allocations,
+            t.frees,
+            t.unmatched_frees,
+        ))
     );
     if t.mapped_bytes > 0 {
-        let _ = writeln!(out, "of which {} in mmap'd memory", bytes(t.mapped_bytes));
+        let _ = writeln!(
+            out,
+            "{}",
+            fit(format!(
+                "of which {} in mmap'd memory",
+                bytes(t.mapped_bytes)
+            ))
+        );
     }
     if t.file_mapped_bytes > 0 {
         let _ = writeln!(
             out,
-            "not counted above: {} in {} mappings of files (--file-mappings lists them)",
-            bytes(t.file_mapped_bytes),
-            t.file_mappings
+            "{}",
+            fit(format!(
+                "not counted above: {} in {} mappings of files (--file-mappings lists them)",
+                bytes(t.file_mapped_bytes),
+                t.file_mappings
+            ))
         );
     }
     if t.lost_events > 0 {
         let _ = writeln!(
             out,
-            "WARNING: {} events lost (ring buffer full): this report is incomplete; raise --ringbuf-bytes",
-            t.lost_events
+            "{}",
+            paint.red(&fit(format!(
+                "WARNING: {} events lost (ring buffer full): this report is incomplete; raise --ringbuf-bytes",
+                t.lost_events
+            )))
         );
     }
     if s.stacks.is_empty() {
         let _ = writeln!(out, "no outstanding allocations since attach");
     }
     for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
-        let _ = writeln!(
-            out,
-            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  {}{}",
+        // Listed for pprof's totals only: holds nothing now.
+        if stack.outstanding_bytes == 0 && stack.outstanding_allocations == 0 {
+            continue;
+        }
+        let head = format!(
+            "#{:<3} {:>10} in {:>7} allocs  {:>12}/s  oldest {:>6.1}s  ",
             rank + 1,
             bytes(stack.outstanding_bytes),
             stack.outstanding_allocations,
             signed_bytes(stack.growth_bytes_per_s),
             stack.oldest_age_s,
+        );
+        let kind = format!(
+            "{}{}",
             stack.kind.as_str(),
             match stack.origin {
                 Origin::Heap => "",
@@ -72,8 +105,14 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 Origin::FileMapping => "  [file mmap]",
             },
         );
+        let line = fit(format!("{head}{kind}"));
+        let _ = match line.strip_prefix(&head) {
+            Some(kind) => writeln!(out, "{head}{}", paint.kind(stack.kind, kind)),
+            None => writeln!(out, "{line}"),
+        };
         for frame in frames.iter().take(MAX_FRAMES) {
-            let _ = writeln!(out, "       {}", frame_line(frame));
+            let (name, location) = frame_parts(frame);
+            let _ = writeln!(out, "{}", compact("       ", &name, &location, style));
         }
         if frames.len() > MAX_FRAMES {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - MAX_FRAMES);
@@ -82,9 +121,12 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             // Counted in return addresses, the unit of --max-depth (inlined frames add lines).
             let _ = writeln!(
                 out,
-                "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
-                stack.addresses.len(),
-                if stack.addresses.len() == 1 { "" } else { "s" }
+                "{}",
+                fit(format!(
+                    "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
+                    stack.addresses.len(),
+                    if stack.addresses.len() == 1 { "" } else { "s" }
+                ))
             );
         }
     }
@@ -97,12 +139,85 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     }
 }
 
-fn frame_line(frame: &Frame) -> String {
+/// A frame line that fits the width: the location (file:line) is shortened first, to its file
+/// name, then cut; the function name last.
+fn compact(indent: &str, name: &str, location: &str, style: Style) -> String {
+    let paint = Paint(style.color);
+    let full = format!("{indent}{name}{location}");
+    let Some(width) = style.width else {
+        return format!("{indent}{name}{}", paint.dim(location));
+    };
+    if full.chars().count() <= width {
+        return format!("{indent}{name}{}", paint.dim(location));
+    }
+    // "/long/path/to/file.c:12)" -> "file.c:12)"
+    let short = match location.rsplit_once('/') {
+        Some((head, tail)) if head.contains('(') => format!(" ({tail}"),
+        _ => location.to_owned(),
+    };
+    let head = cut(&format!("{indent}{name}"), Some(width));
+    let room = width.saturating_sub(head.chars().count());
+    format!("{head}{}", paint.dim(&cut(&short, Some(room))))
+}
+
+/// `line` cut to `width` characters, with an ellipsis when it was longer.
+fn cut(line: &str, width: Option<usize>) -> String {
+    match width {
+        Some(width) if line.chars().count() > width => {
+            let mut cut: String = line.chars().take(width.saturating_sub(1)).collect();
+            if width > 0 {
+                cut.push('…');
+            }
+            cut
+        }
+        _ => line.to_owned(),
+    }
+}
+
+/// ANSI colours, or nothing.
+#[derive(Clone, Copy)]
+struct Paint(bool);
+
+impl Paint {
+    fn wrap(self, code: &str, text: &str) -> String {
+        if self.0 && !text.is_empty() {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn bold(self, text: &str) -> String {
+        self.wrap("1", text)
+    }
+
+    fn dim(self, text: &str) -> String {
+        self.wrap("2", text)
+    }
+
+    fn red(self, text: &str) -> String {
+        self.wrap("1;31", text)
+    }
+
+    fn kind(self, kind: Kind, text: &str) -> String {
+        let code = match kind {
+            Kind::Leak => "1;31",
+            Kind::Growing => "33",
+            Kind::Stable => "32",
+            Kind::Shrinking => "36",
+        };
+        self.wrap(code, text)
+    }
+}
+
+/// A frame as its name (`function+0x1a`, or `module+0xoffset`) and its location
+/// (` (file:line)`, or ` (module)`).
+fn frame_parts(frame: &Frame) -> (String, String) {
     let module = frame
         .module
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
-    let mut line = match (&frame.symbol, module) {
+    let mut name = match (&frame.symbol, module) {
         // Inlined code has no call of its own, so no offset into it.
         (Some(symbol), _) if frame.inlined => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
@@ -110,23 +225,15 @@ fn frame_line(frame: &Frame) -> String {
         (None, None) => format!("{:#x}", frame.address),
     };
     if frame.inlined {
-        line.push_str(" [inlined]");
+        name.push_str(" [inlined]");
     }
-    match (&frame.file, frame.line) {
-        (Some(file), Some(n)) => {
-            let _ = write!(line, " ({file}:{n})");
-        }
-        (Some(file), None) => {
-            let _ = write!(line, " ({file})");
-        }
-        _ if frame.symbol.is_some() => {
-            if let Some(module) = module {
-                let _ = write!(line, " ({module})");
-            }
-        }
-        _ => {}
-    }
-    line
+    let location = match (&frame.file, frame.line) {
+        (Some(file), Some(n)) => format!(" ({file}:{n})"),
+        (Some(file), None) => format!(" ({file})"),
+        _ if frame.symbol.is_some() => module.map_or(String::new(), |m| format!(" ({m})")),
+        _ => String::new(),
+    };
+    (name, location)
 }
 
 /// Bytes in binary units, 1 decimal.
@@ -154,7 +261,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
-        heap::Origin,
+        heap::{Allocated, Origin},
         render::Target,
         report::{Kind, Snapshot, StackSummary, Totals},
     };
@@ -188,10 +295,14 @@ mod tests {
                 growth_bytes_per_s: 4096.0,
                 oldest_age_s: 2.5,
                 kind: Kind::Leak,
+                allocated: Allocated::default(),
                 addresses: Box::new([1, 2]),
                 truncated: true,
                 origin: Origin::Heap,
             }],
+            rss_bytes: None,
+            rss_growth_bytes_per_s: None,
+            leak_stacks: 0,
             last: false,
         };
         let frames = vec![vec![
@@ -238,6 +349,7 @@ mod tests {
                 target: &target,
                 snapshot: &snapshot,
                 frames: &frames,
+                style: Default::default(),
             },
             &mut out,
         );
@@ -262,5 +374,66 @@ mod tests {
         );
         assert!(out.contains("libfoo.so+0x99"), "{out}");
         assert!(out.contains("... and 2 more stacks"), "{out}");
+        assert!(!out.contains('\x1b'), "plain without a terminal");
+        assert!(!out.contains("RSS"), "no RSS line when it is unknown");
+
+        // On a 100-column terminal: colour, the RSS and its trend, every line fits.
+        let mut snapshot = snapshot;
+        snapshot.rss_bytes = Some(3 << 20);
+        snapshot.rss_growth_bytes_per_s = Some(-2048.0);
+        let mut frames = frames;
+        frames[0][0].file = Some(format!("/very/long/{}/leaky.c", "dir/".repeat(30)));
+        let mut out = String::new();
+        render(
+            &Report {
+                target: &target,
+                snapshot: &snapshot,
+                frames: &frames,
+                style: Style {
+                    color: true,
+                    width: Some(100),
+                },
+            },
+            &mut out,
+        );
+        assert!(
+            out.contains(
+                "── leaktrace report · pid 7 (./leaky) · 3.0s · RSS 3.0 MiB (-2.0 KiB/s) ──"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("\x1b[1;31mleak\x1b[0m\n"), "{out}");
+        assert!(
+            out.contains("leak_site+0x1a\x1b[2m (leaky.c:12)\x1b[0m"),
+            "{out}"
+        );
+        for line in out.lines() {
+            let visible = line
+                .replace("\x1b[0m", "")
+                .replace("\x1b[1m", "")
+                .replace("\x1b[2m", "")
+                .replace("\x1b[1;31m", "");
+            assert!(visible.chars().count() <= 100, "{visible:?}");
+        }
+    }
+
+    #[test]
+    fn cuts_to_the_width() {
+        assert_eq!(cut("abcdef", Some(4)), "abc…");
+        assert_eq!(cut("abcd", Some(4)), "abcd");
+        assert_eq!(cut("abcd", None), "abcd");
+        assert_eq!(cut("abcd", Some(0)), "");
+        let narrow = Style {
+            color: false,
+            width: Some(12),
+        };
+        assert_eq!(
+            compact("  ", "function_name+0x1", " (a.c:1)", narrow),
+            "  function_…"
+        );
+        assert_eq!(
+            compact("  ", "f+0x1", " (/x/y/a.c:1)", narrow),
+            "  f+0x1 (a.…"
+        );
     }
 }
