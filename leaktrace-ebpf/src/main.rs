@@ -371,6 +371,20 @@ pub fn xallocx_entry(ctx: ProbeContext) -> u32 {
     enter(&ctx, call::XALLOCX, arg(&ctx, 1), (arg(&ctx, 0), 0), 0)
 }
 
+/// Does nothing. `--noop-programs` attaches it where the entry programs and `free_entry` go,
+/// so that a benchmark measures the cost of the uprobe traps alone: the floor under which no
+/// program can go.
+#[uprobe]
+pub fn noop_entry(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Does nothing, where `alloc_return` goes (see `noop_entry`).
+#[uretprobe]
+pub fn noop_return(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -122,6 +122,27 @@ pub struct Cli {
     /// or 32768. Deeper stacks are completed from their frame-pointer walk where it agrees.
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_STACK_COPY_BYTES, value_parser = stack_copy_bytes)]
     pub stack_copy_bytes: u32,
+
+    /// Benchmarks only: attach programs that do nothing at the same probe points, so that
+    /// `cargo xtask bench` measures the cost of the traps alone (the floor).
+    #[arg(long, hide = true)]
+    pub noop_programs: bool,
+
+    /// Benchmarks only: probe `free` at its first instruction even when a later one would be
+    /// cheaper to trap, to measure what the choice saves.
+    #[arg(long, hide = true)]
+    pub free_at_entry: bool,
+
+    /// Benchmarks only: print the BPF programs' counters to stderr at exit
+    /// (`leaktrace: bpf stats NAME=N ...`).
+    #[arg(long, hide = true)]
+    pub print_bpf_stats: bool,
+
+    /// Benchmarks only: have the kernel time every BPF program run (two clock reads per run)
+    /// and print each program's runs and run time to stderr at exit
+    /// (`leaktrace: bpf program NAME runs=N run_time_ns=T`).
+    #[arg(long, hide = true)]
+    pub print_program_times: bool,
 }
 
 /// `--unwind`.

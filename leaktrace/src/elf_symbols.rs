@@ -68,6 +68,20 @@ impl ElfSymbols {
     }
 }
 
+/// The file ranges (offset, length) of the executable segments of an ELF file: where its code is.
+pub fn executable_ranges(data: &[u8]) -> Result<Vec<(u64, u64)>, object::Error> {
+    const PF_X: u32 = 1;
+    let file = object::File::parse(data)?;
+    Ok(file
+        .segments()
+        .filter(
+            |s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0),
+        )
+        .map(|s| s.file_range())
+        .filter(|&(offset, size)| size > 0 && offset.saturating_add(size) <= data.len() as u64)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +99,14 @@ mod tests {
         let symbols = ElfSymbols::read(&me).unwrap();
         assert!(symbols.file_offset("main").is_some());
         assert_eq!(symbols.file_offset("no such symbol"), None);
+        // `main` is code, so it lies in an executable segment.
+        let data = std::fs::read(&me).unwrap();
+        let main = symbols.file_offset("main").unwrap();
+        let ranges = executable_ranges(&data).unwrap();
+        assert!(
+            ranges.iter().any(|&(o, n)| o <= main && main < o + n),
+            "{ranges:x?}"
+        );
+        assert!(executable_ranges(b"not elf").is_err());
     }
 }

@@ -9,6 +9,7 @@ pub mod event;
 pub mod heap;
 pub mod mappings;
 pub mod output;
+pub mod probe_point;
 pub mod probes;
 pub mod proc_maps;
 pub mod render;

@@ -98,7 +98,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             .set(&Unwinder::new(first.pid, first.maps.clone()).code_with_frame_pointers())
             .context("filling the BPF map of code with frame pointers")?;
     }
-    let mut probes = probes::Probes::new(ebpf);
+    let options = probes::AttachOptions {
+        noop_programs: cli.noop_programs,
+        free_at_entry: cli.free_at_entry,
+        program_stats: cli.print_program_times,
+    };
+    let mut probes = probes::Probes::new(ebpf, options)?;
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
     for target in &targets {
@@ -137,6 +142,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         count: cli.count,
         with_freed: cli.format == render::Format::Pprof,
         file_mappings: cli.file_mappings,
+        print_bpf_stats: cli.print_bpf_stats,
         follow_forks: cli.follow_forks,
         unwind: cli.unwind,
     };

@@ -13,7 +13,7 @@ use aya::{
 };
 use leaktrace_common::{MAX_FP_RANGES, stat};
 
-use crate::{allocator::EntryPoint, target::Target};
+use crate::{allocator::EntryPoint, probe_point, target::Target};
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -26,6 +26,24 @@ pub struct Probes {
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
     detaching: Vec<std::thread::JoinHandle<()>>,
     ebpf: Ebpf,
+    options: AttachOptions,
+    /// Keeps the kernel's run-time statistics of BPF programs on while held
+    /// (`AttachOptions::program_stats`).
+    run_time_stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// How to attach; the defaults are what users get, the rest serves benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttachOptions {
+    /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
+    /// ones, at exactly the same points: the cost of the traps alone.
+    pub noop_programs: bool,
+    /// Probe free-like functions at their entry rather than at a later instruction that the
+    /// kernel emulates (see `probe_point`).
+    pub free_at_entry: bool,
+    /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
+    /// run, so only for benchmarks).
+    pub program_stats: bool,
 }
 
 impl Probes {
@@ -35,13 +53,39 @@ impl Probes {
     }
 
     /// Nothing attached yet.
-    pub fn new(ebpf: Ebpf) -> Self {
-        Self {
+    pub fn new(ebpf: Ebpf, options: AttachOptions) -> anyhow::Result<Self> {
+        let run_time_stats = if options.program_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("turning on BPF run-time statistics")?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
             attached: 0,
             links: HashMap::new(),
             detaching: Vec::new(),
             ebpf,
+            options,
+            run_time_stats,
+        })
+    }
+
+    /// Per program that ran: its name, how often it ran, and its total run time in ns, when
+    /// `AttachOptions::program_stats` turned the kernel's statistics on.
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        if self.run_time_stats.is_none() {
+            return Vec::new();
         }
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                let runs = info.run_count();
+                (runs > 0).then(|| (name.to_owned(), runs, info.run_time().as_nanos() as u64))
+            })
+            .collect()
     }
 
     /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
@@ -49,7 +93,7 @@ impl Probes {
     pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
         let links = self.links.entry(target.pid).or_default();
         let before = links.len();
-        let result = attach_to(&mut self.ebpf, target, links);
+        let result = attach_to(&mut self.ebpf, target, links, self.options);
         let added = links.len() - before;
         self.attached += added;
         result.map(|()| added)
@@ -136,6 +180,21 @@ impl Stats {
         self.sum(stat::RINGBUF_FULL) + self.sum(stat::PENDING_FULL)
     }
 
+    /// Every counter, named, for `--print-bpf-stats`.
+    pub fn all(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("ringbuf_full", stat::RINGBUF_FULL),
+            ("pending_full", stat::PENDING_FULL),
+            ("return_without_entry", stat::RETURN_WITHOUT_ENTRY),
+            ("stale_entry", stat::STALE_ENTRY),
+            ("stack_failed", stat::STACK_FAILED),
+            ("read_failed", stat::READ_FAILED),
+        ]
+        .into_iter()
+        .map(|(name, index)| (name, self.sum(index)))
+        .collect()
+    }
+
     fn sum(&self, index: u32) -> u64 {
         self.0
             .get(&index, 0)
@@ -202,11 +261,25 @@ pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, 
 /// without its release would look like a leak.
 /// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
 /// runs at the return of every one but the free-like ones.
-fn attach_to(ebpf: &mut Ebpf, target: &Target, links: &mut Vec<UProbeLink>) -> anyhow::Result<()> {
+///
+/// A free-like entry (no uretprobe) is probed at the first instruction the kernel emulates
+/// when a straight-line prefix leads to one (`probe_point`); the others must stay on the entry,
+/// where their uretprobe already traps.
+fn attach_to(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    links: &mut Vec<UProbeLink>,
+    options: AttachOptions,
+) -> anyhow::Result<()> {
     let pid = NonZeroU32::new(target.pid).context("pid 0")?;
     let scope = UProbeScope::OneProcess(pid);
+    let program_for = |program: &'static str| match (options.noop_programs, program) {
+        (false, _) => program,
+        (true, "alloc_return") => "noop_return",
+        (true, _) => "noop_entry",
+    };
     let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint| -> anyhow::Result<()> {
+        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint, offset: u64| -> anyhow::Result<()> {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .with_context(|| format!("no program {program} in the BPF object"))?
@@ -216,33 +289,36 @@ fn attach_to(ebpf: &mut Ebpf, target: &Target, links: &mut Vec<UProbeLink>) -> a
                     .load()
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
-            let link = probe
-                .attach(entry.file_offset, &entry.path, scope)
-                .map_err(|err| {
-                    if crate::target::is_alive(target.pid) {
-                        anyhow!(err).context(format!(
-                            "attaching {program} to {} in {}",
-                            entry.symbol, entry.module
-                        ))
-                    } else {
-                        anyhow!(
-                            "process {} exited while leaktrace was attaching",
-                            target.pid
-                        )
-                    }
-                })?;
+            let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
+                if crate::target::is_alive(target.pid) {
+                    anyhow!(err).context(format!(
+                        "attaching {program} to {} in {}",
+                        entry.symbol, entry.module
+                    ))
+                } else {
+                    anyhow!(
+                        "process {} exited while leaktrace was attaching",
+                        target.pid
+                    )
+                }
+            })?;
             links.push(probe.take_link(link)?);
             Ok(())
         };
     let entries = &target.allocator.entry_points;
     for entry in entries.iter().filter(|e| !e.allocates()) {
-        attach_one(ebpf, entry.program, entry)?;
+        let offset = if options.free_at_entry {
+            entry.file_offset
+        } else {
+            probe_point::in_module(&entry.path, entry.file_offset)
+        };
+        attach_one(ebpf, program_for(entry.program), entry, offset)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(ebpf, "alloc_return", entry)?;
+        attach_one(ebpf, program_for("alloc_return"), entry, entry.file_offset)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(ebpf, entry.program, entry)?;
+        attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
     }
     Ok(())
 }

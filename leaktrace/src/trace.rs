@@ -60,6 +60,8 @@ pub struct Settings {
     /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
     pub with_freed: bool,
     pub file_mappings: bool,
+    /// Print the BPF counters (and program run times, when measured) at the end (benchmarks).
+    pub print_bpf_stats: bool,
     /// Trace the children that traced processes fork (`--follow-forks`).
     pub follow_forks: bool,
     pub unwind: Unwind,
@@ -220,6 +222,18 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+    if settings.print_bpf_stats {
+        let counters: Vec<String> = stats
+            .all()
+            .iter()
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        eprintln!("leaktrace: bpf stats {}", counters.join(" "));
+    }
+    // Empty unless `--print-program-times` turned the kernel's statistics on.
+    for (name, runs, run_time_ns) in probes.program_stats() {
+        eprintln!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
+    }
     let mut reporters = Vec::new();
     for (pid, mut session) in std::mem::take(&mut live) {
         leak |= take_snapshot(pid, &mut session, true, bad_records);

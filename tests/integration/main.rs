@@ -825,3 +825,41 @@ fn sort_by_count_puts_the_many_small_cache_entries_first() {
     assert_eq!(by_bytes[0], "leak_site", "{report}");
     assert_eq!(by_bytes[1], "cache_put", "{report}");
 }
+
+/// The probes of `leaktrace` and of the bench's floor (`--noop-programs`), from the announcement
+/// "... (N probes); ...".
+fn probes_announced(stderr: &[String]) -> u64 {
+    stderr
+        .iter()
+        .find_map(|line| {
+            let (head, _) = line.split_once(" probes)")?;
+            head.rsplit_once('(')?.1.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no probe count in {stderr:?}"))
+}
+
+#[test]
+fn the_bench_floor_traps_at_the_same_points_and_records_nothing() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 10 leaks of 4096 bytes and 100 temporary blocks per round.
+    let mut fixture = Fixture::start(&binary, &["10", "4096", "100"]);
+    let real = Leaktrace::attach(fixture.pid(), &[]).stop();
+    assert!(real.status.success(), "{:?}", real.stderr);
+
+    let floor = Leaktrace::attach(fixture.pid(), &["--noop-programs"]);
+    fixture.round();
+    let outcome = floor.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    assert_eq!(
+        probes_announced(&outcome.stderr),
+        probes_announced(&real.stderr)
+    );
+    let totals = &outcome.last()["totals"];
+    assert_eq!(totals["allocations"], 0);
+    assert_eq!(totals["frees"], 0);
+    assert_eq!(totals["lost_events"], 0);
+    fixture.finish();
+}

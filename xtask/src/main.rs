@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -32,6 +34,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure what tracing costs the target: a malloc microbenchmark untraced, under
+    /// leaktrace, under the floor (no-op programs) and under bpftrace; a server under load;
+    /// the aggregator alone; event loss. Needs root; installs bpftrace.
+    Bench(bench::Args),
     /// Time symbolizing and rendering a report of 10,000+ distinct stacks (needs root).
     BenchSymbolize {
         /// Distinct stacks in the report (default 12000).
@@ -77,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::bench(&args),
         Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
         Task::BenchUnwind { pairs, runs } => bench_unwind::bench_unwind(pairs, runs),
     }
@@ -117,9 +124,11 @@ fn output(cmd: &mut Command) -> Option<String> {
     String::from_utf8(out.stdout).ok()
 }
 
-fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .into_iter()
+/// Installs the Debian packages of `packages` that are missing.
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|pkg| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
                 .is_none_or(|status| !status.ends_with("installed"))
@@ -136,6 +145,11 @@ fn setup() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    install_packages(&PACKAGES)?;
     if !succeeds(Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--version"])) {
         step(&format!(
             "linking Debian's rustc into rustup as `{TOOLCHAIN}`"

@@ -1,0 +1,666 @@
+//! `cargo xtask bench`: what tracing costs the target, measured side by side.
+//!
+//! The machine may be shared and noisy, so every configuration runs once per round, rounds
+//! interleave the configurations (in a rotating order), and the table shows the median with the
+//! min and max over rounds. Ratios are taken within a round, then summarized the same way.
+
+mod load;
+mod stats;
+mod tracer;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use self::{
+    stats::Summary,
+    tracer::{Tracer, Tracing},
+};
+use super::{Child, cargo, require_root, run, setup, step, workspace};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Rounds: each configuration runs once per round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds each microbenchmark workload runs per configuration and round.
+    #[arg(long, default_value_t = 0.5)]
+    seconds: f64,
+    /// Seconds of load on the server per configuration and round.
+    #[arg(long, default_value_t = 2.0)]
+    server_seconds: f64,
+    /// Run only these parts (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Micro,
+    Server,
+    Loss,
+    Aggregator,
+}
+
+/// Where the bench keeps its binaries, scripts and leaktrace's reports.
+fn bench_dir() -> PathBuf {
+    workspace().join("target/bench")
+}
+
+/// The microbenchmark's workloads, in the order the fixture prints them.
+const WORKLOADS: [(&str, &str); 4] = [
+    ("pairs_1t", "malloc+free 3 calls deep, 1 thread"),
+    ("pairs_2t", "the same, 2 threads (per thread)"),
+    ("realloc_mix", "malloc, realloc x2, free (per 2 calls)"),
+    ("mixed_sizes", "8 B to 64 KiB, 64 held"),
+];
+
+pub fn bench(args: &Args) -> anyhow::Result<()> {
+    setup()?;
+    require_root("the bench")?;
+    super::install_packages(&["bpftrace"])?;
+    if args.rounds == 0 || !(args.seconds > 0.0 && args.server_seconds > 0.0) {
+        bail!("--rounds, --seconds and --server-seconds must be positive");
+    }
+    step("building leaktrace and the aggregator bench (release)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "leaktrace",
+        "--bin",
+        "leaktrace",
+        "--example",
+        "aggregator_bench",
+    ]))?;
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let malloc_bench = compile(&dir, "malloc_bench")?;
+    let echo_server = compile(&dir, "echo_server")?;
+    let load_before = load_average();
+
+    let wanted = |part| args.only.is_empty() || args.only.contains(&part);
+    let micro = wanted(Part::Micro)
+        .then(|| micro(args, &malloc_bench))
+        .transpose()?;
+    let server = wanted(Part::Server)
+        .then(|| server(args, &echo_server))
+        .transpose()?;
+    let loss = wanted(Part::Loss)
+        .then(|| loss(&malloc_bench))
+        .transpose()?;
+    let aggregator = wanted(Part::Aggregator).then(aggregator).transpose()?;
+
+    println!();
+    println!(
+        "leaktrace bench · {} rounds · load average {} before, {} after (2 cores shared: read the ratios, taken within each round)",
+        args.rounds,
+        load_before,
+        load_average()
+    );
+    if let Some(micro) = micro {
+        micro.print();
+    }
+    if let Some(server) = server {
+        server.print();
+    }
+    if let Some(loss) = loss {
+        loss.print();
+    }
+    if let Some(aggregator) = aggregator {
+        aggregator.print();
+    }
+    Ok(())
+}
+
+fn compile(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let out = dir.join(name);
+    step(&format!("compiling bench/{name}.c"));
+    // Frame pointers, as leaktrace's stacks want them; -O2 as services are built.
+    run(Command::new("gcc")
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&out)
+        .arg(workspace().join(format!("bench/{name}.c"))))?;
+    Ok(out)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A fixture that talks over stdin/stdout, killed when dropped.
+struct Fixture {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Fixture {
+    fn start(binary: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdin = child.stdin.take().context("fixture stdin")?;
+        let stdout = child.stdout.take().context("fixture stdout")?;
+        Ok(Self {
+            child: Child(child),
+            stdin,
+            lines: lines_of(stdout),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        writeln!(self.stdin, "{line}").context("writing to the fixture")
+    }
+
+    fn line(&self, timeout: Duration) -> anyhow::Result<String> {
+        self.lines
+            .recv_timeout(timeout)
+            .context("the bench fixture stopped answering")
+    }
+}
+
+/// Lines of a child's output, read on a thread so that waiting for one can time out.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A configuration of the microbenchmark: who traces the fixture, and how.
+#[derive(Clone, Copy)]
+struct Config {
+    name: &'static str,
+    tracer: Tracer,
+}
+
+const UNTRACED: Config = Config {
+    name: "untraced",
+    tracer: Tracer::None,
+};
+const LEAKTRACE: Config = Config {
+    name: "leaktrace",
+    tracer: Tracer::Leaktrace(&[]),
+};
+const FLOOR: Config = Config {
+    name: "floor",
+    tracer: Tracer::Leaktrace(&["--noop-programs"]),
+};
+const BPFTRACE: Config = Config {
+    name: "bpftrace",
+    tracer: Tracer::Bpftrace,
+};
+const LEAKTRACE_FREE_AT_ENTRY: Config = Config {
+    name: "lt free@0",
+    tracer: Tracer::Leaktrace(&["--free-at-entry"]),
+};
+const FLOOR_FREE_AT_ENTRY: Config = Config {
+    name: "floor free@0",
+    tracer: Tracer::Leaktrace(&["--noop-programs", "--free-at-entry"]),
+};
+
+const MICRO_CONFIGS: [Config; 6] = [
+    UNTRACED,
+    LEAKTRACE,
+    FLOOR,
+    BPFTRACE,
+    LEAKTRACE_FREE_AT_ENTRY,
+    FLOOR_FREE_AT_ENTRY,
+];
+
+/// The configurations of one round, in an order that rotates from round to round, so that no
+/// configuration always runs first (or right after the build of a colleague...).
+fn rotated<T: Copy>(items: &[T], round: usize) -> Vec<T> {
+    let mut v = items.to_vec();
+    v.rotate_left(round % items.len());
+    v
+}
+
+/// `[round][config] -> workload -> ns per pair`
+struct Micro {
+    rounds: Vec<BTreeMap<&'static str, BTreeMap<String, f64>>>,
+    /// Events leaktrace lost in its microbenchmark runs, and the events it saw.
+    lost_events: u64,
+    events: u64,
+    return_without_entry: u64,
+}
+
+fn micro(args: &Args, binary: &Path) -> anyhow::Result<Micro> {
+    let mut micro = Micro {
+        rounds: Vec::new(),
+        lost_events: 0,
+        events: 0,
+        return_without_entry: 0,
+    };
+    for round in 0..args.rounds {
+        let mut results = BTreeMap::new();
+        for config in rotated(&MICRO_CONFIGS, round) {
+            step(&format!(
+                "microbenchmark round {}/{}: {}",
+                round + 1,
+                args.rounds,
+                config.name
+            ));
+            let mut fixture = Fixture::start(binary)?;
+            expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
+            let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
+            fixture.send(&format!("run {}", args.seconds))?;
+            let mut ns = BTreeMap::new();
+            let per_workload = Duration::from_secs_f64(args.seconds * 20.0 + 30.0);
+            loop {
+                let line = fixture.line(per_workload)?;
+                if line == "done" {
+                    break;
+                }
+                let mut words = line.split_whitespace();
+                let (Some(name), Some(value)) = (words.next(), words.next()) else {
+                    bail!("unexpected fixture output `{line}`");
+                };
+                ns.insert(name.to_owned(), value.parse::<f64>()?);
+            }
+            let outcome = tracing.stop()?;
+            if config.name == LEAKTRACE.name {
+                let outcome = outcome.context("leaktrace wrote no report")?;
+                if outcome.allocations == 0 {
+                    bail!("leaktrace saw no allocation: it did not trace the fixture");
+                }
+                micro.lost_events += outcome.lost_events;
+                micro.events += outcome.allocations + outcome.frees;
+                micro.return_without_entry += outcome.return_without_entry;
+            }
+            fixture.send("quit")?;
+            results.insert(config.name, ns);
+        }
+        micro.rounds.push(results);
+    }
+    Ok(micro)
+}
+
+fn expect(line: &str, want: &str) -> anyhow::Result<()> {
+    if line != want {
+        bail!("the fixture said `{line}`, not `{want}`");
+    }
+    Ok(())
+}
+
+impl Micro {
+    fn value(&self, round: usize, config: &str, workload: &str) -> Option<f64> {
+        self.rounds[round].get(config)?.get(workload).copied()
+    }
+
+    /// Per round, `f(value of config...)`, summarized over rounds.
+    fn over_rounds(&self, f: impl Fn(usize) -> Option<f64>) -> Summary {
+        Summary::of((0..self.rounds.len()).filter_map(f))
+    }
+
+    /// `(a - untraced) / (b - untraced)` within each round.
+    fn added_ratio(&self, workload: &str, a: &str, b: &str) -> Summary {
+        self.over_rounds(|r| {
+            let base = self.value(r, UNTRACED.name, workload)?;
+            let a = self.value(r, a, workload)? - base;
+            let b = self.value(r, b, workload)? - base;
+            (b > 0.0).then_some(a / b)
+        })
+    }
+
+    fn print(&self) {
+        println!();
+        println!(
+            "malloc microbenchmark: ns per pair of allocator calls, median [min..max] over rounds"
+        );
+        print!("{:<12}", "workload");
+        for config in MICRO_CONFIGS {
+            print!(" {:>22}", config.name);
+        }
+        println!();
+        for (workload, _) in WORKLOADS {
+            print!("{workload:<12}");
+            for config in MICRO_CONFIGS {
+                let s = self.over_rounds(|r| self.value(r, config.name, workload));
+                print!(" {:>22}", s.show(0));
+            }
+            println!();
+        }
+        for (workload, what) in WORKLOADS {
+            println!("  {workload}: {what}");
+        }
+        println!(
+            "  floor: the same probe points with BPF programs that do nothing; lt free@0 and floor free@0: free probed at its first instruction"
+        );
+        println!();
+        println!("ratios of added cost (traced - untraced), per round, median [min..max]:");
+        println!(
+            "{:<12} {:>24} {:>24} {:>24} {:>24}",
+            "workload",
+            "leaktrace/floor (<=1.3)",
+            "bpftrace/leaktrace (>=3)",
+            "lt free@0/leaktrace",
+            "floor free@0/floor"
+        );
+        for (workload, _) in WORKLOADS {
+            println!(
+                "{workload:<12} {:>24} {:>24} {:>24} {:>24}",
+                self.added_ratio(workload, LEAKTRACE.name, FLOOR.name)
+                    .show(2),
+                self.added_ratio(workload, BPFTRACE.name, LEAKTRACE.name)
+                    .show(2),
+                self.added_ratio(workload, LEAKTRACE_FREE_AT_ENTRY.name, LEAKTRACE.name)
+                    .show(2),
+                self.added_ratio(workload, FLOOR_FREE_AT_ENTRY.name, FLOOR.name)
+                    .show(2),
+            );
+        }
+        println!(
+            "leaktrace lost {} of {} events over all microbenchmark runs (default settings); {} allocator returns seen without their entry",
+            self.lost_events, self.events, self.return_without_entry
+        );
+    }
+}
+
+/// `[round] -> config -> (requests/s, p99 us)`
+struct Server {
+    rounds: Vec<BTreeMap<&'static str, (f64, f64)>>,
+    lost_events: u64,
+    /// Allocations leaktrace saw, and returns it saw without their entry.
+    allocations: u64,
+    return_without_entry: u64,
+    /// leaktrace's own CPU seconds per second of load.
+    leaktrace_cpu: Vec<f64>,
+}
+
+const SERVER_CONFIGS: [Config; 3] = [UNTRACED, LEAKTRACE, FLOOR];
+
+/// Connections the load generator keeps busy, each one request at a time.
+const CONNECTIONS: usize = 4;
+
+fn server(args: &Args, binary: &Path) -> anyhow::Result<Server> {
+    let mut server = Server {
+        rounds: Vec::new(),
+        lost_events: 0,
+        allocations: 0,
+        return_without_entry: 0,
+        leaktrace_cpu: Vec::new(),
+    };
+    for round in 0..args.rounds {
+        let mut results = BTreeMap::new();
+        for config in rotated(&SERVER_CONFIGS, round) {
+            step(&format!(
+                "server round {}/{}: {}",
+                round + 1,
+                args.rounds,
+                config.name
+            ));
+            let fixture = Fixture::start(binary)?;
+            let line = fixture.line(Duration::from_secs(10))?;
+            let port: u16 = line
+                .strip_prefix("port ")
+                .and_then(|p| p.parse().ok())
+                .with_context(|| format!("the server said `{line}`, not its port"))?;
+            let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
+            let result = load::run(
+                port,
+                CONNECTIONS,
+                Duration::from_secs_f64(args.server_seconds),
+            )?;
+            if let (Some(outcome), true) = (tracing.stop()?, config.name == LEAKTRACE.name) {
+                server.lost_events += outcome.lost_events;
+                server.allocations += outcome.allocations;
+                server.return_without_entry += outcome.return_without_entry;
+                server
+                    .leaktrace_cpu
+                    .push(outcome.cpu_s / args.server_seconds);
+            }
+            drop(fixture);
+            results.insert(config.name, (result.requests_per_s, result.p99_us));
+        }
+        server.rounds.push(results);
+    }
+    Ok(server)
+}
+
+impl Server {
+    fn print(&self) {
+        println!();
+        println!(
+            "server (bench/echo_server.c: 6 allocations per request; {CONNECTIONS} connections on 127.0.0.1, closed loop), median [min..max]:"
+        );
+        println!(
+            "{:<12} {:>26} {:>22} {:>22}",
+            "config", "requests/s", "p99 latency us", "throughput vs untraced"
+        );
+        for config in SERVER_CONFIGS {
+            let rps = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.0)),
+            );
+            let p99 = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.1)),
+            );
+            let relative = Summary::of(
+                self.rounds
+                    .iter()
+                    .filter_map(|r| Some(r.get(config.name)?.0 / r.get(UNTRACED.name)?.0)),
+            );
+            println!(
+                "{:<12} {:>26} {:>22} {:>22}",
+                config.name,
+                rps.show(0),
+                p99.show(0),
+                relative.show(2)
+            );
+        }
+        println!(
+            "leaktrace over the server runs: {} events lost, {} allocations seen, {} allocator returns seen without their entry (missed, not counted as lost)",
+            self.lost_events, self.allocations, self.return_without_entry
+        );
+        println!(
+            "leaktrace's own process (intake, heap model): {} CPU seconds per second of load (attach and final report included)",
+            Summary::of(self.leaktrace_cpu.iter().copied()).show(2)
+        );
+    }
+}
+
+/// Zero-drop event rates under leaktrace at default settings.
+struct Loss {
+    /// (offered events/s, achieved events/s, lost events)
+    steps: Vec<(Option<f64>, f64, u64)>,
+    /// Per BPF program of the first step: name, runs, ns per run (the kernel's own timing).
+    programs: Vec<(String, u64, f64)>,
+}
+
+/// Seconds per step of the loss ramp: long enough to fill a ring buffer that is not drained.
+const LOSS_SECONDS: f64 = 4.0;
+
+/// Runs the microbenchmark's two threads flat out under leaktrace; if anything was lost, offers
+/// lower rates until nothing is.
+fn loss(binary: &Path) -> anyhow::Result<Loss> {
+    let mut loss = Loss {
+        steps: Vec::new(),
+        programs: Vec::new(),
+    };
+    let mut offered: Option<f64> = None;
+    for _ in 0..6 {
+        step(&format!(
+            "loss: {} under leaktrace for {LOSS_SECONDS} s",
+            offered.map_or("two threads flat out".into(), |r| format!(
+                "{r:.0} events/s offered"
+            ))
+        ));
+        let mut fixture = Fixture::start(binary)?;
+        expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
+        // The kernel times each program run here (it costs two clock reads per run, so not in
+        // the microbenchmark's timed runs).
+        let tracer = Tracer::Leaktrace(&["--print-program-times"]);
+        let tracing = Tracing::start(tracer, fixture.pid(), &bench_dir())?;
+        // Two events (malloc, free) per pair.
+        let pairs_per_s = offered.map_or(0.0, |r| r / 2.0);
+        fixture.send(&format!("rate {pairs_per_s} {LOSS_SECONDS}"))?;
+        let line = fixture.line(Duration::from_secs_f64(LOSS_SECONDS * 10.0 + 30.0))?;
+        let achieved = line
+            .strip_prefix("rate ")
+            .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+            .with_context(|| format!("unexpected fixture output `{line}`"))?
+            * 2.0;
+        let outcome = tracing.stop()?.context("leaktrace wrote no report")?;
+        fixture.send("quit")?;
+        loss.steps.push((offered, achieved, outcome.lost_events));
+        if loss.programs.is_empty() {
+            loss.programs = outcome
+                .programs
+                .iter()
+                .map(|(name, runs, ns)| (name.clone(), *runs, *ns as f64 / (*runs).max(1) as f64))
+                .collect();
+        }
+        if outcome.lost_events == 0 {
+            break;
+        }
+        offered = Some(achieved / 2.0);
+    }
+    Ok(loss)
+}
+
+impl Loss {
+    fn print(&self) {
+        println!();
+        println!(
+            "loss under leaktrace (default settings: 32 MiB ring buffer), {LOSS_SECONDS} s per step:"
+        );
+        for &(offered, achieved, lost) in &self.steps {
+            println!(
+                "  offered {:>14}  achieved {:>10.0} events/s  lost {lost}",
+                offered.map_or("flat out".into(), |r| format!("{r:.0}/s")),
+                achieved
+            );
+        }
+        match self.steps.iter().find(|s| s.2 == 0) {
+            Some(&(None, achieved, _)) => println!(
+                "  zero drops at the microbenchmark's full rate: {achieved:.0} events/s (the traps, not the intake, set that rate)"
+            ),
+            Some(&(Some(_), achieved, _)) => {
+                println!("  highest rate seen with zero drops: {achieved:.0} events/s")
+            }
+            None => println!("  drops at every rate tried"),
+        }
+        println!(
+            "  where leaktrace's added cost goes: time inside each BPF program, as the kernel measures it (bpf run-time stats, first step):"
+        );
+        for (name, runs, ns) in &self.programs {
+            println!("    {name:<22} {runs:>10} runs {ns:>8.0} ns per run");
+        }
+    }
+}
+
+/// The heap model alone (leaktrace/examples/aggregator_bench.rs).
+struct Aggregator {
+    /// live-set size -> bytes per live allocation
+    bytes_per_live: Vec<(u64, f64)>,
+    /// live-set size -> events/s of CPU time, of wall time, of the model without decoding, and
+    /// of a bare hash map (CPU time)
+    events_per_s: Vec<(u64, Summary, Summary, Summary, Summary)>,
+}
+
+/// Live-set sizes at which events/s are measured: what fits in caches, and what does not.
+const AGGREGATOR_LIVE: [u64; 3] = [10_000, 100_000, 1_000_000];
+
+fn aggregator() -> anyhow::Result<Aggregator> {
+    let binary = workspace().join("target/release/examples/aggregator_bench");
+    let mut result = Aggregator {
+        bytes_per_live: Vec::new(),
+        events_per_s: Vec::new(),
+    };
+    for live in AGGREGATOR_LIVE {
+        step(&format!("aggregator: {live} live allocations"));
+        let out = Command::new(&binary)
+            .arg(live.to_string())
+            .output()
+            .with_context(|| format!("running {}", binary.display()))?;
+        if !out.status.success() {
+            bail!("{} failed ({})", binary.display(), out.status);
+        }
+        let (mut cpu, mut wall, mut apply, mut bare) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                ["bytes_per_live", n, bytes] if live == AGGREGATOR_LIVE[0] => {
+                    result.bytes_per_live.push((n.parse()?, bytes.parse()?));
+                }
+                ["events_per_s", c, w] => {
+                    cpu.push(c.parse()?);
+                    wall.push(w.parse()?);
+                }
+                ["bare_map_events_per_s", b] => bare.push(b.parse()?),
+                ["apply_only_events_per_s", a] => apply.push(a.parse()?),
+                _ => {}
+            }
+        }
+        result.events_per_s.push((
+            live,
+            Summary::of(cpu),
+            Summary::of(wall),
+            Summary::of(apply),
+            Summary::of(bare),
+        ));
+    }
+    Ok(result)
+}
+
+impl Aggregator {
+    fn print(&self) {
+        println!();
+        println!(
+            "aggregator alone (decode + heap model, one thread; 1000 stacks of 8-32 frames; each alloc at a new address, each free of the oldest):"
+        );
+        println!(
+            "{:>12} {:>24} {:>24} {:>24} {:>24}",
+            "live allocs",
+            "M events/s (CPU time)",
+            "(wall time)",
+            "model alone (CPU)",
+            "bare hash map (CPU)"
+        );
+        for (live, cpu, wall, apply, bare) in &self.events_per_s {
+            println!(
+                "{live:>12} {:>24} {:>24} {:>24} {:>24}",
+                cpu.scaled(1e-6).show(2),
+                wall.scaled(1e-6).show(2),
+                apply.scaled(1e-6).show(2),
+                bare.scaled(1e-6).show(2)
+            );
+        }
+        println!(
+            "  model alone: the same events applied without decoding records (stacks held in memory); bare hash map: the same addresses into a hash map with entries of the same size (no stacks)"
+        );
+        for (live, bytes) in &self.bytes_per_live {
+            println!(
+                "  user-space bytes per live allocation at {live} live: {bytes:.1} (all bytes the process allocated for the model, counted by a global allocator, divided by live allocations)"
+            );
+        }
+    }
+}
