@@ -35,10 +35,7 @@ fn a_leak_of_100_pages_is_reported_exactly_and_churn_is_absent() {
     let binary = compile("leaky", &[]);
     // 100 leaks of 4096 bytes and 1000 temporary 128-byte blocks.
     let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
-    let trace = Leaktrace::attach(fixture.pid(), &[]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let outcome = Leaktrace::one_round(&mut fixture, &[]);
     let report = outcome.last();
 
     assert_eq!(report["schema"], 1);
@@ -276,10 +273,7 @@ fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
     // 10 leaks and 20000 temporary blocks: 40010 events in a tight loop, into a ring buffer
     // that holds three allocation records.
     let mut fixture = Fixture::start(&binary, &["10", "64", "20000"]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--ringbuf-bytes", "4096"]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let outcome = Leaktrace::one_round(&mut fixture, &["--ringbuf-bytes", "4096"]);
     let report = outcome.last();
     let totals = &report["totals"];
     let lost = totals["lost_events"].as_u64().unwrap();

@@ -155,15 +155,7 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
     let binary = compile("deep", &[]);
     // Stacks of 4, 8, 9 and 44 return addresses (L + 4 for L levels), 1000 + L bytes each.
     let mut fixture = Fixture::start(&binary, &["0", "4", "5", "40"]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--max-depth", "8"]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &["--max-depth", "8"]);
     let report = outcome.last();
 
     let descend = |n: usize| std::iter::repeat_n("descend", n);
@@ -221,15 +213,7 @@ fn the_default_depth_keeps_the_127_frames_the_kernel_gives() {
     }
     let binary = compile("deep", &[]);
     let mut fixture = Fixture::start(&binary, &["100", "200"]);
-    let trace = Leaktrace::attach(fixture.pid(), &[]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &[]);
     let report = outcome.last();
 
     let whole = stack_holding(report, 1100);
@@ -285,15 +269,7 @@ fn rust_leaks_are_named(mangling: &[&str], names: [&str; 3]) {
     flags.extend_from_slice(mangling);
     let binary = build("rustc", &flags, "leaky_rs.rs", "leaky_rs");
     let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100"]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &["--top", "100"]);
     let report = outcome.last();
 
     // (function, source line of its allocation, allocations, bytes each) for one round.
@@ -353,15 +329,7 @@ fn cpp_leaks_are_named_with_demangled_cpp_names() {
         "leaky_cpp",
     );
     let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &[]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &[]);
     let report = outcome.last();
 
     // malloc called by a method of a class template.
@@ -424,15 +392,7 @@ fn stripped_modules_show_as_module_plus_offset_inside_the_right_function() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let mut fixture = Fixture::start_command(Command::new(&stripped).args(["5", "100", "5"]));
-    let trace = Leaktrace::attach(fixture.pid(), &[]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &[]);
     let leak = stack_holding(outcome.last(), 500);
     assert_unnamed_frame_in(&leak["frames"][0], &stripped, &binary.path, "leak_site");
     assert_unnamed_frame_in(&leak["frames"][1], &stripped, &binary.path, "main");
@@ -477,15 +437,7 @@ fn stripped_modules_show_as_module_plus_offset_inside_the_right_function() {
         "uselib",
     );
     let mut fixture = Fixture::start(&program, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &[]);
-    fixture.round();
-    let outcome = trace.stop();
-    assert!(
-        outcome.status.success(),
-        "{} {:?}",
-        outcome.status,
-        outcome.stderr
-    );
+    let outcome = Leaktrace::one_round(&mut fixture, &[]);
     let leak = stack_holding(outcome.last(), 20 * 300);
     let frames = leak["frames"].as_array().unwrap();
     assert_unnamed_frame_in(&frames[0], &stripped_lib, &lib.path, "chunk_alloc");
@@ -565,15 +517,7 @@ fn a_binary_deleted_or_replaced_while_running_is_symbolized_from_the_running_fil
         } else {
             std::fs::remove_file(&path).unwrap();
         }
-        let trace = Leaktrace::attach(fixture.pid(), &[]);
-        fixture.round();
-        let outcome = trace.stop();
-        assert!(
-            outcome.status.success(),
-            "{} {:?}",
-            outcome.status,
-            outcome.stderr
-        );
+        let outcome = Leaktrace::one_round(&mut fixture, &[]);
         let leak = stack_holding(outcome.last(), 500);
         let frame = &leak["frames"][0];
         assert_eq!(frame["symbol"], "leak_site", "replaced: {replaced}");

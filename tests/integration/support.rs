@@ -318,6 +318,21 @@ impl Leaktrace {
         }
     }
 
+    /// The scenario most tests run: attach to the fixture, run one round, stop, and check that
+    /// leaktrace ended well.
+    pub fn one_round(fixture: &mut Fixture, extra: &[&str]) -> Outcome {
+        let trace = Self::attach(fixture.pid(), extra);
+        fixture.round();
+        let outcome = trace.stop();
+        assert!(
+            outcome.status.success(),
+            "{} {:?}",
+            outcome.status,
+            outcome.stderr
+        );
+        outcome
+    }
+
     pub fn stop(self) -> Outcome {
         self.interrupt();
         self.wait()

@@ -243,10 +243,7 @@ fn auto_copies_no_stack_where_frame_pointers_are_kept_and_every_stack_where_not(
     // The stderr line that counts stack copies, for `binary` run one round under `--unwind auto`.
     let copies_line = |binary: &Binary, args: &[&str]| {
         let mut fixture = Fixture::start(binary, args);
-        let trace = Leaktrace::attach(fixture.pid(), &[]);
-        fixture.round();
-        let outcome = trace.stop();
-        assert!(outcome.status.success(), "{:?}", outcome.stderr);
+        let outcome = Leaktrace::one_round(&mut fixture, &[]);
         fixture.finish();
         outcome
             .stderr
