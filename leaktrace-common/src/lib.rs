@@ -198,8 +198,9 @@ pub mod stat {
     pub const STACK_FAILED: u32 = 4;
     /// posix_memalign results that could not be read from the target.
     pub const READ_FAILED: u32 = 5;
-    /// Stack copies of which not even the first page could be read (the event is still
-    /// reported, with its frame-pointer stack).
+    /// Stack copies of which not even the first page could be read, or (`--unwind auto`) for
+    /// which the ring buffer had no room (the event is still reported, with its frame-pointer
+    /// stack).
     pub const STACK_COPY_FAILED: u32 = 6;
     /// Number of statistics.
     pub const COUNT: u32 = 7;

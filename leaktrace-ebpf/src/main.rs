@@ -299,14 +299,23 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         }
     };
     let mode = stack::mode();
-    if mode != unwind::FP {
-        return stack::submit_with_stack_copy(ctx, mode, fill);
+    if mode == unwind::DWARF {
+        return stack::submit_with_stack_copy(ctx, fill);
     }
     let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
         count(stat::RINGBUF_FULL);
         return Err(0);
     };
-    fill(entry.as_mut_ptr());
+    let event = entry.as_mut_ptr();
+    fill(event);
+    // SAFETY: `event` is filled, and stays reserved until submitted or discarded here.
+    if mode == unwind::AUTO
+        && unsafe { stack::walk_left_frame_pointer_code(event) }
+        && unsafe { stack::submit_copy_of(ctx, event) }
+    {
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
+        return Ok(0);
+    }
     entry.submit(wakeup_flags());
     Ok(0)
 }

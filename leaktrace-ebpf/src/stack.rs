@@ -10,7 +10,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_USER_STACK, BPF_RB_NO_WAKEUP, pt_regs},
-    helpers::{bpf_get_stack, generated::bpf_probe_read_user as read_user},
+    helpers::{
+        bpf_get_stack,
+        generated::{bpf_probe_read_kernel as read_kernel, bpf_probe_read_user as read_user},
+    },
     macros::map,
     maps::Array,
     programs::RetProbeContext,
@@ -83,10 +86,9 @@ pub unsafe fn fill_frame_pointer_stack(ctx: &RetProbeContext, event: *mut AllocE
     }
 }
 
-/// For `--unwind dwarf|auto`: reserves a record with room for the stack copy and builds the
-/// allocation in it with `fill` (which takes the frame-pointer stack); then submits it with a
-/// copy of the user stack when the mode asks for one, and otherwise sends the allocation alone
-/// as a plain record and discards the reservation.
+/// For `--unwind dwarf`: reserves a record with room for the stack copy, builds the allocation
+/// in it with `fill` (which takes the frame-pointer stack), and submits it with a copy of the
+/// user stack.
 ///
 /// The record is built in the reservation rather than in a per-CPU scratch slot: uprobe
 /// programs run with migration disabled but may be preempted, so another thread on the same
@@ -94,23 +96,21 @@ pub unsafe fn fill_frame_pointer_stack(ctx: &RetProbeContext, event: *mut AllocE
 #[inline(always)]
 pub fn submit_with_stack_copy(
     ctx: &RetProbeContext,
-    mode: u32,
     fill: impl FnOnce(*mut AllocEvent),
 ) -> Result<u32, u32> {
     // SAFETY: a plain read of a global, as in `mode`.
     let copy_bytes = unsafe { core::ptr::read_volatile(&STACK_COPY_BYTES) };
     match copy_bytes {
-        4096 => submit::<4096>(ctx, mode, fill),
-        8192 => submit::<8192>(ctx, mode, fill),
-        16384 => submit::<16384>(ctx, mode, fill),
-        _ => submit::<32768>(ctx, mode, fill),
+        4096 => submit::<4096>(ctx, fill),
+        8192 => submit::<8192>(ctx, fill),
+        16384 => submit::<16384>(ctx, fill),
+        _ => submit::<32768>(ctx, fill),
     }
 }
 
 #[inline(always)]
 fn submit<const N: usize>(
     ctx: &RetProbeContext,
-    mode: u32,
     fill: impl FnOnce(*mut AllocEvent),
 ) -> Result<u32, u32> {
     let Some(mut entry) = EVENTS.reserve::<AllocStackEvent<N>>(0) else {
@@ -122,19 +122,6 @@ fn submit<const N: usize>(
     // program writes until it is submitted or discarded.
     let alloc = unsafe { &raw mut (*record).alloc };
     fill(alloc);
-    // SAFETY: as above; `alloc` is filled.
-    let copy = mode == unwind::DWARF || unsafe { walk_left_frame_pointer_code(alloc) };
-    if !copy {
-        // SAFETY: as above.
-        let sent = EVENTS.output::<AllocEvent>(unsafe { &*alloc }, wakeup_flags());
-        // Without NO_WAKEUP, a discard wakes an idle reader up every time, for nothing.
-        entry.discard(BPF_RB_NO_WAKEUP as u64);
-        if sent.is_err() {
-            count(stat::RINGBUF_FULL);
-            return Err(0);
-        }
-        return Ok(0);
-    }
     let regs = ctx.as_ptr().cast::<pt_regs>();
     // SAFETY: as above; the context of a return probe is the user's pt_regs, which at a
     // return are the caller's.
@@ -151,6 +138,66 @@ fn submit<const N: usize>(
     }
     entry.submit(wakeup_flags());
     Ok(0)
+}
+
+/// For `--unwind auto`, once the allocation is built in a plain record (`alloc`, which the
+/// caller then discards) and its frame-pointer walk went through code without frame pointers:
+/// submits it again in a record with the caller's registers and a copy of its stack. Most
+/// stacks need no copy, and they cost no more than `--unwind fp` that way. Returns false when
+/// the larger record found no room (the caller then sends the plain one).
+///
+/// # Safety
+/// `alloc` must point at a filled `AllocEvent`.
+#[inline(always)]
+pub unsafe fn submit_copy_of(ctx: &RetProbeContext, alloc: *const AllocEvent) -> bool {
+    // SAFETY: a plain read of a global, as in `mode`.
+    let copy_bytes = unsafe { core::ptr::read_volatile(&STACK_COPY_BYTES) };
+    // SAFETY: caller's promise.
+    unsafe {
+        match copy_bytes {
+            4096 => copy_of::<4096>(ctx, alloc),
+            8192 => copy_of::<8192>(ctx, alloc),
+            16384 => copy_of::<16384>(ctx, alloc),
+            _ => copy_of::<32768>(ctx, alloc),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: *const AllocEvent) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<AllocStackEvent<N>>(0) else {
+        count(stat::STACK_COPY_FAILED);
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: `record` is a reservation of size_of::<AllocStackEvent<N>>() bytes that only
+    // this program writes until it is submitted or discarded; `alloc` is a filled AllocEvent
+    // (caller's promise) in kernel memory (a ring buffer record); the context of a return
+    // probe is the user's pt_regs, which at a return are the caller's.
+    unsafe {
+        let dst = &raw mut (*record).alloc;
+        if read_kernel(
+            dst.cast(),
+            core::mem::size_of::<AllocEvent>() as u32,
+            alloc.cast(),
+        ) != 0
+        {
+            entry.discard(BPF_RB_NO_WAKEUP as u64);
+            return false;
+        }
+        (*record).alloc.kind = EVENT_ALLOC_STACK;
+        let sp = (*regs).rsp;
+        (*record).regs = UserRegs {
+            ip: (*regs).rip,
+            sp,
+            bp: (*regs).rbp,
+        };
+        (*record)._pad = 0;
+        (*record).stack_copy_bytes = copy_user_stack::<N>((*record).stack.as_mut_ptr(), sp);
+    }
+    entry.submit(wakeup_flags());
+    true
 }
 
 /// Copies the user stack from `sp` upward into `dst` (N bytes): up to the next page boundary,
@@ -200,7 +247,7 @@ unsafe fn copy_user_stack<const N: usize>(dst: *mut u8, sp: u64) -> u32 {
 /// # Safety
 /// `event` must point at a filled `AllocEvent`.
 #[inline(always)]
-unsafe fn walk_left_frame_pointer_code(event: *const AllocEvent) -> bool {
+pub unsafe fn walk_left_frame_pointer_code(event: *const AllocEvent) -> bool {
     // SAFETY: caller's promise.
     let depth = unsafe { (*event).stack_bytes } as usize / 8;
     if depth == 0 {
