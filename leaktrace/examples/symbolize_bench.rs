@@ -251,6 +251,7 @@ fn main() -> anyhow::Result<()> {
             elapsed_s: 1.0,
             now_ns: 2,
             lost_events: 0,
+            unpaired_returns: 0,
             min_age_ns: 0,
             sizes: 0..=u64::MAX,
             top: usize::MAX,

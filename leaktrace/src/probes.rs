@@ -180,6 +180,12 @@ impl Stats {
         self.sum(stat::RINGBUF_FULL) + self.sum(stat::PENDING_FULL)
     }
 
+    /// Allocator returns seen without their entry: calls in flight at attach, or entries the
+    /// BPF side could not record. Such calls are in no number of the report.
+    pub fn unpaired_returns(&self) -> u64 {
+        self.sum(stat::RETURN_WITHOUT_ENTRY)
+    }
+
     /// Every counter, named, for `--print-bpf-stats`.
     pub fn all(&self) -> Vec<(&'static str, u64)> {
         [
@@ -189,6 +195,7 @@ impl Stats {
             ("stale_entry", stat::STALE_ENTRY),
             ("stack_failed", stat::STACK_FAILED),
             ("read_failed", stat::READ_FAILED),
+            ("stack_copy_failed", stat::STACK_COPY_FAILED),
         ]
         .into_iter()
         .map(|(name, index)| (name, self.sum(index)))

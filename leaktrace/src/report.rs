@@ -57,6 +57,8 @@ pub struct Totals {
     /// Mappings of files: outstanding, but not heap memory, so not in `outstanding_bytes`.
     pub file_mapped_bytes: u64,
     pub file_mappings: u64,
+    /// Allocator returns seen without their entry (calls in flight at attach): not counted.
+    pub unpaired_returns: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -249,6 +251,7 @@ pub struct SnapshotInput {
     pub elapsed_s: f64,
     pub now_ns: u64,
     pub lost_events: u64,
+    pub unpaired_returns: u64,
     /// Only allocations at least this old count (`--min-age`).
     pub min_age_ns: u64,
     /// Only blocks of these sizes count (`--min-size`, `--max-size`).
@@ -295,6 +298,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         allocations,
         frees,
         lost_events: input.lost_events,
+        unpaired_returns: input.unpaired_returns,
         unmatched_frees,
         mapped_bytes: sum(&[Origin::Mapping], |u| u.outstanding_bytes),
         file_mapped_bytes: sum(&[Origin::FileMapping], |u| u.outstanding_bytes),
@@ -393,6 +397,7 @@ mod tests {
             elapsed_s,
             now_ns: (elapsed_s * 1e9) as u64,
             lost_events: 0,
+            unpaired_returns: 0,
             min_age_ns: 0,
             sizes: 0..=u64::MAX,
             top: 10,

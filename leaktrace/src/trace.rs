@@ -142,6 +142,7 @@ pub async fn run(
             elapsed_s: start.elapsed().as_secs_f64(),
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
+            unpaired_returns: stats.unpaired_returns(),
             min_age_ns: settings.min_age.as_nanos() as u64,
             sizes: settings.sizes.clone(),
             file_mappings: settings.file_mappings,

@@ -42,6 +42,9 @@ struct JsonTotals {
     /// Mappings of files: outstanding, but not in `outstanding_bytes`.
     file_mapped_bytes: u64,
     file_mappings: u64,
+    /// Allocator returns seen without their entry: calls in flight at attach (or entries the
+    /// BPF side could not record). Such calls are in no other number.
+    unpaired_returns: u64,
 }
 
 #[derive(Serialize)]
@@ -112,6 +115,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             mapped_bytes: t.mapped_bytes,
             file_mapped_bytes: t.file_mapped_bytes,
             file_mappings: t.file_mappings,
+            unpaired_returns: t.unpaired_returns,
         },
         stack_count: snapshot.stack_count,
         stacks: snapshot
@@ -166,6 +170,7 @@ mod tests {
                 mapped_bytes: 0,
                 file_mapped_bytes: 8192,
                 file_mappings: 1,
+                unpaired_returns: 2,
             },
             stack_count: 1,
             stacks: vec![StackSummary {
@@ -227,7 +232,8 @@ mod tests {
             v["totals"],
             serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,
                                "frees": 2, "lost_events": 5, "unmatched_frees": 1, "mapped_bytes": 0,
-                               "file_mapped_bytes": 8192, "file_mappings": 1})
+                               "file_mapped_bytes": 8192, "file_mappings": 1,
+                               "unpaired_returns": 2})
         );
         let stack = &v["stacks"][0];
         assert_eq!(stack["outstanding_bytes"], 4096);
