@@ -122,20 +122,8 @@ fn submit<const N: usize>(
     // program writes until it is submitted or discarded.
     let alloc = unsafe { &raw mut (*record).alloc };
     fill(alloc);
-    let regs = ctx.as_ptr().cast::<pt_regs>();
-    // SAFETY: as above; the context of a return probe is the user's pt_regs, which at a
-    // return are the caller's.
-    unsafe {
-        (*record).alloc.kind = EVENT_ALLOC_STACK;
-        let sp = (*regs).rsp;
-        (*record).regs = UserRegs {
-            ip: (*regs).rip,
-            sp,
-            bp: (*regs).rbp,
-        };
-        (*record)._pad = 0;
-        (*record).stack_copy_bytes = copy_user_stack::<N>((*record).stack.as_mut_ptr(), sp);
-    }
+    // SAFETY: as above.
+    unsafe { add_stack_copy(ctx, record) };
     entry.submit(wakeup_flags());
     Ok(0)
 }
@@ -170,11 +158,9 @@ unsafe fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: *const AllocEven
         return false;
     };
     let record = entry.as_mut_ptr();
-    let regs = ctx.as_ptr().cast::<pt_regs>();
     // SAFETY: `record` is a reservation of size_of::<AllocStackEvent<N>>() bytes that only
     // this program writes until it is submitted or discarded; `alloc` is a filled AllocEvent
-    // (caller's promise) in kernel memory (a ring buffer record); the context of a return
-    // probe is the user's pt_regs, which at a return are the caller's.
+    // (caller's promise) in kernel memory (a ring buffer record).
     unsafe {
         let dst = &raw mut (*record).alloc;
         if read_kernel(
@@ -186,6 +172,23 @@ unsafe fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: *const AllocEven
             entry.discard(BPF_RB_NO_WAKEUP as u64);
             return false;
         }
+        add_stack_copy(ctx, record);
+    }
+    entry.submit(wakeup_flags());
+    true
+}
+
+/// Turns the allocation at the start of `record` into a record with a stack copy: the caller's
+/// registers (the context of a return probe is the user's pt_regs, which at a return are the
+/// caller's) and its stack from the stack pointer up.
+///
+/// # Safety
+/// `record` must point at an `AllocStackEvent<N>` that this program may write.
+#[inline(always)]
+unsafe fn add_stack_copy<const N: usize>(ctx: &RetProbeContext, record: *mut AllocStackEvent<N>) {
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: caller's promise, and a return probe's context is a pt_regs.
+    unsafe {
         (*record).alloc.kind = EVENT_ALLOC_STACK;
         let sp = (*regs).rsp;
         (*record).regs = UserRegs {
@@ -196,8 +199,6 @@ unsafe fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: *const AllocEven
         (*record)._pad = 0;
         (*record).stack_copy_bytes = copy_user_stack::<N>((*record).stack.as_mut_ptr(), sp);
     }
-    entry.submit(wakeup_flags());
-    true
 }
 
 /// Copies the user stack from `sp` upward into `dst` (N bytes): up to the next page boundary,
