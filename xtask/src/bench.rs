@@ -23,7 +23,7 @@ use self::{
     stats::Summary,
     tracer::{Tracer, Tracing},
 };
-use super::{Child, cargo, require_root, run, setup, step, workspace};
+use super::{Child, build_release, require_root, run, setup, step, workspace};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -70,16 +70,7 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
         bail!("--rounds, --seconds and --server-seconds must be positive");
     }
     step("building leaktrace and the aggregator bench (release)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "leaktrace",
-        "--bin",
-        "leaktrace",
-        "--example",
-        "aggregator_bench",
-    ]))?;
+    build_release(&["aggregator_bench"])?;
     let dir = bench_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let malloc_bench = compile(&dir, "malloc_bench")?;

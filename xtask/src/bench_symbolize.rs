@@ -2,22 +2,13 @@
 //! symbolize and render (the measurement lives in `leaktrace/examples/symbolize_bench.rs`,
 //! which links leaktrace's library; this builds it in release mode and runs it).
 
-use crate::{cargo, require_root, run, setup, step, workspace};
+use crate::{build_release, require_root, run, setup, step, workspace};
 
 pub fn bench_symbolize(stacks: Option<u64>) -> anyhow::Result<()> {
     setup()?;
     require_root("bench-symbolize (it traces a real process)")?;
     step("building leaktrace and the symbolization bench (release)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "leaktrace",
-        "--bin",
-        "leaktrace",
-        "--example",
-        "symbolize_bench",
-    ]))?;
+    build_release(&["symbolize_bench"])?;
     let target = workspace().join("target/release");
     step("tracing a generated program with a distinct stack per allocation");
     let mut bench = std::process::Command::new(target.join("examples/symbolize_bench"));

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Child, cargo, require_root, run, setup, step, workspace};
+use crate::{Child, build_release, require_root, run, setup, step, workspace};
 
 /// One way of running the fixture.
 struct Config {
@@ -74,7 +74,7 @@ pub fn bench_unwind(pairs: u64, runs: usize) -> anyhow::Result<()> {
     setup()?;
     require_root("bench-unwind")?;
     step("building leaktrace (release)");
-    run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+    build_release(&[])?;
     let root = workspace();
     let dir = root.join("target/bench-unwind");
     std::fs::create_dir_all(&dir)?;

@@ -213,11 +213,28 @@ impl Drop for Child {
     }
 }
 
+/// Builds the leaktrace binary, and these examples of its crate, in release mode.
+fn build_release(examples: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "leaktrace",
+        "--bin",
+        "leaktrace",
+    ]);
+    for example in examples {
+        cmd.args(["--example", example]);
+    }
+    run(&mut cmd)
+}
+
 fn demo() -> anyhow::Result<()> {
     setup()?;
     require_root("the demo")?;
     step("building leaktrace");
-    run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+    build_release(&[])?;
     let root = workspace();
     let demo_dir = root.join("target/demo");
     std::fs::create_dir_all(&demo_dir)?;
