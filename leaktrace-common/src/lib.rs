@@ -4,8 +4,8 @@
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
 
-/// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, past
-/// which `bpf_get_stack` returns no more.
+/// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, as
+/// deep as the kernel's own user-stack walk goes.
 pub const MAX_STACK_DEPTH: usize = 127;
 
 /// Frames kept per stack unless `--max-depth` says otherwise: all the kernel gives. A frame
@@ -25,7 +25,7 @@ pub const EVENT_ALLOC_STACK: u32 = 8;
 
 /// How the BPF side captures stacks (the `UNWIND_MODE` global, set at load).
 pub mod unwind {
-    /// Frame pointers only (`bpf_get_stack`).
+    /// Frame pointers only.
     pub const FP: u32 = 0;
     /// Frame pointers, and a copy of the user stack with every allocation.
     pub const DWARF: u32 = 1;
@@ -69,8 +69,10 @@ pub mod call {
 
 /// A completed allocator call that returned memory, released memory, or both (realloc).
 ///
-/// The ring buffer record is exactly this struct; `stack_bytes` says how much of `frames`
-/// is filled.
+/// The ring buffer record is this struct cut right after the frames it holds: the first
+/// [`ALLOC_EVENT_HEADER_BYTES`] bytes, then `stack_bytes` bytes of `frames`. Records sized to
+/// the stack keep the ring buffer's working set small: a full-size record per allocation
+/// touched a kilobyte of cold memory on both sides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AllocEvent {
@@ -105,6 +107,9 @@ pub struct AllocEvent {
     pub frames: [u64; MAX_STACK_DEPTH],
 }
 
+/// Bytes of an [`AllocEvent`] before `frames`: the shortest allocation record.
+pub const ALLOC_EVENT_HEADER_BYTES: usize = core::mem::offset_of!(AllocEvent, frames);
+
 /// The registers of the allocator's caller at the allocator's return: what unwinding starts
 /// from.
 #[repr(C)]
@@ -133,6 +138,11 @@ pub struct AllocStackEvent<const N: usize> {
 }
 
 /// A `free(addr)` of a non-null pointer, outside any other allocator call.
+///
+/// It has no time: it is sent at free's entry, before the block is released, so the ring
+/// buffer's order (the order of reservations) puts it after the allocation of the block it
+/// frees and before any later allocation at the same address. Reading the clock would cost
+/// more than the rest of the program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FreeEvent {
@@ -140,7 +150,6 @@ pub struct FreeEvent {
     pub kind: u32,
     pub _pad: u32,
     pub pid_tgid: u64,
-    pub ts_ns: u64,
     pub addr: u64,
 }
 
@@ -180,7 +189,9 @@ pub struct Pending {
     pub old_size_bytes: u64,
     /// posix_memalign's out-parameter.
     pub out_ptr: u64,
-    /// `CLOCK_MONOTONIC` at the outermost entry: see [`AllocEvent::entry_ts_ns`].
+    /// `CLOCK_MONOTONIC` at the outermost entry of a call that releases memory (`old_addr`
+    /// is not 0): see [`AllocEvent::entry_ts_ns`]. 0 for the others, which have no use for
+    /// it.
     pub entry_ts_ns: u64,
 }
 
@@ -188,22 +199,21 @@ pub struct Pending {
 pub mod stat {
     /// Events lost because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 0;
-    /// Allocator entries not recorded because the pending map was full.
+    /// Allocator entries not recorded because the thread's state could not be created (the
+    /// kernel refused the memory, or its task storage was busy).
     pub const PENDING_FULL: u32 = 1;
     /// Returns whose entry was not recorded.
     pub const RETURN_WITHOUT_ENTRY: u32 = 2;
     /// Pending entries replaced because their return was never seen.
     pub const STALE_ENTRY: u32 = 3;
-    /// Stacks that could not be read (the event is still reported, without frames).
-    pub const STACK_FAILED: u32 = 4;
     /// posix_memalign results that could not be read from the target.
-    pub const READ_FAILED: u32 = 5;
+    pub const READ_FAILED: u32 = 4;
     /// Stack copies of which not even the first page could be read, or (`--unwind auto`) for
     /// which the ring buffer had no room (the event is still reported, with its frame-pointer
     /// stack).
-    pub const STACK_COPY_FAILED: u32 = 6;
+    pub const STACK_COPY_FAILED: u32 = 5;
     /// Number of statistics.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 6;
 }
 
 /// Default size of the event ring buffer. The kernel wants a power of two times the page size.
@@ -223,7 +233,8 @@ mod tests {
             size_of::<AllocEvent>(),
             4 + 4 + 8 * 7 + 4 + 4 + 8 * MAX_STACK_DEPTH
         );
-        assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(ALLOC_EVENT_HEADER_BYTES, 4 + 4 + 8 * 7 + 4 + 4);
+        assert_eq!(size_of::<FreeEvent>(), 24);
         assert_eq!(size_of::<UserRegs>(), 24);
         assert_eq!(
             size_of::<AllocStackEvent<4096>>(),

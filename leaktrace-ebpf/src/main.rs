@@ -11,27 +11,23 @@
 #![no_main]
 
 mod stack;
+mod thread;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE, EVENT_UNMAP, FreeEvent,
-    MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat, unwind,
+    ALLOC_EVENT_HEADER_BYTES, AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE,
+    EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat, unwind,
 };
 
 /// User space resizes it from `--ringbuf-bytes` before loading.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
-
-/// Allocator calls in flight, per thread. LRU so that threads that die inside an allocator
-/// call cannot fill it for good.
-#[map]
-static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -74,11 +70,15 @@ fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
 /// counted once, as the outer call.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_ptr: u64) -> u32 {
-    let key = bpf_get_current_pid_tgid();
+    let Some(state) = thread::get_or_create() else {
+        count(stat::PENDING_FULL);
+        return 0;
+    };
+    // SAFETY: the element belongs to this thread, which runs this program to its end before
+    // it can enter the allocator again.
+    let pending = unsafe { &mut (*state).pending };
     let sp = stack_pointer(ctx);
-    if let Some(pending) = PENDING.get_ptr_mut(&key) {
-        // SAFETY: the entry belongs to this thread alone, and a thread runs on one CPU at a time.
-        let pending = unsafe { &mut *pending };
+    if pending.depth > 0 {
         // A nested call runs deeper in the stack (lower or, for a tail call, equal address).
         if sp <= pending.entry_sp {
             pending.depth += 1;
@@ -86,7 +86,7 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         }
         count(stat::STALE_ENTRY);
     }
-    let pending = Pending {
+    *pending = Pending {
         call,
         depth: 1,
         entry_sp: sp,
@@ -94,12 +94,14 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         old_addr: old.0,
         old_size_bytes: old.1,
         out_ptr,
+        // Only a release needs it (see `AllocEvent::entry_ts_ns`); the clock is not free.
         // SAFETY: no preconditions.
-        entry_ts_ns: unsafe { bpf_ktime_get_ns() },
+        entry_ts_ns: if old.0 != 0 {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
     };
-    if PENDING.insert(&key, &pending, 0).is_err() {
-        count(stat::PENDING_FULL);
-    }
     0
 }
 
@@ -208,24 +210,34 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 }
 
 fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
-    let key = bpf_get_current_pid_tgid();
-    let Some(pending) = PENDING.get_ptr_mut(&key) else {
+    let Some(state) = thread::get() else {
         count(stat::RETURN_WITHOUT_ENTRY);
         return Err(0);
     };
     // SAFETY: as in `enter`.
-    let pending = unsafe { &mut *pending };
-    if pending.depth > 1 {
-        pending.depth -= 1;
-        return Ok(0);
+    let state = unsafe { &mut *state };
+    let pending = &mut state.pending;
+    match pending.depth {
+        0 => {
+            count(stat::RETURN_WITHOUT_ENTRY);
+            return Err(0);
+        }
+        1 => pending.depth = 0,
+        _ => {
+            pending.depth -= 1;
+            return Ok(0);
+        }
     }
-    let call = pending.call;
-    let size_bytes = pending.size_bytes;
-    let old_addr = pending.old_addr;
-    let old_size_bytes = pending.old_size_bytes;
-    let entry_ts_ns = pending.entry_ts_ns;
-    let out_ptr = pending.out_ptr;
-    let _ = PENDING.remove(&key);
+    let Pending {
+        call,
+        size_bytes,
+        old_addr,
+        old_size_bytes,
+        entry_ts_ns,
+        out_ptr,
+        ..
+    } = *pending;
+    let key = bpf_get_current_pid_tgid();
 
     let ret: u64 = ctx.ret();
     let (addr, released) = match call {
@@ -282,41 +294,52 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
 
-    let fill = |event: *mut AllocEvent| {
-        // SAFETY: `event` points at a whole AllocEvent that only this program writes until it
-        // is submitted (a ring buffer reservation).
-        unsafe {
-            (*event).kind = EVENT_ALLOC;
-            (*event).call = call;
-            (*event).pid_tgid = key;
-            (*event).ts_ns = bpf_ktime_get_ns();
-            (*event).addr = addr;
-            (*event).size_bytes = if addr == 0 { 0 } else { size_bytes };
-            (*event).old_addr = released;
-            (*event).old_size_bytes = old_size_bytes;
-            (*event).entry_ts_ns = entry_ts_ns;
-            stack::fill_frame_pointer_stack(ctx, event);
-        }
-    };
+    let event = &mut state.event;
+    event.kind = EVENT_ALLOC;
+    event.call = call;
+    event.pid_tgid = key;
+    // SAFETY: no preconditions.
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.addr = addr;
+    event.size_bytes = if addr == 0 { 0 } else { size_bytes };
+    event.old_addr = released;
+    event.old_size_bytes = old_size_bytes;
+    event.entry_ts_ns = entry_ts_ns;
+    stack::walk_frame_pointers(ctx, event, &mut state.window);
+
     let mode = stack::mode();
     if mode == unwind::DWARF {
-        return stack::submit_with_stack_copy(ctx, fill);
-    }
-    let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
+        if stack::submit_copy_of(ctx, event) {
+            return Ok(0);
+        }
         count(stat::RINGBUF_FULL);
         return Err(0);
-    };
-    let event = entry.as_mut_ptr();
-    fill(event);
-    // SAFETY: `event` is filled, and stays reserved until submitted or discarded here.
+    }
     if mode == unwind::AUTO
-        && unsafe { stack::walk_left_frame_pointer_code(event) }
-        && unsafe { stack::submit_copy_of(ctx, event) }
+        && stack::walk_left_frame_pointer_code(event)
+        && stack::submit_copy_of(ctx, event)
     {
-        entry.discard(BPF_RB_NO_WAKEUP as u64);
         return Ok(0);
     }
-    entry.submit(wakeup_flags());
+    submit(event)
+}
+
+/// Sends `event` cut after its frames.
+#[inline(always)]
+fn submit(event: &AllocEvent) -> Result<u32, u32> {
+    let len = ALLOC_EVENT_HEADER_BYTES + stack::stack_bytes(event) as usize;
+    // Never true (the walk fills at most MAX_STACK_DEPTH frames); it bounds the length for
+    // the verifier.
+    if len > core::mem::size_of::<AllocEvent>() {
+        return Err(0);
+    }
+    // SAFETY: `len` bytes at the start of the event are initialized (header, then frames).
+    let bytes =
+        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(event).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+        count(stat::RINGBUF_FULL);
+        return Err(0);
+    }
     Ok(0)
 }
 
@@ -349,21 +372,18 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
     if addr == 0 {
         return Ok(0);
     }
-    let key = bpf_get_current_pid_tgid();
-    if let Some(pending) = PENDING.get_ptr(&key) {
+    if let Some(state) = thread::get() {
         // SAFETY: as in `enter`.
-        let entry_sp = unsafe { (*pending).entry_sp };
+        let pending = unsafe { &(*state).pending };
         // Inside realloc: its own return reports what it released.
-        if stack_pointer(ctx) <= entry_sp {
+        if pending.depth > 0 && stack_pointer(ctx) <= pending.entry_sp {
             return Ok(0);
         }
     }
     let event = FreeEvent {
         kind: EVENT_FREE,
         _pad: 0,
-        pid_tgid: key,
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid: bpf_get_current_pid_tgid(),
         addr,
     };
     if EVENTS.output::<FreeEvent>(&event, wakeup_flags()).is_err() {
@@ -401,7 +421,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-// bpf_get_stack is a GPL-only helper.
+// bpf_probe_read_user and bpf_get_current_task_btf are GPL-only helpers.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

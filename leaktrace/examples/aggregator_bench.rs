@@ -22,7 +22,9 @@ use leaktrace::{
     event::{Event, decode},
     heap::HeapModel,
 };
-use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call};
+use leaktrace_common::{
+    ALLOC_EVENT_HEADER_BYTES, AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call,
+};
 
 struct Counting;
 
@@ -106,7 +108,10 @@ fn alloc_records(rng: &mut Rng) -> Vec<Vec<u8>> {
             for frame in &mut event.frames[..depth] {
                 *frame = 0x5555_0000_0000 + rng.below(1 << 24) as u64;
             }
-            as_bytes(&event)
+            // BPF sends the record cut after its frames.
+            let mut record = as_bytes(&event);
+            record.truncate(ALLOC_EVENT_HEADER_BYTES + depth * 8);
+            record
         })
         .collect()
 }
@@ -131,7 +136,6 @@ impl Stream {
             kind: EVENT_FREE,
             _pad: 0,
             pid_tgid: 7 << 32 | 7,
-            ts_ns: 0,
             addr: 0,
         });
         Self {
@@ -163,11 +167,8 @@ impl Stream {
         let Some(addr) = self.live.pop_front() else {
             return;
         };
-        // A free happens after the allocation it releases.
         let addr_at = offset_of!(FreeEvent, addr);
-        let ts_at = offset_of!(FreeEvent, ts_ns);
         self.free[addr_at..addr_at + 8].copy_from_slice(&addr.to_ne_bytes());
-        self.free[ts_at..ts_at + 8].copy_from_slice(&self.ts_ns.to_ne_bytes());
         let event = decode(&self.free, &mut self.scratch).expect("a well-formed record");
         heap.apply(&event);
     }
@@ -241,11 +242,7 @@ fn apply_only_events_per_s(live: usize) -> f64 {
     for _ in 0..EVENTS / 2 {
         alloc(&mut heap, &mut queue);
         let addr = queue.pop_front().expect("a live block");
-        // After every allocation so far.
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr,
-        });
+        heap.apply(&Event::Free { addr });
     }
     EVENTS as f64 / (thread_cpu_s() - cpu)
 }

@@ -3,8 +3,8 @@
 use std::mem::{offset_of, size_of};
 
 use leaktrace_common::{
-    AllocEvent, AllocStackEvent, EVENT_ALLOC, EVENT_ALLOC_STACK, EVENT_FREE, EVENT_UNMAP,
-    FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call,
+    ALLOC_EVENT_HEADER_BYTES, AllocEvent, AllocStackEvent, EVENT_ALLOC, EVENT_ALLOC_STACK,
+    EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call,
 };
 
 use crate::mappings::Backing;
@@ -25,10 +25,9 @@ pub enum Event<'a> {
         frames: &'a [u64],
         truncated: bool,
     },
-    Free {
-        ts_ns: u64,
-        addr: u64,
-    },
+    /// The release of the block at `addr`, whichever it is when the event is applied (see
+    /// `FreeEvent`: the ring buffer's order is the order that matters).
+    Free { addr: u64 },
     /// mmap or mremap mapped `addr..addr + size_bytes`.
     Map {
         ts_ns: u64,
@@ -146,7 +145,6 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 return Err(DecodeError::Short(bytes.len()));
             }
             Ok(Event::Free {
-                ts_ns: u64_at(bytes, offset_of!(FreeEvent, ts_ns)),
                 addr: u64_at(bytes, offset_of!(FreeEvent, addr)),
             })
         }
@@ -160,14 +158,23 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 size_bytes: u64_at(bytes, offset_of!(UnmapEvent, size_bytes)),
             })
         }
-        // A record with a stack copy starts with a whole AllocEvent.
-        EVENT_ALLOC | EVENT_ALLOC_STACK => {
-            if bytes.len() < size_of::<AllocEvent>() {
+        // An allocation is cut after its frames; a record with a stack copy starts with a
+        // whole AllocEvent.
+        kind @ (EVENT_ALLOC | EVENT_ALLOC_STACK) => {
+            let least = if kind == EVENT_ALLOC {
+                ALLOC_EVENT_HEADER_BYTES
+            } else {
+                size_of::<AllocEvent>()
+            };
+            if bytes.len() < least {
                 return Err(DecodeError::Short(bytes.len()));
             }
             let stack_bytes = u32_at(bytes, offset_of!(AllocEvent, stack_bytes));
             let depth = stack_bytes as usize / 8;
-            if !stack_bytes.is_multiple_of(8) || depth > MAX_STACK_DEPTH {
+            if !stack_bytes.is_multiple_of(8)
+                || depth > MAX_STACK_DEPTH
+                || ALLOC_EVENT_HEADER_BYTES + stack_bytes as usize > bytes.len()
+            {
                 return Err(DecodeError::BadStack(stack_bytes));
             }
             let frames_at = offset_of!(AllocEvent, frames);
@@ -260,9 +267,13 @@ pub(crate) mod tests {
             frames: [0; MAX_STACK_DEPTH],
         };
         event.frames[..frames.len()].copy_from_slice(frames);
-        // SAFETY: AllocEvent is plain integers without padding.
+        // SAFETY: AllocEvent is plain integers without padding; BPF sends it cut after the
+        // frames.
         unsafe {
-            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<AllocEvent>())
+            std::slice::from_raw_parts(
+                (&raw const event).cast::<u8>(),
+                ALLOC_EVENT_HEADER_BYTES + 8 * frames.len(),
+            )
         }
         .to_vec()
     }
@@ -272,7 +283,6 @@ pub(crate) mod tests {
             kind: EVENT_FREE,
             _pad: 0,
             pid_tgid: 7 << 32 | 8,
-            ts_ns: 2000,
             addr,
         };
         // SAFETY: FreeEvent is plain integers without padding.
@@ -465,10 +475,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             decode(&free_record(0x1000), &mut scratch).unwrap(),
-            Event::Free {
-                ts_ns: 2000,
-                addr: 0x1000
-            }
+            Event::Free { addr: 0x1000 }
         );
     }
 
@@ -478,13 +485,27 @@ pub(crate) mod tests {
         assert_eq!(decode(&[], &mut scratch), Err(DecodeError::Short(0)));
         assert_eq!(decode(&[1, 0], &mut scratch), Err(DecodeError::Short(2)));
         assert_eq!(
-            decode(&free_record(1)[..31], &mut scratch),
-            Err(DecodeError::Short(31))
+            decode(&free_record(1)[..23], &mut scratch),
+            Err(DecodeError::Short(23))
         );
         let alloc = alloc_record(1, 1, 0, &[]);
+        assert_eq!(alloc.len(), ALLOC_EVENT_HEADER_BYTES);
         assert_eq!(
-            decode(&alloc[..100], &mut scratch),
-            Err(DecodeError::Short(100))
+            decode(&alloc[..ALLOC_EVENT_HEADER_BYTES - 1], &mut scratch),
+            Err(DecodeError::Short(ALLOC_EVENT_HEADER_BYTES - 1))
+        );
+        // A record that ends before the frames it claims.
+        let alloc = alloc_record(1, 1, 0, &[0x401000, 0x402000]);
+        assert_eq!(
+            decode(&alloc[..alloc.len() - 1], &mut scratch),
+            Err(DecodeError::BadStack(16))
+        );
+        // Trailing bytes past the frames (a full-size record) are not an error.
+        let mut padded = alloc.clone();
+        padded.resize(size_of::<AllocEvent>(), 0);
+        assert_eq!(
+            decode(&padded, &mut scratch),
+            decode(&alloc, &mut Vec::new())
         );
         assert_eq!(
             decode(&[9, 0, 0, 0, 0, 0, 0, 0], &mut scratch),

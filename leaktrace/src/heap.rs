@@ -176,7 +176,7 @@ impl HeapModel {
                     }
                 }
             }
-            Event::Free { ts_ns, addr } => self.release(addr, ts_ns),
+            Event::Free { addr } => self.release(addr, u64::MAX),
             Event::Map {
                 ts_ns,
                 addr,
@@ -375,10 +375,7 @@ mod tests {
         for i in 0..10 {
             heap.apply(&alloc(0x1000 + i * 0x100, 64, &[1, 2]));
             heap.apply(&alloc(0x9000, 32, &[3, 2]));
-            heap.apply(&Event::Free {
-                ts_ns: u64::MAX,
-                addr: 0x9000,
-            });
+            heap.apply(&Event::Free { addr: 0x9000 });
         }
         assert_eq!(usage_of(&heap, &[1, 2]), Some((640, 10)));
         assert_eq!(usage_of(&heap, &[3, 2]), None);
@@ -406,10 +403,7 @@ mod tests {
         heap.apply(&alloc(0x1000, 10, &[1]));
         heap.apply(&alloc(0x2000, 20, &[1]));
         heap.apply(&alloc(0x3000, 30, &[1]));
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 0x3000,
-        });
+        heap.apply(&Event::Free { addr: 0x3000 });
         let mid = heap.usage_of_sizes(u64::MAX, 15..=30);
         assert_eq!(
             (mid[0].outstanding_bytes, mid[0].outstanding_allocations),
@@ -472,10 +466,7 @@ mod tests {
     #[test]
     fn frees_of_unknown_blocks_are_counted_not_errors() {
         let mut heap = HeapModel::default();
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 0x5000,
-        });
+        heap.apply(&Event::Free { addr: 0x5000 });
         heap.apply(&realloc(0x6000, 0x7000, 8, &[1]));
         assert_eq!(
             heap.counters(),
@@ -630,10 +621,7 @@ mod tests {
         );
         // Heap blocks and mappings never touch each other: a free of a mapped address is an
         // unmatched free, not an unmap.
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 0x40000,
-        });
+        heap.apply(&Event::Free { addr: 0x40000 });
         assert_eq!(heap.counters().unmatched_frees, 1);
         assert_eq!(
             origin_usage(&heap, Origin::Mapping),
@@ -672,10 +660,7 @@ mod tests {
         // Same, but B frees its block before A's return is seen.
         heap.apply(&at(50, 0x3000, &[1]));
         heap.apply(&at(70, 0x3000, &[2]));
-        heap.apply(&Event::Free {
-            ts_ns: 80,
-            addr: 0x3000,
-        });
+        heap.apply(&Event::Free { addr: 0x3000 });
         heap.apply(&Event::Alloc {
             ts_ns: 90,
             addr: 0x4000,

@@ -1,6 +1,6 @@
 //! Loading the BPF programs and attaching them to the target's allocator.
 
-use std::{collections::HashMap, num::NonZeroU32};
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -193,7 +193,6 @@ impl Stats {
             ("pending_full", stat::PENDING_FULL),
             ("return_without_entry", stat::RETURN_WITHOUT_ENTRY),
             ("stale_entry", stat::STALE_ENTRY),
-            ("stack_failed", stat::STACK_FAILED),
             ("read_failed", stat::READ_FAILED),
             ("stack_copy_failed", stat::STACK_COPY_FAILED),
         ]
@@ -221,8 +220,25 @@ pub struct StackCapture {
     pub max_depth: u32,
 }
 
+/// Where the kernel publishes its own BTF.
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The programs keep per-thread state in task storage, which the verifier only allows with the
+/// kernel's BTF (the type of `task_struct`): without it, loading fails with a page of verifier
+/// log, so say what is missing instead.
+fn require_kernel_btf(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "this kernel has no BTF ({} is missing): leaktrace needs Linux 5.11 or later built with CONFIG_DEBUG_INFO_BTF=y",
+        path.display()
+    ))
+}
+
 /// Loads the BPF programs with a ring buffer of `ringbuf_bytes`.
 pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, Maps)> {
+    require_kernel_btf(Path::new(KERNEL_BTF))?;
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
     let unlimited = libc::rlimit {
@@ -233,6 +249,9 @@ pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, 
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 
     let mut ebpf = EbpfLoader::new()
+        // aya 0.14 has no type for task storage (the THREADS map, which only the BPF side
+        // uses), and refuses to create maps it has no type for unless told.
+        .allow_unsupported_maps()
         .map_max_entries("EVENTS", ringbuf_bytes)
         .override_global("STACK_DEPTH", &capture.max_depth, true)
         .override_global("UNWIND_MODE", &capture.mode, true)
@@ -328,4 +347,18 @@ fn attach_to(
         attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_without_btf_is_one_line_that_says_what_is_needed() {
+        let err = require_kernel_btf(Path::new("/nonexistent/btf/vmlinux")).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "this kernel has no BTF (/nonexistent/btf/vmlinux is missing): leaktrace needs Linux 5.11 or later built with CONFIG_DEBUG_INFO_BTF=y"
+        );
+    }
 }

@@ -492,10 +492,7 @@ mod tests {
                 alloc(&mut heap, 0x30_000, 0.5, &[3]);
             }
             if second == 4 {
-                heap.apply(&Event::Free {
-                    ts_ns: u64::MAX,
-                    addr: 0x30_000,
-                });
+                heap.apply(&Event::Free { addr: 0x30_000 });
             }
             last = Some(snapshot(&heap, &mut trends, &input(t)));
         }
@@ -582,10 +579,7 @@ mod tests {
         alloc(&mut heap, 2, 0.5, &[1]);
         snapshot(&heap, &mut trends, &input(1.0));
         snapshot(&heap, &mut trends, &input(2.0));
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 1,
-        });
+        heap.apply(&Event::Free { addr: 1 });
         // The window starts at attach (0 bytes), so over it the stack still grew.
         let snap = snapshot(&heap, &mut trends, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
@@ -596,10 +590,7 @@ mod tests {
         alloc(&mut heap2, 2, 0.5, &[1]);
         snapshot(&heap2, &mut trends2, &input(1.0));
         snapshot(&heap2, &mut trends2, &input(2.0));
-        heap2.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 1,
-        });
+        heap2.apply(&Event::Free { addr: 1 });
         let snap = snapshot(&heap2, &mut trends2, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Shrinking);
         assert!(snap.stacks[0].growth_bytes_per_s < 0.0);
@@ -686,10 +677,7 @@ mod tests {
             [(1, 1000)]
         );
         // Stacks that hold nothing now come after, for their totals since attach.
-        heap.apply(&Event::Free {
-            ts_ns: u64::MAX,
-            addr: 1,
-        });
+        heap.apply(&Event::Free { addr: 1 });
         let mut inp = input(4.0);
         inp.with_freed = true;
         let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);

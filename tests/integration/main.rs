@@ -273,7 +273,7 @@ fn a_ring_buffer_too_small_loses_events_and_every_report_says_so() {
     }
     let binary = compile("leaky", &[]);
     // 10 leaks and 20000 temporary blocks: 40010 events in a tight loop, into a ring buffer
-    // that holds three allocation records.
+    // that holds a few dozen records.
     let mut fixture = Fixture::start(&binary, &["10", "64", "20000"]);
     let outcome = Leaktrace::one_round(&mut fixture, &["--ringbuf-bytes", "4096"]);
     let report = outcome.last();

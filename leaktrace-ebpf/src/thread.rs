@@ -1,0 +1,97 @@
+//! Per-thread state in task-local storage: the allocator call in flight, and room to build its
+//! record.
+//!
+//! Task storage rather than a hash map keyed by `pid_tgid`: the kernel finds a thread's element
+//! through its `task_struct` (a cached pointer, no hashing, no lock on the common path), which
+//! costs a fraction of an LRU hash map's lookup, insert and delete on every call. It also
+//! belongs to one thread only, so the record can be built in it even though uprobe programs
+//! may be preempted (a per-CPU buffer could be overwritten by another thread's program), and it
+//! goes away with the thread.
+//!
+//! aya-ebpf 0.2 has no task storage type, so the BTF map definition is written out here, the
+//! way its `btf_map_def!` writes those it has (`CgrpStorage`).
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
+    macros::btf_map,
+};
+use leaktrace_common::{AllocEvent, Pending};
+
+/// Words of user stack that the frame-pointer walk reads at once (see `stack::walk`).
+pub const WINDOW_WORDS: usize = 128;
+
+/// A thread's state.
+#[repr(C)]
+pub struct ThreadState {
+    /// The outermost allocator call in flight; `depth` 0 when there is none.
+    pub pending: Pending,
+    /// The allocation record of the call returning now. It is sent cut after its frames.
+    pub event: AllocEvent,
+    /// A window of the user stack that the frame-pointer walk reads frames from; one word
+    /// more than it fills, so that reading the word after any filled one stays in bounds.
+    pub window: [u64; WINDOW_WORDS + 1],
+}
+
+/// A BTF task storage map (`BPF_MAP_TYPE_TASK_STORAGE`): the fields are placeholders whose
+/// types encode the definition, as libbpf and aya read it from BTF.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are never dereferenced; the kernel owns the map (as aya-ebpf's BTF maps).
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The current thread's element, created (zeroed) first when `create` and there is none.
+    /// `None` when there is none, or the kernel could not make one.
+    #[inline(always)]
+    fn current(&self, create: bool) -> Option<*mut T> {
+        let flags = if create {
+            u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: the map pointer is this map's definition (relocated by the loader), the task
+        // is the current one, and a null initial value asks for a zeroed element.
+        let value = unsafe {
+            bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        };
+        (!value.is_null()).then_some(value.cast())
+    }
+}
+
+#[btf_map]
+static THREADS: TaskStorage<ThreadState> = TaskStorage::new();
+
+/// The current thread's state, created at its first allocator entry.
+#[inline(always)]
+pub fn get_or_create() -> Option<*mut ThreadState> {
+    THREADS.current(true)
+}
+
+/// The current thread's state, if it ever entered the allocator since attach.
+#[inline(always)]
+pub fn get() -> Option<*mut ThreadState> {
+    THREADS.current(false)
+}
