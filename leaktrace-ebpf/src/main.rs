@@ -37,13 +37,20 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[unsafe(no_mangle)]
 pub(crate) static STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
-/// Unread bytes in the ring buffer past which a submit wakes user space up. Below it, user
-/// space drains on its own short timer: a wakeup per event would cost more than the event.
+/// Unread bytes in the ring buffer at each multiple of which a submit wakes user space up.
+/// Between them, user space drains on its own short timer: a wakeup per event would cost more
+/// than the event.
 const WAKEUP_BYTES: u64 = 256 << 10;
 
+/// The flags for submitting a record of `len` bytes: a wakeup when the unread data crosses a
+/// multiple of [`WAKEUP_BYTES`], none otherwise. Once, not at every submit past the mark: a
+/// wakeup is an interrupt the kernel sends itself (irq_work), ~4 us on this VM, and every event
+/// until user space got to draining would pay it. Two programs racing past a mark may both
+/// wake, or neither: the timer drains then.
 #[inline(always)]
-pub(crate) fn wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+pub(crate) fn wakeup_flags(len: usize) -> u64 {
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if unread / WAKEUP_BYTES != (unread + len as u64) / WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -336,7 +343,7 @@ fn submit(event: &AllocEvent) -> Result<u32, u32> {
     // SAFETY: `len` bytes at the start of the event are initialized (header, then frames).
     let bytes =
         unsafe { core::slice::from_raw_parts(core::ptr::from_ref(event).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags(len)).is_err() {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }
@@ -352,7 +359,10 @@ fn unmapped(pid_tgid: u64, entry_ts_ns: u64, addr: u64, size_bytes: u64) -> Resu
         addr,
         size_bytes,
     };
-    if EVENTS.output::<UnmapEvent>(&event, wakeup_flags()).is_err() {
+    if EVENTS
+        .output::<UnmapEvent>(&event, wakeup_flags(size_of::<UnmapEvent>()))
+        .is_err()
+    {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }
@@ -386,7 +396,10 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
         pid_tgid: bpf_get_current_pid_tgid(),
         addr,
     };
-    if EVENTS.output::<FreeEvent>(&event, wakeup_flags()).is_err() {
+    if EVENTS
+        .output::<FreeEvent>(&event, wakeup_flags(size_of::<FreeEvent>()))
+        .is_err()
+    {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }

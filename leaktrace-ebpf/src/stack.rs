@@ -176,7 +176,7 @@ fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: &AllocEvent) -> bool {
         }
         add_stack_copy(ctx, record);
     }
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(core::mem::size_of::<AllocStackEvent<N>>()));
     true
 }
 
@@ -256,20 +256,28 @@ pub fn walk_left_frame_pointer_code(event: &AllocEvent) -> bool {
         Some(&n) if n > 0 => n.min(u64::from(MAX_FP_RANGES)) as u32,
         _ => return true,
     };
+    // Frames of one call chain mostly lie in one module: the range of the previous frame is
+    // tried before searching.
+    let mut last = (0u64, 0u64);
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth || (i > 0 && i + 1 == depth) {
             break;
         }
-        if !in_ranges(event.frames[i], ranges) {
-            return true;
+        let pc = event.frames[i];
+        if last.0 <= pc && pc < last.1 {
+            continue;
+        }
+        match range_of(pc, ranges) {
+            Some(range) => last = range,
+            None => return true,
         }
     }
     false
 }
 
-/// Whether `pc` lies in one of the first `ranges` ranges of FP_CODE (binary search).
+/// The range among the first `ranges` of FP_CODE that holds `pc` (binary search).
 #[inline(always)]
-fn in_ranges(pc: u64, ranges: u32) -> bool {
+fn range_of(pc: u64, ranges: u32) -> Option<(u64, u64)> {
     let (mut lo, mut hi) = (0u32, ranges);
     // log2(MAX_FP_RANGES) + 1 halvings find the last range that starts at or below pc.
     for _ in 0..6 {
@@ -282,5 +290,10 @@ fn in_ranges(pc: u64, ranges: u32) -> bool {
             _ => hi = mid,
         }
     }
-    lo > 0 && FP_CODE.get(2 * lo).is_some_and(|&end| pc < end)
+    if lo == 0 {
+        return None;
+    }
+    let start = *FP_CODE.get(2 * lo - 1)?;
+    let end = *FP_CODE.get(2 * lo)?;
+    (pc < end).then_some((start, end))
 }
