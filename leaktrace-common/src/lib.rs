@@ -193,7 +193,34 @@ pub struct Pending {
     /// is not 0): see [`AllocEvent::entry_ts_ns`]. 0 for the others, which have no use for
     /// it.
     pub entry_ts_ns: u64,
+    /// With `--sample-bytes`: non-zero when the block at `old_addr` was sampled, so that its
+    /// release is reported (the others were never seen).
+    pub old_sampled: u32,
+    pub _pad: u32,
 }
+
+/// The calls of the malloc family, which `--sample-bytes` samples; mappings are always traced
+/// whole.
+pub fn is_heap_call(call: u32) -> bool {
+    matches!(
+        call,
+        call::MALLOC
+            | call::CALLOC
+            | call::REALLOC
+            | call::REALLOCARRAY
+            | call::POSIX_MEMALIGN
+            | call::ALIGNED_ALLOC
+            | call::XALLOCX
+    )
+}
+
+/// The largest `--sample-bytes`: the BPF side draws a block of `size` bytes with a 32-bit
+/// random number `r` when `r * sample_bytes < size << 32`, which must not overflow.
+pub const MAX_SAMPLE_BYTES: u64 = 1 << 30;
+
+/// Live sampled blocks the BPF side can remember (`--sample-bytes`); one more sampled block is
+/// a lost event.
+pub const MAX_SAMPLED_BLOCKS: u32 = 1 << 20;
 
 /// Indexes of the per-CPU statistics array (`STATS`).
 pub mod stat {
@@ -212,8 +239,10 @@ pub mod stat {
     /// which the ring buffer had no room (the event is still reported, with its frame-pointer
     /// stack).
     pub const STACK_COPY_FAILED: u32 = 5;
+    /// Sampled blocks not reported because the map of live sampled blocks was full.
+    pub const SAMPLED_FULL: u32 = 6;
     /// Number of statistics.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Default size of the event ring buffer. The kernel wants a power of two times the page size.
@@ -241,6 +270,6 @@ mod tests {
             size_of::<AllocEvent>() + 24 + 8 + 4096
         );
         assert_eq!(size_of::<UnmapEvent>(), 40);
-        assert_eq!(size_of::<Pending>(), 56);
+        assert_eq!(size_of::<Pending>(), 64);
     }
 }

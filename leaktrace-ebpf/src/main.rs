@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod sample;
 mod stack;
 mod thread;
 
@@ -22,7 +23,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     ALLOC_EVENT_HEADER_BYTES, AllocEvent, DEFAULT_RINGBUF_BYTES, EVENT_ALLOC, EVENT_FREE,
-    EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, Pending, UnmapEvent, call, stat, unwind,
+    EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, Pending, UnmapEvent, call, is_heap_call, stat, unwind,
 };
 
 /// User space resizes it from `--ringbuf-bytes` before loading.
@@ -93,6 +94,10 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         }
         count(stat::STALE_ENTRY);
     }
+    // Under sampling, a block the call may release is forgotten now, before it is released:
+    // another thread may get its address before this call returns.
+    let old_sampled =
+        old.0 != 0 && is_heap_call(call) && sample::sample_bytes() != 0 && sample::forget(old.0);
     *pending = Pending {
         call,
         depth: 1,
@@ -108,6 +113,8 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         } else {
             0
         },
+        old_sampled: u32::from(old_sampled),
+        _pad: 0,
     };
     0
 }
@@ -242,6 +249,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         old_size_bytes,
         entry_ts_ns,
         out_ptr,
+        old_sampled,
         ..
     } = *pending;
     let key = bpf_get_current_pid_tgid();
@@ -290,12 +298,26 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             // realloc(p, 0) frees p and returns NULL (glibc).
             (_, old) if size_bytes == 0 => (0, old),
             // Failure: the old block stays allocated, nothing changed.
-            _ => return Ok(0),
+            _ => return unchanged(old_sampled, key, old_addr),
         },
         // `ret` is the new usable size: below the size asked for, nothing was resized.
-        call::XALLOCX if ret < size_bytes => return Ok(0),
+        call::XALLOCX if ret < size_bytes => return unchanged(old_sampled, key, old_addr),
         call::XALLOCX => (old_addr, old_addr),
         _ => (ret, 0),
+    };
+    // Under sampling, the new block is drawn, and the old one was reported only if drawn.
+    let sample_bytes = sample::sample_bytes();
+    let (addr, released) = if sample_bytes != 0 && is_heap_call(call) {
+        (
+            if addr != 0 && sample::draw(addr, size_bytes, sample_bytes) {
+                addr
+            } else {
+                0
+            },
+            if old_sampled != 0 { released } else { 0 },
+        )
+    } else {
+        (addr, released)
     };
     if addr == 0 && released == 0 {
         return Ok(0);
@@ -329,6 +351,30 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     submit(event)
+}
+
+/// A realloc (or xallocx) that failed: its block stays as it was. Under sampling it was
+/// forgotten at the entry, and is drawn again; if it cannot be, it is reported released, as a
+/// block whose release could no longer be seen.
+#[inline(always)]
+fn unchanged(old_sampled: u32, pid_tgid: u64, addr: u64) -> Result<u32, u32> {
+    if old_sampled == 0 || sample::restore(addr) {
+        return Ok(0);
+    }
+    let event = FreeEvent {
+        kind: EVENT_FREE,
+        _pad: 0,
+        pid_tgid,
+        addr,
+    };
+    if EVENTS
+        .output::<FreeEvent>(&event, wakeup_flags(size_of::<FreeEvent>()))
+        .is_err()
+    {
+        count(stat::RINGBUF_FULL);
+        return Err(0);
+    }
+    Ok(0)
 }
 
 /// Sends `event` cut after its frames.
@@ -389,6 +435,10 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
         if pending.depth > 0 && stack_pointer(ctx) <= pending.entry_sp {
             return Ok(0);
         }
+    }
+    // Under sampling, only the release of a drawn block is reported.
+    if sample::sample_bytes() != 0 && !sample::forget(addr) {
+        return Ok(0);
     }
     let event = FreeEvent {
         kind: EVENT_FREE,

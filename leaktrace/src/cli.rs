@@ -98,6 +98,13 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub keep: Option<u64>,
 
+    /// Trace a sample of the malloc family's blocks, about one per BYTES allocated (K, M, G
+    /// suffixes), for a fraction of the cost: a block of s bytes is traced with probability
+    /// min(1, s/BYTES). Reports then show unbiased estimates and say so; mappings are traced
+    /// whole.
+    #[arg(long, value_name = "BYTES", value_parser = sample_bytes)]
+    pub sample_bytes: Option<u64>,
+
     /// Reports over which growth is measured and leaks are told from stable usage.
     #[arg(long, value_name = "REPORTS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(2..))]
     pub window: u16,
@@ -219,6 +226,13 @@ pub fn size_bytes(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("`{s}` is not a size (for example 4096, 64K, 1M)"))
+}
+
+fn sample_bytes(s: &str) -> Result<u64, String> {
+    match size_bytes(s)? {
+        n @ 1..=leaktrace_common::MAX_SAMPLE_BYTES => Ok(n),
+        _ => Err(format!("`{s}` is not a sampling size from 1 byte to 1G")),
+    }
 }
 
 impl Cli {

@@ -132,21 +132,93 @@ pub struct Allocated {
     pub count: u64,
 }
 
+/// `--sample-bytes N`: the BPF side traced each block of the malloc family of `size` bytes with
+/// probability `p = min(1, max(size, 1) / N)`, independently. A traced block stands for `1 / p`
+/// blocks (Horvitz-Thompson), which makes every sum of blocks an unbiased estimate: a block of
+/// at least N bytes for itself, a smaller one for N bytes in `N / size` blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampling {
+    sample_bytes: u64,
+}
+
+impl Sampling {
+    pub fn new(sample_bytes: u64) -> Self {
+        Self {
+            sample_bytes: sample_bytes.max(1),
+        }
+    }
+
+    pub fn sample_bytes(self) -> u64 {
+        self.sample_bytes
+    }
+
+    /// The blocks a traced block of `size_bytes` stands for.
+    fn weight(self, size_bytes: u64) -> f64 {
+        let size = size_bytes.max(1);
+        if size >= self.sample_bytes {
+            1.0
+        } else {
+            self.sample_bytes as f64 / size as f64
+        }
+    }
+
+    /// The bytes a traced block of `size_bytes` stands for.
+    fn bytes(self, size_bytes: u64) -> u64 {
+        if size_bytes == 0 {
+            0
+        } else {
+            size_bytes.max(self.sample_bytes)
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct HeapModel {
     live: HashMap<u64, Live>,
     /// Blocks that a younger block at the same address replaced before their release was seen,
-    /// by address: the birth time of the replaced one. A call that releases a block (realloc)
-    /// reports it at its return, and another thread may get the address in between.
-    replaced: HashMap<u64, u64>,
+    /// by address: the birth time and size of the replaced one. A call that releases a block
+    /// (realloc) reports it at its return, and another thread may get the address in between.
+    replaced: HashMap<u64, (u64, u64)>,
     mappings: Mappings,
     stacks: Stacks,
+    /// Events as traced; `allocations` and `frees` are reported from `weighed`.
     counters: Counters,
-    /// Indexed by stack id.
-    allocated: Vec<Allocated>,
+    /// Allocations and frees, each weighed by the blocks it stands for (1 unless sampled).
+    weighed: Weighed,
+    /// Indexed by stack id: bytes, and allocations weighed as in `weighed`.
+    allocated: Vec<(u64, f64)>,
+    sampling: Option<Sampling>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Weighed {
+    allocations: f64,
+    frees: f64,
 }
 
 impl HeapModel {
+    /// A model of a trace that saw every block (`None`) or a sample of the malloc family's.
+    pub fn new(sampling: Option<Sampling>) -> Self {
+        Self {
+            sampling,
+            ..Self::default()
+        }
+    }
+
+    pub fn sampling(&self) -> Option<Sampling> {
+        self.sampling
+    }
+
+    /// The bytes and blocks that a traced block of `origin` stands for.
+    fn weigh(&self, origin: Origin, size_bytes: u64) -> (u64, f64) {
+        match self.sampling {
+            Some(sampling) if origin == Origin::Heap => {
+                (sampling.bytes(size_bytes), sampling.weight(size_bytes))
+            }
+            _ => (size_bytes, 1.0),
+        }
+    }
+
     pub fn apply(&mut self, event: &Event<'_>) {
         match *event {
             Event::Alloc {
@@ -163,8 +235,7 @@ impl HeapModel {
                 }
                 if addr != 0 {
                     let stack = self.stacks.intern(frames, truncated, Origin::Heap);
-                    self.counters.allocations += 1;
-                    self.count_allocated(stack, size_bytes);
+                    self.count_allocated(stack, Origin::Heap, size_bytes);
                     // An address still live: its release is still on its way (or was lost).
                     let new = Live {
                         size_bytes,
@@ -172,7 +243,7 @@ impl HeapModel {
                         stack,
                     };
                     if let Some(old) = self.live.insert(addr, new) {
-                        self.replaced.insert(addr, old.ts_ns);
+                        self.replaced.insert(addr, (old.ts_ns, old.size_bytes));
                     }
                 }
             }
@@ -202,17 +273,16 @@ impl HeapModel {
                         if !old_kept {
                             let unmapped =
                                 self.mappings.unmap(old_addr, old_size_bytes, entry_ts_ns);
-                            self.counters.frees += unmapped.released;
+                            self.weighed.frees += unmapped.released as f64;
                         }
                         backing
                     }
                 };
                 let stack = self.stacks.intern(frames, truncated, backing.into());
-                self.counters.allocations += 1;
-                self.count_allocated(stack, size_bytes);
+                self.count_allocated(stack, backing.into(), size_bytes);
                 // MAP_FIXED over tracked memory replaces it.
                 let replaced = self.mappings.map(addr, size_bytes, stack, ts_ns, backing);
-                self.counters.frees += replaced.released;
+                self.weighed.frees += replaced.released as f64;
             }
             Event::Unmap {
                 ts_ns,
@@ -220,7 +290,7 @@ impl HeapModel {
                 size_bytes,
             } => {
                 let unmapped = self.mappings.unmap(addr, size_bytes, ts_ns);
-                self.counters.frees += unmapped.released;
+                self.weighed.frees += unmapped.released as f64;
                 if unmapped.bytes == 0 {
                     self.counters.unmatched_unmaps += 1;
                 }
@@ -228,38 +298,54 @@ impl HeapModel {
         }
     }
 
-    fn count_allocated(&mut self, stack: StackId, size_bytes: u64) {
+    fn count_allocated(&mut self, stack: StackId, origin: Origin, size_bytes: u64) {
+        let (bytes, blocks) = self.weigh(origin, size_bytes);
+        self.counters.allocations += 1;
+        self.weighed.allocations += blocks;
         let index = stack.0 as usize;
         if index >= self.allocated.len() {
-            self.allocated.resize(index + 1, Allocated::default());
+            self.allocated.resize(index + 1, (0, 0.0));
         }
-        self.allocated[index].bytes += size_bytes;
-        self.allocated[index].count += 1;
+        self.allocated[index].0 += bytes;
+        self.allocated[index].1 += blocks;
     }
 
     /// Releases the block at `addr` that was born before `released_ns`, when the release began.
     fn release(&mut self, addr: u64, released_ns: u64) {
-        self.counters.frees += 1;
-        match self.live.get(&addr) {
+        let released_size = match self.live.get(&addr) {
             Some(live) if live.ts_ns <= released_ns => {
+                let size = live.size_bytes;
                 self.live.remove(&addr);
+                Some(size)
             }
             // The address was given out again before this release was seen: the block it
             // releases is the one that the younger block replaced.
-            _ => {
-                if self
-                    .replaced
-                    .remove(&addr)
-                    .is_none_or(|born| born > released_ns)
-                {
-                    self.counters.unmatched_frees += 1;
-                }
+            _ => match self.replaced.remove(&addr) {
+                Some((born, size)) if born <= released_ns => Some(size),
+                _ => None,
+            },
+        };
+        match released_size {
+            Some(size) => self.weighed.frees += self.weigh(Origin::Heap, size).1,
+            None => {
+                self.weighed.frees += 1.0;
+                self.counters.unmatched_frees += 1;
             }
         }
     }
 
+    /// Allocation events applied: under sampling, the blocks drawn.
+    pub fn traced_allocations(&self) -> u64 {
+        self.counters.allocations
+    }
+
+    /// Allocations and frees are estimates under sampling, rounded.
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters {
+            allocations: self.weighed.allocations.round() as u64,
+            frees: self.weighed.frees.round() as u64,
+            ..self.counters
+        }
     }
 
     pub fn stacks(&self) -> &Stacks {
@@ -270,7 +356,7 @@ impl HeapModel {
     pub fn allocated(&self, stack: StackId) -> Allocated {
         self.allocated
             .get(stack.0 as usize)
-            .copied()
+            .map(|&a| allocated(a))
             .unwrap_or_default()
     }
 
@@ -279,8 +365,8 @@ impl HeapModel {
         self.allocated
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.count > 0)
-            .map(|(i, &a)| (StackId(i as u32), a))
+            .filter(|(_, a)| a.1 > 0.0)
+            .map(|(i, &a)| (StackId(i as u32), allocated(a)))
     }
 
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
@@ -296,24 +382,21 @@ impl HeapModel {
         born_by_ns: u64,
         sizes: std::ops::RangeInclusive<u64>,
     ) -> Vec<StackUsage> {
-        let mut by_stack: HashMap<StackId, StackUsage> = HashMap::default();
-        let mut add = |stack: StackId, size_bytes: u64, new_allocation: bool, ts_ns: u64| {
-            let usage = by_stack.entry(stack).or_insert(StackUsage {
-                stack,
-                outstanding_bytes: 0,
-                outstanding_allocations: 0,
-                oldest_ts_ns: u64::MAX,
-            });
-            usage.outstanding_bytes += size_bytes;
-            usage.outstanding_allocations += u64::from(new_allocation);
-            usage.oldest_ts_ns = usage.oldest_ts_ns.min(ts_ns);
+        // Bytes, weighed allocations, oldest birth.
+        let mut by_stack: HashMap<StackId, (u64, f64, u64)> = HashMap::default();
+        let mut add = |stack: StackId, (bytes, blocks): (u64, f64), ts_ns: u64| {
+            let usage = by_stack.entry(stack).or_insert((0, 0.0, u64::MAX));
+            usage.0 += bytes;
+            usage.1 += blocks;
+            usage.2 = usage.2.min(ts_ns);
         };
         for live in self
             .live
             .values()
             .filter(|live| live.ts_ns <= born_by_ns && sizes.contains(&live.size_bytes))
         {
-            add(live.stack, live.size_bytes, true, live.ts_ns);
+            let weighed = self.weigh(Origin::Heap, live.size_bytes);
+            add(live.stack, weighed, live.ts_ns);
         }
         // A mapping split by a partial munmap is still one allocation.
         let mut counted = HashSet::new();
@@ -323,9 +406,29 @@ impl HeapModel {
             .filter(|p| p.ts_ns <= born_by_ns && sizes.contains(&p.size_bytes))
         {
             let first_piece = counted.insert(piece.mapping);
-            add(piece.stack, piece.size_bytes, first_piece, piece.ts_ns);
+            add(
+                piece.stack,
+                (piece.size_bytes, if first_piece { 1.0 } else { 0.0 }),
+                piece.ts_ns,
+            );
         }
-        by_stack.into_values().collect()
+        by_stack
+            .into_iter()
+            .map(|(stack, (bytes, blocks, oldest_ts_ns))| StackUsage {
+                stack,
+                outstanding_bytes: bytes,
+                outstanding_allocations: blocks.round() as u64,
+                oldest_ts_ns,
+            })
+            .collect()
+    }
+}
+
+/// Bytes and weighed allocations of a stack, as reported.
+fn allocated((bytes, blocks): (u64, f64)) -> Allocated {
+    Allocated {
+        bytes,
+        count: blocks.round() as u64,
     }
 }
 
@@ -367,6 +470,59 @@ mod tests {
             .into_iter()
             .find(|u| &*heap.stacks().get(u.stack).frames == frames)
             .map(|u| (u.outstanding_bytes, u.outstanding_allocations))
+    }
+
+    #[test]
+    fn sampled_blocks_stand_for_the_blocks_they_were_drawn_from() {
+        // One block per 1000 bytes: a 100-byte block was drawn with probability 1/10, so it
+        // stands for 10 blocks of 1000 bytes in all; a 4000-byte block always, for itself.
+        let mut heap = HeapModel::new(Some(Sampling::new(1000)));
+        heap.apply(&alloc(0x1000, 100, &[1]));
+        heap.apply(&alloc(0x2000, 100, &[1]));
+        heap.apply(&alloc(0x3000, 4000, &[2]));
+        heap.apply(&alloc(0x4000, 0, &[3]));
+        heap.apply(&map(
+            0x10_0000,
+            8192,
+            MapSource::Mmap(Backing::Anonymous),
+            &[4],
+        ));
+        assert_eq!(usage_of(&heap, &[1]), Some((2000, 20)));
+        assert_eq!(usage_of(&heap, &[2]), Some((4000, 1)));
+        // malloc(0) was drawn as a 1-byte block: 1000 blocks of no bytes.
+        assert_eq!(usage_of(&heap, &[3]), Some((0, 1000)));
+        // Mappings are never sampled.
+        assert_eq!(usage_of(&heap, &[4]), Some((8192, 1)));
+        heap.apply(&Event::Free { addr: 0x1000 });
+        assert_eq!(usage_of(&heap, &[1]), Some((1000, 10)));
+        // A release of a block never seen (older than the trace) stands for itself.
+        heap.apply(&Event::Free { addr: 0x9999 });
+        assert_eq!(
+            heap.counters(),
+            Counters {
+                allocations: 10 + 10 + 1 + 1000 + 1,
+                frees: 10 + 1,
+                unmatched_frees: 1,
+                unmatched_unmaps: 0
+            }
+        );
+        let stack = heap
+            .usage(u64::MAX)
+            .into_iter()
+            .find(|u| *heap.stacks().get(u.stack).frames == [1])
+            .unwrap()
+            .stack;
+        assert_eq!(
+            heap.allocated(stack),
+            Allocated {
+                bytes: 2000,
+                count: 20
+            }
+        );
+        // The same events, traced whole.
+        let mut exact = HeapModel::default();
+        exact.apply(&alloc(0x1000, 100, &[1]));
+        assert_eq!(usage_of(&exact, &[1]), Some((100, 1)));
     }
 
     #[test]

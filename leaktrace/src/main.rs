@@ -89,7 +89,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         stack_copy_bytes: cli.stack_copy_bytes,
         max_depth: cli.max_depth,
     };
-    let (ebpf, mut maps) = probes::load(cli.ringbuf_bytes, capture)?;
+    let (ebpf, mut maps) = probes::load(probes::LoadOptions {
+        ringbuf_bytes: cli.ringbuf_bytes,
+        capture,
+        sample_bytes: cli.sample_bytes.unwrap_or(0),
+    })?;
     if cli.unwind == Unwind::Auto {
         // Before attaching: the first allocations already need to know where frame pointers
         // can be trusted. The map holds one address space: the first traced process's.
@@ -145,6 +149,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         print_bpf_stats: cli.print_bpf_stats,
         follow_forks: cli.follow_forks,
         unwind: cli.unwind,
+        sampling: cli.sample_bytes.map(leaktrace::heap::Sampling::new),
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
         let target = Target::open(child)?;

@@ -177,7 +177,7 @@ pub struct Stats(PerCpuArray<MapData, u64>);
 impl Stats {
     /// Events lost since load (summed over CPUs).
     pub fn lost_events(&self) -> u64 {
-        self.sum(stat::RINGBUF_FULL) + self.sum(stat::PENDING_FULL)
+        self.sum(stat::RINGBUF_FULL) + self.sum(stat::PENDING_FULL) + self.sum(stat::SAMPLED_FULL)
     }
 
     /// Allocator returns seen without their entry: calls in flight at attach, or entries the
@@ -195,6 +195,7 @@ impl Stats {
             ("stale_entry", stat::STALE_ENTRY),
             ("read_failed", stat::READ_FAILED),
             ("stack_copy_failed", stat::STACK_COPY_FAILED),
+            ("sampled_full", stat::SAMPLED_FULL),
         ]
         .into_iter()
         .map(|(name, index)| (name, self.sum(index)))
@@ -220,6 +221,15 @@ pub struct StackCapture {
     pub max_depth: u32,
 }
 
+/// What the BPF programs are loaded with.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ringbuf_bytes: u32,
+    pub capture: StackCapture,
+    /// `--sample-bytes`, or 0 to trace every block.
+    pub sample_bytes: u64,
+}
+
 /// Where the kernel publishes its own BTF.
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -236,8 +246,13 @@ fn require_kernel_btf(path: &Path) -> anyhow::Result<()> {
     ))
 }
 
-/// Loads the BPF programs with a ring buffer of `ringbuf_bytes`.
-pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, Maps)> {
+/// Loads the BPF programs.
+pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
+    let LoadOptions {
+        ringbuf_bytes,
+        capture,
+        sample_bytes,
+    } = options;
     require_kernel_btf(Path::new(KERNEL_BTF))?;
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
     // Raising it may be refused (no CAP_SYS_RESOURCE), which only matters on old kernels.
@@ -256,6 +271,7 @@ pub fn load(ringbuf_bytes: u32, capture: StackCapture) -> anyhow::Result<(Ebpf, 
         .override_global("STACK_DEPTH", &capture.max_depth, true)
         .override_global("UNWIND_MODE", &capture.mode, true)
         .override_global("STACK_COPY_BYTES", &capture.stack_copy_bytes, true)
+        .override_global("SAMPLE_BYTES", &sample_bytes, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/leaktrace"

@@ -93,6 +93,9 @@ pub struct Snapshot {
     pub leak_stacks: usize,
     /// The last report of the trace.
     pub last: bool,
+    /// `--sample-bytes`: the numbers about the malloc family's blocks are estimates from a
+    /// sample of them (see `heap::Sampling`).
+    pub sample_bytes: Option<u64>,
 }
 
 impl Snapshot {
@@ -381,6 +384,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         rss_growth_bytes_per_s,
         leak_stacks,
         last: input.last,
+        sample_bytes: heap.sampling().map(|s| s.sample_bytes()),
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Settings {
     /// Trace the children that traced processes fork (`--follow-forks`).
     pub follow_forks: bool,
     pub unwind: Unwind,
+    /// `--sample-bytes`: the heap models weigh each block by the blocks it stands for.
+    pub sampling: Option<crate::heap::Sampling>,
 }
 
 /// One traced process and where its reports go. Each has its own heap model: processes are
@@ -266,7 +268,7 @@ fn report_unwinding(pid: u32, session: &Live) {
     eprintln!(
         "leaktrace: pid {pid}: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers) in {:.3}s ({:.0} stacks/s)",
         unwound.stacks,
-        session.heap.counters().allocations,
+        session.heap.traced_allocations(),
         unwound.cfi_frames,
         unwound.fp_frames,
         busy_s,
@@ -283,7 +285,7 @@ impl Live {
         Self {
             reporter: session.reporter,
             unwinder: session.unwinder,
-            heap: HeapModel::default(),
+            heap: HeapModel::new(settings.sampling),
             trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
             exe: exe_id(session.pid),
         }

@@ -4,6 +4,7 @@
 mod allocators;
 mod processes;
 mod protobuf;
+mod sampling;
 mod service;
 mod stacks;
 mod support;

@@ -18,6 +18,9 @@ struct JsonReport<'a> {
     complete: bool,
     /// The last report of the trace.
     last: bool,
+    /// `--sample-bytes`, when the numbers about the malloc family are estimates from a sample
+    /// of its blocks; null when every block was traced.
+    sample_bytes: Option<u64>,
     allocator: &'a str,
     allocator_module: &'a str,
     /// The target's resident set (VmRSS) and its growth over the trend window.
@@ -36,7 +39,9 @@ struct JsonTotals {
     allocations: u64,
     frees: u64,
     lost_events: u64,
-    unmatched_frees: u64,
+    /// Null under sampling, which cannot tell a block older than the trace from one that was
+    /// not drawn.
+    unmatched_frees: Option<u64>,
     /// Of `outstanding_bytes`, the part in anonymous mappings.
     mapped_bytes: u64,
     /// Mappings of files: outstanding, but not in `outstanding_bytes`.
@@ -101,6 +106,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         elapsed_s: round3(snapshot.elapsed_s),
         complete: t.lost_events == 0,
         last: snapshot.last,
+        sample_bytes: snapshot.sample_bytes,
         allocator: &report.target.allocator,
         allocator_module: &report.target.allocator_module,
         rss_bytes: snapshot.rss_bytes,
@@ -111,7 +117,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             allocations: t.allocations,
             frees: t.frees,
             lost_events: t.lost_events,
-            unmatched_frees: t.unmatched_frees,
+            unmatched_frees: snapshot.sample_bytes.is_none().then_some(t.unmatched_frees),
             mapped_bytes: t.mapped_bytes,
             file_mapped_bytes: t.file_mapped_bytes,
             file_mappings: t.file_mappings,
@@ -154,9 +160,8 @@ mod tests {
         report::{Kind, Snapshot, StackSummary, Totals},
     };
 
-    #[test]
-    fn follows_the_contract() {
-        let snapshot = Snapshot {
+    fn snapshot() -> Snapshot {
+        Snapshot {
             pid: 42,
             timestamp_ms: 1_764_000_000_000,
             elapsed_s: 10.0004,
@@ -191,7 +196,11 @@ mod tests {
             rss_growth_bytes_per_s: Some(1024.0004),
             leak_stacks: 0,
             last: true,
-        };
+            sample_bytes: None,
+        }
+    }
+
+    fn rendered(snapshot: &Snapshot) -> String {
         let frames = vec![vec![Frame {
             address: 0x401136,
             symbol: Some("cache_insert".into()),
@@ -212,12 +221,18 @@ mod tests {
         render(
             &Report {
                 target: &target,
-                snapshot: &snapshot,
+                snapshot,
                 frames: &frames,
                 style: Default::default(),
             },
             &mut out,
         );
+        out
+    }
+
+    #[test]
+    fn follows_the_contract() {
+        let out = rendered(&snapshot());
         assert!(out.ends_with('\n'));
         assert_eq!(out.matches('\n').count(), 1);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -247,11 +262,24 @@ mod tests {
         assert_eq!(v["rss_bytes"], 1 << 20);
         assert_eq!(v["rss_growth_bytes_per_s"], 1024.0);
         assert_eq!(stack["origin"], "malloc");
+        assert_eq!(v["sample_bytes"], serde_json::Value::Null);
         assert_eq!(
             stack["frames"][0],
             serde_json::json!({"address": "0x401136", "symbol": "cache_insert", "offset": 42,
                                "module": "/usr/bin/app", "module_offset": "0x1136",
                                "file": "src/cache.c", "line": 17, "inlined": false})
         );
+    }
+
+    #[test]
+    fn a_sampled_report_says_so_and_leaves_unmatched_frees_unknown() {
+        let snapshot = Snapshot {
+            sample_bytes: Some(512 << 10),
+            ..snapshot()
+        };
+        let v: serde_json::Value = serde_json::from_str(&rendered(&snapshot)).unwrap();
+        assert_eq!(v["sample_bytes"], 512 << 10);
+        assert_eq!(v["totals"]["unmatched_frees"], serde_json::Value::Null);
+        assert_eq!(v["totals"]["outstanding_bytes"], 4096);
     }
 }

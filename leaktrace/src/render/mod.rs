@@ -167,6 +167,7 @@ pub(crate) mod tests {
             rss_growth_bytes_per_s: None,
             leak_stacks: 0,
             last: true,
+            sample_bytes: None,
         };
         (target, snapshot)
     }

@@ -37,18 +37,34 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             target.allocator, target.allocator_module
         );
     }
-    let _ = writeln!(
-        out,
-        "{}",
-        fit(format!(
-            "outstanding {} in {} allocations · {} allocations, {} frees since attach · {} frees of older blocks",
-            bytes(t.outstanding_bytes),
-            t.outstanding_allocations,
-            t.allocations,
-            t.frees,
-            t.unmatched_frees,
-        ))
+    let totals = format!(
+        "outstanding {} in {} allocations · {} allocations, {} frees since attach",
+        bytes(t.outstanding_bytes),
+        t.outstanding_allocations,
+        t.allocations,
+        t.frees,
     );
+    let _ = match s.sample_bytes {
+        None => writeln!(
+            out,
+            "{}",
+            fit(format!(
+                "{totals} · {} frees of older blocks",
+                t.unmatched_frees
+            ))
+        ),
+        Some(sample_bytes) => {
+            let _ = writeln!(out, "{}", fit(format!("~{totals}")));
+            writeln!(
+                out,
+                "{}",
+                fit(format!(
+                    "ESTIMATES from a sample of blocks, one per {} allocated (--sample-bytes): mmap'd memory is exact",
+                    bytes(sample_bytes)
+                ))
+            )
+        }
+    };
     if t.mapped_bytes > 0 {
         let _ = writeln!(
             out,
@@ -304,6 +320,7 @@ mod tests {
             rss_growth_bytes_per_s: None,
             leak_stacks: 0,
             last: false,
+            sample_bytes: None,
         };
         let frames = vec![vec![
             Frame {
@@ -376,6 +393,31 @@ mod tests {
         assert!(out.contains("... and 2 more stacks"), "{out}");
         assert!(!out.contains('\x1b'), "plain without a terminal");
         assert!(!out.contains("RSS"), "no RSS line when it is unknown");
+        assert!(out.contains(" · 0 frees of older blocks\n"), "{out}");
+        assert!(!out.contains("ESTIMATES"), "{out}");
+
+        // Under sampling the numbers say they are estimates, and older blocks are unknown.
+        let sampled = Snapshot {
+            sample_bytes: Some(512 << 10),
+            ..snapshot.clone()
+        };
+        let mut out = String::new();
+        render(
+            &Report {
+                target: &target,
+                snapshot: &sampled,
+                frames: &frames,
+                style: Default::default(),
+            },
+            &mut out,
+        );
+        assert!(
+            out.contains(
+                "\n~outstanding 400.0 KiB in 100 allocations · 0 allocations, 0 frees since attach\nESTIMATES from a sample of blocks, one per 512.0 KiB allocated (--sample-bytes): mmap'd memory is exact\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("older blocks"), "{out}");
 
         // On a 100-column terminal: colour, the RSS and its trend, every line fits.
         let mut snapshot = snapshot;

@@ -1,0 +1,72 @@
+//! `--sample-bytes N`: only some blocks of the malloc family are traced, for a fraction of the
+//! cost. A block of `size` bytes is drawn with probability `min(1, max(size, 1) / N)`,
+//! independently of every other, so user space weighs it by the inverse (a block of at least
+//! N bytes always, a smaller one as N / size blocks of N bytes): unbiased estimates with no
+//! per-thread state and no aliasing with a program's allocation pattern. The release of a
+//! block that was not drawn is not reported either, which needs the drawn ones remembered.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC, helpers::bpf_get_prandom_u32, macros::map, maps::HashMap,
+};
+use leaktrace_common::{MAX_SAMPLED_BLOCKS, stat};
+
+use crate::count;
+
+/// 0 traces every block; user space sets it at load. Below 2^32 (`MAX_SAMPLE_BYTES`).
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
+
+/// The drawn blocks that are live, by address. Allocated as it fills: most runs never sample.
+#[map]
+static SAMPLED: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SAMPLED_BLOCKS, BPF_F_NO_PREALLOC);
+
+/// N, or 0 when every block is traced.
+#[inline(always)]
+pub fn sample_bytes() -> u64 {
+    // SAFETY: a plain read of a global that user space sets before load; volatile so that the
+    // compiler does not fold the default in.
+    unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) }
+}
+
+/// Draws the new block at `addr` of `size` bytes, and remembers it when drawn. A block that
+/// cannot be remembered is not reported (its release would go unseen) and counts as lost.
+#[inline(always)]
+pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
+    let size = size.max(1);
+    // P(r * N < size << 32) = size / N for a uniform 32-bit r, when size < N < 2^32.
+    // SAFETY: no preconditions.
+    let drawn = size >= sample_bytes
+        || u64::from(unsafe { bpf_get_prandom_u32() }) * sample_bytes < size << 32;
+    if !drawn {
+        return false;
+    }
+    if SAMPLED.insert(addr, 0, 0).is_err() {
+        count(stat::SAMPLED_FULL);
+        return false;
+    }
+    true
+}
+
+/// Whether the block at `addr` was drawn; forgets it. Called before the block is released
+/// (at free's and realloc's entry), so that another thread's new block at the same address
+/// is never forgotten in its place.
+#[inline(always)]
+pub fn forget(addr: u64) -> bool {
+    // A lookup first: most blocks were not drawn, and a failed delete takes the bucket's lock.
+    if SAMPLED.get_ptr(addr).is_none() {
+        return false;
+    }
+    SAMPLED.remove(addr).is_ok()
+}
+
+/// A realloc that failed leaves its block as it was: drawn again. False when it cannot be
+/// remembered (counted as lost): the caller then reports it released, since its release would
+/// go unseen.
+#[inline(always)]
+pub fn restore(addr: u64) -> bool {
+    if SAMPLED.insert(addr, 0, 0).is_err() {
+        count(stat::SAMPLED_FULL);
+        return false;
+    }
+    true
+}

@@ -1,0 +1,132 @@
+//! `--sample-bytes`: a block of s bytes is traced with probability min(1, s/N) and stands for
+//! 1/p blocks. Where that probability is 1 the numbers must be exact; where it is not, the
+//! estimate must be a sampled one (a multiple of N) and within six standard deviations of the
+//! truth (a false failure about once in 500 million runs).
+
+use crate::support::{
+    Fixture, Leaktrace, Site, compile, expected_sites, reported_sites, require_root, stack_of,
+};
+
+#[test]
+fn with_one_byte_samples_every_block_goes_through_sampling_and_the_family_stays_exact() {
+    if !require_root() {
+        return;
+    }
+    // Every block is drawn (p = 1), so what is tested is the bookkeeping of drawn blocks:
+    // realloc chains, failed reallocs, realloc(p, 0), frees from other threads.
+    let binary = compile("family", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100", "--sample-bytes", "1"]);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    let want = expected_sites(&expected);
+    assert_eq!(reported_sites(report), want);
+    let totals = &report["totals"];
+    assert_eq!(
+        totals["outstanding_bytes"],
+        want.iter().map(|w| w.1).sum::<u64>()
+    );
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(report["sample_bytes"], 1);
+    // The block allocated before attach was never drawn: its free cannot be told from the
+    // free of a block that was not drawn, so the count is unknown rather than 0.
+    assert_eq!(totals["unmatched_frees"], serde_json::Value::Null);
+    fixture.finish();
+}
+
+#[test]
+fn blocks_of_at_least_the_sample_size_are_always_traced_and_churn_stays_absent() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 100 leaks of 4096 bytes (p = 1) and 1000 temporary 128-byte blocks (p = 1/32).
+    let mut fixture = Fixture::start(&binary, &["100", "4096", "1000"]);
+    let outcome = Leaktrace::one_round(&mut fixture, &["--sample-bytes", "4K"]);
+    let report = outcome.last();
+    assert_eq!(report["sample_bytes"], 4096);
+    assert_eq!(report["complete"], true);
+    let totals = &report["totals"];
+    assert_eq!(totals["outstanding_bytes"], 100 * 4096);
+    assert_eq!(totals["outstanding_allocations"], 100);
+    let stacks = report["stacks"].as_array().unwrap();
+    assert_eq!(stacks.len(), 1, "only the leak is outstanding: {stacks:?}");
+    let leak = stack_of(report, "leak_site").expect("the leaking function is named");
+    assert_eq!(leak["outstanding_bytes"], 100 * 4096);
+    assert_eq!(leak["kind"], "growing");
+    fixture.finish();
+}
+
+#[test]
+fn small_blocks_are_estimated_without_bias_from_a_sample() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 200000 leaks of 48 bytes, each drawn with p = 48/4096, and as many temporary blocks.
+    let (leaks, size, n) = (200_000u64, 48u64, 4096u64);
+    let mut fixture = Fixture::start(
+        &binary,
+        &[&leaks.to_string(), &size.to_string(), &leaks.to_string()],
+    );
+    let outcome = Leaktrace::one_round(&mut fixture, &["--sample-bytes", &n.to_string()]);
+    let report = outcome.last();
+    assert_eq!(report["complete"], true);
+    let leak = stack_of(report, "leak_site").expect("the leaking function is named");
+    let estimate = leak["outstanding_bytes"].as_u64().unwrap();
+    let truth = leaks * size;
+    // Each drawn 48-byte block stands for 4096 bytes: a whole multiple, which 9.6 MB is not,
+    // so a trace that saw every block cannot pass.
+    assert_eq!(estimate % n, 0, "{estimate}");
+    let drawn = estimate / n;
+    let p = size as f64 / n as f64;
+    let mean = leaks as f64 * p;
+    let sd = (leaks as f64 * p * (1.0 - p)).sqrt();
+    assert!(
+        (drawn as f64 - mean).abs() < 6.0 * sd,
+        "{drawn} blocks drawn, {mean:.0} +- {sd:.0} expected: estimate {estimate}, truth {truth}"
+    );
+    // The count stands for the same blocks.
+    let count = leak["outstanding_allocations"].as_u64().unwrap();
+    assert_eq!(
+        count,
+        (drawn as f64 * n as f64 / size as f64).round() as u64
+    );
+    // The temporary blocks that were drawn were freed, and their frees seen.
+    assert!(stack_of(report, "temp_site").is_none(), "{report}");
+    assert_eq!(report["stacks"].as_array().unwrap().len(), 1);
+    fixture.finish();
+}
+
+#[test]
+fn mappings_stay_exact_under_sampling() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("mappings", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(
+        fixture.pid(),
+        &["--top", "100", "--file-mappings", "--sample-bytes", "1G"],
+    );
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    let mappings = |sites: Vec<Site>| {
+        sites
+            .into_iter()
+            .filter(|site| site.3 != "malloc")
+            .collect::<Vec<_>>()
+    };
+    let want = mappings(expected_sites(&expected));
+    assert!(!want.is_empty());
+    assert_eq!(mappings(reported_sites(report)), want);
+    assert_eq!(report["totals"]["file_mappings"], 6);
+    assert_eq!(report["totals"]["lost_events"], 0);
+    fixture.finish();
+}
