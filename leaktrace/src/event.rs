@@ -117,6 +117,22 @@ pub fn user_stack(bytes: &[u8]) -> Result<Option<UserStack<'_>>, DecodeError> {
     }))
 }
 
+/// `bytes` as return addresses: borrowed when aligned, else copied into `scratch`.
+fn frames_of<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> &'a [u64] {
+    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
+    if head.is_empty() && tail.is_empty() {
+        return words;
+    }
+    scratch.clear();
+    scratch.extend(
+        bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes"))),
+    );
+    scratch
+}
+
 fn u32_at(bytes: &[u8], offset: usize) -> u32 {
     u32::from_ne_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
 }
@@ -133,9 +149,9 @@ pub fn tgid_of(bytes: &[u8]) -> Option<u32> {
     (bytes.len() >= AT + 8).then(|| (u64_at(bytes, AT) >> 32) as u32)
 }
 
-/// Decodes one record. The frames are copied out, since ring buffer records are not aligned
-/// for `u64` from Rust's point of view; `scratch` is reused between calls.
-pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, DecodeError> {
+/// Decodes one record. The frames are borrowed from it when they are aligned for `u64`, as in
+/// the ring buffer (its records start 8-byte aligned); copied into `scratch` otherwise.
+pub fn decode<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, DecodeError> {
     if bytes.len() < 4 {
         return Err(DecodeError::Short(bytes.len()));
     }
@@ -204,8 +220,7 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                 call::MREMAP_KEEP => Some(remap(true)),
                 other => return Err(DecodeError::UnknownCall(other)),
             };
-            scratch.clear();
-            scratch.extend((0..depth).map(|i| u64_at(bytes, frames_at + 8 * i)));
+            let frames = frames_of(&bytes[frames_at..frames_at + 8 * depth], scratch);
             Ok(match source {
                 None => Event::Alloc {
                     ts_ns,
@@ -213,7 +228,7 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                     size_bytes,
                     old_addr,
                     entry_ts_ns,
-                    frames: scratch,
+                    frames,
                     truncated,
                 },
                 Some(source) => Event::Map {
@@ -221,7 +236,7 @@ pub fn decode<'a>(bytes: &[u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, 
                     addr,
                     size_bytes,
                     source,
-                    frames: scratch,
+                    frames,
                     truncated,
                 },
             })
@@ -477,6 +492,31 @@ pub(crate) mod tests {
             decode(&free_record(0x1000), &mut scratch).unwrap(),
             Event::Free { addr: 0x1000 }
         );
+        // Frames are borrowed from an aligned record, copied from a misaligned one, alike.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&record);
+        let aligned: Vec<u64> = record.chunks_exact(8).map(|_| 0).collect();
+        let aligned = {
+            let mut words = aligned;
+            // SAFETY: the Vec<u64> has room for the record's bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    record.as_ptr(),
+                    words.as_mut_ptr().cast::<u8>(),
+                    record.len(),
+                );
+            }
+            words
+        };
+        // SAFETY: the bytes of a Vec<u64>, 8-byte aligned.
+        let aligned_bytes =
+            unsafe { std::slice::from_raw_parts(aligned.as_ptr().cast::<u8>(), record.len()) };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let from_aligned = decode(aligned_bytes, &mut a).unwrap();
+        let from_shifted = decode(&shifted[1..], &mut b).unwrap();
+        assert_eq!(from_aligned, from_shifted);
+        assert!(a.is_empty(), "borrowed, not copied");
+        assert_eq!(b, [0x401000, 0x402000], "copied");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The heap model: every allocation outstanding since attach, and the stacks that made them.
 //! It knows nothing of BPF, symbols or terminals.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, hash_map::Entry};
 
 use crate::{
     event::{Event, MapSource},
@@ -312,11 +312,10 @@ impl HeapModel {
 
     /// Releases the block at `addr` that was born before `released_ns`, when the release began.
     fn release(&mut self, addr: u64, released_ns: u64) {
-        let released_size = match self.live.get(&addr) {
-            Some(live) if live.ts_ns <= released_ns => {
-                let size = live.size_bytes;
-                self.live.remove(&addr);
-                Some(size)
+        let released_size = match self.live.entry(addr) {
+            // One lookup: the table is the model's only memory that does not fit in caches.
+            Entry::Occupied(live) if live.get().ts_ns <= released_ns => {
+                Some(live.remove().size_bytes)
             }
             // The address was given out again before this release was seen: the block it
             // releases is the one that the younger block replaced.
