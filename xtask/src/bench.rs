@@ -204,6 +204,12 @@ const BPFTRACE: Config = Config {
     name: "bpftrace",
     tracer: Tracer::Bpftrace,
 };
+/// What `--sample-bytes` is for: production, at the sampling rate of jemalloc's heap profiler.
+const SAMPLED: Config = Config {
+    name: "lt sampled",
+    tracer: Tracer::Leaktrace(&["--sample-bytes", SAMPLE_BYTES]),
+};
+const SAMPLE_BYTES: &str = "512K";
 const LEAKTRACE_FREE_AT_ENTRY: Config = Config {
     name: "lt free@0",
     tracer: Tracer::Leaktrace(&["--free-at-entry"]),
@@ -213,9 +219,10 @@ const FLOOR_FREE_AT_ENTRY: Config = Config {
     tracer: Tracer::Leaktrace(&["--noop-programs", "--free-at-entry"]),
 };
 
-const MICRO_CONFIGS: [Config; 6] = [
+const MICRO_CONFIGS: [Config; 7] = [
     UNTRACED,
     LEAKTRACE,
+    SAMPLED,
     FLOOR,
     BPFTRACE,
     LEAKTRACE_FREE_AT_ENTRY,
@@ -322,47 +329,54 @@ impl Micro {
         println!(
             "malloc microbenchmark: ns per pair of allocator calls, median [min..max] over rounds"
         );
-        print!("{:<12}", "workload");
-        for config in MICRO_CONFIGS {
-            print!(" {:>22}", config.name);
-        }
-        println!();
-        for (workload, _) in WORKLOADS {
-            print!("{workload:<12}");
-            for config in MICRO_CONFIGS {
-                let s = self.over_rounds(|r| self.value(r, config.name, workload));
-                print!(" {:>22}", s.show(0));
+        let table = |configs: &[Config]| {
+            print!("{:<12}", "workload");
+            for config in configs {
+                print!(" {:>22}", config.name);
             }
             println!();
-        }
+            for (workload, _) in WORKLOADS {
+                print!("{workload:<12}");
+                for config in configs {
+                    let s = self.over_rounds(|r| self.value(r, config.name, workload));
+                    print!(" {:>22}", s.show(0));
+                }
+                println!();
+            }
+        };
+        table(&MICRO_CONFIGS[..5]);
         for (workload, what) in WORKLOADS {
             println!("  {workload}: {what}");
         }
         println!(
-            "  floor: the same probe points with BPF programs that do nothing; lt free@0 and floor free@0: free probed at its first instruction"
+            "  floor: the same probe points with BPF programs that do nothing; lt sampled: --sample-bytes {SAMPLE_BYTES}"
         );
+        println!("free probed at its first instruction instead (a single-stepped trap):");
+        table(&MICRO_CONFIGS[5..]);
         println!();
         println!("ratios of added cost (traced - untraced), per round, median [min..max]:");
-        println!(
-            "{:<12} {:>24} {:>24} {:>24} {:>24}",
-            "workload",
-            "leaktrace/floor (<=1.3)",
-            "bpftrace/leaktrace (>=3)",
-            "lt free@0/leaktrace",
-            "floor free@0/floor"
-        );
+        let ratios: [(&str, &str, &str); 5] = [
+            ("leaktrace/floor <=1.3", LEAKTRACE.name, FLOOR.name),
+            ("sampled/floor", SAMPLED.name, FLOOR.name),
+            ("bpftrace/leaktrace >=3", BPFTRACE.name, LEAKTRACE.name),
+            (
+                "lt free@0/leaktrace",
+                LEAKTRACE_FREE_AT_ENTRY.name,
+                LEAKTRACE.name,
+            ),
+            ("floor free@0/floor", FLOOR_FREE_AT_ENTRY.name, FLOOR.name),
+        ];
+        print!("{:<12}", "workload");
+        for (title, _, _) in ratios {
+            print!(" {title:>22}");
+        }
+        println!();
         for (workload, _) in WORKLOADS {
-            println!(
-                "{workload:<12} {:>24} {:>24} {:>24} {:>24}",
-                self.added_ratio(workload, LEAKTRACE.name, FLOOR.name)
-                    .show(2),
-                self.added_ratio(workload, BPFTRACE.name, LEAKTRACE.name)
-                    .show(2),
-                self.added_ratio(workload, LEAKTRACE_FREE_AT_ENTRY.name, LEAKTRACE.name)
-                    .show(2),
-                self.added_ratio(workload, FLOOR_FREE_AT_ENTRY.name, FLOOR.name)
-                    .show(2),
-            );
+            print!("{workload:<12}");
+            for (_, a, b) in ratios {
+                print!(" {:>22}", self.added_ratio(workload, a, b).show(2));
+            }
+            println!();
         }
         println!(
             "leaktrace lost {} of {} events over all microbenchmark runs (default settings); {} allocator returns seen without their entry",
@@ -382,7 +396,7 @@ struct Server {
     leaktrace_cpu: Vec<f64>,
 }
 
-const SERVER_CONFIGS: [Config; 3] = [UNTRACED, LEAKTRACE, FLOOR];
+const SERVER_CONFIGS: [Config; 4] = [UNTRACED, LEAKTRACE, SAMPLED, FLOOR];
 
 /// Connections the load generator keeps busy, each one request at a time.
 const CONNECTIONS: usize = 4;
