@@ -18,7 +18,7 @@ use crate::{
     cli::Unwind,
     event::{Event, decode, tgid_of, user_stack},
     heap::HeapModel,
-    probes::{Maps, Probes},
+    probes::{FramePointerCode, Maps, Probes},
     report::{SnapshotInput, Trends, snapshot},
     reporter::Reporter,
     unwind::Unwinder,
@@ -131,6 +131,8 @@ pub async fn run(
     let mut finished = Vec::new();
     let mut reports = 0u64;
     let mut leak = false;
+    // The memory map FP_CODE was last computed from (main's, before attaching, is the first).
+    let mut fp_code_from = Some(0);
     started();
 
     // Undecodable records count as lost: they would otherwise vanish silently. Returns whether
@@ -170,6 +172,9 @@ pub async fn run(
             }
             _ = poll.tick() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                if settings.unwind == Unwind::Auto {
+                    update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
+                }
                 if settings.follow_forks {
                     for child in new_children(&live) {
                         match adopt(&mut probes, child) {
@@ -193,15 +198,13 @@ pub async fn run(
                     take_snapshot(pid, session, false, bad_records);
                 }
                 reports += 1;
-                // Code mapped since (dlopen) counts as code without frame pointers until judged
-                // here. The map holds one address space: the first traced process's.
-                if settings.unwind == Unwind::Auto
-                    && let Some(session) = live.values_mut().next()
-                {
-                    session.unwinder.refresh_maps();
-                    fp_code
-                        .set(&session.unwinder.code_with_frame_pointers())
-                        .context("updating the BPF map of code with frame pointers")?;
+                // Code mapped since (dlopen) counts as code without frame pointers until judged,
+                // here or when a stack through it made the unwinder read the map again.
+                if settings.unwind == Unwind::Auto {
+                    if let Some(session) = live.values_mut().next() {
+                        session.unwinder.refresh_maps();
+                    }
+                    update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
                 }
             }
             Some(pid) = exit_rx.recv() => {
@@ -262,6 +265,30 @@ pub async fn run(
 }
 
 /// How much unwinding from stack copies cost, on stderr.
+/// `--unwind auto`: tells the BPF side which code keeps frame pointers, when the memory map of
+/// the first traced process (FP_CODE holds one address space) changed since it last did. A
+/// spawned command's map changes at its exec, a service's at a dlopen: until FP_CODE knows
+/// the new code, every stack through it is copied and unwound with CFI (and differs from the
+/// frame-pointer stacks of the same site that follow).
+fn update_fp_code(
+    fp_code: &mut FramePointerCode,
+    live: &mut BTreeMap<u32, Live>,
+    from: &mut Option<u64>,
+) -> anyhow::Result<()> {
+    let Some(session) = live.values_mut().next() else {
+        return Ok(());
+    };
+    let changes = session.unwinder.maps_changes();
+    if *from == Some(changes) {
+        return Ok(());
+    }
+    fp_code
+        .set(&session.unwinder.code_with_frame_pointers())
+        .context("updating the BPF map of code with frame pointers")?;
+    *from = Some(changes);
+    Ok(())
+}
+
 fn report_unwinding(pid: u32, session: &Live) {
     let unwound = session.unwinder.stats();
     let busy_s = unwound.busy.as_secs_f64();

@@ -306,6 +306,8 @@ pub struct Unwinder {
     refreshed_ns: u64,
     /// The time of the event being unwound.
     event_ns: u64,
+    /// How many times `maps` changed since it was read at attach.
+    maps_changes: u64,
     modules: HashMap<ModuleKey, Option<ModuleCfi>>,
     steps: HashMap<u64, Step>,
     ctx: Box<UnwindContext<usize>>,
@@ -320,6 +322,7 @@ impl Unwinder {
             maps,
             refreshed_ns: 0,
             event_ns: 0,
+            maps_changes: 0,
             modules: HashMap::new(),
             steps: HashMap::new(),
             ctx: Box::new(UnwindContext::new()),
@@ -339,9 +342,16 @@ impl Unwinder {
             && maps.mappings != self.maps.mappings
         {
             self.maps = maps;
+            self.maps_changes += 1;
             // An address may now belong to another module (dlclose, then dlopen).
             self.steps.clear();
         }
+    }
+
+    /// How many times the memory map changed since attach, as this unwinder saw it: when it
+    /// did, the code known to keep frame pointers may have changed too.
+    pub fn maps_changes(&self) -> u64 {
+        self.maps_changes
     }
 
     /// The executable ranges of modules that keep frame pointers, sorted, adjacent ones
