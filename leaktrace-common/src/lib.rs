@@ -190,8 +190,8 @@ pub struct Pending {
     /// posix_memalign's out-parameter.
     pub out_ptr: u64,
     /// `CLOCK_MONOTONIC` at the outermost entry of a call that releases memory (`old_addr`
-    /// is not 0): see [`AllocEvent::entry_ts_ns`]. 0 for the others, which have no use for
-    /// it.
+    /// is not 0) and reports it (under sampling, a drawn block): see
+    /// [`AllocEvent::entry_ts_ns`]. 0 for the others, which have no use for it.
     pub entry_ts_ns: u64,
     /// With `--sample-bytes`: non-zero when the block at `old_addr` was sampled, so that its
     /// release is reported (the others were never seen).

@@ -96,8 +96,11 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
     }
     // Under sampling, a block the call may release is forgotten now, before it is released:
     // another thread may get its address before this call returns.
-    let old_sampled =
-        old.0 != 0 && is_heap_call(call) && sample::sample_bytes() != 0 && sample::forget(old.0);
+    let sampled_call = is_heap_call(call) && sample::sample_bytes() != 0;
+    let old_sampled = old.0 != 0 && sampled_call && sample::forget(old.0);
+    // Only a release that will be reported needs the time (see `AllocEvent::entry_ts_ns`):
+    // the clock is not free.
+    let releases = old.0 != 0 && (!sampled_call || old_sampled);
     *pending = Pending {
         call,
         depth: 1,
@@ -106,9 +109,8 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
         old_addr: old.0,
         old_size_bytes: old.1,
         out_ptr,
-        // Only a release needs it (see `AllocEvent::entry_ts_ns`); the clock is not free.
         // SAFETY: no preconditions.
-        entry_ts_ns: if old.0 != 0 {
+        entry_ts_ns: if releases {
             unsafe { bpf_ktime_get_ns() }
         } else {
             0
