@@ -363,20 +363,30 @@ fn unchanged(old_sampled: u32, pid_tgid: u64, addr: u64) -> Result<u32, u32> {
     if old_sampled == 0 || sample::restore(addr) {
         return Ok(0);
     }
-    let event = FreeEvent {
-        kind: EVENT_FREE,
-        _pad: 0,
-        pid_tgid,
-        addr,
-    };
+    freed(pid_tgid, addr)
+}
+
+/// Sends a record; one that finds no room in the ring buffer is counted as lost.
+#[inline(always)]
+fn send<T: ?Sized>(record: &T) -> Result<u32, u32> {
     if EVENTS
-        .output::<FreeEvent>(&event, wakeup_flags(size_of::<FreeEvent>()))
+        .output::<T>(record, wakeup_flags(size_of_val(record)))
         .is_err()
     {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }
     Ok(0)
+}
+
+#[inline(always)]
+fn freed(pid_tgid: u64, addr: u64) -> Result<u32, u32> {
+    send(&FreeEvent {
+        kind: EVENT_FREE,
+        _pad: 0,
+        pid_tgid,
+        addr,
+    })
 }
 
 /// Sends `event` cut after its frames.
@@ -391,30 +401,18 @@ fn submit(event: &AllocEvent) -> Result<u32, u32> {
     // SAFETY: `len` bytes at the start of the event are initialized (header, then frames).
     let bytes =
         unsafe { core::slice::from_raw_parts(core::ptr::from_ref(event).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags(len)).is_err() {
-        count(stat::RINGBUF_FULL);
-        return Err(0);
-    }
-    Ok(0)
+    send(bytes)
 }
 
 fn unmapped(pid_tgid: u64, entry_ts_ns: u64, addr: u64, size_bytes: u64) -> Result<u32, u32> {
-    let event = UnmapEvent {
+    send(&UnmapEvent {
         kind: EVENT_UNMAP,
         _pad: 0,
         pid_tgid,
         ts_ns: entry_ts_ns,
         addr,
         size_bytes,
-    };
-    if EVENTS
-        .output::<UnmapEvent>(&event, wakeup_flags(size_of::<UnmapEvent>()))
-        .is_err()
-    {
-        count(stat::RINGBUF_FULL);
-        return Err(0);
-    }
-    Ok(0)
+    })
 }
 
 /// `free(ptr)`.
@@ -442,20 +440,7 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
     if sample::sample_bytes() != 0 && !sample::forget(addr) {
         return Ok(0);
     }
-    let event = FreeEvent {
-        kind: EVENT_FREE,
-        _pad: 0,
-        pid_tgid: bpf_get_current_pid_tgid(),
-        addr,
-    };
-    if EVENTS
-        .output::<FreeEvent>(&event, wakeup_flags(size_of::<FreeEvent>()))
-        .is_err()
-    {
-        count(stat::RINGBUF_FULL);
-        return Err(0);
-    }
-    Ok(0)
+    freed(bpf_get_current_pid_tgid(), addr)
 }
 
 /// jemalloc's `xallocx(ptr, size, extra, flags)`: the block stays at `ptr`; its return (in

@@ -4,7 +4,7 @@ use std::mem::{offset_of, size_of};
 
 use leaktrace_common::{
     ALLOC_EVENT_HEADER_BYTES, AllocEvent, AllocStackEvent, EVENT_ALLOC, EVENT_ALLOC_STACK,
-    EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call,
+    EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call, is_heap_call,
 };
 
 use crate::mappings::Backing;
@@ -207,13 +207,7 @@ pub fn decode<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a
                 entry_ts_ns,
             };
             let source = match u32_at(bytes, offset_of!(AllocEvent, call)) {
-                call::MALLOC
-                | call::CALLOC
-                | call::REALLOC
-                | call::REALLOCARRAY
-                | call::POSIX_MEMALIGN
-                | call::ALIGNED_ALLOC
-                | call::XALLOCX => None,
+                heap if is_heap_call(heap) => None,
                 call::MMAP => Some(MapSource::Mmap(Backing::Anonymous)),
                 call::MMAP_FILE => Some(MapSource::Mmap(Backing::File)),
                 call::MREMAP => Some(remap(false)),

@@ -11,8 +11,8 @@ mod support;
 mod unwind;
 
 use support::{
-    Fixture, Leaktrace, all_symbols, compile, expected_sites, malloc_bytes_in, reported_sites,
-    require_root, run_leaktrace, stack_of,
+    Fixture, Leaktrace, all_symbols, compile, malloc_bytes_in, reported_sites, require_root,
+    run_leaktrace, stack_of, trace_two_rounds,
 };
 
 /// The line of `tests/fixtures/<file>` that contains `text`.
@@ -203,17 +203,10 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
     if !require_root() {
         return;
     }
-    let binary = compile("family", &[]);
-    let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100"]);
-    fixture.round();
-    let expected = fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let (outcome, want) = trace_two_rounds("family", &["--top", "100"]);
     let report = outcome.last();
 
     // As the fixture counted it, and nothing else.
-    let want = expected_sites(&expected);
     assert_eq!(reported_sites(report), want);
     // --top 100 showed every stack that holds memory.
     assert_eq!(
@@ -228,7 +221,6 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
     assert_eq!(totals["lost_events"], 0);
     // The block allocated before attach and freed after it, and nothing else.
     assert_eq!(totals["unmatched_frees"], 1);
-    fixture.finish();
 }
 
 #[test]
@@ -236,18 +228,11 @@ fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
     if !require_root() {
         return;
     }
-    let binary = compile("mappings", &[]);
-    let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100", "--file-mappings"]);
-    fixture.round();
-    let expected = fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let (outcome, want) = trace_two_rounds("mappings", &["--top", "100", "--file-mappings"]);
     let report = outcome.last();
 
     // As the fixture counted it. Nothing else: glibc's own mmaps of large blocks are not
     // counted a second time, and the churn of the threads is gone.
-    let want = expected_sites(&expected);
     assert_eq!(reported_sites(report), want);
 
     let sum = |origins: &[&str]| -> u64 {
@@ -264,7 +249,6 @@ fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
     assert_eq!(totals["file_mappings"], 6);
     assert_eq!(totals["lost_events"], 0);
     assert_eq!(totals["unmatched_frees"], 0);
-    fixture.finish();
 }
 
 #[test]

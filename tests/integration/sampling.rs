@@ -4,7 +4,7 @@
 //! truth (a false failure about once in 500 million runs).
 
 use crate::support::{
-    Fixture, Leaktrace, Site, compile, expected_sites, reported_sites, require_root, stack_of,
+    Fixture, Leaktrace, Site, compile, reported_sites, require_root, stack_of, trace_two_rounds,
 };
 
 #[test]
@@ -14,15 +14,8 @@ fn with_one_byte_samples_every_block_goes_through_sampling_and_the_family_stays_
     }
     // Every block is drawn (p = 1), so what is tested is the bookkeeping of drawn blocks:
     // realloc chains, failed reallocs, realloc(p, 0), frees from other threads.
-    let binary = compile("family", &[]);
-    let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100", "--sample-bytes", "1"]);
-    fixture.round();
-    let expected = fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let (outcome, want) = trace_two_rounds("family", &["--top", "100", "--sample-bytes", "1"]);
     let report = outcome.last();
-    let want = expected_sites(&expected);
     assert_eq!(reported_sites(report), want);
     let totals = &report["totals"];
     assert_eq!(
@@ -34,7 +27,6 @@ fn with_one_byte_samples_every_block_goes_through_sampling_and_the_family_stays_
     // The block allocated before attach was never drawn: its free cannot be told from the
     // free of a block that was not drawn, so the count is unknown rather than 0.
     assert_eq!(totals["unmatched_frees"], serde_json::Value::Null);
-    fixture.finish();
 }
 
 #[test]
@@ -106,16 +98,10 @@ fn mappings_stay_exact_under_sampling() {
     if !require_root() {
         return;
     }
-    let binary = compile("mappings", &[]);
-    let mut fixture = Fixture::start(&binary, &[]);
-    let trace = Leaktrace::attach(
-        fixture.pid(),
+    let (outcome, expected) = trace_two_rounds(
+        "mappings",
         &["--top", "100", "--file-mappings", "--sample-bytes", "1G"],
     );
-    fixture.round();
-    let expected = fixture.round();
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
     let mappings = |sites: Vec<Site>| {
         sites
@@ -123,10 +109,9 @@ fn mappings_stay_exact_under_sampling() {
             .filter(|site| site.3 != "malloc")
             .collect::<Vec<_>>()
     };
-    let want = mappings(expected_sites(&expected));
+    let want = mappings(expected);
     assert!(!want.is_empty());
     assert_eq!(mappings(reported_sites(report)), want);
     assert_eq!(report["totals"]["file_mappings"], 6);
     assert_eq!(report["totals"]["lost_events"], 0);
-    fixture.finish();
 }

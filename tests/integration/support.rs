@@ -451,6 +451,21 @@ pub fn expected_sites(lines: &[String]) -> Vec<Site> {
     sites
 }
 
+/// Traces two rounds of the fixture `name` (tests/fixtures/NAME.c, which prints `expect`
+/// lines) with leaktrace's `extra` arguments; returns the trace and the sites the fixture
+/// counted. The fixture has finished.
+pub fn trace_two_rounds(name: &str, extra: &[&str]) -> (Outcome, Vec<Site>) {
+    let binary = compile(name, &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let trace = Leaktrace::attach(fixture.pid(), extra);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    fixture.finish();
+    (outcome, expected_sites(&expected))
+}
+
 /// A report's stacks summed per site (`frames[0]`, the allocator's caller) and origin, sorted.
 /// An unrolled loop calls from several places, which are distinct stacks of the same site.
 pub fn reported_sites(report: &Value) -> Vec<Site> {
