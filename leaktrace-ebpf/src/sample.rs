@@ -6,7 +6,10 @@
 //! block that was not drawn is not reported either, which needs the drawn ones remembered.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC, helpers::bpf_get_prandom_u32, macros::map, maps::HashMap,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32},
+    macros::map,
+    maps::HashMap,
 };
 use leaktrace_common::{MAX_SAMPLED_BLOCKS, stat};
 
@@ -16,9 +19,29 @@ use crate::count;
 #[unsafe(no_mangle)]
 static SAMPLE_BYTES: u64 = 0;
 
-/// The drawn blocks that are live, by address. Allocated as it fills: most runs never sample.
+/// A drawn block: its process, since two traced processes (`-p` twice, a followed fork) may
+/// have blocks at the same address, and its address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Block {
+    tgid: u64,
+    addr: u64,
+}
+
+impl Block {
+    #[inline(always)]
+    fn of_this_process(addr: u64) -> Self {
+        Self {
+            tgid: bpf_get_current_pid_tgid() >> 32,
+            addr,
+        }
+    }
+}
+
+/// The drawn blocks that are live. Allocated as it fills: most runs never sample.
 #[map]
-static SAMPLED: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SAMPLED_BLOCKS, BPF_F_NO_PREALLOC);
+static SAMPLED: HashMap<Block, u8> =
+    HashMap::with_max_entries(MAX_SAMPLED_BLOCKS, BPF_F_NO_PREALLOC);
 
 /// N, or 0 when every block is traced.
 #[inline(always)]
@@ -40,7 +63,7 @@ pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
     if !drawn {
         return false;
     }
-    if SAMPLED.insert(addr, 0, 0).is_err() {
+    if SAMPLED.insert(Block::of_this_process(addr), 0, 0).is_err() {
         count(stat::SAMPLED_FULL);
         return false;
     }
@@ -52,11 +75,12 @@ pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
 /// is never forgotten in its place.
 #[inline(always)]
 pub fn forget(addr: u64) -> bool {
+    let block = Block::of_this_process(addr);
     // A lookup first: most blocks were not drawn, and a failed delete takes the bucket's lock.
-    if SAMPLED.get_ptr(addr).is_none() {
+    if SAMPLED.get_ptr(block).is_none() {
         return false;
     }
-    SAMPLED.remove(addr).is_ok()
+    SAMPLED.remove(block).is_ok()
 }
 
 /// A realloc that failed leaves its block as it was: drawn again. False when it cannot be
@@ -64,7 +88,7 @@ pub fn forget(addr: u64) -> bool {
 /// go unseen.
 #[inline(always)]
 pub fn restore(addr: u64) -> bool {
-    if SAMPLED.insert(addr, 0, 0).is_err() {
+    if SAMPLED.insert(Block::of_this_process(addr), 0, 0).is_err() {
         count(stat::SAMPLED_FULL);
         return false;
     }

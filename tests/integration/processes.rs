@@ -60,10 +60,31 @@ fn a_forked_child_is_followed_and_reported_by_its_own_pid() {
     if !require_root() {
         return;
     }
+    let child_report = followed_fork(&[]);
+    assert_eq!(child_report["totals"]["unmatched_frees"], 0);
+}
+
+#[test]
+fn a_forked_child_drawn_blocks_are_its_own_under_sampling() {
+    if !require_root() {
+        return;
+    }
+    // Every block drawn: after the fork, parent and child get blocks at the same addresses
+    // (their heaps are copies) and churn them at the same time; each release must go to the
+    // process that made it.
+    let child_report = followed_fork(&["--sample-bytes", "1"]);
+    assert_eq!(child_report["sample_bytes"], 1);
+}
+
+/// Traces `forking` (tests/fixtures/forking.c) and its child with `--follow-forks` and
+/// `extra`; checks both processes' exact numbers and returns the child's final report.
+fn followed_fork(extra: &[&str]) -> Value {
     let binary = compile("forking", &[]);
     let mut fixture = Fixture::start(&binary, &[]);
     let parent = fixture.pid();
-    let mut trace = Leaktrace::attach(parent, &["--follow-forks"]);
+    let mut args = vec!["--follow-forks"];
+    args.extend_from_slice(extra);
+    let mut trace = Leaktrace::attach(parent, &args);
     let printed = fixture.round();
     let child: u32 = printed[0]
         .strip_prefix("child ")
@@ -77,6 +98,7 @@ fn a_forked_child_is_followed_and_reported_by_its_own_pid() {
     fixture.round();
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    fixture.finish();
 
     let parent_report = last_of(&outcome.reports, parent);
     let leak = stack_of(parent_report, "parent_leak_site").expect("parent's leak named");
@@ -93,6 +115,5 @@ fn a_forked_child_is_followed_and_reported_by_its_own_pid() {
     assert_eq!(leak["outstanding_bytes"], 2 * 50 * 2048);
     assert_eq!(leak["outstanding_allocations"], 100);
     assert_eq!(child_report["totals"]["outstanding_bytes"], 2 * 50 * 2048);
-    assert_eq!(child_report["totals"]["unmatched_frees"], 0);
-    fixture.finish();
+    child_report.clone()
 }
