@@ -387,6 +387,23 @@ mod tests {
     }
 
     #[test]
+    fn sample_bytes_are_a_size_from_one_byte_to_1g() {
+        let parse = |v: &str| Cli::try_parse_from(["leaktrace", "-p", "1", "--sample-bytes", v]);
+        assert_eq!(parse("512K").unwrap().sample_bytes, Some(512 << 10));
+        assert_eq!(parse("1").unwrap().sample_bytes, Some(1));
+        assert_eq!(parse("1G").unwrap().sample_bytes, Some(1 << 30));
+        for bad in ["0", "2G", "1.5M", "x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Cli::try_parse_from(["leaktrace", "-p", "1"])
+                .unwrap()
+                .sample_bytes,
+            None
+        );
+    }
+
+    #[test]
     fn max_depth_defaults_to_the_kernel_limit() {
         let cli = Cli::try_parse_from(["leaktrace", "-p", "1"]).unwrap();
         assert_eq!(cli.max_depth, 127);
