@@ -356,11 +356,11 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
 }
 
 /// A realloc (or xallocx) that failed: its block stays as it was. Under sampling it was
-/// forgotten at the entry, and is drawn again; if it cannot be, it is reported released, as a
-/// block whose release could no longer be seen.
+/// forgotten at the entry, and is remembered again; if it cannot be, it is reported released,
+/// as a block whose release could no longer be seen.
 #[inline(always)]
 fn unchanged(old_sampled: u32, pid_tgid: u64, addr: u64) -> Result<u32, u32> {
-    if old_sampled == 0 || sample::restore(addr) {
+    if old_sampled == 0 || sample::remember(addr) {
         return Ok(0);
     }
     freed(pid_tgid, addr)

@@ -60,14 +60,7 @@ pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
     // SAFETY: no preconditions.
     let drawn = size >= sample_bytes
         || u64::from(unsafe { bpf_get_prandom_u32() }) * sample_bytes < size << 32;
-    if !drawn {
-        return false;
-    }
-    if SAMPLED.insert(Block::of_this_process(addr), 0, 0).is_err() {
-        count(stat::SAMPLED_FULL);
-        return false;
-    }
-    true
+    drawn && remember(addr)
 }
 
 /// Whether the block at `addr` was drawn; forgets it. Called before the block is released
@@ -83,11 +76,10 @@ pub fn forget(addr: u64) -> bool {
     SAMPLED.remove(block).is_ok()
 }
 
-/// A realloc that failed leaves its block as it was: drawn again. False when it cannot be
-/// remembered (counted as lost): the caller then reports it released, since its release would
-/// go unseen.
+/// Remembers the drawn block at `addr`: a new one, or the block a failed realloc left as it
+/// was. False when the map is full (counted as lost).
 #[inline(always)]
-pub fn restore(addr: u64) -> bool {
+pub fn remember(addr: u64) -> bool {
     if SAMPLED.insert(Block::of_this_process(addr), 0, 0).is_err() {
         count(stat::SAMPLED_FULL);
         return false;
