@@ -346,11 +346,12 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         count(stat::RINGBUF_FULL);
         return Err(0);
     }
-    if mode == unwind::AUTO
-        && stack::walk_left_frame_pointer_code(event)
-        && stack::submit_copy_of(ctx, event)
-    {
-        return Ok(0);
+    if mode == unwind::AUTO && stack::walk_left_frame_pointer_code(event) {
+        if stack::submit_copy_of(ctx, event) {
+            return Ok(0);
+        }
+        // Sent without the copy, with its frame-pointer stack.
+        count(stat::STACK_COPY_FAILED);
     }
     submit(event)
 }

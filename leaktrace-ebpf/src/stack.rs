@@ -156,7 +156,6 @@ pub fn submit_copy_of(ctx: &RetProbeContext, alloc: &AllocEvent) -> bool {
 #[inline(always)]
 fn copy_of<const N: usize>(ctx: &RetProbeContext, alloc: &AllocEvent) -> bool {
     let Some(mut entry) = EVENTS.reserve::<AllocStackEvent<N>>(0) else {
-        count(stat::STACK_COPY_FAILED);
         return false;
     };
     let record = entry.as_mut_ptr();
