@@ -112,6 +112,9 @@ pub async fn run(
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    // The process and memory map FP_CODE was last computed from: main's, before attaching,
+    // from the first target as it was read then.
+    let mut fp_code_from = sessions.first().map(|s| (s.pid, 0));
     let mut live = BTreeMap::new();
     for session in sessions {
         watch_exit(session.pid, &exit_tx)?;
@@ -131,8 +134,6 @@ pub async fn run(
     let mut finished = Vec::new();
     let mut reports = 0u64;
     let mut leak = false;
-    // The memory map FP_CODE was last computed from (main's, before attaching, is the first).
-    let mut fp_code_from = Some(0);
     started();
 
     // Undecodable records count as lost: they would otherwise vanish silently. Returns whether
@@ -265,27 +266,28 @@ pub async fn run(
 }
 
 /// How much unwinding from stack copies cost, on stderr.
-/// `--unwind auto`: tells the BPF side which code keeps frame pointers, when the memory map of
-/// the first traced process (FP_CODE holds one address space) changed since it last did. A
+/// `--unwind auto`: tells the BPF side which code keeps frame pointers, when the first traced
+/// process (FP_CODE holds one address space) is another than when it last did (the first one
+/// exited), or its memory map changed since. A
 /// spawned command's map changes at its exec, a service's at a dlopen: until FP_CODE knows
 /// the new code, every stack through it is copied and unwound with CFI (and differs from the
 /// frame-pointer stacks of the same site that follow).
 fn update_fp_code(
     fp_code: &mut FramePointerCode,
     live: &mut BTreeMap<u32, Live>,
-    from: &mut Option<u64>,
+    from: &mut Option<(u32, u64)>,
 ) -> anyhow::Result<()> {
-    let Some(session) = live.values_mut().next() else {
+    let Some((&pid, session)) = live.iter_mut().next() else {
         return Ok(());
     };
-    let changes = session.unwinder.maps_changes();
-    if *from == Some(changes) {
+    let now = (pid, session.unwinder.maps_changes());
+    if *from == Some(now) {
         return Ok(());
     }
     fp_code
         .set(&session.unwinder.code_with_frame_pointers())
         .context("updating the BPF map of code with frame pointers")?;
-    *from = Some(changes);
+    *from = Some(now);
     Ok(())
 }
 
