@@ -489,19 +489,10 @@ pub(crate) mod tests {
         // Frames are borrowed from an aligned record, copied from a misaligned one, alike.
         let mut shifted = vec![0u8];
         shifted.extend_from_slice(&record);
-        let aligned: Vec<u64> = record.chunks_exact(8).map(|_| 0).collect();
-        let aligned = {
-            let mut words = aligned;
-            // SAFETY: the Vec<u64> has room for the record's bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    record.as_ptr(),
-                    words.as_mut_ptr().cast::<u8>(),
-                    record.len(),
-                );
-            }
-            words
-        };
+        let aligned: Vec<u64> = record
+            .chunks_exact(8)
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+            .collect();
         // SAFETY: the bytes of a Vec<u64>, 8-byte aligned.
         let aligned_bytes =
             unsafe { std::slice::from_raw_parts(aligned.as_ptr().cast::<u8>(), record.len()) };

@@ -181,7 +181,8 @@ pub struct HeapModel {
     replaced: HashMap<u64, (u64, u64)>,
     mappings: Mappings,
     stacks: Stacks,
-    /// Events as traced; `allocations` and `frees` are reported from `weighed`.
+    /// Allocation events as traced and the unmatched releases; the reported `allocations` and
+    /// `frees` come from `weighed` (`frees` is not kept here).
     counters: Counters,
     /// Allocations and frees, each weighed by the blocks it stands for (1 unless sampled).
     weighed: Weighed,
