@@ -19,8 +19,8 @@ use std::{
 };
 
 use leaktrace::{
-    event::{Event, decode},
-    heap::HeapModel,
+    intake::decode::decode,
+    model::{event::Event, heap::HeapModel},
 };
 use leaktrace_common::{
     ALLOC_EVENT_HEADER_BYTES, AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call,

@@ -25,12 +25,14 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use leaktrace::{
-    event::Event,
-    heap::HeapModel,
-    proc_maps::ProcMaps,
-    render::{Format, Report, Target},
-    report::{SnapshotInput, Trends, snapshot},
-    symbolize::StackSymbolizer,
+    model::{event::Event, heap::HeapModel},
+    proc::maps::ProcMaps,
+    report::{
+        render::{Format, Report, Target},
+        snapshot::{SnapshotInput, SortKey, snapshot},
+        trends::Trends,
+    },
+    stacks::symbolize::StackSymbolizer,
 };
 
 /// Functions per level (and call sites per function), and levels: 24^4 = 331,776 paths.
@@ -255,7 +257,7 @@ fn main() -> anyhow::Result<()> {
             min_age_ns: 0,
             sizes: 0..=u64::MAX,
             top: usize::MAX,
-            sort: leaktrace::report::SortKey::Bytes,
+            sort: SortKey::Bytes,
             with_freed: false,
             rss_bytes: None,
             file_mappings: false,

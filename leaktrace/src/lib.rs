@@ -1,22 +1,20 @@
 //! leaktrace's logic as a library: the `leaktrace` binary is a thin CLI over it, and benches
 //! (`cargo xtask bench`) drive the heap model, decoding and rendering directly.
+//!
+//! One module per stage of the data flow, in its order:
+//!
+//! - [`config`]: the command line.
+//! - [`attach`]: the target process, its allocator, the probe points, the BPF programs.
+//! - [`intake`]: ring buffer records decoded and applied, in the event loop.
+//! - [`stacks`]: copied stacks unwound, return addresses symbolized.
+//! - [`model`]: the heap model (outstanding blocks and mapped ranges, by stack).
+//! - [`report`]: snapshots and trends, rendered and written; `leaktrace diff`.
+//! - [`proc`]: what the kernel says about a process (`/proc/PID/...`), and its clock.
 
-pub mod allocator;
-pub mod cli;
-pub mod diff;
-pub mod elf_symbols;
-pub mod event;
-pub mod heap;
-pub mod mappings;
-pub mod output;
-pub mod probe_point;
-pub mod probes;
-pub mod proc_maps;
-pub mod render;
+pub mod attach;
+pub mod config;
+pub mod intake;
+pub mod model;
+pub mod proc;
 pub mod report;
-pub mod reporter;
-pub mod spawn;
-pub mod symbolize;
-pub mod target;
-pub mod trace;
-pub mod unwind;
+pub mod stacks;

@@ -6,15 +6,20 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 
 use leaktrace::{
-    cli::{Cli, Command, DiffArgs, Unwind},
-    output::{Destination, Output},
-    probes, render,
-    reporter::Reporter,
-    spawn, target,
-    target::Target,
-    trace,
-    trace::{Session, Stop},
-    unwind::Unwinder,
+    attach::{probes, spawn, target, target::Target},
+    config::cli::{Cli, Command, DiffArgs, Unwind},
+    intake::{
+        event_loop,
+        event_loop::{Session, Stop},
+    },
+    model::heap::Sampling,
+    report::{
+        diff,
+        output::{Destination, Output},
+        render,
+        reporter::Reporter,
+    },
+    stacks::unwind::Unwinder,
 };
 
 /// `--fail-on-leak` found a leak.
@@ -39,9 +44,9 @@ fn main() -> ExitCode {
 
 /// `leaktrace diff OLD NEW`.
 fn diff(args: &DiffArgs) -> anyhow::Result<()> {
-    let old = leaktrace::diff::Side::load(&args.old)?;
-    let new = leaktrace::diff::Side::load(&args.new)?;
-    let out = leaktrace::diff::render(&old, &new, args.format, args.top);
+    let old = diff::Side::load(&args.old)?;
+    let new = diff::Side::load(&args.new)?;
+    let out = diff::render(&old, &new, args.format, args.top);
     match io::Write::write_all(&mut io::stdout(), out.as_bytes()) {
         // A reader that went away (`| head`) is not an error.
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
@@ -82,7 +87,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             cli.format.extension()
         );
     }
-    let style = render::Style::for_destination(&destination);
+    let style = destination.style();
     let output = Output::open(destination, cli.format, targets[0].pid)?;
     let capture = probes::StackCapture {
         mode: cli.unwind.bpf_mode(),
@@ -135,7 +140,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
         None => None,
     };
-    let settings = trace::Settings {
+    let settings = event_loop::Settings {
         interval: Duration::from_secs_f64(cli.interval),
         duration: cli.duration.map(Duration::from_secs_f64),
         top: cli.top(),
@@ -149,7 +154,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         print_bpf_stats: cli.print_bpf_stats,
         follow_forks: cli.follow_forks,
         unwind: cli.unwind,
-        sampling: cli.sample_bytes.map(leaktrace::heap::Sampling::new),
+        sampling: cli.sample_bytes.map(Sampling::new),
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
         let target = Target::open(child)?;
@@ -171,7 +176,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             eprintln!("{line}");
         }
     };
-    let ended = runtime.block_on(trace::run(
+    let ended = runtime.block_on(event_loop::run(
         &settings, probes, maps, sessions, &mut adopt, started,
     ));
     drop(watcher);

@@ -14,14 +14,21 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use super::decode::{DecodeError, decode, tgid_of, user_stack};
 use crate::{
-    cli::Unwind,
-    event::{Event, decode, tgid_of, user_stack},
-    heap::HeapModel,
-    probes::{FramePointerCode, Maps, Probes},
-    report::{SnapshotInput, Trends, snapshot},
-    reporter::Reporter,
-    unwind::Unwinder,
+    attach::probes::{FramePointerCode, Maps, Probes},
+    config::cli::Unwind,
+    model::{
+        event::Event,
+        heap::{HeapModel, Sampling},
+    },
+    proc::clock::monotonic_ns,
+    report::{
+        reporter::Reporter,
+        snapshot::{SnapshotInput, SortKey, snapshot},
+        trends::Trends,
+    },
+    stacks::unwind::Unwinder,
 };
 
 /// How often events are drained when the ring buffer is not filling fast enough to wake us.
@@ -54,7 +61,7 @@ pub struct Settings {
     pub window: usize,
     pub min_age: Duration,
     pub sizes: std::ops::RangeInclusive<u64>,
-    pub sort: crate::report::SortKey,
+    pub sort: SortKey,
     /// Stop after this many reports.
     pub count: Option<u64>,
     /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
@@ -66,7 +73,7 @@ pub struct Settings {
     pub follow_forks: bool,
     pub unwind: Unwind,
     /// `--sample-bytes`: the heap models weigh each block by the blocks it stands for.
-    pub sampling: Option<crate::heap::Sampling>,
+    pub sampling: Option<Sampling>,
 }
 
 /// One traced process and where its reports go. Each has its own heap model: processes are
@@ -422,7 +429,7 @@ pub fn apply(
     heap: &mut HeapModel,
     scratch: &mut Scratch,
     unwinder: &mut Unwinder,
-) -> Result<(), crate::event::DecodeError> {
+) -> Result<(), DecodeError> {
     let user = user_stack(record)?;
     let event = decode(record, &mut scratch.frames)?;
     let Some(user) = user else {
@@ -486,25 +493,14 @@ fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use leaktrace_common::UserRegs;
 
     use crate::{
-        event::tests::{alloc_record, alloc_stack_record, free_record},
-        proc_maps::ProcMaps,
+        intake::decode::tests::{alloc_record, alloc_stack_record, free_record},
+        proc::maps::ProcMaps,
     };
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::render::Format;
+use super::render::{Format, Style};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -50,6 +50,34 @@ impl Destination {
             keep,
         })
     }
+}
+
+impl Destination {
+    /// Colour and the terminal's width when reports go to a terminal, unless `NO_COLOR` is set
+    /// (no-color.org); plain text otherwise.
+    pub fn style(&self) -> Style {
+        use std::io::IsTerminal as _;
+        if *self != Destination::Stdout || !std::io::stdout().is_terminal() {
+            return Style::default();
+        }
+        Style {
+            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            width: terminal_width(),
+        }
+    }
+}
+
+/// Columns of the terminal on stdout.
+fn terminal_width() -> Option<usize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
 /// Writes rendered reports to their destination.

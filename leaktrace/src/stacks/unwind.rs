@@ -20,10 +20,25 @@ use gimli::{
 use leaktrace_common::MAX_STACK_DEPTH;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::{
-    event::UserStack,
-    proc_maps::{Mapping, ProcMaps, candidate_paths},
+use crate::proc::{
+    clock::monotonic_ns,
+    maps::{Mapping, ProcMaps, candidate_paths},
 };
+
+/// The caller's registers and the copy of its stack that come with an `EVENT_ALLOC_STACK`
+/// record, for unwinding with call-frame information.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UserStack<'a> {
+    /// When the allocation returned (`CLOCK_MONOTONIC`): the code on the stack was mapped by
+    /// then.
+    pub ts_ns: u64,
+    /// The return address into the allocator's caller.
+    pub ip: u64,
+    /// The caller's stack pointer: `stack[0]` is the byte at this address.
+    pub sp: u64,
+    pub bp: u64,
+    pub stack: &'a [u8],
+}
 
 /// How to find the caller's frame from a frame whose pc is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,7 +351,7 @@ impl Unwinder {
 
     /// Re-reads the target's memory map (kept as is when the target is gone).
     pub fn refresh_maps(&mut self) {
-        self.refreshed_ns = crate::trace::monotonic_ns();
+        self.refreshed_ns = monotonic_ns();
         if let Ok(maps) = ProcMaps::read(self.pid)
             && !maps.mappings.is_empty()
             && maps.mappings != self.maps.mappings
@@ -601,7 +616,7 @@ mod tests {
         unwinder.unwind(&user, &[], &mut pcs);
         let stats = unwinder.stats();
         assert!(stats.cfi_frames >= 3, "{stats:?}");
-        let names: Vec<String> = crate::symbolize::StackSymbolizer::new(pid, maps)
+        let names: Vec<String> = crate::stacks::symbolize::StackSymbolizer::new(pid, maps)
             .symbolize(&pcs)
             .into_iter()
             .filter_map(|f| f.symbol)

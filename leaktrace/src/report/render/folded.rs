@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::Report;
-use crate::symbolize::Frame;
+use crate::stacks::symbolize::Frame;
 
 /// The folded lines of a report, merged (stacks that symbolize alike add up) and sorted.
 pub fn lines(report: &Report<'_>) -> Vec<String> {
@@ -53,7 +53,7 @@ pub fn name(frame: &Frame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::tests::{frame, report_of};
+    use crate::report::render::tests::{frame, report_of};
 
     #[test]
     fn outermost_first_merged_and_without_separators_in_names() {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Report, Style};
-use crate::{heap::Origin, report::Kind, symbolize::Frame};
+use crate::{model::stack_table::Origin, report::trends::Kind, stacks::symbolize::Frame};
 
 /// Frames shown per stack; the rest are counted.
 const MAX_FRAMES: usize = 12;
@@ -277,9 +277,11 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
-        heap::{Allocated, Origin},
-        render::Target,
-        report::{Kind, Snapshot, StackSummary, Totals},
+        model::heap::Allocated,
+        report::{
+            render::Target,
+            snapshot::{Snapshot, StackSummary, Totals},
+        },
     };
 
     #[test]

@@ -4,10 +4,8 @@ use std::fs;
 
 use anyhow::{Context as _, bail};
 
-use crate::{
-    allocator::{self, Allocator},
-    proc_maps::ProcMaps,
-};
+use super::allocator::{self, Allocator};
+use crate::proc::maps::ProcMaps;
 
 /// Capabilities that tracing needs: BPF and PERFMON (or SYS_ADMIN, which implies both on older
 /// kernels), and SYS_ADMIN for `/proc/PID/map_files`.

@@ -7,58 +7,10 @@ use leaktrace_common::{
     EVENT_FREE, EVENT_UNMAP, FreeEvent, MAX_STACK_DEPTH, UnmapEvent, UserRegs, call, is_heap_call,
 };
 
-use crate::mappings::Backing;
-
-/// One allocator event, borrowed from the ring buffer record.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Event<'a> {
-    /// A call that returned a block (`addr != 0`), released one (`old_addr != 0`), or both.
-    Alloc {
-        ts_ns: u64,
-        addr: u64,
-        size_bytes: u64,
-        old_addr: u64,
-        /// When the call began: its release of `old_addr` happened after this, so a block at
-        /// that address younger than this is another one (see `AllocEvent::entry_ts_ns`).
-        entry_ts_ns: u64,
-        /// Return addresses, innermost (the allocator's caller) first.
-        frames: &'a [u64],
-        truncated: bool,
-    },
-    /// The release of the block at `addr`, whichever it is when the event is applied (see
-    /// `FreeEvent`: the ring buffer's order is the order that matters).
-    Free { addr: u64 },
-    /// mmap or mremap mapped `addr..addr + size_bytes`.
-    Map {
-        ts_ns: u64,
-        addr: u64,
-        size_bytes: u64,
-        source: MapSource,
-        frames: &'a [u64],
-        truncated: bool,
-    },
-    /// munmap released whatever was mapped in `addr..addr + size_bytes` (whole pages).
-    Unmap {
-        ts_ns: u64,
-        addr: u64,
-        size_bytes: u64,
-    },
-}
-
-/// Where a mapped range comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapSource {
-    Mmap(Backing),
-    /// mremap of `old_addr..old_addr + old_size_bytes`, which is unmapped unless `old_kept`
-    /// (`MREMAP_DONTUNMAP`). The new range keeps the old mapping's backing.
-    Remap {
-        old_addr: u64,
-        old_size_bytes: u64,
-        old_kept: bool,
-        /// When the mremap began (see `AllocEvent::entry_ts_ns`).
-        entry_ts_ns: u64,
-    },
-}
+use crate::{
+    model::event::{Backing, Event, MapSource},
+    stacks::unwind::UserStack,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -72,21 +24,6 @@ pub enum DecodeError {
     UnknownCall(u32),
     #[error("stack copy of {0} bytes does not fit the record")]
     BadStackCopy(u32),
-}
-
-/// The caller's registers and the copy of its stack that come with an `EVENT_ALLOC_STACK`
-/// record, for unwinding with call-frame information.
-#[derive(Debug, PartialEq, Eq)]
-pub struct UserStack<'a> {
-    /// When the allocation returned (`CLOCK_MONOTONIC`): the code on the stack was mapped by
-    /// then.
-    pub ts_ns: u64,
-    /// The return address into the allocator's caller.
-    pub ip: u64,
-    /// The caller's stack pointer: `stack[0]` is the byte at this address.
-    pub sp: u64,
-    pub bp: u64,
-    pub stack: &'a [u8],
 }
 
 /// Where an `AllocStackEvent`'s fields sit (the same for every size: the stack comes last).

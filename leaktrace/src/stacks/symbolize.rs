@@ -13,7 +13,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::proc_maps::{Mapping, ProcMaps, candidate_paths};
+use crate::proc::maps::{Mapping, ProcMaps, candidate_paths};
 
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq)]

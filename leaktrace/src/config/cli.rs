@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{diff::DiffFormat, render::Format, report::SortKey};
+use crate::report::{diff::DiffFormat, render::Format, snapshot::SortKey};
 
 /// Outstanding memory allocations of a running process, by call stack: find memory leaks
 /// in production without restarting anything.

@@ -7,17 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::heap::StackId;
+use super::{event::Backing, stack_table::StackId};
 
 /// The kernel unmaps whole pages: `munmap(p, 1)` removes the page at `p`.
 const PAGE_BYTES: u64 = 4096;
-
-/// What backs a mapping. File mappings are kept apart from heap numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Backing {
-    Anonymous,
-    File,
-}
 
 /// One mmap (or mremap) call's range, or what is left of a piece of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,7 +23,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{allocator, proc_maps::ProcMaps, reporter::MapsUpdater, target::Target};
+use super::{allocator, target::Target};
+use crate::{proc::maps::ProcMaps, report::reporter::MapsUpdater};
 
 /// A command forked and waiting, before `exec`, for [`Child::release`].
 pub struct Child {

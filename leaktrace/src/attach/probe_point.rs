@@ -24,7 +24,7 @@ use iced_x86::{
     Register,
 };
 
-use crate::elf_symbols::executable_ranges;
+use super::elf_symbols::executable_ranges;
 
 /// Instructions skipped at most: a prologue's test of the argument comes first or not at all.
 const MAX_SKIPPED: usize = 4;
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn glibc_s_free_on_this_machine_is_probed_after_its_test() {
-        let me = crate::target::Target::open(std::process::id()).unwrap();
+        let me = crate::attach::target::Target::open(std::process::id()).unwrap();
         let free = me
             .allocator
             .entry_points

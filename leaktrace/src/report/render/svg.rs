@@ -37,7 +37,7 @@ fn xml_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::tests::{frame, report_of};
+    use crate::report::render::tests::{frame, report_of};
 
     #[test]
     fn names_the_functions_and_survives_an_empty_report() {

@@ -7,7 +7,8 @@ pub mod pprof;
 pub mod svg;
 pub mod text;
 
-use crate::{report::Snapshot, symbolize::Frame};
+use super::snapshot::Snapshot;
+use crate::stacks::symbolize::Frame;
 
 /// What the user is told about the traced process, once, at attach.
 #[derive(Clone, Debug, Default)]
@@ -27,34 +28,6 @@ pub struct Style {
     pub color: bool,
     /// Lines are cut to this many columns (a terminal's width).
     pub width: Option<usize>,
-}
-
-impl Style {
-    /// Colour and the terminal's width when reports go to a terminal, unless `NO_COLOR` is set
-    /// (no-color.org); plain text otherwise.
-    pub fn for_destination(destination: &crate::output::Destination) -> Self {
-        use std::io::IsTerminal as _;
-        if *destination != crate::output::Destination::Stdout || !std::io::stdout().is_terminal() {
-            return Self::default();
-        }
-        Self {
-            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-            width: terminal_width(),
-        }
-    }
-}
-
-/// Columns of the terminal on stdout.
-fn terminal_width() -> Option<usize> {
-    let mut size = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize.
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
-    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
 /// A snapshot with its stacks symbolized: `frames[i]` belongs to `snapshot.stacks[i]`.
@@ -117,8 +90,11 @@ impl Format {
 pub(crate) mod tests {
     use super::*;
     use crate::{
-        heap::{Allocated, Origin},
-        report::{Kind, StackSummary, Totals},
+        model::{heap::Allocated, stack_table::Origin},
+        report::{
+            snapshot::{StackSummary, Totals},
+            trends::Kind,
+        },
     };
 
     /// A frame of `module` at `address` (which is also its offset in the module).

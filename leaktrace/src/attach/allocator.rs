@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
-use crate::proc_maps::{ProcMaps, path_in_target};
+use crate::proc::maps::{ProcMaps, path_in_target};
 
 /// The BPF program that handles a free-like entry point.
 pub const FREE_PROGRAM: &str = "free_entry";
@@ -693,7 +693,7 @@ fn load_order(pid: u32, maps: &ProcMaps) -> anyhow::Result<Vec<String>> {
 fn link_map(
     pid: u32,
     maps: &ProcMaps,
-    exe_mapping: &crate::proc_maps::Mapping,
+    exe_mapping: &crate::proc::maps::Mapping,
 ) -> Option<Vec<String>> {
     let data = fs::read(format!("/proc/{pid}/exe")).ok()?;
     let file = object::File::parse(&*data).ok()?;

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::Report;
-use crate::symbolize::Frame;
+use crate::stacks::symbolize::Frame;
 
 pub const SCHEMA: u32 = 1;
 
@@ -155,9 +155,12 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
-        heap::{Allocated, Origin},
-        render::Target,
-        report::{Kind, Snapshot, StackSummary, Totals},
+        model::{heap::Allocated, stack_table::Origin},
+        report::{
+            render::Target,
+            snapshot::{Snapshot, StackSummary, Totals},
+            trends::Kind,
+        },
     };
 
     fn snapshot() -> Snapshot {

@@ -13,7 +13,7 @@ use std::{collections::HashMap, io::Write as _};
 use prost::Message;
 
 use super::Report;
-use crate::symbolize::Frame;
+use crate::stacks::symbolize::Frame;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Profile {
@@ -310,7 +310,7 @@ pub fn render(report: &Report<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::tests::{frame, report_of};
+    use crate::report::render::tests::{frame, report_of};
 
     #[test]
     fn tables_are_deduplicated_and_inlined_frames_share_a_location() {

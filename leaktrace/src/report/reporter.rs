@@ -3,13 +3,12 @@
 
 use std::{io, sync::mpsc, thread};
 
-use crate::{
+use super::{
     output::Output,
-    proc_maps::ProcMaps,
     render::{Format, Report, Style, Target},
-    report::Snapshot,
-    symbolize::StackSymbolizer,
+    snapshot::Snapshot,
 };
+use crate::{proc::maps::ProcMaps, stacks::symbolize::StackSymbolizer};
 
 enum Message {
     Snapshot(Snapshot),

@@ -13,7 +13,7 @@ use aya::{
 };
 use leaktrace_common::{MAX_FP_RANGES, stat};
 
-use crate::{allocator::EntryPoint, probe_point, target::Target};
+use super::{allocator::EntryPoint, probe_point, target::Target};
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -332,7 +332,7 @@ fn attach_to(
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
             let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
-                if crate::target::is_alive(target.pid) {
+                if super::target::is_alive(target.pid) {
                     anyhow!(err).context(format!(
                         "attaching {program} to {} in {}",
                         entry.symbol, entry.module

@@ -1,0 +1,9 @@
+//! Getting hold of the target: the process (running, or spawned and held before `exec`), the
+//! allocator it uses, where to probe it, and the BPF programs loaded and attached there.
+
+pub mod allocator;
+pub mod elf_symbols;
+pub mod probe_point;
+pub mod probes;
+pub mod spawn;
+pub mod target;

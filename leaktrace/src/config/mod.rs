@@ -1,0 +1,3 @@
+//! What the user asked for: the command line.
+
+pub mod cli;

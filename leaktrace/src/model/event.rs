@@ -1,0 +1,59 @@
+//! What the heap model applies: allocator events, decoded from the ring buffer's records.
+
+/// What backs a mapping. File mappings are kept apart from heap numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Backing {
+    Anonymous,
+    File,
+}
+
+/// One allocator event, borrowed from the ring buffer record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A call that returned a block (`addr != 0`), released one (`old_addr != 0`), or both.
+    Alloc {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+        old_addr: u64,
+        /// When the call began: its release of `old_addr` happened after this, so a block at
+        /// that address younger than this is another one (see `AllocEvent::entry_ts_ns`).
+        entry_ts_ns: u64,
+        /// Return addresses, innermost (the allocator's caller) first.
+        frames: &'a [u64],
+        truncated: bool,
+    },
+    /// The release of the block at `addr`, whichever it is when the event is applied (see
+    /// `FreeEvent`: the ring buffer's order is the order that matters).
+    Free { addr: u64 },
+    /// mmap or mremap mapped `addr..addr + size_bytes`.
+    Map {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+        source: MapSource,
+        frames: &'a [u64],
+        truncated: bool,
+    },
+    /// munmap released whatever was mapped in `addr..addr + size_bytes` (whole pages).
+    Unmap {
+        ts_ns: u64,
+        addr: u64,
+        size_bytes: u64,
+    },
+}
+
+/// Where a mapped range comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapSource {
+    Mmap(Backing),
+    /// mremap of `old_addr..old_addr + old_size_bytes`, which is unmapped unless `old_kept`
+    /// (`MREMAP_DONTUNMAP`). The new range keeps the old mapping's backing.
+    Remap {
+        old_addr: u64,
+        old_size_bytes: u64,
+        old_kept: bool,
+        /// When the mremap began (see `AllocEvent::entry_ts_ns`).
+        entry_ts_ns: u64,
+    },
+}
