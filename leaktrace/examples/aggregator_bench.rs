@@ -20,7 +20,7 @@ use std::{
 
 use leaktrace::{
     intake::decode::decode,
-    model::{event::Event, heap::HeapModel},
+    model::{event::Event, heap::HeapModel, location::NoModules},
 };
 use leaktrace_common::{
     ALLOC_EVENT_HEADER_BYTES, AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call,
@@ -159,7 +159,7 @@ impl Stream {
         record[addr_at..addr_at + 8].copy_from_slice(&self.next_addr.to_ne_bytes());
         record[ts_at..ts_at + 8].copy_from_slice(&self.ts_ns.to_ne_bytes());
         let event = decode(record, &mut self.scratch).expect("a well-formed record");
-        heap.apply(&event);
+        heap.apply(&event, &mut NoModules);
         self.live.push_back(self.next_addr);
     }
 
@@ -170,7 +170,7 @@ impl Stream {
         let addr_at = offset_of!(FreeEvent, addr);
         self.free[addr_at..addr_at + 8].copy_from_slice(&addr.to_ne_bytes());
         let event = decode(&self.free, &mut self.scratch).expect("a well-formed record");
-        heap.apply(&event);
+        heap.apply(&event, &mut NoModules);
     }
 }
 
@@ -224,15 +224,18 @@ fn apply_only_events_per_s(live: usize) -> f64 {
     let mut alloc = |heap: &mut HeapModel, queue: &mut std::collections::VecDeque<u64>| {
         next_addr += 16 * (1 + (ts_ns & 7));
         ts_ns += 1;
-        heap.apply(&Event::Alloc {
-            ts_ns,
-            addr: next_addr,
-            size_bytes: 64,
-            old_addr: 0,
-            entry_ts_ns: ts_ns,
-            frames: &stacks[rng.below(STACKS)],
-            truncated: false,
-        });
+        heap.apply(
+            &Event::Alloc {
+                ts_ns,
+                addr: next_addr,
+                size_bytes: 64,
+                old_addr: 0,
+                entry_ts_ns: ts_ns,
+                frames: &stacks[rng.below(STACKS)],
+                truncated: false,
+            },
+            &mut NoModules,
+        );
         queue.push_back(next_addr);
     };
     for _ in 0..live {
@@ -242,7 +245,7 @@ fn apply_only_events_per_s(live: usize) -> f64 {
     for _ in 0..EVENTS / 2 {
         alloc(&mut heap, &mut queue);
         let addr = queue.pop_front().expect("a live block");
-        heap.apply(&Event::Free { addr });
+        heap.apply(&Event::Free { addr }, &mut NoModules);
     }
     EVENTS as f64 / (thread_cpu_s() - cpu)
 }

@@ -25,7 +25,11 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use leaktrace::{
-    model::{event::Event, heap::HeapModel},
+    model::{
+        event::Event,
+        heap::HeapModel,
+        location::{Locate as _, Location},
+    },
     proc::maps::ProcMaps,
     report::{
         render::{Format, Report, Target},
@@ -33,6 +37,7 @@ use leaktrace::{
         trends::Trends,
     },
     stacks::symbolize::StackSymbolizer,
+    target::{address_space::AddressSpace, modules::Modules},
 };
 
 /// Functions per level (and call sites per function), and levels: 24^4 = 331,776 paths.
@@ -231,17 +236,23 @@ fn main() -> anyhow::Result<()> {
     );
 
     // The same stacks through this process's heap model, symbolizer and renderers.
+    let maps = ProcMaps::read(pid)?;
+    let modules = Modules::new();
+    let mut space = AddressSpace::new(pid, maps.clone(), modules.clone());
     let mut heap = HeapModel::default();
     for (i, frames) in stacks.iter().enumerate() {
-        heap.apply(&Event::Alloc {
-            ts_ns: 1,
-            addr: 0x1000 + 16 * i as u64,
-            size_bytes: 16,
-            old_addr: 0,
-            entry_ts_ns: 0,
-            frames,
-            truncated: false,
-        });
+        heap.apply(
+            &Event::Alloc {
+                ts_ns: 1,
+                addr: 0x1000 + 16 * i as u64,
+                size_bytes: 16,
+                old_addr: 0,
+                entry_ts_ns: 0,
+                frames,
+                truncated: false,
+            },
+            &mut space,
+        );
     }
     let mut trends = Trends::new(10, 0.5);
     let snap = snapshot(
@@ -270,16 +281,15 @@ fn main() -> anyhow::Result<()> {
         allocator: String::new(),
         allocator_module: String::new(),
     };
-    let maps = ProcMaps::read(pid)?;
     let mut unique: Vec<u64> = stacks.iter().flatten().copied().collect();
     unique.sort_unstable();
     unique.dedup();
+    let unique_located: Vec<Location> = unique.iter().map(|&a| space.locate(a, 0)).collect();
 
-    let stack_refs: Vec<&[u64]> = snap.stacks.iter().map(|s| &*s.addresses).collect();
-    let mut symbolizer = StackSymbolizer::new(pid, maps.clone());
+    let stack_refs: Vec<&[Location]> = snap.stacks.iter().map(|s| &*s.frames).collect();
+    let mut symbolizer = StackSymbolizer::new(modules.clone());
     let mut pass = |label: &str| {
         let started = Instant::now();
-        symbolizer.refresh_maps();
         let frames = symbolizer.symbolize_stacks(&stack_refs);
         let symbolized = started.elapsed();
         let report = Report {
@@ -328,8 +338,8 @@ fn main() -> anyhow::Result<()> {
     // and the plain way (one call per address), over the same distinct addresses.
     let batched = || {
         let started = Instant::now();
-        let mut symbolizer = StackSymbolizer::new(pid, maps.clone());
-        let frames = symbolizer.symbolize_stacks(&[&unique]);
+        let mut symbolizer = StackSymbolizer::new(modules.clone());
+        let frames = symbolizer.symbolize_stacks(&[&unique_located]);
         (started.elapsed(), frames)
     };
     let per_address = || {

@@ -4,7 +4,8 @@
 //! One module per stage of the data flow, in its order:
 //!
 //! - [`config`]: the command line.
-//! - [`attach`]: the target process, its allocator, the probe points, the BPF programs.
+//! - [`target`]: one owner per traced process: its memory map and the modules it maps.
+//! - [`attach`]: the target's allocator, the probe points, the BPF programs; spawn mode.
 //! - [`intake`]: ring buffer records decoded and applied, in the event loop.
 //! - [`stacks`]: copied stacks unwound, return addresses symbolized.
 //! - [`model`]: the heap model (outstanding blocks and mapped ranges, by stack).
@@ -18,3 +19,4 @@ pub mod model;
 pub mod proc;
 pub mod report;
 pub mod stacks;
+pub mod target;

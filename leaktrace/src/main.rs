@@ -1,25 +1,29 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-use std::{io, process::ExitCode, time::Duration};
+use std::{io, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 
 use leaktrace::{
-    attach::{probes, spawn, target, target::Target},
+    attach::{
+        allocator::{self, Allocator},
+        probes, spawn,
+    },
     config::cli::{Cli, Command, DiffArgs, Unwind},
     intake::{
         event_loop,
         event_loop::{Session, Stop},
     },
     model::heap::Sampling,
+    proc::process,
     report::{
         diff,
         output::{Destination, Output},
         render,
         reporter::Reporter,
     },
-    stacks::unwind::Unwinder,
+    target::{Target, modules::Modules},
 };
 
 /// `--fail-on-leak` found a leak.
@@ -57,23 +61,33 @@ fn diff(args: &DiffArgs) -> anyhow::Result<()> {
 /// Traces; returns whether a final report holds a leak.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let sizes = cli.sizes()?;
-    target::check_privileges()?;
+    process::check_privileges()?;
+    raise_open_files_limit();
+    let modules = Modules::new();
     // Spawn mode forks here, before any thread exists: the child waits before exec until the
     // probes are attached.
     let mut child = None;
-    let targets = if cli.command.is_empty() {
-        cli.pid
-            .iter()
-            .map(|&pid| Target::open(pid))
-            .collect::<anyhow::Result<Vec<_>>>()?
+    let mut targets = Vec::new();
+    if cli.command.is_empty() {
+        for &pid in &cli.pid {
+            let target = Target::open(pid, &modules)?;
+            let allocator = allocator::of_target(&target)?;
+            targets.push((target, allocator));
+        }
     } else {
         let program = spawn::find_program(&cli.command[0])?;
         let libraries = spawn::libraries(&program)?;
         let forked = spawn::Child::fork(&program, &cli.command)?;
-        let target = spawn::target(forked.pid, &cli.command, &program, &libraries)?;
+        let allocator = allocator::discover_files(forked.pid, &program, &libraries)
+            .with_context(|| format!("finding the allocator of {}", program.display()))?;
+        targets.push((
+            Target::spawned(forked.pid, &cli.command, &modules),
+            allocator,
+        ));
         child = Some(forked);
-        vec![target]
-    };
+    }
+    let pids: Vec<u32> = targets.iter().map(|(t, _)| t.pid).collect();
+    let first_command = targets[0].0.command.clone();
     let destination = Destination::new(
         cli.output.as_deref(),
         cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
@@ -88,7 +102,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         );
     }
     let style = destination.style();
-    let output = Output::open(destination, cli.format, targets[0].pid)?;
+    let output = Output::open(destination, cli.format, pids[0])?;
     let capture = probes::StackCapture {
         mode: cli.unwind.bpf_mode(),
         stack_copy_bytes: cli.stack_copy_bytes,
@@ -102,9 +116,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     if cli.unwind == Unwind::Auto {
         // Before attaching: the first allocations already need to know where frame pointers
         // can be trusted. The map holds one address space: the first traced process's.
-        let first = &targets[0];
         maps.fp_code
-            .set(&Unwinder::new(first.pid, first.maps.clone()).code_with_frame_pointers())
+            .set(&targets[0].0.space.code_with_frame_pointers())
             .context("filling the BPF map of code with frame pointers")?;
     }
     let options = probes::AttachOptions {
@@ -115,26 +128,25 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let mut probes = probes::Probes::new(ebpf, options)?;
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
-    for target in &targets {
-        let attached = probes.attach(target)?;
-        sessions.push(session(
-            target,
-            cli.format,
-            style,
-            output.for_pid(target.pid),
-        )?);
+    for (target, allocator) in targets {
+        let attached = probes.attach(target.pid, &allocator)?;
         announcements.push(format!(
             "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
             target.pid,
             target.command,
-            target.allocator.describe(),
+            allocator.describe(),
             cli.interval
         ));
+        let output = output.for_pid(target.pid);
+        sessions.push(session(
+            target, &allocator, &modules, cli.format, style, output,
+        )?);
     }
     let watcher = match &mut child {
         Some(child) => {
-            let watcher = spawn::MapsWatcher::start(child.pid, sessions[0].reporter.maps_updater())
-                .context("starting the maps watcher")?;
+            let maps = sessions[0].target.space.pushed_maps();
+            let watcher =
+                spawn::MapsWatcher::start(child.pid, maps).context("starting the maps watcher")?;
             child.release()?;
             Some(watcher)
         }
@@ -154,17 +166,25 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         print_bpf_stats: cli.print_bpf_stats,
         follow_forks: cli.follow_forks,
         unwind: cli.unwind,
+        max_depth: cli.max_depth,
         sampling: cli.sample_bytes.map(Sampling::new),
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
-        let target = Target::open(child)?;
-        let attached = probes.attach(&target)?;
-        let session = session(&target, cli.format, style, output.for_pid(child))?;
+        let target = Target::open(child, &modules)?;
+        let allocator = allocator::of_target(&target)?;
+        let attached = probes.attach(child, &allocator)?;
         eprintln!(
             "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
             target.command
         );
-        Ok(session)
+        session(
+            target,
+            &allocator,
+            &modules,
+            cli.format,
+            style,
+            output.for_pid(child),
+        )
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -181,9 +201,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     ));
     drop(watcher);
     let ended = ended?;
-    let pids = targets
+    let pids = pids
         .iter()
-        .map(|t| t.pid.to_string())
+        .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ");
     match ended.stop {
@@ -199,10 +219,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             child.signal(libc::SIGTERM);
         }
         let status = child.wait()?;
-        eprintln!(
-            "leaktrace: `{}` exited with status {status}",
-            targets[0].command
-        );
+        eprintln!("leaktrace: `{first_command}` exited with status {status}");
     }
     if ended.leak && cli.fail_on_leak {
         eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
@@ -211,10 +228,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 }
 
 /// A reporter for one traced process, started before the user (or a test) is told that
-/// tracing runs, with the memory map read at attach: a target that exits at once still gets
-/// its stacks symbolized.
+/// tracing runs: a target that exits at once still gets its report.
 fn session(
-    target: &Target,
+    target: Target,
+    allocator: &Allocator,
+    modules: &Arc<Modules>,
     format: render::Format,
     style: render::Style,
     output: Output,
@@ -222,14 +240,27 @@ fn session(
     let rendered_target = render::Target {
         pid: target.pid,
         command: target.command.clone(),
-        allocator: target.allocator.name().to_owned(),
-        allocator_module: target.allocator.module().to_owned(),
+        allocator: allocator.name().to_owned(),
+        allocator_module: allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(rendered_target, target.maps.clone(), format, style, output)
+    let reporter = Reporter::spawn(rendered_target, modules.clone(), format, style, output)
         .context("starting the reporter thread")?;
-    Ok(Session {
-        pid: target.pid,
-        reporter,
-        unwinder: Unwinder::new(target.pid, target.maps.clone()),
-    })
+    Ok(Session { target, reporter })
+}
+
+/// Each module of the traced processes stays open for the whole trace (see
+/// `target::modules`): the soft limit of open files goes up to the hard one.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }

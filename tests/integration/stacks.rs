@@ -12,7 +12,9 @@ use std::{
 use serde_json::Value;
 
 use super::line_of;
-use crate::support::{Binary, Fixture, LEAKTRACE, Leaktrace, compile, require_root};
+use crate::support::{
+    Binary, Fixture, LEAKTRACE, Leaktrace, compile, now_ms, require_root, stack_of,
+};
 
 fn fixture_source(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -202,6 +204,95 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
     assert_eq!(
         shape(1040),
         (["bottom"].into_iter().chain(descend(7)).collect(), true)
+    );
+    fixture.finish();
+}
+
+#[test]
+fn max_depth_holds_for_stacks_unwound_from_a_copy() {
+    if !require_root() {
+        return;
+    }
+    // No frame pointers: under --unwind dwarf every stack is unwound from a copy, with CFI,
+    // through main and libc's start-up code.
+    let binary = compile("deep", &["-O2", "-fomit-frame-pointer"]);
+    // Stacks of L + 6 return addresses for L levels, 1000 + L bytes each.
+    let mut fixture = Fixture::start(&binary, &["0", "40"]);
+    let outcome = Leaktrace::one_round(&mut fixture, &["--unwind", "dwarf", "--max-depth", "2"]);
+    // Cut to their two innermost frames, the two stacks are one.
+    let stack = stack_holding(outcome.last(), 1000 + 1040);
+    assert_eq!(
+        (symbols(stack), stack["truncated"].as_bool().unwrap()),
+        (vec!["bottom", "descend"], true),
+        "{stack}"
+    );
+    let outcome = Leaktrace::one_round(&mut fixture, &["--unwind", "dwarf", "--max-depth", "8"]);
+    let report = outcome.last();
+    let whole = stack_holding(report, 1000);
+    assert_eq!(whole["truncated"], false, "{whole}");
+    assert_eq!(
+        symbols(whole)[..3],
+        ["bottom", "descend", "main"],
+        "{whole}"
+    );
+    let cut = stack_holding(report, 1040);
+    assert_eq!(
+        (symbols(cut), cut["truncated"].as_bool().unwrap()),
+        (
+            ["bottom"]
+                .into_iter()
+                .chain(std::iter::repeat_n("descend", 7))
+                .collect(),
+            true
+        ),
+        "{cut}"
+    );
+    fixture.finish();
+}
+
+#[test]
+fn code_loaded_where_other_code_was_unloaded_gets_its_own_names() {
+    if !require_root() {
+        return;
+    }
+    // The same code twice under other names: loaded at the same address, the two libraries
+    // hold different functions at the same return addresses.
+    let library = |name: &str, leak: &str| {
+        build(
+            "gcc",
+            &["-O1", "-g", "-shared", "-fPIC", &format!("-DLEAK={leak}")],
+            "reloaded_lib.c",
+            name,
+        )
+    };
+    let (alpha, bravo) = (
+        library("libalpha.so", "leak_alpha"),
+        library("libbravo.so", "leak_bravo"),
+    );
+    let host = compile("reload_host", &[]);
+    let paths = [&alpha, &bravo].map(|b| b.path.to_str().unwrap());
+    let mut fixture = Fixture::start(&host, &paths);
+    let mut trace = Leaktrace::attach(fixture.pid(), &["--top", "1000"]);
+    // A report after each step: leaktrace has read the events and the memory map of the
+    // step before (a stack is located when its events are read, in the map as it is then).
+    let first = fixture.round();
+    trace.wait_for_report(now_ms());
+    let second = fixture.round();
+    assert_eq!(
+        first, second,
+        "the second library is loaded where the first was"
+    );
+    trace.wait_for_report(now_ms());
+    fixture.round();
+    let outcome = trace.stop();
+    let report = outcome.last();
+    let allocations = |function: &str| {
+        stack_of(report, function).map(|s| s["outstanding_allocations"].as_u64().unwrap())
+    };
+    assert_eq!(
+        (allocations("leak_alpha"), allocations("leak_bravo")),
+        (Some(100), Some(50)),
+        "{report}"
     );
     fixture.finish();
 }

@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -198,7 +198,8 @@ pub struct Leaktrace {
     child: Child,
     /// Read as it comes: a report bigger than the pipe's buffer would otherwise block
     /// leaktrace's writes, and so its exit.
-    stdout: Option<thread::JoinHandle<String>>,
+    stdout_lines: mpsc::Receiver<String>,
+    stdout: Vec<String>,
     stderr_lines: mpsc::Receiver<String>,
     stderr: Vec<String>,
 }
@@ -239,17 +240,12 @@ impl Leaktrace {
             .stderr(Stdio::piped())
             .spawn()
             .expect("leaktrace starts");
-        let stdout = child.stdout.take().map(|mut out: ChildStdout| {
-            thread::spawn(move || {
-                let mut text = String::new();
-                let _ = out.read_to_string(&mut text);
-                text
-            })
-        });
+        let stdout_lines = line_reader(child.stdout.take().unwrap());
         let stderr_lines = line_reader(child.stderr.take().unwrap());
         let mut this = Self {
             child,
-            stdout,
+            stdout_lines,
+            stdout: Vec::new(),
             stderr_lines,
             stderr: Vec::new(),
         };
@@ -286,6 +282,26 @@ impl Leaktrace {
         }
     }
 
+    /// Waits for a report taken after `after_ms` (milliseconds since the epoch), and returns
+    /// it: leaktrace has then read everything the target did before.
+    pub fn wait_for_report(&mut self, after_ms: u64) -> Value {
+        loop {
+            let line = self
+                .stdout_lines
+                .recv_timeout(TIMEOUT)
+                .unwrap_or_else(|_| panic!("no report after {after_ms} ms"));
+            self.stdout.push(line);
+            let line = self.stdout.last().unwrap();
+            if !line.starts_with('{') {
+                continue;
+            }
+            let report: Value = serde_json::from_str(line).unwrap();
+            if report["timestamp_ms"].as_u64().unwrap() > after_ms {
+                return report;
+            }
+        }
+    }
+
     pub fn interrupt(&self) {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
@@ -296,18 +312,15 @@ impl Leaktrace {
         // Detaching takes the kernel ~85 ms per probe, one probe at a time machine-wide: with
         // tests (and allocators with many entry points) in parallel, that adds up.
         let status = wait_timeout_for(&mut self.child, DETACH_TIMEOUT).expect("leaktrace exits");
-        let out = self
-            .stdout
-            .take()
-            .unwrap()
-            .join()
-            .expect("the stdout reader never panics");
+        // Until the end of its output.
+        self.stdout.extend(self.stdout_lines.iter());
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
             self.stderr.push(line);
         }
         // Only JSON Lines on stdout are reports; other formats go to files.
-        let reports = out
-            .lines()
+        let reports = self
+            .stdout
+            .iter()
             .filter(|line| line.starts_with('{'))
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect();
@@ -344,6 +357,14 @@ impl Drop for Leaktrace {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Now, in milliseconds since the epoch (the clock of a report's `timestamp_ms`).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// Runs leaktrace to completion with these arguments (for the error cases).

@@ -6,15 +6,22 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::{FileExt as _, MetadataExt as _},
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
-use crate::proc::maps::{ProcMaps, path_in_target};
+use super::probe_point;
+use crate::{
+    proc::{
+        files::{self, TargetFile},
+        maps::{Mapping, ProcMaps},
+        process,
+    },
+    target::Target,
+};
 
 /// The BPF program that handles a free-like entry point.
 pub const FREE_PROGRAM: &str = "free_entry";
@@ -180,9 +187,12 @@ pub struct EntryPoint {
     pub program: &'static str,
     /// The module, as the target names it.
     pub module: String,
-    /// Where this process opens the module (through the target's root).
+    /// Where this process opened the module (see `proc::files::open`).
     pub path: PathBuf,
     pub file_offset: u64,
+    /// Where to probe its entry: `file_offset`, or for a free-like function (no uretprobe) a
+    /// later instruction that the kernel emulates rather than single-steps (`probe_point`).
+    pub probe_offset: u64,
 }
 
 impl EntryPoint {
@@ -246,16 +256,29 @@ pub fn discover(pid: u32, maps: &ProcMaps) -> anyhow::Result<Allocator> {
     resolve(&modules)
 }
 
-/// The allocator of a program not started yet (spawn mode), from its files: the executable
-/// and then the libraries its loader will load, in load order (`ld.so --list`).
-pub fn discover_files(executable: &Path, libraries: &[PathBuf]) -> anyhow::Result<Allocator> {
+/// The allocator of a running target: [`discover`] in its memory map.
+pub fn of_target(target: &Target) -> anyhow::Result<Allocator> {
+    discover(target.pid, target.space.maps())
+        .with_context(|| format!("process {} ({})", target.pid, target.command))
+}
+
+/// The allocator of a program not started yet (spawn mode: process `pid` is held before its
+/// `exec`), from its files: the executable and then the libraries its loader will load, in
+/// load order (`ld.so --list`).
+pub fn discover_files(
+    pid: u32,
+    executable: &Path,
+    libraries: &[PathBuf],
+) -> anyhow::Result<Allocator> {
     let modules: Vec<Module> = std::iter::once(executable)
         .chain(libraries.iter().map(PathBuf::as_path))
         .enumerate()
         .map(|(i, path)| {
-            let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (opened_path, data) = files::open(pid, TargetFile::Path(path))
+                .and_then(files::Opened::read_all)
+                .with_context(|| format!("reading {}", path.display()))?;
             let name = path.display().to_string();
-            Module::parse(&name, path.to_owned(), data, i == 0)
+            Module::parse(&name, opened_path, data, i == 0)
                 .with_context(|| format!("{name} is not an ELF file leaktrace can read"))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -364,6 +387,11 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         .filter(|(k, _)| !wrappers.contains(k))
         .filter(|(_, c)| seen.insert((c.0, c.3.vaddr)))
         .map(|(_, (i, symbol, program, sym))| EntryPoint {
+            probe_offset: if program == FREE_PROGRAM {
+                probe_point::in_elf(&modules[i].data, sym.file_offset)
+            } else {
+                sym.file_offset
+            },
             symbol,
             program,
             module: modules[i].name.clone(),
@@ -410,43 +438,17 @@ struct Module {
 }
 
 impl Module {
-    /// Opens the module through the target's root (a container's own files), else through
-    /// `/proc/PID/map_files` (a library deleted or replaced on disk since it was loaded, as
-    /// after a package upgrade); the executable through `/proc/PID/exe`.
+    /// Opens the module the target maps under `name` (see `proc::files::open`: the mapped
+    /// file itself even when deleted or replaced on disk since it was loaded, as after a
+    /// package upgrade, or in a container's own files).
     fn read(pid: u32, maps: &ProcMaps, name: &str, is_executable: bool) -> anyhow::Result<Self> {
-        let mut paths = Vec::new();
-        if is_executable {
-            paths.push(PathBuf::from(format!("/proc/{pid}/exe")));
-        }
-        paths.push(path_in_target(pid, name));
-        if let Some(m) = maps.mappings.iter().find(|m| m.path == name) {
-            paths.push(PathBuf::from(format!(
-                "/proc/{pid}/map_files/{:x}-{:x}",
-                m.start, m.end
-            )));
-        }
-        let mut opened = None;
-        let mut first_error = None;
-        for path in paths {
-            match fs::read(&path) {
-                Ok(data) => {
-                    opened = Some((path, data));
-                    break;
-                }
-                Err(err) => {
-                    first_error.get_or_insert(err);
-                }
-            }
-        }
-        let (path, data) = match (opened, first_error) {
-            (Some(opened), _) => opened,
-            (None, err) => {
-                return Err(anyhow::anyhow!(
-                    err.unwrap_or_else(|| std::io::Error::other("no path"))
-                )
-                .context(format!("reading {name} of process {pid}")));
-            }
+        let which = match maps.mappings.iter().find(|m| m.path == name) {
+            Some(mapping) => TargetFile::Mapped(mapping),
+            None => TargetFile::Path(Path::new(name)),
         };
+        let (path, data) = files::open(pid, which)
+            .and_then(files::Opened::read_all)
+            .with_context(|| format!("reading {name} of process {pid}"))?;
         let mut module = Self::parse(name, path, data, is_executable)
             .with_context(|| format!("{name} is not an ELF file leaktrace can read"))?;
         module.name = name.to_owned();
@@ -662,12 +664,12 @@ fn imports(file: &object::File<'_>) -> HashMap<u64, String> {
 /// Without a readable link map (a static executable), the executable, then the other
 /// executable file mappings in the order they appear in the memory map.
 fn load_order(pid: u32, maps: &ProcMaps) -> anyhow::Result<Vec<String>> {
-    let exe = fs::metadata(format!("/proc/{pid}/exe"))
-        .with_context(|| format!("reading /proc/{pid}/exe"))?;
+    let (_, exe_inode) =
+        process::exe_id(pid).with_context(|| format!("reading /proc/{pid}/exe"))?;
     let exe_mapping = maps
         .mappings
         .iter()
-        .find(|m| m.is_file() && m.inode == exe.ino())
+        .find(|m| m.is_file() && m.inode == exe_inode)
         .with_context(|| format!("process {pid} does not map its own executable"))?;
     let mut order = vec![exe_mapping.path.clone()];
     let linked = link_map(pid, maps, exe_mapping).unwrap_or_default();
@@ -690,12 +692,10 @@ fn load_order(pid: u32, maps: &ProcMaps) -> anyhow::Result<Vec<String>> {
 
 /// The libraries in the dynamic linker's link map (`r_debug.r_map`), as paths of the memory
 /// map. None when the executable has no `DT_DEBUG` (static) or the map cannot be read.
-fn link_map(
-    pid: u32,
-    maps: &ProcMaps,
-    exe_mapping: &crate::proc::maps::Mapping,
-) -> Option<Vec<String>> {
-    let data = fs::read(format!("/proc/{pid}/exe")).ok()?;
+fn link_map(pid: u32, maps: &ProcMaps, exe_mapping: &Mapping) -> Option<Vec<String>> {
+    let (_, data) = files::open(pid, TargetFile::Mapped(exe_mapping))
+        .and_then(files::Opened::read_all)
+        .ok()?;
     let file = object::File::parse(&*data).ok()?;
     let dynamic = file.section_by_name(".dynamic")?.address();
     let lowest = file.segments().map(|s| s.address() & !0xfff).min()?;
@@ -703,7 +703,7 @@ fn link_map(
         m.inode == exe_mapping.inode && m.path == exe_mapping.path && m.file_offset == 0
     })?;
     let bias = first.start.wrapping_sub(lowest);
-    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mem = process::memory(pid).ok()?;
     let read_u64 = |addr: u64| {
         let mut buf = [0; 8];
         mem.read_exact_at(&mut buf, addr).ok()?;
@@ -754,6 +754,8 @@ fn link_map(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn module(name: &str, is_executable: bool) -> Module {

@@ -6,4 +6,3 @@ pub mod elf_symbols;
 pub mod probe_point;
 pub mod probes;
 pub mod spawn;
-pub mod target;

@@ -17,8 +17,6 @@
 //! Only for functions whose entry carries no uretprobe: a uretprobe must sit on the entry, and a
 //! uprobe there shares its trap for free.
 
-use std::path::Path;
-
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
     Register,
@@ -69,13 +67,10 @@ pub fn emulated_probe_point(code: &[Segment<'_>], entry: u64) -> u64 {
     candidate
 }
 
-/// `emulated_probe_point` for the function at file offset `entry` of the ELF file at `path`;
-/// `entry` itself when the file cannot be read or parsed.
-pub fn in_module(path: &Path, entry: u64) -> u64 {
-    let Ok(data) = std::fs::read(path) else {
-        return entry;
-    };
-    let Ok(ranges) = executable_ranges(&data) else {
+/// `emulated_probe_point` for the function at file offset `entry` of the ELF file `data`;
+/// `entry` itself when the file cannot be parsed.
+pub fn in_elf(data: &[u8], entry: u64) -> u64 {
+    let Ok(ranges) = executable_ranges(data) else {
         return entry;
     };
     let segments: Vec<Segment<'_>> = ranges
@@ -249,14 +244,17 @@ mod tests {
 
     #[test]
     fn glibc_s_free_on_this_machine_is_probed_after_its_test() {
-        let me = crate::attach::target::Target::open(std::process::id()).unwrap();
-        let free = me
-            .allocator
+        let pid = std::process::id();
+        let maps = crate::proc::maps::ProcMaps::read(pid).unwrap();
+        let allocator = crate::attach::allocator::discover(pid, &maps).unwrap();
+        let free = allocator
             .entry_points
             .iter()
             .find(|e| e.symbol == "free")
             .expect("glibc's free");
-        let at = in_module(&free.path, free.file_offset);
+        let code = std::fs::read(&free.path).unwrap();
+        let at = in_elf(&code, free.file_offset);
+        assert_eq!(free.probe_offset, at);
         // Whatever the build, the probe point is the entry or within its first few bytes.
         assert!(
             (free.file_offset..free.file_offset + 16).contains(&at),
@@ -265,7 +263,6 @@ mod tests {
         );
         // Debian's glibc (2.36 on these machines) begins free with `test %rdi,%rdi` and a
         // conditional jump, which nothing else jumps into: the jump is the probe point.
-        let code = std::fs::read(&free.path).unwrap();
         let entry = &code[free.file_offset as usize..free.file_offset as usize + 5];
         let is_jcc = |b: &[u8]| {
             (0x70..=0x7f).contains(&b[0]) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]))
@@ -273,7 +270,7 @@ mod tests {
         if entry[..3] == [0x48, 0x85, 0xff] && is_jcc(&entry[3..]) {
             assert_eq!(at, free.file_offset + 3);
         }
-        assert_eq!(in_module(Path::new("/nonexistent"), 0x1234), 0x1234);
+        assert_eq!(in_elf(b"not an ELF file", 0x1234), 0x1234);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use aya::{
 };
 use leaktrace_common::{MAX_FP_RANGES, stat};
 
-use super::{allocator::EntryPoint, probe_point, target::Target};
+use super::allocator::{Allocator, EntryPoint};
+use crate::proc::process;
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -90,10 +91,10 @@ impl Probes {
 
     /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
     /// how many probes that took.
-    pub fn attach(&mut self, target: &Target) -> anyhow::Result<usize> {
-        let links = self.links.entry(target.pid).or_default();
+    pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<usize> {
+        let links = self.links.entry(pid).or_default();
         let before = links.len();
-        let result = attach_to(&mut self.ebpf, target, links, self.options);
+        let result = attach_to(&mut self.ebpf, pid, allocator, links, self.options);
         let added = links.len() - before;
         self.attached += added;
         result.map(|()| added)
@@ -309,12 +310,12 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
 /// where their uretprobe already traps.
 fn attach_to(
     ebpf: &mut Ebpf,
-    target: &Target,
+    pid: u32,
+    allocator: &Allocator,
     links: &mut Vec<UProbeLink>,
     options: AttachOptions,
 ) -> anyhow::Result<()> {
-    let pid = NonZeroU32::new(target.pid).context("pid 0")?;
-    let scope = UProbeScope::OneProcess(pid);
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
     let program_for = |program: &'static str| match (options.noop_programs, program) {
         (false, _) => program,
         (true, "alloc_return") => "noop_return",
@@ -332,27 +333,24 @@ fn attach_to(
                     .with_context(|| format!("loading BPF program {program}"))?;
             }
             let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
-                if super::target::is_alive(target.pid) {
+                if process::is_alive(pid) {
                     anyhow!(err).context(format!(
                         "attaching {program} to {} in {}",
                         entry.symbol, entry.module
                     ))
                 } else {
-                    anyhow!(
-                        "process {} exited while leaktrace was attaching",
-                        target.pid
-                    )
+                    anyhow!("process {pid} exited while leaktrace was attaching")
                 }
             })?;
             links.push(probe.take_link(link)?);
             Ok(())
         };
-    let entries = &target.allocator.entry_points;
+    let entries = &allocator.entry_points;
     for entry in entries.iter().filter(|e| !e.allocates()) {
         let offset = if options.free_at_entry {
             entry.file_offset
         } else {
-            probe_point::in_module(&entry.path, entry.file_offset)
+            entry.probe_offset
         };
         attach_one(ebpf, program_for(entry.program), entry, offset)?;
     }

@@ -16,6 +16,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -23,8 +24,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{allocator, target::Target};
-use crate::{proc::maps::ProcMaps, report::reporter::MapsUpdater};
+use crate::proc::maps::ProcMaps;
 
 /// A command forked and waiting, before `exec`, for [`Child::release`].
 pub struct Child {
@@ -215,52 +215,36 @@ fn libraries_in_listing(listing: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The target of spawn mode: the forked child, and the allocator its command will load.
-pub fn target(
-    pid: u32,
-    command: &[String],
-    program: &Path,
-    libraries: &[PathBuf],
-) -> anyhow::Result<Target> {
-    Ok(Target {
-        pid,
-        command: command.join(" "),
-        allocator: allocator::discover_files(program, libraries)
-            .with_context(|| format!("finding the allocator of {}", program.display()))?,
-        // Read after exec, by the maps watcher and the reporter.
-        maps: ProcMaps::default(),
-    })
-}
-
-/// Keeps the reporter's memory map of a spawned command current: its libraries are mapped
-/// just after `exec`, and a short command may be gone (a zombie, with no map) before the
-/// first report. Often at first, then every 50 ms, until stopped or the command exits.
+/// Keeps the memory map of a spawned command current (`AddressSpace::pushed_maps`): its
+/// libraries are mapped just after `exec`, and a short command may be gone (a zombie, with no
+/// map) before its events are read. Often at first, then every 50 ms, until stopped or the
+/// command exits.
 pub struct MapsWatcher {
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
 impl MapsWatcher {
-    pub fn start(pid: u32, updater: MapsUpdater) -> std::io::Result<Self> {
+    pub fn start(pid: u32, maps: mpsc::Sender<ProcMaps>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let handle = thread::Builder::new()
             .name("maps-watcher".into())
             .spawn(move || {
                 let start = Instant::now();
-                let mut last = String::new();
+                let mut last = ProcMaps::default();
                 while !stopped.load(Ordering::Relaxed) {
-                    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+                    let Ok(read) = ProcMaps::read(pid) else {
                         return;
                     };
-                    if text.is_empty() {
+                    if read.mappings.is_empty() {
                         return; // exited
                     }
-                    if text != last {
-                        if let Ok(maps) = ProcMaps::parse(&text) {
-                            updater.update(maps);
+                    if read.mappings != last.mappings {
+                        if maps.send(read.clone()).is_err() {
+                            return;
                         }
-                        last = text;
+                        last = read;
                     }
                     let pause = if start.elapsed() < Duration::from_millis(500) {
                         Duration::from_millis(1)
@@ -315,12 +299,13 @@ mod tests {
     fn resolves_the_libc_of_a_system_command_and_refuses_what_is_not_elf() {
         let sh = find_program("sh").unwrap();
         let loaded = libraries(&sh).unwrap();
-        let target = target(1, &["sh".into()], &sh, &loaded).unwrap();
-        assert_eq!(target.allocator.name(), "glibc");
+        let allocator =
+            crate::attach::allocator::discover_files(std::process::id(), &sh, &loaded).unwrap();
+        assert_eq!(allocator.name(), "glibc");
         assert!(
-            target.allocator.module().ends_with("/libc.so.6"),
+            allocator.module().ends_with("/libc.so.6"),
             "{}",
-            target.allocator.module()
+            allocator.module()
         );
         assert!(find_program("no-such-command-here").is_err());
         let dir = tempfile::tempdir().unwrap();

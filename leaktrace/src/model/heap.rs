@@ -6,6 +6,7 @@ use std::collections::{HashSet, hash_map::Entry};
 use super::{
     HashMap,
     event::{Backing, Event, MapSource},
+    location::Locate,
     mapped::Mappings,
     stack_table::{Origin, StackId, Stacks},
 };
@@ -137,7 +138,8 @@ impl HeapModel {
         }
     }
 
-    pub fn apply(&mut self, event: &Event<'_>) {
+    /// Applies one event; `code` locates the frames of stacks not seen before.
+    pub fn apply(&mut self, event: &Event<'_>, code: &mut impl Locate) {
         match *event {
             Event::Alloc {
                 ts_ns,
@@ -152,7 +154,9 @@ impl HeapModel {
                     self.release(old_addr, entry_ts_ns);
                 }
                 if addr != 0 {
-                    let stack = self.stacks.intern(frames, truncated, Origin::Heap);
+                    let stack = self
+                        .stacks
+                        .intern(frames, truncated, Origin::Heap, ts_ns, code);
                     self.count_allocated(stack, Origin::Heap, size_bytes);
                     // An address still live: its release is still on its way (or was lost).
                     let new = Live {
@@ -196,7 +200,9 @@ impl HeapModel {
                         backing
                     }
                 };
-                let stack = self.stacks.intern(frames, truncated, backing.into());
+                let stack = self
+                    .stacks
+                    .intern(frames, truncated, backing.into(), ts_ns, code);
                 self.count_allocated(stack, backing.into(), size_bytes);
                 // MAP_FIXED over tracked memory replaces it.
                 let replaced = self.mappings.map(addr, size_bytes, stack, ts_ns, backing);
@@ -352,6 +358,7 @@ fn allocated((bytes, blocks): (u64, f64)) -> Allocated {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::location::NoModules;
 
     fn alloc(addr: u64, size_bytes: u64, frames: &'static [u64]) -> Event<'static> {
         Event::Alloc {
@@ -385,7 +392,12 @@ mod tests {
     fn usage_of(heap: &HeapModel, frames: &[u64]) -> Option<(u64, u64)> {
         heap.usage(u64::MAX)
             .into_iter()
-            .find(|u| &*heap.stacks().get(u.stack).frames == frames)
+            .find(|u| {
+                heap.stacks()
+                    .get(u.stack)
+                    .addresses()
+                    .eq(frames.iter().copied())
+            })
             .map(|u| (u.outstanding_bytes, u.outstanding_allocations))
     }
 
@@ -394,26 +406,24 @@ mod tests {
         // One block per 1000 bytes: a 100-byte block was drawn with probability 1/10, so it
         // stands for 10 blocks of 1000 bytes in all; a 4000-byte block always, for itself.
         let mut heap = HeapModel::new(Some(Sampling::new(1000)));
-        heap.apply(&alloc(0x1000, 100, &[1]));
-        heap.apply(&alloc(0x2000, 100, &[1]));
-        heap.apply(&alloc(0x3000, 4000, &[2]));
-        heap.apply(&alloc(0x4000, 0, &[3]));
-        heap.apply(&map(
-            0x10_0000,
-            8192,
-            MapSource::Mmap(Backing::Anonymous),
-            &[4],
-        ));
+        heap.apply(&alloc(0x1000, 100, &[1]), &mut NoModules);
+        heap.apply(&alloc(0x2000, 100, &[1]), &mut NoModules);
+        heap.apply(&alloc(0x3000, 4000, &[2]), &mut NoModules);
+        heap.apply(&alloc(0x4000, 0, &[3]), &mut NoModules);
+        heap.apply(
+            &map(0x10_0000, 8192, MapSource::Mmap(Backing::Anonymous), &[4]),
+            &mut NoModules,
+        );
         assert_eq!(usage_of(&heap, &[1]), Some((2000, 20)));
         assert_eq!(usage_of(&heap, &[2]), Some((4000, 1)));
         // malloc(0) was drawn as a 1-byte block: 1000 blocks of no bytes.
         assert_eq!(usage_of(&heap, &[3]), Some((0, 1000)));
         // Mappings are never sampled.
         assert_eq!(usage_of(&heap, &[4]), Some((8192, 1)));
-        heap.apply(&Event::Free { addr: 0x1000 });
+        heap.apply(&Event::Free { addr: 0x1000 }, &mut NoModules);
         assert_eq!(usage_of(&heap, &[1]), Some((1000, 10)));
         // A release of a block never seen (older than the trace) stands for itself.
-        heap.apply(&Event::Free { addr: 0x9999 });
+        heap.apply(&Event::Free { addr: 0x9999 }, &mut NoModules);
         assert_eq!(
             heap.counters(),
             Counters {
@@ -426,7 +436,7 @@ mod tests {
         let stack = heap
             .usage(u64::MAX)
             .into_iter()
-            .find(|u| *heap.stacks().get(u.stack).frames == [1])
+            .find(|u| heap.stacks().get(u.stack).addresses().eq([1]))
             .unwrap()
             .stack;
         assert_eq!(
@@ -438,7 +448,7 @@ mod tests {
         );
         // The same events, traced whole.
         let mut exact = HeapModel::default();
-        exact.apply(&alloc(0x1000, 100, &[1]));
+        exact.apply(&alloc(0x1000, 100, &[1]), &mut NoModules);
         assert_eq!(usage_of(&exact, &[1]), Some((100, 1)));
     }
 
@@ -446,9 +456,9 @@ mod tests {
     fn a_leak_stays_and_churn_goes() {
         let mut heap = HeapModel::default();
         for i in 0..10 {
-            heap.apply(&alloc(0x1000 + i * 0x100, 64, &[1, 2]));
-            heap.apply(&alloc(0x9000, 32, &[3, 2]));
-            heap.apply(&Event::Free { addr: 0x9000 });
+            heap.apply(&alloc(0x1000 + i * 0x100, 64, &[1, 2]), &mut NoModules);
+            heap.apply(&alloc(0x9000, 32, &[3, 2]), &mut NoModules);
+            heap.apply(&Event::Free { addr: 0x9000 }, &mut NoModules);
         }
         assert_eq!(usage_of(&heap, &[1, 2]), Some((640, 10)));
         assert_eq!(usage_of(&heap, &[3, 2]), None);
@@ -473,10 +483,10 @@ mod tests {
     #[test]
     fn sizes_filter_usage_and_allocated_counts_every_block() {
         let mut heap = HeapModel::default();
-        heap.apply(&alloc(0x1000, 10, &[1]));
-        heap.apply(&alloc(0x2000, 20, &[1]));
-        heap.apply(&alloc(0x3000, 30, &[1]));
-        heap.apply(&Event::Free { addr: 0x3000 });
+        heap.apply(&alloc(0x1000, 10, &[1]), &mut NoModules);
+        heap.apply(&alloc(0x2000, 20, &[1]), &mut NoModules);
+        heap.apply(&alloc(0x3000, 30, &[1]), &mut NoModules);
+        heap.apply(&Event::Free { addr: 0x3000 }, &mut NoModules);
         let mid = heap.usage_of_sizes(u64::MAX, 15..=30);
         assert_eq!(
             (mid[0].outstanding_bytes, mid[0].outstanding_allocations),
@@ -497,8 +507,8 @@ mod tests {
     #[test]
     fn usage_can_leave_out_young_blocks() {
         let mut heap = HeapModel::default();
-        heap.apply(&alloc(0x1000, 10, &[1]));
-        heap.apply(&alloc(0x2000, 20, &[1]));
+        heap.apply(&alloc(0x1000, 10, &[1]), &mut NoModules);
+        heap.apply(&alloc(0x2000, 20, &[1]), &mut NoModules);
         let old_only = heap.usage(0x1000);
         assert_eq!(old_only.len(), 1);
         assert_eq!(
@@ -514,16 +524,16 @@ mod tests {
     #[test]
     fn realloc_moves_grows_and_frees() {
         let mut heap = HeapModel::default();
-        heap.apply(&alloc(0x1000, 10, &[1]));
+        heap.apply(&alloc(0x1000, 10, &[1]), &mut NoModules);
         // Moved: the old block is released, the new one belongs to the realloc's stack.
-        heap.apply(&realloc(0x1000, 0x2000, 20, &[2]));
+        heap.apply(&realloc(0x1000, 0x2000, 20, &[2]), &mut NoModules);
         assert_eq!(usage_of(&heap, &[1]), None);
         assert_eq!(usage_of(&heap, &[2]), Some((20, 1)));
         // In place.
-        heap.apply(&realloc(0x2000, 0x2000, 30, &[2]));
+        heap.apply(&realloc(0x2000, 0x2000, 30, &[2]), &mut NoModules);
         assert_eq!(usage_of(&heap, &[2]), Some((30, 1)));
         // realloc(p, 0): released, nothing returned.
-        heap.apply(&realloc(0x2000, 0, 0, &[2]));
+        heap.apply(&realloc(0x2000, 0, 0, &[2]), &mut NoModules);
         assert!(heap.usage(u64::MAX).is_empty());
         assert_eq!(
             heap.counters(),
@@ -539,8 +549,8 @@ mod tests {
     #[test]
     fn frees_of_unknown_blocks_are_counted_not_errors() {
         let mut heap = HeapModel::default();
-        heap.apply(&Event::Free { addr: 0x5000 });
-        heap.apply(&realloc(0x6000, 0x7000, 8, &[1]));
+        heap.apply(&Event::Free { addr: 0x5000 }, &mut NoModules);
+        heap.apply(&realloc(0x6000, 0x7000, 8, &[1]), &mut NoModules);
         assert_eq!(
             heap.counters(),
             Counters {
@@ -556,13 +566,19 @@ mod tests {
     #[test]
     fn stacks_differing_in_one_frame_stay_apart() {
         let mut stacks = Stacks::default();
-        let a = stacks.intern(&[1, 2, 3], false, Origin::Heap);
-        assert_eq!(stacks.intern(&[1, 2, 3], false, Origin::Heap), a);
-        let b = stacks.intern(&[1, 2, 4], false, Origin::Heap);
-        let c = stacks.intern(&[1, 2], false, Origin::Heap);
-        let d = stacks.intern(&[4, 2, 3], true, Origin::Heap);
-        let e = stacks.intern(&[1, 2, 3], false, Origin::FileMapping);
-        assert_eq!(stacks.intern(&[1, 2, 3], false, Origin::FileMapping), e);
+        let a = stacks.intern(&[1, 2, 3], false, Origin::Heap, 0, &mut NoModules);
+        assert_eq!(
+            stacks.intern(&[1, 2, 3], false, Origin::Heap, 0, &mut NoModules),
+            a
+        );
+        let b = stacks.intern(&[1, 2, 4], false, Origin::Heap, 0, &mut NoModules);
+        let c = stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules);
+        let d = stacks.intern(&[4, 2, 3], true, Origin::Heap, 0, &mut NoModules);
+        let e = stacks.intern(&[1, 2, 3], false, Origin::FileMapping, 0, &mut NoModules);
+        assert_eq!(
+            stacks.intern(&[1, 2, 3], false, Origin::FileMapping, 0, &mut NoModules),
+            e
+        );
         assert_eq!(stacks.get(e).origin, Origin::FileMapping);
         assert_eq!(
             [a, b, c, d, e]
@@ -572,18 +588,24 @@ mod tests {
             5
         );
         assert!(stacks.get(d).truncated);
-        assert_eq!(&*stacks.get(b).frames, &[1, 2, 4]);
+        assert!(stacks.get(b).addresses().eq([1, 2, 4]));
     }
 
     #[test]
     fn the_same_frames_once_cut_short_show_as_truncated() {
         let mut stacks = Stacks::default();
-        let a = stacks.intern(&[1, 2], false, Origin::Heap);
+        let a = stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules);
         assert!(!stacks.get(a).truncated);
-        assert_eq!(stacks.intern(&[1, 2], true, Origin::Heap), a);
+        assert_eq!(
+            stacks.intern(&[1, 2], true, Origin::Heap, 0, &mut NoModules),
+            a
+        );
         assert!(stacks.get(a).truncated);
         // A later whole capture does not undo it.
-        assert_eq!(stacks.intern(&[1, 2], false, Origin::Heap), a);
+        assert_eq!(
+            stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules),
+            a
+        );
         assert!(stacks.get(a).truncated);
     }
 
@@ -626,63 +648,75 @@ mod tests {
     fn mappings_split_move_and_keep_their_backing() {
         let anon = MapSource::Mmap(Backing::Anonymous);
         let mut heap = HeapModel::default();
-        heap.apply(&map(0x10000, 0x4000, anon, &[1]));
-        heap.apply(&map(0x20000, 0x2000, MapSource::Mmap(Backing::File), &[2]));
+        heap.apply(&map(0x10000, 0x4000, anon, &[1]), &mut NoModules);
+        heap.apply(
+            &map(0x20000, 0x2000, MapSource::Mmap(Backing::File), &[2]),
+            &mut NoModules,
+        );
         // A hole in the middle: one allocation in two pieces.
-        heap.apply(&unmap(0x11000, 0x1000));
+        heap.apply(&unmap(0x11000, 0x1000), &mut NoModules);
         assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x3000, 1)]);
         // mremap moves the file mapping and grows it: still a file mapping, now of the
         // mremap's stack.
-        heap.apply(&map(
-            0x30000,
-            0x3000,
-            MapSource::Remap {
-                old_addr: 0x20000,
-                old_size_bytes: 0x2000,
-                old_kept: false,
-                entry_ts_ns: u64::MAX,
-            },
-            &[3],
-        ));
+        heap.apply(
+            &map(
+                0x30000,
+                0x3000,
+                MapSource::Remap {
+                    old_addr: 0x20000,
+                    old_size_bytes: 0x2000,
+                    old_kept: false,
+                    entry_ts_ns: u64::MAX,
+                },
+                &[3],
+            ),
+            &mut NoModules,
+        );
         assert_eq!(origin_usage(&heap, Origin::FileMapping), [(0x3000, 1)]);
         assert_eq!(
             heap.usage(u64::MAX)
                 .iter()
-                .filter(|u| *heap.stacks().get(u.stack).frames == [2])
+                .filter(|u| heap.stacks().get(u.stack).addresses().eq([2]))
                 .count(),
             0
         );
         // MREMAP_DONTUNMAP keeps the old range; a remap of memory mapped before attach is
         // taken for anonymous memory.
-        heap.apply(&map(
-            0x40000,
-            0x1000,
-            MapSource::Remap {
-                old_addr: 0x12000,
-                old_size_bytes: 0x1000,
-                old_kept: true,
-                entry_ts_ns: u64::MAX,
-            },
-            &[4],
-        ));
-        heap.apply(&map(
-            0x50000,
-            0x1000,
-            MapSource::Remap {
-                old_addr: 0x90000,
-                old_size_bytes: 0x1000,
-                old_kept: false,
-                entry_ts_ns: u64::MAX,
-            },
-            &[5],
-        ));
+        heap.apply(
+            &map(
+                0x40000,
+                0x1000,
+                MapSource::Remap {
+                    old_addr: 0x12000,
+                    old_size_bytes: 0x1000,
+                    old_kept: true,
+                    entry_ts_ns: u64::MAX,
+                },
+                &[4],
+            ),
+            &mut NoModules,
+        );
+        heap.apply(
+            &map(
+                0x50000,
+                0x1000,
+                MapSource::Remap {
+                    old_addr: 0x90000,
+                    old_size_bytes: 0x1000,
+                    old_kept: false,
+                    entry_ts_ns: u64::MAX,
+                },
+                &[5],
+            ),
+            &mut NoModules,
+        );
         assert_eq!(
             origin_usage(&heap, Origin::Mapping),
             [(0x1000, 1), (0x1000, 1), (0x3000, 1)]
         );
         // The rest of the first mapping goes; an unmap of nothing tracked is counted apart.
-        heap.apply(&unmap(0x10000, 0x4000));
-        heap.apply(&unmap(0x70000, 0x1000));
+        heap.apply(&unmap(0x10000, 0x4000), &mut NoModules);
+        heap.apply(&unmap(0x70000, 0x1000), &mut NoModules);
         assert_eq!(
             heap.counters(),
             Counters {
@@ -694,7 +728,7 @@ mod tests {
         );
         // Heap blocks and mappings never touch each other: a free of a mapped address is an
         // unmatched free, not an unmap.
-        heap.apply(&Event::Free { addr: 0x40000 });
+        heap.apply(&Event::Free { addr: 0x40000 }, &mut NoModules);
         assert_eq!(heap.counters().unmatched_frees, 1);
         assert_eq!(
             origin_usage(&heap, Origin::Mapping),
@@ -714,35 +748,41 @@ mod tests {
             frames,
             truncated: false,
         };
-        heap.apply(&at(10, 0x1000, &[1]));
+        heap.apply(&at(10, 0x1000, &[1]), &mut NoModules);
         // Thread A's realloc(0x1000) begins at 20 and frees the block inside; thread B gets
         // 0x1000 at 30 and reports it first; A's return (moved to 0x2000) comes after.
-        heap.apply(&at(30, 0x1000, &[2]));
-        heap.apply(&Event::Alloc {
-            ts_ns: 40,
-            addr: 0x2000,
-            size_bytes: 16,
-            old_addr: 0x1000,
-            entry_ts_ns: 20,
-            frames: &[3],
-            truncated: false,
-        });
+        heap.apply(&at(30, 0x1000, &[2]), &mut NoModules);
+        heap.apply(
+            &Event::Alloc {
+                ts_ns: 40,
+                addr: 0x2000,
+                size_bytes: 16,
+                old_addr: 0x1000,
+                entry_ts_ns: 20,
+                frames: &[3],
+                truncated: false,
+            },
+            &mut NoModules,
+        );
         assert_eq!(usage_of(&heap, &[1]), None);
         assert_eq!(usage_of(&heap, &[2]), Some((8, 1)), "B's block stays");
         assert_eq!(usage_of(&heap, &[3]), Some((16, 1)));
         // Same, but B frees its block before A's return is seen.
-        heap.apply(&at(50, 0x3000, &[1]));
-        heap.apply(&at(70, 0x3000, &[2]));
-        heap.apply(&Event::Free { addr: 0x3000 });
-        heap.apply(&Event::Alloc {
-            ts_ns: 90,
-            addr: 0x4000,
-            size_bytes: 16,
-            old_addr: 0x3000,
-            entry_ts_ns: 60,
-            frames: &[3],
-            truncated: false,
-        });
+        heap.apply(&at(50, 0x3000, &[1]), &mut NoModules);
+        heap.apply(&at(70, 0x3000, &[2]), &mut NoModules);
+        heap.apply(&Event::Free { addr: 0x3000 }, &mut NoModules);
+        heap.apply(
+            &Event::Alloc {
+                ts_ns: 90,
+                addr: 0x4000,
+                size_bytes: 16,
+                old_addr: 0x3000,
+                entry_ts_ns: 60,
+                frames: &[3],
+                truncated: false,
+            },
+            &mut NoModules,
+        );
         assert_eq!(usage_of(&heap, &[2]), Some((8, 1)));
         assert_eq!(usage_of(&heap, &[3]), Some((32, 2)));
         assert_eq!(
@@ -762,20 +802,26 @@ mod tests {
         let mut heap = HeapModel::default();
         // Mapped at 0x10000 (ts 0x10000); munmap begins later, the range is mapped again by
         // another thread (ts 0x30000), and only then is the munmap's event seen.
-        heap.apply(&map(0x10000, 0x2000, anon, &[1]));
-        heap.apply(&Event::Map {
-            ts_ns: 0x30000,
-            addr: 0x10000,
-            size_bytes: 0x1000,
-            source: anon,
-            frames: &[2],
-            truncated: false,
-        });
-        heap.apply(&Event::Unmap {
-            ts_ns: 0x20000,
-            addr: 0x10000,
-            size_bytes: 0x2000,
-        });
+        heap.apply(&map(0x10000, 0x2000, anon, &[1]), &mut NoModules);
+        heap.apply(
+            &Event::Map {
+                ts_ns: 0x30000,
+                addr: 0x10000,
+                size_bytes: 0x1000,
+                source: anon,
+                frames: &[2],
+                truncated: false,
+            },
+            &mut NoModules,
+        );
+        heap.apply(
+            &Event::Unmap {
+                ts_ns: 0x20000,
+                addr: 0x10000,
+                size_bytes: 0x2000,
+            },
+            &mut NoModules,
+        );
         assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x1000, 1)]);
         assert_eq!(heap.counters().frees, 1);
     }

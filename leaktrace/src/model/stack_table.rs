@@ -1,6 +1,12 @@
 //! The distinct call stacks of a trace, interned: each gets a [`StackId`].
 
-use super::{HashMap, event::Backing};
+use std::sync::Arc;
+
+use super::{
+    HashMap,
+    event::Backing,
+    location::{Locate, Location},
+};
 
 /// Index of a distinct call stack in [`Stacks`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,20 +44,35 @@ impl From<Backing> for Origin {
     }
 }
 
-/// A distinct call stack: return addresses, innermost first.
+/// A distinct call stack: return addresses, innermost first, located.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stack {
-    pub frames: Box<[u64]>,
+    /// Shared with the reports that list the stack.
+    pub frames: Arc<[Location]>,
     /// The capture hit its depth limit: outer frames are missing.
     pub truncated: bool,
     pub origin: Origin,
 }
 
+impl Stack {
+    pub fn addresses(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.frames.iter().map(|f| f.address)
+    }
+}
+
 /// Interns stacks, comparing every frame: two different stacks never share an id.
+///
+/// A stack is its located frames: the same addresses hold other code once code was unmapped
+/// (a library unloaded and another loaded at its address, an `exec`). Events carry addresses,
+/// so they are looked up by address first, in an index that holds until code is unmapped;
+/// only a stack not found there is located, and found again by its located frames.
 #[derive(Debug, Default)]
 pub struct Stacks {
     /// One table per origin, so that a lookup borrows the frames without allocating.
-    ids: [HashMap<Box<[u64]>, StackId>; Origin::ALL],
+    by_address: [HashMap<Box<[u64]>, StackId>; Origin::ALL],
+    /// `Locate::code_unmapped` when `by_address` was last emptied.
+    code_unmapped: u64,
+    by_location: [HashMap<Arc<[Location]>, StackId>; Origin::ALL],
     stacks: Vec<Stack>,
 }
 
@@ -60,21 +81,46 @@ impl Stacks {
     /// The same frames may come once cut from a deeper stack and once whole (the unwinder can
     /// stop early, at code without frame pointers); then the stack shows as truncated, since
     /// some of its allocations came from deeper. The origin is part of it: an mremap call site
-    /// can move both anonymous and file mappings.
-    pub fn intern(&mut self, frames: &[u64], truncated: bool, origin: Origin) -> StackId {
-        let ids = &mut self.ids[origin as usize];
-        if let Some(&id) = ids.get(frames) {
-            self.stacks[id.0 as usize].truncated |= truncated;
+    /// can move both anonymous and file mappings. The frames of a stack not seen before are
+    /// located by `code`, for an event at `at_ns`.
+    pub fn intern(
+        &mut self,
+        frames: &[u64],
+        truncated: bool,
+        origin: Origin,
+        at_ns: u64,
+        code: &mut impl Locate,
+    ) -> StackId {
+        if code.code_unmapped() != self.code_unmapped {
+            self.code_unmapped = code.code_unmapped();
+            self.by_address.iter_mut().for_each(HashMap::clear);
+        }
+        let id = match self.by_address[origin as usize].get(frames) {
+            Some(&id) => id,
+            None => {
+                let located: Arc<[Location]> =
+                    frames.iter().map(|&a| code.locate(a, at_ns)).collect();
+                let id = self.by_located(located, origin);
+                self.by_address[origin as usize].insert(frames.into(), id);
+                id
+            }
+        };
+        self.stacks[id.0 as usize].truncated |= truncated;
+        id
+    }
+
+    fn by_located(&mut self, frames: Arc<[Location]>, origin: Origin) -> StackId {
+        if let Some(&id) = self.by_location[origin as usize].get(&frames) {
             return id;
         }
         let id =
             StackId(u32::try_from(self.stacks.len()).expect("fewer than 2^32 distinct stacks"));
         self.stacks.push(Stack {
-            frames: frames.into(),
-            truncated,
+            frames: frames.clone(),
+            truncated: false,
             origin,
         });
-        ids.insert(frames.into(), id);
+        self.by_location[origin as usize].insert(frames, id);
         id
     }
 

@@ -1,9 +1,6 @@
-//! `/proc/PID/maps`: which file backs an address, and where the target's files are.
+//! `/proc/PID/maps`: which file backs an address.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::fs;
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,10 +60,16 @@ impl ProcMaps {
 
     /// The file mapping that holds `addr`.
     pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        self.position(addr).map(|index| &self.mappings[index])
+    }
+
+    /// The index of the file mapping that holds `addr`.
+    pub fn position(&self, addr: u64) -> Option<usize> {
         let index = self.mappings.partition_point(|m| m.end <= addr);
         self.mappings
             .get(index)
             .filter(|m| m.start <= addr && addr < m.end && m.is_file())
+            .map(|_| index)
     }
 }
 
@@ -92,29 +95,6 @@ fn parse_line(line: &str) -> Result<Mapping, MalformedLine> {
         return Err(malformed());
     }
     Ok(mapping)
-}
-
-/// The path under which this process can open a file that the target maps: through the
-/// target's root, so that a container's files are found in its own mount namespace.
-pub fn path_in_target(pid: u32, target_path: &str) -> PathBuf {
-    Path::new(&format!("/proc/{pid}/root")).join(target_path.trim_start_matches('/'))
-}
-
-/// Where this process can open the file behind `mapping`, best first: the target's own view of
-/// it (`/proc/PID/map_files`, the very file mapped, even deleted, replaced or in another mount
-/// namespace; it needs CAP_SYS_ADMIN), then its path under the target's root, then the path as
-/// is. A file gone from its path (the kernel then shows "PATH (deleted)") has no fallback: no
-/// path names it any more.
-pub fn candidate_paths(pid: u32, mapping: &Mapping) -> Vec<PathBuf> {
-    let mut candidates = vec![PathBuf::from(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    ))];
-    if !mapping.path.ends_with(" (deleted)") {
-        candidates.push(path_in_target(pid, &mapping.path));
-        candidates.push(PathBuf::from(&mapping.path));
-    }
-    candidates
 }
 
 #[cfg(test)]
@@ -166,13 +146,5 @@ mod tests {
                 MalformedLine(line.to_owned())
             );
         }
-    }
-
-    #[test]
-    fn paths_go_through_the_target_root() {
-        assert_eq!(
-            path_in_target(42, "/usr/lib/libc.so.6"),
-            Path::new("/proc/42/root/usr/lib/libc.so.6")
-        );
     }
 }

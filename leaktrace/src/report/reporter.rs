@@ -1,21 +1,24 @@
 //! The reporter thread: symbolizes each snapshot's stacks, renders the report and writes it.
 //! It owns the blazesym symbolizer (not `Send`) and its caches, off the event path.
 
-use std::{io, sync::mpsc, thread};
+use std::{
+    io,
+    sync::{Arc, mpsc},
+    thread,
+};
 
 use super::{
     output::Output,
     render::{Format, Report, Style, Target},
     snapshot::Snapshot,
 };
-use crate::{proc::maps::ProcMaps, stacks::symbolize::StackSymbolizer};
+use crate::{
+    model::location::Location, stacks::symbolize::StackSymbolizer, target::modules::Modules,
+};
 
 enum Message {
     Snapshot(Snapshot),
-    /// A newer memory map of the target (spawn mode: read just after `exec`).
-    Maps(ProcMaps),
-    /// Everything is queued: write what is and end, whatever other senders (a maps updater)
-    /// are still alive.
+    /// Everything is queued: write what is and end.
     Finish,
 }
 
@@ -25,9 +28,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// `modules` are those the snapshots' stacks are located in.
     pub fn spawn(
         target: Target,
-        maps: ProcMaps,
+        modules: Arc<Modules>,
         format: Format,
         style: Style,
         mut out: Output,
@@ -36,23 +40,18 @@ impl Reporter {
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
-                let mut symbolizer = StackSymbolizer::new(target.pid, maps);
+                let mut symbolizer = StackSymbolizer::new(modules);
                 let mut rendered = Vec::new();
                 for message in rx {
                     let snapshot = match message {
                         Message::Snapshot(snapshot) => snapshot,
-                        Message::Maps(maps) => {
-                            symbolizer.set_maps(maps);
-                            continue;
-                        }
                         Message::Finish => break,
                     };
                     if !out.wants(snapshot.last) {
                         continue;
                     }
-                    symbolizer.refresh_maps();
-                    let stacks: Vec<&[u64]> =
-                        snapshot.stacks.iter().map(|s| &*s.addresses).collect();
+                    let stacks: Vec<&[Location]> =
+                        snapshot.stacks.iter().map(|s| &*s.frames).collect();
                     let frames = symbolizer.symbolize_stacks(&stacks);
                     rendered.clear();
                     format.render(
@@ -81,25 +80,11 @@ impl Reporter {
         let _ = self.tx.send(Message::Snapshot(snapshot));
     }
 
-    /// A handle that sends newer memory maps of the target from another thread.
-    pub fn maps_updater(&self) -> MapsUpdater {
-        MapsUpdater(self.tx.clone())
-    }
-
     /// Waits until every queued report is written.
     pub fn finish(self) -> io::Result<()> {
         let _ = self.tx.send(Message::Finish);
         self.handle
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the reporter thread panicked")))
-    }
-}
-
-/// Sends the reporter a newer memory map of the target.
-pub struct MapsUpdater(mpsc::Sender<Message>);
-
-impl MapsUpdater {
-    pub fn update(&self, maps: ProcMaps) {
-        let _ = self.0.send(Message::Maps(maps));
     }
 }

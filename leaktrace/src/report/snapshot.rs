@@ -1,8 +1,11 @@
 //! What a report says, before symbolization: totals, and the top stacks with their trend.
 
+use std::sync::Arc;
+
 use super::trends::{Kind, Trends};
 use crate::model::{
     heap::{Allocated, Counters, HeapModel, StackUsage},
+    location::Location,
     stack_table::{Origin, StackId},
 };
 
@@ -44,8 +47,8 @@ pub struct StackSummary {
     pub kind: Kind,
     /// Everything this stack allocated since attach, freed or not.
     pub allocated: Allocated,
-    /// Return addresses, innermost first.
-    pub addresses: Box<[u64]>,
+    /// Return addresses, innermost first, located.
+    pub frames: Arc<[Location]>,
     pub truncated: bool,
     pub origin: Origin,
 }
@@ -157,7 +160,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
                 oldest_age_s,
                 kind,
                 allocated: heap.allocated(u.stack),
-                addresses: stack.frames.clone(),
+                frames: stack.frames.clone(),
                 truncated: stack.truncated,
                 origin: stack.origin,
             };
@@ -198,7 +201,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
                     oldest_age_s: 0.0,
                     kind,
                     allocated,
-                    addresses: stack.frames.clone(),
+                    frames: stack.frames.clone(),
                     truncated: stack.truncated,
                     origin: stack.origin,
                 },
@@ -223,7 +226,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::event::Event;
+    use crate::model::{event::Event, location::NoModules};
 
     fn input(elapsed_s: f64) -> SnapshotInput {
         SnapshotInput {
@@ -246,15 +249,18 @@ mod tests {
 
     fn alloc(heap: &mut HeapModel, addr: u64, ts_s: f64, frames: &'static [u64]) {
         let ts_ns = (ts_s * 1e9) as u64;
-        heap.apply(&Event::Alloc {
-            ts_ns,
-            addr,
-            size_bytes: 100,
-            old_addr: 0,
-            entry_ts_ns: 0,
-            frames,
-            truncated: false,
-        });
+        heap.apply(
+            &Event::Alloc {
+                ts_ns,
+                addr,
+                size_bytes: 100,
+                old_addr: 0,
+                entry_ts_ns: 0,
+                frames,
+                truncated: false,
+            },
+            &mut NoModules,
+        );
     }
 
     #[test]
@@ -266,14 +272,17 @@ mod tests {
             (0x10_000, Backing::Anonymous, &[2u64] as &'static [u64]),
             (0x20_000, Backing::File, &[3]),
         ] {
-            heap.apply(&Event::Map {
-                ts_ns: 1,
-                addr,
-                size_bytes: 8192,
-                source: MapSource::Mmap(backing),
-                frames,
-                truncated: false,
-            });
+            heap.apply(
+                &Event::Map {
+                    ts_ns: 1,
+                    addr,
+                    size_bytes: 8192,
+                    source: MapSource::Mmap(backing),
+                    frames,
+                    truncated: false,
+                },
+                &mut NoModules,
+            );
         }
         let mut trends = Trends::new(10, 0.0);
         let snap = snapshot(&heap, &mut trends, &input(1.0));
@@ -328,7 +337,7 @@ mod tests {
                 alloc(&mut heap, 0x30_000, 0.5, &[3]);
             }
             if second == 4 {
-                heap.apply(&Event::Free { addr: 0x30_000 });
+                heap.apply(&Event::Free { addr: 0x30_000 }, &mut NoModules);
             }
             last = Some(snapshot(&heap, &mut trends, &input(t)));
         }
@@ -338,7 +347,7 @@ mod tests {
         assert_eq!(snap.totals.outstanding_bytes, 12 * 100 + 2 * 100);
         assert_eq!(snap.stack_count, 2);
         let leak = &snap.stacks[0];
-        assert_eq!(&*leak.addresses, &[1]);
+        assert_eq!(*leak.frames, [Location::unknown(1)]);
         assert_eq!(leak.kind, Kind::Leak);
         assert!(
             (leak.growth_bytes_per_s - 200.0).abs() < 1e-6,
@@ -415,7 +424,7 @@ mod tests {
         alloc(&mut heap, 2, 0.5, &[1]);
         snapshot(&heap, &mut trends, &input(1.0));
         snapshot(&heap, &mut trends, &input(2.0));
-        heap.apply(&Event::Free { addr: 1 });
+        heap.apply(&Event::Free { addr: 1 }, &mut NoModules);
         // The window starts at attach (0 bytes), so over it the stack still grew.
         let snap = snapshot(&heap, &mut trends, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
@@ -426,7 +435,7 @@ mod tests {
         alloc(&mut heap2, 2, 0.5, &[1]);
         snapshot(&heap2, &mut trends2, &input(1.0));
         snapshot(&heap2, &mut trends2, &input(2.0));
-        heap2.apply(&Event::Free { addr: 1 });
+        heap2.apply(&Event::Free { addr: 1 }, &mut NoModules);
         let snap = snapshot(&heap2, &mut trends2, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Shrinking);
         assert!(snap.stacks[0].growth_bytes_per_s < 0.0);
@@ -438,15 +447,18 @@ mod tests {
         let mut trends = Trends::new(10, 0.0);
         for i in 0..5u64 {
             for j in 0..=i {
-                heap.apply(&Event::Alloc {
-                    ts_ns: 0,
-                    addr: i * 100 + j + 1,
-                    size_bytes: 10,
-                    old_addr: 0,
-                    entry_ts_ns: 0,
-                    frames: Box::leak(vec![i].into_boxed_slice()),
-                    truncated: false,
-                });
+                heap.apply(
+                    &Event::Alloc {
+                        ts_ns: 0,
+                        addr: i * 100 + j + 1,
+                        size_bytes: 10,
+                        old_addr: 0,
+                        entry_ts_ns: 0,
+                        frames: Box::leak(vec![i].into_boxed_slice()),
+                        truncated: false,
+                    },
+                    &mut NoModules,
+                );
             }
         }
         let mut inp = input(1.0);
@@ -462,15 +474,18 @@ mod tests {
         let mut heap = HeapModel::default();
         let mut trends = Trends::new(10, 0.0);
         let add = |heap: &mut HeapModel, addr: u64, size_bytes: u64, frame: u64| {
-            heap.apply(&Event::Alloc {
-                ts_ns: 0,
-                addr,
-                size_bytes,
-                old_addr: 0,
-                entry_ts_ns: 0,
-                frames: Box::leak(vec![frame].into_boxed_slice()),
-                truncated: false,
-            });
+            heap.apply(
+                &Event::Alloc {
+                    ts_ns: 0,
+                    addr,
+                    size_bytes,
+                    old_addr: 0,
+                    entry_ts_ns: 0,
+                    frames: Box::leak(vec![frame].into_boxed_slice()),
+                    truncated: false,
+                },
+                &mut NoModules,
+            );
         };
         // Stack 1: one big block, allocated once. Stack 2: many small ones, still coming.
         add(&mut heap, 1, 1000, 1);
@@ -489,7 +504,7 @@ mod tests {
             snapshot(&heap, trends, &inp)
                 .stacks
                 .iter()
-                .map(|s| (s.addresses[0], s.outstanding_bytes))
+                .map(|s| (s.frames[0].address, s.outstanding_bytes))
                 .collect::<Vec<_>>()
         };
         assert_eq!(
@@ -513,7 +528,7 @@ mod tests {
             [(1, 1000)]
         );
         // Stacks that hold nothing now come after, for their totals since attach.
-        heap.apply(&Event::Free { addr: 1 });
+        heap.apply(&Event::Free { addr: 1 }, &mut NoModules);
         let mut inp = input(4.0);
         inp.with_freed = true;
         let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);
@@ -523,7 +538,7 @@ mod tests {
             .iter()
             .map(|s| {
                 (
-                    s.addresses[0],
+                    s.frames[0].address,
                     s.outstanding_bytes,
                     s.allocated.bytes,
                     s.allocated.count,

@@ -1,19 +1,22 @@
 //! Return addresses to functions, files and lines, with blazesym.
 //!
-//! Each address is looked up in the ELF file that backs it, through the target's own view of
-//! the file (`/proc/PID/map_files`, which also works for deleted binaries and other mount
-//! namespaces), by file offset. A report's new addresses are looked up together, one call per
-//! module; results are cached per address, so an address is symbolized once per trace. Runs
-//! on the reporter's thread, never on the event path.
+//! Each address comes located (its module and file offset, found when the stack was first
+//! seen) and is looked up in that module's file, which leaktrace holds open (see
+//! `target::modules`). A report's new addresses are looked up together, one call per module;
+//! results are cached by module and offset, so code is symbolized once per trace. Runs on the
+//! reporter's thread, never on the event path.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, sync::Arc};
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
     source::{Elf, Source},
 };
 
-use crate::proc::maps::{Mapping, ProcMaps, candidate_paths};
+use crate::{
+    model::location::{Location, ModuleId},
+    target::modules::{Module, Modules},
+};
 
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,15 +38,15 @@ pub struct Frame {
 }
 
 pub struct StackSymbolizer {
-    pid: u32,
     symbolizer: Symbolizer,
-    maps: ProcMaps,
-    cache: HashMap<u64, Vec<Frame>>,
+    modules: Arc<Modules>,
+    /// The frames of each located address, by module and file offset: code at the same
+    /// address in another module is other code.
+    cache: HashMap<(ModuleId, u64), Vec<Frame>>,
 }
 
 impl StackSymbolizer {
-    /// `maps` is the target's memory map as last read, for when the target is already gone.
-    pub fn new(pid: u32, maps: ProcMaps) -> Self {
+    pub fn new(modules: Arc<Modules>) -> Self {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
@@ -53,83 +56,65 @@ impl StackSymbolizer {
             .enable_demangling(false)
             .build();
         Self {
-            pid,
             symbolizer,
-            maps,
+            modules,
             cache: HashMap::new(),
         }
     }
 
-    /// Re-reads the target's memory map (libraries come and go); keeps the last one when the
-    /// target is gone, so its addresses still resolve to modules.
-    pub fn refresh_maps(&mut self) {
-        // An exited process (a zombie until reaped) has an empty map: keep the last real one.
-        if let Ok(maps) = ProcMaps::read(self.pid)
-            && !maps.mappings.is_empty()
-        {
-            self.maps = maps;
-        }
-    }
-
-    /// Replaces the memory map (spawn mode: the command's own, read after `exec`).
-    pub fn set_maps(&mut self, maps: ProcMaps) {
-        if !maps.mappings.is_empty() {
-            self.maps = maps;
-        }
-    }
-
     /// The frames of one stack, innermost first; an address inside inlined code gives several.
-    pub fn symbolize(&mut self, addresses: &[u64]) -> Vec<Frame> {
-        self.symbolize_stacks(&[addresses])
-            .pop()
-            .unwrap_or_default()
+    pub fn symbolize(&mut self, stack: &[Location]) -> Vec<Frame> {
+        self.symbolize_stacks(&[stack]).pop().unwrap_or_default()
     }
 
     /// The frames of many stacks (a report's). Addresses not seen before are resolved
     /// together, one blazesym call per module: the module's file is opened and its symbol
     /// and line tables looked up once per report, not once per address.
-    pub fn symbolize_stacks(&mut self, stacks: &[&[u64]]) -> Vec<Vec<Frame>> {
-        let mut missing: Vec<u64> = stacks
+    pub fn symbolize_stacks(&mut self, stacks: &[&[Location]]) -> Vec<Vec<Frame>> {
+        let mut missing: Vec<(ModuleId, u64)> = stacks
             .iter()
-            .flat_map(|stack| stack.iter().copied())
-            .filter(|address| !self.cache.contains_key(address))
+            .flat_map(|stack| stack.iter())
+            .filter_map(|l| Some((l.module?, l.offset)))
+            .filter(|key| !self.cache.contains_key(key))
             .collect();
         missing.sort_unstable();
         missing.dedup();
-        // Sorted addresses come grouped by mapping.
-        let mut rest = &missing[..];
-        while let Some(&first) = rest.first() {
-            let Some(mapping) = self.maps.find(first).cloned() else {
-                self.cache.insert(first, vec![unknown(first)]);
-                rest = &rest[1..];
-                continue;
-            };
-            let n = rest.partition_point(|&address| address < mapping.end);
-            let (batch, next) = rest.split_at(n);
-            for (address, frames) in batch.iter().zip(self.resolve(&mapping, batch)) {
-                self.cache.insert(*address, frames);
+        for batch in missing.chunk_by(|a, b| a.0 == b.0) {
+            let module = self.modules.get(batch[0].0);
+            let offsets: Vec<u64> = batch.iter().map(|&(_, offset)| offset).collect();
+            for (&key, frames) in batch.iter().zip(self.resolve(&module, &offsets)) {
+                self.cache.insert(key, frames);
             }
-            rest = next;
         }
         stacks
             .iter()
             .map(|stack| {
                 stack
                     .iter()
-                    .flat_map(|address| self.cache[address].iter().cloned())
+                    .flat_map(|location| match location.module {
+                        Some(module) => self.cache[&(module, location.offset)]
+                            .iter()
+                            .map(|frame| Frame {
+                                address: location.address,
+                                ..frame.clone()
+                            })
+                            .collect(),
+                        None => vec![unknown(location.address)],
+                    })
                     .collect()
             })
             .collect()
     }
 
-    /// The frames of `addresses`, all inside `mapping`, in the same order.
-    fn resolve(&self, mapping: &Mapping, addresses: &[u64]) -> Vec<Vec<Frame>> {
-        let base = |address: u64| Frame {
-            address,
+    /// The frames at these file offsets of `module`, in the same order; their `address` is
+    /// the caller's to fill in.
+    fn resolve(&self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>> {
+        let base = |offset: u64| Frame {
+            address: 0,
             symbol: None,
             offset: 0,
-            module: Some(mapping.path.clone()),
-            module_offset: address - mapping.start + mapping.file_offset,
+            module: Some(module.path.clone()),
+            module_offset: offset,
             file: None,
             line: None,
             inlined: false,
@@ -137,11 +122,8 @@ impl StackSymbolizer {
         // A return address points after the call; the call itself is one byte earlier, and
         // that is the line worth showing (it also stays inside the function when the call
         // was the function's last instruction).
-        let lookups: Vec<u64> = addresses
-            .iter()
-            .map(|&address| base(address).module_offset.saturating_sub(1))
-            .collect();
-        let symbolized = self.openable_path(mapping).and_then(|path| {
+        let lookups: Vec<u64> = offsets.iter().map(|&o| o.saturating_sub(1)).collect();
+        let symbolized = module.open_path().and_then(|path| {
             let mut elf = Elf::new(path);
             elf.debug_syms = true;
             self.symbolizer
@@ -149,26 +131,16 @@ impl StackSymbolizer {
                 .ok()
         });
         let Some(symbolized) = symbolized else {
-            return addresses.iter().map(|&a| vec![base(a)]).collect();
+            return offsets.iter().map(|&o| vec![base(o)]).collect();
         };
-        addresses
+        offsets
             .iter()
             .zip(symbolized)
-            .map(|(&address, result)| match result {
-                Symbolized::Sym(sym) => frames_of(&sym, base(address)),
-                Symbolized::Unknown(_) => vec![base(address)],
+            .map(|(&offset, result)| match result {
+                Symbolized::Sym(sym) => frames_of(&sym, base(offset)),
+                Symbolized::Unknown(_) => vec![base(offset)],
             })
             .collect()
-    }
-
-    /// The first path under which this process can open the file behind `mapping`:
-    /// The first of [`candidate_paths`] that opens. The choice is made by opening the file,
-    /// never by whether it has a symbol for an address: a stripped file has none, and a file
-    /// at the same path (a newer build, say) would have wrong ones.
-    fn openable_path(&self, mapping: &Mapping) -> Option<PathBuf> {
-        candidate_paths(self.pid, mapping)
-            .into_iter()
-            .find(|path| std::fs::File::open(path).is_ok())
     }
 }
 
@@ -236,6 +208,11 @@ fn unknown(address: u64) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        model::location::Locate as _,
+        proc::maps::{Mapping, ProcMaps},
+        target::address_space::AddressSpace,
+    };
 
     #[inline(never)]
     #[unsafe(no_mangle)]
@@ -244,27 +221,91 @@ mod tests {
         42
     }
 
+    /// This process's address space, as a traced process's.
+    fn own_space() -> AddressSpace {
+        let pid = std::process::id();
+        AddressSpace::new(pid, ProcMaps::read(pid).unwrap(), Modules::new())
+    }
+
+    /// As a return address: one byte past a call at the marker's first byte.
+    fn marker() -> u64 {
+        leaktrace_symbolize_test_marker as *const () as u64 + 1
+    }
+
     #[test]
     fn a_batch_resolves_each_address_in_its_own_module() {
-        let pid = std::process::id();
-        let mut symbolizer = StackSymbolizer::new(pid, ProcMaps::read(pid).unwrap());
-        // As a return address: one byte past a call at the function's first byte.
-        let marker = leaktrace_symbolize_test_marker as *const () as u64 + 1;
+        let mut space = own_space();
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
         let outside = 0x10;
-        let stacks: [&[u64]; 3] = [&[marker, outside], &[outside], &[marker]];
+        let [marker, outside] = [marker(), outside].map(|a| space.locate(a, 0));
+        let stacks: [&[Location]; 3] = [&[marker, outside], &[outside], &[marker]];
         let frames = symbolizer.symbolize_stacks(&stacks);
         assert_eq!(
             frames[0][0].symbol.as_deref(),
             Some("leaktrace_symbolize_test_marker")
         );
         assert_eq!(frames[0][0].offset, 1);
+        assert_eq!(frames[0][0].address, marker.address);
         assert!(frames[0][0].module.is_some());
         // An address in no file mapping keeps its address and names nothing.
-        assert_eq!(frames[0][1], unknown(outside));
-        assert_eq!(frames[1], [unknown(outside)]);
+        assert_eq!(frames[0][1], unknown(outside.address));
+        assert_eq!(frames[1], [unknown(outside.address)]);
         assert_eq!(frames[2], frames[0][..1]);
         // Cached: the same answer one stack at a time.
         assert_eq!(symbolizer.symbolize(&[marker, outside]), frames[0]);
+    }
+
+    #[test]
+    fn names_follow_the_code_not_the_address() {
+        // The mapping of this test binary's code that holds the marker, then, at the same
+        // addresses, libc's code: a library unloaded and another loaded in its place.
+        let own = own_space();
+        let exe = own.maps().find(marker()).unwrap().clone();
+        let libc = own
+            .maps()
+            .mappings
+            .iter()
+            .find(|m| m.is_executable() && m.file_name().starts_with("libc.so"))
+            .unwrap()
+            .clone();
+        let replaced = Mapping {
+            start: exe.start,
+            end: exe.end,
+            ..libc.clone()
+        };
+        // No process has this pid: the maps come from a watcher, the files by their paths.
+        let mut space = AddressSpace::new(
+            u32::MAX,
+            ProcMaps {
+                mappings: vec![exe.clone()],
+            },
+            Modules::new(),
+        );
+        let watcher = space.pushed_maps();
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
+        let before = space.locate(marker(), 0);
+        watcher
+            .send(ProcMaps {
+                mappings: vec![replaced],
+            })
+            .unwrap();
+        space.refresh();
+        let after = space.locate(marker(), 0);
+        assert_eq!(before.address, after.address);
+        assert_ne!(before.module, after.module);
+        let names = symbolizer.symbolize_stacks(&[&[before], &[after]]);
+        assert_eq!(
+            names[0][0].symbol.as_deref(),
+            Some("leaktrace_symbolize_test_marker")
+        );
+        assert_eq!(names[1].last().unwrap().module.as_ref(), Some(&libc.path));
+        assert!(
+            names[1]
+                .iter()
+                .all(|f| f.symbol.as_deref() != Some("leaktrace_symbolize_test_marker")),
+            "{:?}",
+            names[1]
+        );
     }
 
     #[test]
@@ -274,8 +315,9 @@ mod tests {
             "7f0000000000-7f0000002000 r-xp 00001000 fe:01 77 /gone/app (deleted)\n",
         )
         .unwrap();
-        let mut symbolizer = StackSymbolizer::new(std::process::id(), maps);
-        let frames = symbolizer.symbolize(&[0x7f0000000010]);
+        let mut space = AddressSpace::new(std::process::id(), maps, Modules::new());
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
+        let frames = symbolizer.symbolize(&[space.locate(0x7f0000000010, 0)]);
         assert_eq!(
             frames,
             [Frame {

@@ -155,7 +155,7 @@ fn round3(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::{
-        model::{heap::Allocated, stack_table::Origin},
+        model::{heap::Allocated, location::Location, stack_table::Origin},
         report::{
             render::Target,
             snapshot::{Snapshot, StackSummary, Totals},
@@ -191,7 +191,7 @@ mod tests {
                     bytes: 8192,
                     count: 2,
                 },
-                addresses: Box::new([0x401136]),
+                frames: [Location::unknown(0x401136)].into(),
                 truncated: false,
                 origin: Origin::Heap,
             }],

@@ -134,7 +134,7 @@ pub(crate) mod tests {
                     oldest_age_s: 1.0,
                     kind: Kind::Stable,
                     allocated: Allocated { bytes: b, count: 1 },
-                    addresses: Box::new([]),
+                    frames: [].into(),
                     truncated: false,
                     origin: Origin::Heap,
                 })

@@ -140,8 +140,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 "{}",
                 fit(format!(
                     "       … (truncated at {} frame{}: outer callers not captured, see --max-depth)",
-                    stack.addresses.len(),
-                    if stack.addresses.len() == 1 { "" } else { "s" }
+                    stack.frames.len(),
+                    if stack.frames.len() == 1 { "" } else { "s" }
                 ))
             );
         }
@@ -277,7 +277,7 @@ fn signed_bytes(rate: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
-        model::heap::Allocated,
+        model::{heap::Allocated, location::Location},
         report::{
             render::Target,
             snapshot::{Snapshot, StackSummary, Totals},
@@ -314,7 +314,7 @@ mod tests {
                 oldest_age_s: 2.5,
                 kind: Kind::Leak,
                 allocated: Allocated::default(),
-                addresses: Box::new([1, 2]),
+                frames: [1, 2].map(Location::unknown).into(),
                 truncated: true,
                 origin: Origin::Heap,
             }],

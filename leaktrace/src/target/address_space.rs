@@ -1,0 +1,187 @@
+//! The memory map of one traced process, kept by one owner: read at attach, read again when an
+//! address falls outside every known module and at every report, or pushed by spawn mode's
+//! watcher; it locates return addresses in modules, and tells where code keeps frame pointers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, mpsc},
+};
+
+use super::modules::{Module, Modules};
+use crate::{
+    model::location::{Locate, Location, ModuleId},
+    proc::{
+        clock::monotonic_ns,
+        maps::{Mapping, ProcMaps},
+    },
+};
+
+pub struct AddressSpace {
+    pid: u32,
+    maps: ProcMaps,
+    /// How many times `maps` changed since attach.
+    changes: u64,
+    /// How many of those changes unmapped code (see [`Locate::code_unmapped`]).
+    code_unmapped: u64,
+    /// When `maps` was last read (`CLOCK_MONOTONIC`). An address outside every module re-reads
+    /// it only for an event younger than that: code mapped before the event (a library
+    /// dlopen'd just before) is then found, and a JIT's or a garbage address costs one read per
+    /// batch of events, not one per event.
+    read_ns: u64,
+    modules: Arc<Modules>,
+    /// The module of each mapping of `maps` located in so far, by index.
+    resolved: Vec<Option<ModuleId>>,
+    /// Modules of files this process maps, by (inode, path), since code was last unmapped:
+    /// the other mappings of a file, and a map read again, need no new open.
+    known: HashMap<(u64, String), ModuleId>,
+    /// Memory maps pushed by a watcher thread (spawn mode).
+    pushed: Option<mpsc::Receiver<ProcMaps>>,
+}
+
+impl AddressSpace {
+    /// `maps` is the target's memory map as read at attach (empty for a command not started
+    /// yet); it stays when the target exits, so that its addresses still resolve.
+    pub fn new(pid: u32, maps: ProcMaps, modules: Arc<Modules>) -> Self {
+        Self {
+            pid,
+            resolved: vec![None; maps.mappings.len()],
+            maps,
+            changes: 0,
+            code_unmapped: 0,
+            read_ns: 0,
+            modules,
+            known: HashMap::new(),
+            pushed: None,
+        }
+    }
+
+    pub fn maps(&self) -> &ProcMaps {
+        &self.maps
+    }
+
+    pub fn modules(&self) -> &Arc<Modules> {
+        &self.modules
+    }
+
+    /// How many times the memory map changed since attach: when it did, the code known to
+    /// keep frame pointers may have changed too.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// A sender for newer memory maps, read by another thread (spawn mode's watcher: a short
+    /// command may be gone, with no map left, before its events are read).
+    pub fn pushed_maps(&mut self) -> mpsc::Sender<ProcMaps> {
+        let (tx, rx) = mpsc::channel();
+        self.pushed = Some(rx);
+        tx
+    }
+
+    /// Reads the memory map again; keeps the last one when the target is gone (an exited
+    /// process, a zombie until reaped, has an empty map).
+    pub fn refresh(&mut self) {
+        self.read_ns = monotonic_ns();
+        let pushed = self
+            .pushed
+            .as_ref()
+            .and_then(|rx| rx.try_iter().last())
+            .filter(|maps| !maps.mappings.is_empty());
+        let read = ProcMaps::read(self.pid)
+            .ok()
+            .filter(|maps| !maps.mappings.is_empty());
+        if let Some(maps) = read.or(pushed) {
+            self.replace(maps);
+        }
+    }
+
+    fn replace(&mut self, maps: ProcMaps) {
+        if maps.mappings == self.maps.mappings {
+            return;
+        }
+        let is_code = |m: &&Mapping| m.is_file() && m.is_executable();
+        if self
+            .maps
+            .mappings
+            .iter()
+            .filter(is_code)
+            .any(|old| !maps.mappings.contains(old))
+        {
+            self.code_unmapped += 1;
+            self.known.clear();
+        }
+        self.changes += 1;
+        self.resolved = vec![None; maps.mappings.len()];
+        self.maps = maps;
+    }
+
+    /// The module of the mapping at `index`.
+    fn module_of(&mut self, index: usize) -> ModuleId {
+        if let Some(id) = self.resolved[index] {
+            return id;
+        }
+        let mapping = &self.maps.mappings[index];
+        let key = (mapping.inode, mapping.path.clone());
+        let id = match self.known.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = self.modules.of_mapping(self.pid, mapping);
+                self.known.insert(key, id);
+                id
+            }
+        };
+        self.resolved[index] = Some(id);
+        id
+    }
+
+    /// The module that holds `address`, and the offset in its file, for an event at `at_ns`.
+    pub fn module_at(&mut self, address: u64, at_ns: u64) -> Option<(Arc<Module>, u64)> {
+        let location = self.locate(address, at_ns);
+        Some((self.modules.get(location.module?), location.offset))
+    }
+
+    /// The executable ranges of modules that keep frame pointers, sorted, adjacent ones
+    /// merged: where `--unwind auto` trusts the frame-pointer walk. Parses every module's CFI.
+    pub fn code_with_frame_pointers(&mut self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for index in 0..self.maps.mappings.len() {
+            let mapping = &self.maps.mappings[index];
+            if !(mapping.is_executable() && mapping.is_file()) {
+                continue;
+            }
+            let (start, end) = (mapping.start, mapping.end);
+            let module = self.module_of(index);
+            if !self.modules.get(module).keeps_frame_pointers() {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        ranges
+    }
+}
+
+impl Locate for AddressSpace {
+    fn code_unmapped(&self) -> u64 {
+        self.code_unmapped
+    }
+
+    fn locate(&mut self, address: u64, at_ns: u64) -> Location {
+        let mut index = self.maps.position(address);
+        if index.is_none() && self.read_ns < at_ns {
+            self.refresh();
+            index = self.maps.position(address);
+        }
+        let Some(index) = index else {
+            return Location::unknown(address);
+        };
+        let mapping = &self.maps.mappings[index];
+        let offset = address - mapping.start + mapping.file_offset;
+        Location {
+            address,
+            module: Some(self.module_of(index)),
+            offset,
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! One owner per traced process: its pid and command line, and its address space (the memory
+//! map with a count of its changes, the modules it maps, the code that keeps frame pointers).
+//! The unwinder, the stack table, the update of the BPF side's `FP_CODE` and spawn mode all
+//! consult it; nothing else reads the target's memory map.
+
+pub mod address_space;
+pub mod cfi;
+pub mod modules;
+
+use std::sync::Arc;
+
+use anyhow::bail;
+
+use self::{address_space::AddressSpace, modules::Modules};
+use crate::proc::{maps::ProcMaps, process};
+
+/// A process to trace.
+pub struct Target {
+    pub pid: u32,
+    pub command: String,
+    pub space: AddressSpace,
+}
+
+impl Target {
+    /// A running process, that leaktrace may trace; its memory map as it is now.
+    pub fn open(pid: u32, modules: &Arc<Modules>) -> anyhow::Result<Self> {
+        if !process::exists(pid) {
+            bail!("no process with pid {pid}: check the pid (`ps -p {pid}`)");
+        }
+        let command = process::command(pid).unwrap_or_else(|| format!("pid {pid}"));
+        let maps = ProcMaps::read(pid).map_err(|err| {
+            if process::exists(pid) {
+                anyhow::anyhow!("cannot read the memory map of pid {pid}: {err}")
+            } else {
+                anyhow::anyhow!("process {pid} exited before leaktrace could attach")
+            }
+        })?;
+        Ok(Self {
+            pid,
+            command,
+            space: AddressSpace::new(pid, maps, modules.clone()),
+        })
+    }
+
+    /// A command forked and held before its `exec` (spawn mode): its memory map is read once
+    /// it runs.
+    pub fn spawned(pid: u32, command: &[String], modules: &Arc<Modules>) -> Self {
+        Self {
+            pid,
+            command: command.join(" "),
+            space: AddressSpace::new(pid, ProcMaps::default(), modules.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_such_pid_says_so() {
+        let err = Target::open(u32::MAX - 1, &Modules::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "no process with pid {0}: check the pid (`ps -p {0}`)",
+                u32::MAX - 1
+            )
+        );
+    }
+}
