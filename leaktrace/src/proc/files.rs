@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io::{self, Read as _},
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -78,6 +78,12 @@ pub fn open(pid: u32, which: TargetFile<'_>) -> io::Result<Opened> {
         }
     }
     Err(first_error.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)))
+}
+
+/// A path that opens `file` again from this process, whatever became of the path it was
+/// opened by: for libraries that take paths (blazesym).
+pub fn reopen_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// [`open`]'s candidates, best first.

@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::fd::AsRawFd as _,
     path::PathBuf,
     sync::{Arc, OnceLock, RwLock},
 };
@@ -36,9 +35,7 @@ impl Module {
     /// A path that opens this module's file from this process (the descriptor leaktrace holds),
     /// for libraries that open files by path (blazesym).
     pub fn open_path(&self) -> Option<PathBuf> {
-        self.file
-            .as_ref()
-            .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
+        self.file.as_ref().map(files::reopen_path)
     }
 
     /// Its call-frame information; `None` when its file could not be opened or parsed.
