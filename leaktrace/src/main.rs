@@ -1,28 +1,26 @@
 //! `leaktrace -p PID`: the outstanding allocations of a running process, by call stack.
 
-use std::{io, process::ExitCode, sync::Arc, time::Duration};
+use std::{io, process::ExitCode, sync::Arc};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser as _;
 
 use leaktrace::{
     attach::{
         allocator::{self, Allocator},
-        probes, spawn,
+        probes::{self, Unwind},
+        spawn,
     },
-    config::cli::{Cli, Command, DiffArgs, Unwind},
+    config::{
+        cli::Cli,
+        settings::{self, Config, Targets},
+    },
     intake::{
         event_loop,
         event_loop::{Session, Stop},
     },
-    model::heap::Sampling,
     proc::process,
-    report::{
-        diff,
-        output::{Destination, Output},
-        render,
-        reporter::Reporter,
-    },
+    report::{diff, output::Output, render, reporter::Reporter},
     target::{Target, modules::Modules},
 };
 
@@ -30,14 +28,13 @@ use leaktrace::{
 const EXIT_LEAK: u8 = 3;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.subcommand {
-        Some(Command::Diff(args)) => diff(args).map(|()| false),
-        None => run(&cli),
-    };
+    let result = Config::new(Cli::parse()).and_then(|config| match config {
+        Config::Diff(args) => diff(&args).map(|()| false),
+        Config::Trace(trace) => run(&trace),
+    });
     match result {
-        Ok(leak) if leak && cli.fail_on_leak => ExitCode::from(EXIT_LEAK),
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::from(EXIT_LEAK),
+        Ok(false) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the cause chain joined by ": ".
             eprintln!("leaktrace: error: {err:#}");
@@ -47,7 +44,7 @@ fn main() -> ExitCode {
 }
 
 /// `leaktrace diff OLD NEW`.
-fn diff(args: &DiffArgs) -> anyhow::Result<()> {
+fn diff(args: &settings::Diff) -> anyhow::Result<()> {
     let old = diff::Side::load(&args.old)?;
     let new = diff::Side::load(&args.new)?;
     let out = diff::render(&old, &new, args.format, args.top);
@@ -58,9 +55,8 @@ fn diff(args: &DiffArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Traces; returns whether a final report holds a leak.
-fn run(cli: &Cli) -> anyhow::Result<bool> {
-    let sizes = cli.sizes()?;
+/// Traces; returns whether `--fail-on-leak` found a leak in a final report.
+fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     process::check_privileges()?;
     raise_open_files_limit();
     let modules = Modules::new();
@@ -68,64 +64,38 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     // probes are attached.
     let mut child = None;
     let mut targets = Vec::new();
-    if cli.command.is_empty() {
-        for &pid in &cli.pid {
-            let target = Target::open(pid, &modules)?;
-            let allocator = allocator::of_target(&target)?;
-            targets.push((target, allocator));
+    match &config.targets {
+        Targets::Pids(pids) => {
+            for &pid in pids {
+                let target = Target::open(pid, &modules)?;
+                let allocator = allocator::of_target(&target)?;
+                targets.push((target, allocator));
+            }
         }
-    } else {
-        let program = spawn::find_program(&cli.command[0])?;
-        let libraries = spawn::libraries(&program)?;
-        let forked = spawn::Child::fork(&program, &cli.command)?;
-        let allocator = allocator::discover_files(forked.pid, &program, &libraries)
-            .with_context(|| format!("finding the allocator of {}", program.display()))?;
-        targets.push((
-            Target::spawned(forked.pid, &cli.command, &modules),
-            allocator,
-        ));
-        child = Some(forked);
+        Targets::Command(command) => {
+            let program = spawn::find_program(&command[0])?;
+            let libraries = spawn::libraries(&program)?;
+            let forked = spawn::Child::fork(&program, command)?;
+            let allocator = allocator::discover_files(forked.pid, &program, &libraries)
+                .with_context(|| format!("finding the allocator of {}", program.display()))?;
+            targets.push((Target::spawned(forked.pid, command, &modules), allocator));
+            child = Some(forked);
+        }
     }
     let pids: Vec<u32> = targets.iter().map(|(t, _)| t.pid).collect();
     let first_command = targets[0].0.command.clone();
-    let destination = Destination::new(
-        cli.output.as_deref(),
-        cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
-    )?;
-    if (targets.len() > 1 || cli.follow_forks)
-        && cli.format.is_whole_file()
-        && matches!(destination, Destination::File(_))
-    {
-        bail!(
-            "one {} file cannot hold the reports of several processes: write them to a directory (-o DIR/)",
-            cli.format.extension()
-        );
-    }
-    let style = destination.style();
-    let output = Output::open(destination, cli.format, pids[0])?;
-    let capture = probes::StackCapture {
-        mode: cli.unwind.bpf_mode(),
-        stack_copy_bytes: cli.stack_copy_bytes,
-        max_depth: cli.max_depth,
-    };
-    let (ebpf, mut maps) = probes::load(probes::LoadOptions {
-        ringbuf_bytes: cli.ringbuf_bytes,
-        capture,
-        sample_bytes: cli.sample_bytes.unwrap_or(0),
-    })?;
-    if cli.unwind == Unwind::Auto {
+    let reports = &config.report;
+    let style = reports.destination.style();
+    let output = Output::open(reports.destination.clone(), reports.format, pids[0])?;
+    let (ebpf, mut maps) = probes::load(config.load)?;
+    if config.trace.unwind == Unwind::Auto {
         // Before attaching: the first allocations already need to know where frame pointers
         // can be trusted. The map holds one address space: the first traced process's.
         maps.fp_code
             .set(&targets[0].0.space.code_with_frame_pointers())
             .context("filling the BPF map of code with frame pointers")?;
     }
-    let options = probes::AttachOptions {
-        noop_programs: cli.noop_programs,
-        free_at_entry: cli.free_at_entry,
-        program_stats: cli.print_program_times,
-    };
-    let mut probes = probes::Probes::new(ebpf, options)?;
+    let mut probes = probes::Probes::new(ebpf, config.attach)?;
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
     for (target, allocator) in targets {
@@ -135,11 +105,16 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             target.pid,
             target.command,
             allocator.describe(),
-            cli.interval
+            config.trace.interval.as_secs_f64()
         ));
         let output = output.for_pid(target.pid);
         sessions.push(session(
-            target, &allocator, &modules, cli.format, style, output,
+            target,
+            &allocator,
+            &modules,
+            reports.format,
+            style,
+            output,
         )?);
     }
     let watcher = match &mut child {
@@ -151,23 +126,6 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             Some(watcher)
         }
         None => None,
-    };
-    let settings = event_loop::Settings {
-        interval: Duration::from_secs_f64(cli.interval),
-        duration: cli.duration.map(Duration::from_secs_f64),
-        top: cli.top(),
-        window: usize::from(cli.window),
-        min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
-        sizes,
-        sort: cli.sort,
-        count: cli.count,
-        with_freed: cli.format == render::Format::Pprof,
-        file_mappings: cli.file_mappings,
-        print_bpf_stats: cli.print_bpf_stats,
-        follow_forks: cli.follow_forks,
-        unwind: cli.unwind,
-        max_depth: cli.max_depth,
-        sampling: cli.sample_bytes.map(Sampling::new),
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
         let target = Target::open(child, &modules)?;
@@ -181,7 +139,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             target,
             &allocator,
             &modules,
-            cli.format,
+            reports.format,
             style,
             output.for_pid(child),
         )
@@ -197,7 +155,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     };
     let ended = runtime.block_on(event_loop::run(
-        &settings, probes, maps, sessions, &mut adopt, started,
+        &config.trace,
+        probes,
+        maps,
+        sessions,
+        &mut adopt,
+        started,
     ));
     drop(watcher);
     let ended = ended?;
@@ -221,10 +184,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         let status = child.wait()?;
         eprintln!("leaktrace: `{first_command}` exited with status {status}");
     }
-    if ended.leak && cli.fail_on_leak {
+    let fail = ended.leak && reports.fail_on_leak;
+    if fail {
         eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
     }
-    Ok(ended.leak)
+    Ok(fail)
 }
 
 /// A reporter for one traced process, started before the user (or a test) is told that

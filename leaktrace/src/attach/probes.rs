@@ -211,11 +211,34 @@ impl Stats {
     }
 }
 
+/// How stacks are unwound (`--unwind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unwind {
+    /// Copy the stack, and unwind it with call-frame information, only where the frame-pointer
+    /// walk went through code without frame pointers.
+    Auto,
+    /// Follow frame pointers only.
+    Fp,
+    /// Copy every stack and unwind it with call-frame information.
+    Dwarf,
+}
+
+impl Unwind {
+    /// The BPF side's `UNWIND_MODE`.
+    fn bpf_mode(self) -> u32 {
+        use leaktrace_common::unwind;
+        match self {
+            Self::Auto => unwind::AUTO,
+            Self::Fp => unwind::FP,
+            Self::Dwarf => unwind::DWARF,
+        }
+    }
+}
+
 /// How the BPF side captures stacks.
 #[derive(Clone, Copy, Debug)]
 pub struct StackCapture {
-    /// One of `leaktrace_common::unwind`'s constants.
-    pub mode: u32,
+    pub mode: Unwind,
     /// One of `leaktrace_common::STACK_COPY_SIZES`.
     pub stack_copy_bytes: u32,
     /// Frames kept per frame-pointer stack, 1..=[`leaktrace_common::MAX_STACK_DEPTH`].
@@ -270,7 +293,7 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
         .allow_unsupported_maps()
         .map_max_entries("EVENTS", ringbuf_bytes)
         .override_global("STACK_DEPTH", &capture.max_depth, true)
-        .override_global("UNWIND_MODE", &capture.mode, true)
+        .override_global("UNWIND_MODE", &capture.mode.bpf_mode(), true)
         .override_global("STACK_COPY_BYTES", &capture.stack_copy_bytes, true)
         .override_global("SAMPLE_BYTES", &sample_bytes, true)
         .load(aya::include_bytes_aligned!(concat!(

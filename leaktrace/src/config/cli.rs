@@ -1,10 +1,15 @@
-//! Command-line interface.
+//! The command line as clap parses it: every flag, and the rule of its own value (a range, a
+//! size). Rules between flags are `rules`'; what each stage gets is `settings`'. The domain's
+//! enums get their names and help here: nothing outside `config` knows clap.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
-use crate::report::{diff::DiffFormat, render::Format, snapshot::SortKey};
+use crate::{
+    attach::probes::Unwind,
+    report::{diff::DiffFormat, render::Format, snapshot::SortKey},
+};
 
 /// Outstanding memory allocations of a running process, by call stack: find memory leaks
 /// in production without restarting anything.
@@ -152,22 +157,82 @@ pub struct Cli {
     pub print_program_times: bool,
 }
 
-/// `--unwind`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Unwind {
-    Auto,
-    Fp,
-    Dwarf,
+/// A value of a domain enum on the command line: its name, and its help when it has one.
+fn value(name: &'static str, help: &'static str) -> Option<PossibleValue> {
+    let value = PossibleValue::new(name);
+    Some(if help.is_empty() {
+        value
+    } else {
+        value.help(help)
+    })
 }
 
-impl Unwind {
-    /// The BPF side's `UNWIND_MODE`.
-    pub fn bpf_mode(self) -> u32 {
-        use leaktrace_common::unwind;
+impl ValueEnum for Unwind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Auto, Self::Fp, Self::Dwarf]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
         match self {
-            Self::Auto => unwind::AUTO,
-            Self::Fp => unwind::FP,
-            Self::Dwarf => unwind::DWARF,
+            Self::Auto => value("auto", ""),
+            Self::Fp => value("fp", ""),
+            Self::Dwarf => value("dwarf", ""),
+        }
+    }
+}
+
+impl ValueEnum for SortKey {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Bytes, Self::Count, Self::Growth]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            Self::Bytes => value("bytes", "Outstanding bytes, biggest first"),
+            Self::Count => value("count", "Outstanding allocations, most first"),
+            Self::Growth => value(
+                "growth",
+                "Growth in bytes/s over the last reports, fastest first",
+            ),
+        }
+    }
+}
+
+impl ValueEnum for Format {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Text, Self::Json, Self::Folded, Self::Pprof, Self::Svg]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            Self::Text => value("text", "For people: a header and the top stacks"),
+            Self::Json => value(
+                "json",
+                "One JSON object per report, one per line (the contract in DESIGN.md)",
+            ),
+            Self::Folded => value(
+                "folded",
+                "Collapsed stacks (outermost frame first, `;`-joined, then outstanding bytes), \
+                 for flamegraph.pl, inferno and speedscope",
+            ),
+            Self::Pprof => value(
+                "pprof",
+                "A gzipped pprof profile.proto (inuse_space/objects, alloc_space/objects)",
+            ),
+            Self::Svg => value("svg", "An SVG flame graph of outstanding bytes"),
+        }
+    }
+}
+
+impl ValueEnum for DiffFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Text, Self::Json]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            Self::Text => value("text", ""),
+            Self::Json => value("json", ""),
         }
     }
 }
@@ -235,30 +300,6 @@ fn sample_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
-impl Cli {
-    /// Stacks per report.
-    pub fn top(&self) -> usize {
-        match self.top {
-            Some(top) => top,
-            None if self.format.is_whole_file() => usize::MAX,
-            None => 10,
-        }
-    }
-
-    /// The sizes that count: `--min-size` to `--max-size`.
-    pub fn sizes(&self) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
-        let (min, max) = (
-            self.min_size.unwrap_or(0),
-            self.max_size.unwrap_or(u64::MAX),
-        );
-        anyhow::ensure!(
-            min <= max,
-            "--min-size {min} is larger than --max-size {max}: no block could count"
-        );
-        Ok(min..=max)
-    }
-}
-
 fn ringbuf_bytes(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n.is_power_of_two() && n >= 4096 => Ok(n),
@@ -290,11 +331,11 @@ mod tests {
             (
                 cli.pid.clone(),
                 cli.interval,
-                cli.top(),
+                cli.top,
                 cli.duration,
                 cli.format
             ),
-            (vec![42], 0.5, 3, Some(9.0), Format::Json)
+            (vec![42], 0.5, Some(3), Some(9.0), Format::Json)
         );
         assert_eq!((cli.unwind, cli.stack_copy_bytes), (Unwind::Auto, 8192));
         let cli = Cli::try_parse_from([
@@ -329,12 +370,8 @@ mod tests {
         .unwrap();
         assert_eq!(cli.count, Some(4));
         assert_eq!(cli.sort, SortKey::Growth);
-        assert_eq!(cli.sizes().unwrap(), 4096..=1 << 20);
+        assert_eq!((cli.min_size, cli.max_size), (Some(4096), Some(1 << 20)));
         assert!(cli.fail_on_leak);
-        let inverted =
-            Cli::try_parse_from(["leaktrace", "-p", "1", "--min-size", "9", "--max-size", "8"])
-                .unwrap();
-        assert!(inverted.sizes().is_err());
     }
 
     #[test]

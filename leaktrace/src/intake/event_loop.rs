@@ -15,8 +15,7 @@ use tokio::{
 
 use super::decode::{DecodeError, decode, tgid_of, user_stack};
 use crate::{
-    attach::probes::{FramePointerCode, Maps, Probes},
-    config::cli::Unwind,
+    attach::probes::{FramePointerCode, Maps, Probes, Unwind},
     model::{
         event::Event,
         heap::{HeapModel, Sampling},

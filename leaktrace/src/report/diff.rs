@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::render::text::bytes;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// The format of `leaktrace diff` (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiffFormat {
     Text,
     Json,

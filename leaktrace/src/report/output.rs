@@ -25,31 +25,22 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// `--output PATH` is a directory when it is one or ends with `/` (created then).
-    pub fn new(output: Option<&Path>, keep: Option<usize>) -> anyhow::Result<Self> {
-        let Some(path) = output else {
-            if keep.is_some() {
-                bail!("--keep needs --output DIR: it bounds the files written to a directory");
-            }
-            return Ok(Self::Stdout);
-        };
-        let is_dir = path.as_os_str().to_string_lossy().ends_with('/') || path.is_dir();
-        if !is_dir {
-            if keep.is_some() {
-                bail!(
-                    "--keep needs --output DIR, and {} is not a directory (end it with / to create one)",
-                    path.display()
-                );
-            }
-            return Ok(Self::File(path.to_owned()));
+    /// `--output PATH` (stdout without it); `keep` bounds the files of a directory.
+    pub fn new(output: Option<&Path>, keep: Option<usize>) -> Self {
+        match output {
+            None => Self::Stdout,
+            Some(path) if names_a_directory(path) => Self::Dir {
+                dir: path.to_owned(),
+                keep,
+            },
+            Some(path) => Self::File(path.to_owned()),
         }
-        fs::create_dir_all(path)
-            .with_context(|| format!("creating the directory {}", path.display()))?;
-        Ok(Self::Dir {
-            dir: path.to_owned(),
-            keep,
-        })
     }
+}
+
+/// `--output PATH` is a directory when it is one, or ends with `/` (created then).
+pub fn names_a_directory(path: &Path) -> bool {
+    path.as_os_str().to_string_lossy().ends_with('/') || path.is_dir()
 }
 
 impl Destination {
@@ -109,6 +100,8 @@ impl Output {
                 (!format.is_whole_file()).then(|| Box::new(file) as Box<dyn io::Write + Send>)
             }
             Destination::Dir { dir, .. } => {
+                fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the directory {}", dir.display()))?;
                 let probe = dir.join(format!(".leaktrace-{pid}.probe"));
                 File::create(&probe)
                     .and_then(|_| fs::remove_file(&probe))
@@ -229,29 +222,37 @@ mod tests {
     #[test]
     fn destinations() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Destination::new(None, None).unwrap(), Destination::Stdout);
-        assert!(Destination::new(None, Some(3)).is_err());
+        assert_eq!(Destination::new(None, None), Destination::Stdout);
         let file = dir.path().join("r.json");
         assert_eq!(
-            Destination::new(Some(&file), None).unwrap(),
+            Destination::new(Some(&file), None),
             Destination::File(file.clone())
         );
-        assert!(Destination::new(Some(&file), Some(2)).is_err());
-        let sub = PathBuf::from(format!("{}/new/", dir.path().display()));
         assert_eq!(
-            Destination::new(Some(&sub), Some(2)).unwrap(),
+            Destination::new(Some(dir.path()), None),
+            Destination::Dir {
+                dir: dir.path().to_owned(),
+                keep: None
+            }
+        );
+        let sub = PathBuf::from(format!("{}/new/", dir.path().display()));
+        let destination = Destination::new(Some(&sub), Some(2));
+        assert_eq!(
+            destination,
             Destination::Dir {
                 dir: sub.clone(),
                 keep: Some(2)
             }
         );
-        assert!(sub.is_dir());
+        assert!(!sub.exists());
+        Output::open(destination, Format::Json, 1).unwrap();
+        assert!(sub.is_dir(), "created when opened");
     }
 
     #[test]
     fn a_directory_keeps_the_newest_reports_and_a_file_the_latest() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = Destination::new(Some(dir.path()), Some(2)).unwrap();
+        let dest = Destination::new(Some(dir.path()), Some(2));
         let mut out = Output::open(dest, Format::Svg, 7).unwrap();
         assert!(out.wants(false));
         for (i, ms) in [1000u64, 2000, 2000, 3000].iter().enumerate() {

@@ -10,7 +10,7 @@ use crate::model::{
 };
 
 /// The order of stacks in a report (`--sort`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SortKey {
     /// Outstanding bytes, biggest first.
     #[default]

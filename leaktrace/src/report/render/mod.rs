@@ -38,7 +38,8 @@ pub struct Report<'a> {
     pub style: Style,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// A report format (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// For people: a header and the top stacks.
     Text,
