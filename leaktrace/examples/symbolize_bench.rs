@@ -33,7 +33,7 @@ use leaktrace::{
     proc::maps::ProcMaps,
     report::{
         render::{Format, Report, Target},
-        snapshot::{SnapshotInput, SortKey, snapshot},
+        snapshot::{Moment, Selection, SortKey, snapshot},
         trends::Trends,
     },
     stacks::symbolize::StackSymbolizer,
@@ -258,20 +258,22 @@ fn main() -> anyhow::Result<()> {
     let snap = snapshot(
         &heap,
         &mut trends,
-        &SnapshotInput {
+        &Selection {
+            min_age_ns: 0,
+            sizes: 0..=u64::MAX,
+            top: usize::MAX,
+            sort: SortKey::Bytes,
+            with_freed: false,
+            file_mappings: false,
+        },
+        &Moment {
             pid,
             timestamp_ms: 0,
             elapsed_s: 1.0,
             now_ns: 2,
             lost_events: 0,
             unpaired_returns: 0,
-            min_age_ns: 0,
-            sizes: 0..=u64::MAX,
-            top: usize::MAX,
-            sort: SortKey::Bytes,
-            with_freed: false,
             rss_bytes: None,
-            file_mappings: false,
             last: true,
         },
     );

@@ -8,7 +8,7 @@ use crate::{
     attach::probes::{AttachOptions, LoadOptions, StackCapture},
     intake::event_loop,
     model::heap::Sampling,
-    report::{diff::DiffFormat, output::Destination, render::Format},
+    report::{diff::DiffFormat, output::Destination, render::Format, snapshot::Selection},
 };
 
 /// What leaktrace was asked to do.
@@ -96,14 +96,18 @@ impl Trace {
             trace: event_loop::Settings {
                 interval: Duration::from_secs_f64(cli.interval),
                 duration: cli.duration.map(Duration::from_secs_f64),
-                top,
                 window: usize::from(cli.window),
-                min_age: cli.min_age.map_or(Duration::ZERO, Duration::from_secs_f64),
-                sizes: cli.min_size.unwrap_or(0)..=cli.max_size.unwrap_or(u64::MAX),
-                sort: cli.sort,
+                selection: Selection {
+                    min_age_ns: cli
+                        .min_age
+                        .map_or(0, |s| Duration::from_secs_f64(s).as_nanos() as u64),
+                    sizes: cli.min_size.unwrap_or(0)..=cli.max_size.unwrap_or(u64::MAX),
+                    top,
+                    sort: cli.sort,
+                    with_freed: cli.format == Format::Pprof,
+                    file_mappings: cli.file_mappings,
+                },
                 count: cli.count,
-                with_freed: cli.format == Format::Pprof,
-                file_mappings: cli.file_mappings,
                 print_bpf_stats: cli.print_bpf_stats,
                 follow_forks: cli.follow_forks,
                 unwind: cli.unwind,
@@ -154,7 +158,7 @@ mod tests {
         assert!(matches!(t.targets, Targets::Pids(ref p) if p == &[42]));
         assert_eq!(t.trace.interval, Duration::from_millis(500));
         assert_eq!(t.trace.duration, Some(Duration::from_secs(9)));
-        assert_eq!(t.trace.top, 3);
+        assert_eq!(t.trace.selection.top, 3);
         assert_eq!(t.report.format, Format::Json);
         assert_eq!(t.report.destination, Destination::Stdout);
         assert_eq!(
@@ -181,8 +185,8 @@ mod tests {
             "512K",
         ]);
         assert_eq!(t.trace.count, Some(4));
-        assert_eq!(t.trace.sort, SortKey::Growth);
-        assert_eq!(t.trace.sizes, 4096..=1 << 20);
+        assert_eq!(t.trace.selection.sort, SortKey::Growth);
+        assert_eq!(t.trace.selection.sizes, 4096..=1 << 20);
         assert!(t.report.fail_on_leak);
         assert_eq!(
             (t.load.capture.mode, t.trace.unwind),
@@ -194,12 +198,20 @@ mod tests {
 
     #[test]
     fn top_defaults_to_every_stack_for_whole_file_formats() {
-        assert_eq!(trace(&["-p", "1"]).trace.top, 10);
+        assert_eq!(trace(&["-p", "1"]).trace.selection.top, 10);
         for format in ["folded", "pprof", "svg"] {
-            assert_eq!(trace(&["-p", "1", "-f", format]).trace.top, usize::MAX);
+            assert_eq!(
+                trace(&["-p", "1", "-f", format]).trace.selection.top,
+                usize::MAX
+            );
         }
-        assert!(trace(&["-p", "1", "-f", "pprof"]).trace.with_freed);
-        assert!(!trace(&["-p", "1", "-f", "svg"]).trace.with_freed);
+        assert!(
+            trace(&["-p", "1", "-f", "pprof"])
+                .trace
+                .selection
+                .with_freed
+        );
+        assert!(!trace(&["-p", "1", "-f", "svg"]).trace.selection.with_freed);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{
     proc::{clock::monotonic_ns, process},
     report::{
         reporter::Reporter,
-        snapshot::{SnapshotInput, SortKey, snapshot},
+        snapshot::{Moment, Selection, snapshot},
         trends::Trends,
     },
     stacks::unwind::Unwinder,
@@ -56,16 +56,12 @@ pub struct Ended {
 pub struct Settings {
     pub interval: Duration,
     pub duration: Option<Duration>,
-    pub top: usize,
+    /// Reports over which trends are measured (`--window`).
     pub window: usize,
-    pub min_age: Duration,
-    pub sizes: std::ops::RangeInclusive<u64>,
-    pub sort: SortKey,
+    /// Which stacks each report lists.
+    pub selection: Selection,
     /// Stop after this many reports.
     pub count: Option<u64>,
-    /// Reports also list stacks that hold nothing now (for pprof's totals since attach).
-    pub with_freed: bool,
-    pub file_mappings: bool,
     /// Print the BPF counters (and program run times, when measured) at the end (benchmarks).
     pub print_bpf_stats: bool,
     /// Trace the children that traced processes fork (`--follow-forks`).
@@ -149,7 +145,7 @@ pub async fn run(
     // Undecodable records count as lost: they would otherwise vanish silently. Returns whether
     // the report holds a leak.
     let take_snapshot = |pid: u32, traced: &mut Traced, last: bool, bad_records: u64| -> bool {
-        let input = SnapshotInput {
+        let now = Moment {
             pid,
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -158,16 +154,10 @@ pub async fn run(
             now_ns: monotonic_ns(),
             lost_events: stats.lost_events() + bad_records,
             unpaired_returns: stats.unpaired_returns(),
-            min_age_ns: settings.min_age.as_nanos() as u64,
-            sizes: settings.sizes.clone(),
-            file_mappings: settings.file_mappings,
-            top: settings.top,
-            sort: settings.sort,
-            with_freed: settings.with_freed,
             rss_bytes: process::rss_bytes(pid),
             last,
         };
-        let report = snapshot(&traced.heap, &mut traced.trends, &input);
+        let report = snapshot(&traced.heap, &mut traced.trends, &settings.selection, &now);
         let leak = report.has_leak();
         traced.reporter.send(report);
         leak

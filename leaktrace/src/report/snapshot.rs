@@ -82,14 +82,9 @@ impl Snapshot {
     }
 }
 
-/// Everything a snapshot needs besides the heap model.
-pub struct SnapshotInput {
-    pub pid: u32,
-    pub timestamp_ms: u64,
-    pub elapsed_s: f64,
-    pub now_ns: u64,
-    pub lost_events: u64,
-    pub unpaired_returns: u64,
+/// Which stacks a report lists, and in what order: fixed for a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
     /// Only allocations at least this old count (`--min-age`).
     pub min_age_ns: u64,
     /// Only blocks of these sizes count (`--min-size`, `--max-size`).
@@ -99,22 +94,38 @@ pub struct SnapshotInput {
     /// Also list, after the top stacks, the stacks that allocated since attach but hold
     /// nothing now (pprof's alloc_space and alloc_objects).
     pub with_freed: bool,
-    /// The target's VmRSS now.
-    pub rss_bytes: Option<u64>,
     /// List stacks holding file mappings (`--file-mappings`); they are always totalled apart.
     pub file_mappings: bool,
+}
+
+/// What is true when a snapshot is taken, besides the heap model.
+pub struct Moment {
+    pub pid: u32,
+    pub timestamp_ms: u64,
+    pub elapsed_s: f64,
+    pub now_ns: u64,
+    pub lost_events: u64,
+    pub unpaired_returns: u64,
+    /// The target's VmRSS now.
+    pub rss_bytes: Option<u64>,
+    /// The last report of the trace.
     pub last: bool,
 }
 
-pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) -> Snapshot {
+pub fn snapshot(
+    heap: &HeapModel,
+    trends: &mut Trends,
+    selection: &Selection,
+    now: &Moment,
+) -> Snapshot {
     let mut usage = heap.usage_of_sizes(
-        input.now_ns.saturating_sub(input.min_age_ns),
-        input.sizes.clone(),
+        now.now_ns.saturating_sub(selection.min_age_ns),
+        selection.sizes.clone(),
     );
-    trends.observe(input.elapsed_s, &usage);
-    let rss_growth_bytes_per_s = input
+    trends.observe(now.elapsed_s, &usage);
+    let rss_growth_bytes_per_s = now
         .rss_bytes
-        .and_then(|rss| trends.observe_rss(input.elapsed_s, rss));
+        .and_then(|rss| trends.observe_rss(now.elapsed_s, rss));
     let Counters {
         allocations,
         frees,
@@ -135,14 +146,14 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         outstanding_allocations: sum(&in_memory, |u| u.outstanding_allocations),
         allocations,
         frees,
-        lost_events: input.lost_events,
-        unpaired_returns: input.unpaired_returns,
+        lost_events: now.lost_events,
+        unpaired_returns: now.unpaired_returns,
         unmatched_frees,
         mapped_bytes: sum(&[Origin::Mapping], |u| u.outstanding_bytes),
         file_mapped_bytes: sum(&[Origin::FileMapping], |u| u.outstanding_bytes),
         file_mappings: sum(&[Origin::FileMapping], |u| u.outstanding_allocations),
     };
-    if !input.file_mappings {
+    if !selection.file_mappings {
         usage.retain(|u| origin(u) != Origin::FileMapping);
     }
     let stack_count = usage.len();
@@ -150,7 +161,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
     let mut stacks: Vec<(StackId, StackSummary)> = usage
         .iter()
         .map(|u| {
-            let oldest_age_s = input.now_ns.saturating_sub(u.oldest_ts_ns) as f64 / 1e9;
+            let oldest_age_s = now.now_ns.saturating_sub(u.oldest_ts_ns) as f64 / 1e9;
             let (growth_bytes_per_s, kind) = trends.classify(u.stack, oldest_age_s);
             let stack = heap.stacks().get(u.stack);
             let summary = StackSummary {
@@ -170,7 +181,7 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
     // Biggest first by the chosen key, then by bytes; ties broken by stack id so that output
     // is stable.
     stacks.sort_unstable_by(|(ida, a), (idb, b)| {
-        let by_key = match input.sort {
+        let by_key = match selection.sort {
             SortKey::Bytes => std::cmp::Ordering::Equal,
             SortKey::Count => b.outstanding_allocations.cmp(&a.outstanding_allocations),
             SortKey::Growth => b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s),
@@ -180,15 +191,15 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
             .then(ida.cmp(idb))
     });
     let leak_stacks = stacks.iter().filter(|(_, s)| s.kind == Kind::Leak).count();
-    stacks.truncate(input.top);
-    if input.with_freed {
+    stacks.truncate(selection.top);
+    if selection.with_freed {
         let holding: std::collections::HashSet<StackId> = usage.iter().map(|u| u.stack).collect();
         for (id, allocated) in heap.allocated_stacks() {
             if holding.contains(&id) {
                 continue;
             }
             let stack = heap.stacks().get(id);
-            if stack.origin == Origin::FileMapping && !input.file_mappings {
+            if stack.origin == Origin::FileMapping && !selection.file_mappings {
                 continue;
             }
             let (growth_bytes_per_s, kind) = trends.classify(id, 0.0);
@@ -209,16 +220,16 @@ pub fn snapshot(heap: &HeapModel, trends: &mut Trends, input: &SnapshotInput) ->
         }
     }
     Snapshot {
-        pid: input.pid,
-        timestamp_ms: input.timestamp_ms,
-        elapsed_s: input.elapsed_s,
+        pid: now.pid,
+        timestamp_ms: now.timestamp_ms,
+        elapsed_s: now.elapsed_s,
         totals,
         stack_count,
         stacks: stacks.into_iter().map(|(_, s)| s).collect(),
-        rss_bytes: input.rss_bytes,
+        rss_bytes: now.rss_bytes,
         rss_growth_bytes_per_s,
         leak_stacks,
-        last: input.last,
+        last: now.last,
         sample_bytes: heap.sampling().map(|s| s.sample_bytes()),
     }
 }
@@ -228,23 +239,32 @@ mod tests {
     use super::*;
     use crate::model::{event::Event, location::NoModules};
 
-    fn input(elapsed_s: f64) -> SnapshotInput {
-        SnapshotInput {
-            file_mappings: false,
-            pid: 1,
-            timestamp_ms: 0,
-            elapsed_s,
-            now_ns: (elapsed_s * 1e9) as u64,
-            lost_events: 0,
-            unpaired_returns: 0,
-            min_age_ns: 0,
-            sizes: 0..=u64::MAX,
-            top: 10,
-            sort: SortKey::Bytes,
-            with_freed: false,
-            rss_bytes: None,
-            last: false,
-        }
+    /// The default selection, and a moment `elapsed_s` after attach.
+    fn input(elapsed_s: f64) -> (Selection, Moment) {
+        (
+            Selection {
+                min_age_ns: 0,
+                sizes: 0..=u64::MAX,
+                top: 10,
+                sort: SortKey::Bytes,
+                with_freed: false,
+                file_mappings: false,
+            },
+            Moment {
+                pid: 1,
+                timestamp_ms: 0,
+                elapsed_s,
+                now_ns: (elapsed_s * 1e9) as u64,
+                lost_events: 0,
+                unpaired_returns: 0,
+                rss_bytes: None,
+                last: false,
+            },
+        )
+    }
+
+    fn take(heap: &HeapModel, trends: &mut Trends, input: &(Selection, Moment)) -> Snapshot {
+        snapshot(heap, trends, &input.0, &input.1)
     }
 
     fn alloc(heap: &mut HeapModel, addr: u64, ts_s: f64, frames: &'static [u64]) {
@@ -285,7 +305,7 @@ mod tests {
             );
         }
         let mut trends = Trends::new(10, 0.0);
-        let snap = snapshot(&heap, &mut trends, &input(1.0));
+        let snap = take(&heap, &mut trends, &input(1.0));
         assert_eq!(
             (
                 snap.totals.outstanding_bytes,
@@ -300,14 +320,9 @@ mod tests {
         assert_eq!(origins, [Origin::Mapping, Origin::Heap]);
         assert_eq!(snap.stack_count, 2);
 
-        let listed = snapshot(
-            &heap,
-            &mut trends,
-            &SnapshotInput {
-                file_mappings: true,
-                ..input(2.0)
-            },
-        );
+        let mut inp = input(2.0);
+        inp.0.file_mappings = true;
+        let listed = take(&heap, &mut trends, &inp);
         assert_eq!(listed.totals, snap.totals);
         assert_eq!(listed.stack_count, 3);
         assert!(
@@ -339,7 +354,7 @@ mod tests {
             if second == 4 {
                 heap.apply(&Event::Free { addr: 0x30_000 }, &mut NoModules);
             }
-            last = Some(snapshot(&heap, &mut trends, &input(t)));
+            last = Some(take(&heap, &mut trends, &input(t)));
         }
         let snap = last.unwrap();
         assert!(snap.has_leak());
@@ -398,8 +413,8 @@ mod tests {
         for second in 1..=5u64 {
             alloc(&mut heap, second, second as f64 - 0.5, &[1]);
             let mut inp = input(second as f64);
-            inp.top = 0;
-            snap = Some(snapshot(&heap, &mut trends, &inp));
+            inp.0.top = 0;
+            snap = Some(take(&heap, &mut trends, &inp));
         }
         let snap = snap.unwrap();
         assert!(snap.stacks.is_empty());
@@ -412,7 +427,7 @@ mod tests {
         let mut heap = HeapModel::default();
         let mut trends = Trends::new(10, 0.0);
         alloc(&mut heap, 1, 0.5, &[1]);
-        let snap = snapshot(&heap, &mut trends, &input(1.0));
+        let snap = take(&heap, &mut trends, &input(1.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
     }
 
@@ -422,21 +437,21 @@ mod tests {
         let mut trends = Trends::new(10, 0.0);
         alloc(&mut heap, 1, 0.5, &[1]);
         alloc(&mut heap, 2, 0.5, &[1]);
-        snapshot(&heap, &mut trends, &input(1.0));
-        snapshot(&heap, &mut trends, &input(2.0));
+        take(&heap, &mut trends, &input(1.0));
+        take(&heap, &mut trends, &input(2.0));
         heap.apply(&Event::Free { addr: 1 }, &mut NoModules);
         // The window starts at attach (0 bytes), so over it the stack still grew.
-        let snap = snapshot(&heap, &mut trends, &input(3.0));
+        let snap = take(&heap, &mut trends, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Growing);
         // A window that holds only the peak and after sees it shrink.
         let mut heap2 = HeapModel::default();
         let mut trends2 = Trends::new(2, 0.0);
         alloc(&mut heap2, 1, 0.5, &[1]);
         alloc(&mut heap2, 2, 0.5, &[1]);
-        snapshot(&heap2, &mut trends2, &input(1.0));
-        snapshot(&heap2, &mut trends2, &input(2.0));
+        take(&heap2, &mut trends2, &input(1.0));
+        take(&heap2, &mut trends2, &input(2.0));
         heap2.apply(&Event::Free { addr: 1 }, &mut NoModules);
-        let snap = snapshot(&heap2, &mut trends2, &input(3.0));
+        let snap = take(&heap2, &mut trends2, &input(3.0));
         assert_eq!(snap.stacks[0].kind, Kind::Shrinking);
         assert!(snap.stacks[0].growth_bytes_per_s < 0.0);
     }
@@ -462,8 +477,8 @@ mod tests {
             }
         }
         let mut inp = input(1.0);
-        inp.top = 2;
-        let snap = snapshot(&heap, &mut trends, &inp);
+        inp.0.top = 2;
+        let snap = take(&heap, &mut trends, &inp);
         assert_eq!(snap.stack_count, 5);
         let bytes: Vec<u64> = snap.stacks.iter().map(|s| s.outstanding_bytes).collect();
         assert_eq!(bytes, [50, 40]);
@@ -492,16 +507,16 @@ mod tests {
         for i in 0..5 {
             add(&mut heap, 100 + i, 10, 2);
         }
-        snapshot(&heap, &mut trends, &input(1.0));
-        snapshot(&heap, &mut trends, &input(2.0));
+        take(&heap, &mut trends, &input(1.0));
+        take(&heap, &mut trends, &input(2.0));
         for i in 0..5 {
             add(&mut heap, 200 + i, 10, 2);
         }
         let order = |sort: SortKey, sizes: std::ops::RangeInclusive<u64>, trends: &mut Trends| {
             let mut inp = input(3.0);
-            inp.sort = sort;
-            inp.sizes = sizes;
-            snapshot(&heap, trends, &inp)
+            inp.0.sort = sort;
+            inp.0.sizes = sizes;
+            take(&heap, trends, &inp)
                 .stacks
                 .iter()
                 .map(|s| (s.frames[0].address, s.outstanding_bytes))
@@ -530,8 +545,8 @@ mod tests {
         // Stacks that hold nothing now come after, for their totals since attach.
         heap.apply(&Event::Free { addr: 1 }, &mut NoModules);
         let mut inp = input(4.0);
-        inp.with_freed = true;
-        let snap = snapshot(&heap, &mut Trends::new(10, 0.0), &inp);
+        inp.0.with_freed = true;
+        let snap = take(&heap, &mut Trends::new(10, 0.0), &inp);
         assert_eq!(snap.stack_count, 1);
         let got: Vec<_> = snap
             .stacks
@@ -554,8 +569,8 @@ mod tests {
         let mut trends = Trends::new(3, 0.0);
         let mut at = |t: f64, rss: u64| {
             let mut inp = input(t);
-            inp.rss_bytes = Some(rss);
-            snapshot(&heap, &mut trends, &inp).rss_growth_bytes_per_s
+            inp.1.rss_bytes = Some(rss);
+            take(&heap, &mut trends, &inp).rss_growth_bytes_per_s
         };
         assert_eq!(at(1.0, 1000), None);
         assert_eq!(at(2.0, 3000), Some(2000.0));
