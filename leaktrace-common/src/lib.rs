@@ -1,8 +1,18 @@
-//! Types shared by leaktrace's BPF programs and its user space.
+//! The contract between leaktrace's BPF programs and its user space: the records and map
+//! values they exchange, the names of the maps, programs and globals ([`names`]), and the pure
+//! logic both sides rely on (the sampling draw, [`sample`]; the layout and search of `FP_CODE`,
+//! [`fp_code`]), tested on the host. With the `user` feature, [`record`] encodes records as the
+//! BPF side writes them, for user space's tests and benchmarks.
 //!
 //! Every type here crosses the kernel boundary byte for byte: `#[repr(C)]`, no implicit padding
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
+
+pub mod fp_code;
+pub mod names;
+#[cfg(feature = "user")]
+pub mod record;
+pub mod sample;
 
 /// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, as
 /// deep as the kernel's own user-stack walk goes.
@@ -13,13 +23,13 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// while a stack cut short can hide the caller that tells two leaks apart.
 pub const DEFAULT_STACK_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
-/// `RingEvent::kind` of an [`AllocEvent`].
+/// The `kind` of an [`AllocEvent`].
 pub const EVENT_ALLOC: u32 = 1;
-/// `RingEvent::kind` of a [`FreeEvent`].
+/// The `kind` of a [`FreeEvent`].
 pub const EVENT_FREE: u32 = 2;
-/// `RingEvent::kind` of an [`UnmapEvent`].
+/// The `kind` of an [`UnmapEvent`].
 pub const EVENT_UNMAP: u32 = 3;
-/// `RingEvent::kind` of an [`AllocStackEvent`]: an allocation with a copy of the user stack,
+/// The `kind` of an [`AllocStackEvent`]: an allocation with a copy of the user stack,
 /// for unwinding from call-frame information in user space.
 pub const EVENT_ALLOC_STACK: u32 = 8;
 
@@ -65,6 +75,20 @@ pub mod call {
     /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the new usable
     /// size (less than `size` when it could not).
     pub const XALLOCX: u32 = 12;
+
+    /// The bytes `calloc(count, size)` and `reallocarray(p, count, size)` ask for. It may wrap:
+    /// those calls fail on overflow, and a failed call reports no size. What must survive is
+    /// whether the product is zero (`reallocarray(p, 0, n)` frees `p`), so a non-zero product
+    /// never wraps to 0. (An exact overflow check compiles to a 128-bit multiply, `__multi3`,
+    /// which BPF lacks.)
+    #[inline(always)]
+    pub fn array_bytes(count: u64, size: u64) -> u64 {
+        if count == 0 || size == 0 {
+            0
+        } else {
+            count.wrapping_mul(size).max(1)
+        }
+    }
 }
 
 /// A completed allocator call that returned memory, released memory, or both (realloc).
@@ -243,6 +267,17 @@ pub mod stat {
     pub const SAMPLED_FULL: u32 = 6;
     /// Number of statistics.
     pub const COUNT: u32 = 7;
+
+    /// Each statistic's name, by index (`--print-bpf-stats`).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_full",
+        "pending_full",
+        "return_without_entry",
+        "stale_entry",
+        "read_failed",
+        "stack_copy_failed",
+        "sampled_full",
+    ];
 }
 
 /// Default size of the event ring buffer. The kernel wants a power of two times the page size.
@@ -271,5 +306,15 @@ mod tests {
         );
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<Pending>(), 64);
+    }
+
+    #[test]
+    fn array_bytes_is_zero_only_for_zero() {
+        assert_eq!(call::array_bytes(0, 8), 0);
+        assert_eq!(call::array_bytes(8, 0), 0);
+        assert_eq!(call::array_bytes(3, 8), 24);
+        // Wraps, but never to 0: the allocator fails such a call anyway.
+        assert_eq!(call::array_bytes(1 << 32, 1 << 32), 1);
+        assert_ne!(call::array_bytes(u64::MAX, 3), 0);
     }
 }

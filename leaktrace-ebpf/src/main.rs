@@ -121,19 +121,6 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
     0
 }
 
-/// `n * size` for calloc and reallocarray. It may wrap: those calls fail on overflow, and a
-/// failed call reports no size. What must survive is whether the product is zero
-/// (`reallocarray(p, 0, n)` frees `p`), so a non-zero product never wraps to 0.
-/// (An exact overflow check compiles to a 128-bit multiply, `__multi3`, which BPF lacks.)
-#[inline(always)]
-fn product(n: u64, size: u64) -> u64 {
-    if n == 0 || size == 0 {
-        0
-    } else {
-        n.wrapping_mul(size).max(1)
-    }
-}
-
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
@@ -149,7 +136,7 @@ pub fn malloc_entry(ctx: ProbeContext) -> u32 {
 /// saturated size is never reported.
 #[uprobe]
 pub fn calloc_entry(ctx: ProbeContext) -> u32 {
-    let size = product(arg(&ctx, 0), arg(&ctx, 1));
+    let size = call::array_bytes(arg(&ctx, 0), arg(&ctx, 1));
     enter(&ctx, call::CALLOC, size, (0, 0), 0)
 }
 
@@ -162,7 +149,7 @@ pub fn realloc_entry(ctx: ProbeContext) -> u32 {
 /// `reallocarray(ptr, n, size)`.
 #[uprobe]
 pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
-    let size = product(arg(&ctx, 1), arg(&ctx, 2));
+    let size = call::array_bytes(arg(&ctx, 1), arg(&ctx, 2));
     enter(&ctx, call::REALLOCARRAY, size, (arg(&ctx, 0), 0), 0)
 }
 

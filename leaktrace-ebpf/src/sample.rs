@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::map,
     maps::HashMap,
 };
-use leaktrace_common::{MAX_SAMPLED_BLOCKS, stat};
+use leaktrace_common::{MAX_SAMPLED_BLOCKS, sample::is_drawn, stat};
 
 use crate::count;
 
-/// 0 traces every block; user space sets it at load. Below 2^32 (`MAX_SAMPLE_BYTES`).
+/// 0 traces every block; user space sets it at load. At most `MAX_SAMPLE_BYTES` (2^30).
 #[unsafe(no_mangle)]
 static SAMPLE_BYTES: u64 = 0;
 
@@ -51,16 +51,14 @@ pub fn sample_bytes() -> u64 {
     unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) }
 }
 
-/// Draws the new block at `addr` of `size` bytes, and remembers it when drawn. A block that
-/// cannot be remembered is not reported (its release would go unseen) and counts as lost.
+/// Draws the new block at `addr` of `size` bytes (`sample::is_drawn`), and remembers it when
+/// drawn. A block that cannot be remembered is not reported (its release would go unseen) and
+/// counts as lost.
 #[inline(always)]
 pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
-    let size = size.max(1);
-    // P(r * N < size << 32) = size / N for a uniform 32-bit r, when size < N < 2^32.
     // SAFETY: no preconditions.
-    let drawn = size >= sample_bytes
-        || u64::from(unsafe { bpf_get_prandom_u32() }) * sample_bytes < size << 32;
-    drawn && remember(addr)
+    let random = unsafe { bpf_get_prandom_u32() };
+    is_drawn(size, sample_bytes, random) && remember(addr)
 }
 
 /// Whether the block at `addr` was drawn; forgets it. Called before the block is released

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_FP_RANGES,
-    MAX_STACK_DEPTH, UserRegs, stat, unwind,
+    MAX_STACK_DEPTH, UserRegs, fp_code, stat, unwind,
 };
 
 use crate::{EVENTS, count, thread::WINDOW_WORDS, wakeup_flags};
@@ -34,7 +34,7 @@ static UNWIND_MODE: u32 = unwind::FP;
 static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 
 /// Code known to keep frame pointers, as sorted address ranges (layout in leaktrace-common's
-/// `MAX_FP_RANGES`). User space rewrites it when the target maps new code (dlopen); code not
+/// `fp_code`). User space rewrites it when the target maps new code (dlopen); code not
 /// in it yet (a library just loaded, JIT code) counts as code without frame pointers.
 #[map]
 static FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_FP_RANGES, 0);
@@ -251,7 +251,7 @@ pub fn walk_left_frame_pointer_code(event: &AllocEvent) -> bool {
     if depth == 0 {
         return true;
     }
-    let ranges = match FP_CODE.get(0) {
+    let ranges = match FP_CODE.get(fp_code::COUNT) {
         Some(&n) if n > 0 => n.min(u64::from(MAX_FP_RANGES)) as u32,
         _ => return true,
     };
@@ -266,33 +266,10 @@ pub fn walk_left_frame_pointer_code(event: &AllocEvent) -> bool {
         if last.0 <= pc && pc < last.1 {
             continue;
         }
-        match range_of(pc, ranges) {
+        match fp_code::find(pc, ranges, |i| FP_CODE.get(i).copied()) {
             Some(range) => last = range,
             None => return true,
         }
     }
     false
-}
-
-/// The range among the first `ranges` of FP_CODE that holds `pc` (binary search).
-#[inline(always)]
-fn range_of(pc: u64, ranges: u32) -> Option<(u64, u64)> {
-    let (mut lo, mut hi) = (0u32, ranges);
-    // log2(MAX_FP_RANGES) + 1 halvings find the last range that starts at or below pc.
-    for _ in 0..6 {
-        if lo >= hi {
-            break;
-        }
-        let mid = (lo + hi) / 2;
-        match FP_CODE.get(1 + 2 * mid) {
-            Some(&start) if start <= pc => lo = mid + 1,
-            _ => hi = mid,
-        }
-    }
-    if lo == 0 {
-        return None;
-    }
-    let start = *FP_CODE.get(2 * lo - 1)?;
-    let end = *FP_CODE.get(2 * lo)?;
-    (pc < end).then_some((start, end))
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{AllocEvent, Pending};
 
-/// Words of user stack that the frame-pointer walk reads at once (see `stack::walk`).
+/// Words of user stack that the frame-pointer walk reads at once (see `stack::walk_frame_pointers`).
 pub const WINDOW_WORDS: usize = 128;
 
 /// A thread's state.

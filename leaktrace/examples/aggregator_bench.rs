@@ -22,9 +22,7 @@ use leaktrace::{
     intake::decode::decode,
     model::{event::Event, heap::HeapModel, location::NoModules},
 };
-use leaktrace_common::{
-    ALLOC_EVENT_HEADER_BYTES, AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call,
-};
+use leaktrace_common::{AllocEvent, EVENT_ALLOC, EVENT_FREE, FreeEvent, MAX_STACK_DEPTH, call};
 
 struct Counting;
 
@@ -81,11 +79,6 @@ impl Rng {
     }
 }
 
-fn as_bytes<T: Copy>(value: &T) -> Vec<u8> {
-    // SAFETY: the leaktrace-common event types are plain integers without padding.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
-}
-
 /// One allocation record per stack, as BPF writes them; `addr` and `ts_ns` are patched per event.
 fn alloc_records(rng: &mut Rng) -> Vec<Vec<u8>> {
     (0..STACKS)
@@ -101,17 +94,15 @@ fn alloc_records(rng: &mut Rng) -> Vec<Vec<u8>> {
                 old_addr: 0,
                 old_size_bytes: 0,
                 entry_ts_ns: 0,
-                stack_bytes: (depth * 8) as u32,
+                stack_bytes: 0,
                 stack_truncated: 0,
                 frames: [0; MAX_STACK_DEPTH],
             };
-            for frame in &mut event.frames[..depth] {
-                *frame = 0x5555_0000_0000 + rng.below(1 << 24) as u64;
-            }
-            // BPF sends the record cut after its frames.
-            let mut record = as_bytes(&event);
-            record.truncate(ALLOC_EVENT_HEADER_BYTES + depth * 8);
-            record
+            let frames: Vec<u64> = (0..depth)
+                .map(|_| 0x5555_0000_0000 + rng.below(1 << 24) as u64)
+                .collect();
+            event.set_frames(&frames);
+            event.record()
         })
         .collect()
 }
@@ -132,12 +123,13 @@ impl Stream {
     fn new() -> Self {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let records = alloc_records(&mut rng);
-        let free = as_bytes(&FreeEvent {
+        let free = FreeEvent {
             kind: EVENT_FREE,
             _pad: 0,
             pid_tgid: 7 << 32 | 7,
             addr: 0,
-        });
+        }
+        .record();
         Self {
             rng,
             records,

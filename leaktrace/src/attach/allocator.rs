@@ -13,6 +13,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
+use leaktrace_common::names::program::{
+    ALIGNED_ALLOC_ENTRY, CALLOC_ENTRY, FREE_ENTRY, MALLOC_ENTRY, MMAP_ENTRY, MREMAP_ENTRY,
+    MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY, XALLOCX_ENTRY,
+};
+
 use super::probe_point;
 use crate::{
     proc::{
@@ -22,9 +27,6 @@ use crate::{
     },
     target::Target,
 };
-
-/// The BPF program that handles a free-like entry point.
-pub const FREE_PROGRAM: &str = "free_entry";
 
 /// Entry points looked up by name in the process's global scope, with the BPF program that
 /// reads their arguments. Each allocator's API maps onto a C one by argument position:
@@ -40,90 +42,90 @@ pub const FREE_PROGRAM: &str = "free_entry";
 const ENTRY_POINTS: &[(&str, &str)] = &[
     // C and POSIX: glibc, and every allocator that replaces it under the same names. Those
     // that release memory come first: they are attached first (see `probes::attach`).
-    ("munmap", "munmap_entry"),
-    ("mremap", "mremap_entry"),
-    ("realloc", "realloc_entry"),
-    ("reallocarray", "reallocarray_entry"),
-    ("malloc", "malloc_entry"),
-    ("calloc", "calloc_entry"),
-    ("posix_memalign", "posix_memalign_entry"),
-    ("aligned_alloc", "aligned_alloc_entry"),
-    ("memalign", "aligned_alloc_entry"),
-    ("valloc", "malloc_entry"),
-    ("pvalloc", "malloc_entry"),
-    ("free", FREE_PROGRAM),
-    ("cfree", FREE_PROGRAM),
-    ("mmap", "mmap_entry"),
+    ("munmap", MUNMAP_ENTRY),
+    ("mremap", MREMAP_ENTRY),
+    ("realloc", REALLOC_ENTRY),
+    ("reallocarray", REALLOCARRAY_ENTRY),
+    ("malloc", MALLOC_ENTRY),
+    ("calloc", CALLOC_ENTRY),
+    ("posix_memalign", POSIX_MEMALIGN_ENTRY),
+    ("aligned_alloc", ALIGNED_ALLOC_ENTRY),
+    ("memalign", ALIGNED_ALLOC_ENTRY),
+    ("valloc", MALLOC_ENTRY),
+    ("pvalloc", MALLOC_ENTRY),
+    ("free", FREE_ENTRY),
+    ("cfree", FREE_ENTRY),
+    ("mmap", MMAP_ENTRY),
     // jemalloc.
-    ("mallocx", "malloc_entry"),
-    ("rallocx", "realloc_entry"),
-    ("sdallocx", FREE_PROGRAM),
-    ("dallocx", FREE_PROGRAM),
-    ("xallocx", "xallocx_entry"),
+    ("mallocx", MALLOC_ENTRY),
+    ("rallocx", REALLOC_ENTRY),
+    ("sdallocx", FREE_ENTRY),
+    ("dallocx", FREE_ENTRY),
+    ("xallocx", XALLOCX_ENTRY),
     // tcmalloc.
-    ("tc_malloc", "malloc_entry"),
-    ("tc_malloc_skip_new_handler", "malloc_entry"),
-    ("tc_calloc", "calloc_entry"),
-    ("tc_realloc", "realloc_entry"),
-    ("tc_memalign", "aligned_alloc_entry"),
-    ("tc_posix_memalign", "posix_memalign_entry"),
-    ("tc_valloc", "malloc_entry"),
-    ("tc_pvalloc", "malloc_entry"),
-    ("tc_new", "malloc_entry"),
-    ("tc_new_nothrow", "malloc_entry"),
-    ("tc_newarray", "malloc_entry"),
-    ("tc_newarray_nothrow", "malloc_entry"),
-    ("tc_new_aligned", "malloc_entry"),
-    ("tc_new_aligned_nothrow", "malloc_entry"),
-    ("tc_newarray_aligned", "malloc_entry"),
-    ("tc_newarray_aligned_nothrow", "malloc_entry"),
-    ("tc_free", FREE_PROGRAM),
-    ("tc_cfree", FREE_PROGRAM),
-    ("tc_free_sized", FREE_PROGRAM),
-    ("tc_delete", FREE_PROGRAM),
-    ("tc_delete_sized", FREE_PROGRAM),
-    ("tc_delete_nothrow", FREE_PROGRAM),
-    ("tc_delete_aligned", FREE_PROGRAM),
-    ("tc_delete_sized_aligned", FREE_PROGRAM),
-    ("tc_delete_aligned_nothrow", FREE_PROGRAM),
-    ("tc_deletearray", FREE_PROGRAM),
-    ("tc_deletearray_sized", FREE_PROGRAM),
-    ("tc_deletearray_nothrow", FREE_PROGRAM),
-    ("tc_deletearray_aligned", FREE_PROGRAM),
-    ("tc_deletearray_sized_aligned", FREE_PROGRAM),
-    ("tc_deletearray_aligned_nothrow", FREE_PROGRAM),
+    ("tc_malloc", MALLOC_ENTRY),
+    ("tc_malloc_skip_new_handler", MALLOC_ENTRY),
+    ("tc_calloc", CALLOC_ENTRY),
+    ("tc_realloc", REALLOC_ENTRY),
+    ("tc_memalign", ALIGNED_ALLOC_ENTRY),
+    ("tc_posix_memalign", POSIX_MEMALIGN_ENTRY),
+    ("tc_valloc", MALLOC_ENTRY),
+    ("tc_pvalloc", MALLOC_ENTRY),
+    ("tc_new", MALLOC_ENTRY),
+    ("tc_new_nothrow", MALLOC_ENTRY),
+    ("tc_newarray", MALLOC_ENTRY),
+    ("tc_newarray_nothrow", MALLOC_ENTRY),
+    ("tc_new_aligned", MALLOC_ENTRY),
+    ("tc_new_aligned_nothrow", MALLOC_ENTRY),
+    ("tc_newarray_aligned", MALLOC_ENTRY),
+    ("tc_newarray_aligned_nothrow", MALLOC_ENTRY),
+    ("tc_free", FREE_ENTRY),
+    ("tc_cfree", FREE_ENTRY),
+    ("tc_free_sized", FREE_ENTRY),
+    ("tc_delete", FREE_ENTRY),
+    ("tc_delete_sized", FREE_ENTRY),
+    ("tc_delete_nothrow", FREE_ENTRY),
+    ("tc_delete_aligned", FREE_ENTRY),
+    ("tc_delete_sized_aligned", FREE_ENTRY),
+    ("tc_delete_aligned_nothrow", FREE_ENTRY),
+    ("tc_deletearray", FREE_ENTRY),
+    ("tc_deletearray_sized", FREE_ENTRY),
+    ("tc_deletearray_nothrow", FREE_ENTRY),
+    ("tc_deletearray_aligned", FREE_ENTRY),
+    ("tc_deletearray_sized_aligned", FREE_ENTRY),
+    ("tc_deletearray_aligned_nothrow", FREE_ENTRY),
     // mimalloc: `mi_malloc_aligned(size, alignment)` and the like take the size first.
-    ("mi_malloc", "malloc_entry"),
-    ("mi_malloc_small", "malloc_entry"),
-    ("mi_zalloc", "malloc_entry"),
-    ("mi_zalloc_small", "malloc_entry"),
-    ("mi_malloc_aligned", "malloc_entry"),
-    ("mi_zalloc_aligned", "malloc_entry"),
-    ("mi_new", "malloc_entry"),
-    ("mi_new_nothrow", "malloc_entry"),
-    ("mi_new_aligned", "malloc_entry"),
-    ("mi_new_aligned_nothrow", "malloc_entry"),
-    ("mi_valloc", "malloc_entry"),
-    ("mi_pvalloc", "malloc_entry"),
-    ("mi_calloc", "calloc_entry"),
-    ("mi_mallocn", "calloc_entry"),
-    ("mi_new_n", "calloc_entry"),
-    ("mi_calloc_aligned", "calloc_entry"),
-    ("mi_realloc", "realloc_entry"),
-    ("mi_new_realloc", "realloc_entry"),
-    ("mi_realloc_aligned", "realloc_entry"),
-    ("mi_reallocn", "reallocarray_entry"),
-    ("mi_reallocarray", "reallocarray_entry"),
-    ("mi_new_reallocn", "reallocarray_entry"),
-    ("mi_recalloc", "reallocarray_entry"),
-    ("mi_posix_memalign", "posix_memalign_entry"),
-    ("mi_memalign", "aligned_alloc_entry"),
-    ("mi_aligned_alloc", "aligned_alloc_entry"),
-    ("mi_free", FREE_PROGRAM),
-    ("mi_cfree", FREE_PROGRAM),
-    ("mi_free_size", FREE_PROGRAM),
-    ("mi_free_aligned", FREE_PROGRAM),
-    ("mi_free_size_aligned", FREE_PROGRAM),
+    ("mi_malloc", MALLOC_ENTRY),
+    ("mi_malloc_small", MALLOC_ENTRY),
+    ("mi_zalloc", MALLOC_ENTRY),
+    ("mi_zalloc_small", MALLOC_ENTRY),
+    ("mi_malloc_aligned", MALLOC_ENTRY),
+    ("mi_zalloc_aligned", MALLOC_ENTRY),
+    ("mi_new", MALLOC_ENTRY),
+    ("mi_new_nothrow", MALLOC_ENTRY),
+    ("mi_new_aligned", MALLOC_ENTRY),
+    ("mi_new_aligned_nothrow", MALLOC_ENTRY),
+    ("mi_valloc", MALLOC_ENTRY),
+    ("mi_pvalloc", MALLOC_ENTRY),
+    ("mi_calloc", CALLOC_ENTRY),
+    ("mi_mallocn", CALLOC_ENTRY),
+    ("mi_new_n", CALLOC_ENTRY),
+    ("mi_calloc_aligned", CALLOC_ENTRY),
+    ("mi_realloc", REALLOC_ENTRY),
+    ("mi_new_realloc", REALLOC_ENTRY),
+    ("mi_realloc_aligned", REALLOC_ENTRY),
+    ("mi_reallocn", REALLOCARRAY_ENTRY),
+    ("mi_reallocarray", REALLOCARRAY_ENTRY),
+    ("mi_new_reallocn", REALLOCARRAY_ENTRY),
+    ("mi_recalloc", REALLOCARRAY_ENTRY),
+    ("mi_posix_memalign", POSIX_MEMALIGN_ENTRY),
+    ("mi_memalign", ALIGNED_ALLOC_ENTRY),
+    ("mi_aligned_alloc", ALIGNED_ALLOC_ENTRY),
+    ("mi_free", FREE_ENTRY),
+    ("mi_cfree", FREE_ENTRY),
+    ("mi_free_size", FREE_ENTRY),
+    ("mi_free_aligned", FREE_ENTRY),
+    ("mi_free_size_aligned", FREE_ENTRY),
 ];
 
 /// C++ `operator new` (size first in every form: plain, nothrow, aligned) and `operator
@@ -136,26 +138,26 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
 /// both would count its blocks twice. A delete that still calls a traced free-like function
 /// (jemalloc's `operator delete(void*)` jumps to `free`) is left out for the same reason.
 const CXX_OPERATORS: &[(&str, &str)] = &[
-    ("_Znwm", "malloc_entry"),
-    ("_Znam", "malloc_entry"),
-    ("_ZnwmRKSt9nothrow_t", "malloc_entry"),
-    ("_ZnamRKSt9nothrow_t", "malloc_entry"),
-    ("_ZnwmSt11align_val_t", "malloc_entry"),
-    ("_ZnamSt11align_val_t", "malloc_entry"),
-    ("_ZnwmSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
-    ("_ZnamSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
-    ("_ZdlPv", FREE_PROGRAM),
-    ("_ZdaPv", FREE_PROGRAM),
-    ("_ZdlPvm", FREE_PROGRAM),
-    ("_ZdaPvm", FREE_PROGRAM),
-    ("_ZdlPvRKSt9nothrow_t", FREE_PROGRAM),
-    ("_ZdaPvRKSt9nothrow_t", FREE_PROGRAM),
-    ("_ZdlPvSt11align_val_t", FREE_PROGRAM),
-    ("_ZdaPvSt11align_val_t", FREE_PROGRAM),
-    ("_ZdlPvmSt11align_val_t", FREE_PROGRAM),
-    ("_ZdaPvmSt11align_val_t", FREE_PROGRAM),
-    ("_ZdlPvSt11align_val_tRKSt9nothrow_t", FREE_PROGRAM),
-    ("_ZdaPvSt11align_val_tRKSt9nothrow_t", FREE_PROGRAM),
+    ("_Znwm", MALLOC_ENTRY),
+    ("_Znam", MALLOC_ENTRY),
+    ("_ZnwmRKSt9nothrow_t", MALLOC_ENTRY),
+    ("_ZnamRKSt9nothrow_t", MALLOC_ENTRY),
+    ("_ZnwmSt11align_val_t", MALLOC_ENTRY),
+    ("_ZnamSt11align_val_t", MALLOC_ENTRY),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", MALLOC_ENTRY),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", MALLOC_ENTRY),
+    ("_ZdlPv", FREE_ENTRY),
+    ("_ZdaPv", FREE_ENTRY),
+    ("_ZdlPvm", FREE_ENTRY),
+    ("_ZdaPvm", FREE_ENTRY),
+    ("_ZdlPvRKSt9nothrow_t", FREE_ENTRY),
+    ("_ZdaPvRKSt9nothrow_t", FREE_ENTRY),
+    ("_ZdlPvSt11align_val_t", FREE_ENTRY),
+    ("_ZdaPvSt11align_val_t", FREE_ENTRY),
+    ("_ZdlPvmSt11align_val_t", FREE_ENTRY),
+    ("_ZdaPvmSt11align_val_t", FREE_ENTRY),
+    ("_ZdlPvSt11align_val_tRKSt9nothrow_t", FREE_ENTRY),
+    ("_ZdaPvSt11align_val_tRKSt9nothrow_t", FREE_ENTRY),
 ];
 
 /// A jemalloc linked statically under a prefix, which the program calls directly (not through
@@ -199,7 +201,7 @@ impl EntryPoint {
     /// It is reported at its return, so it also gets the `alloc_return` uretprobe: all but
     /// the free-like ones (munmap too: only a munmap that succeeded releases anything).
     pub fn allocates(&self) -> bool {
-        self.program != FREE_PROGRAM
+        self.program != FREE_ENTRY
     }
 }
 
@@ -363,7 +365,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
             .filter(|o| o.3.vaddr != c.3.vaddr || o.0 != c.0)
             .collect();
         let targets = |free_only: bool| {
-            let kept = others.iter().filter(|o| !free_only || o.2 == FREE_PROGRAM);
+            let kept = others.iter().filter(|o| !free_only || o.2 == FREE_ENTRY);
             let addresses: HashSet<u64> = kept
                 .clone()
                 .filter(|o| o.0 == c.0)
@@ -375,7 +377,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         let (addresses, names) = targets(false);
         let trampoline = module.jumps_first_to_any(&c.3, &addresses, &names);
         let (addresses, names) = targets(true);
-        if trampoline || (c.2 == FREE_PROGRAM && module.calls_any(&c.3, &addresses, &names)) {
+        if trampoline || (c.2 == FREE_ENTRY && module.calls_any(&c.3, &addresses, &names)) {
             wrappers.insert(k);
         }
     }
@@ -387,7 +389,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         .filter(|(k, _)| !wrappers.contains(k))
         .filter(|(_, c)| seen.insert((c.0, c.3.vaddr)))
         .map(|(_, (i, symbol, program, sym))| EntryPoint {
-            probe_offset: if program == FREE_PROGRAM {
+            probe_offset: if program == FREE_ENTRY {
                 probe_point::in_elf(&modules[i].data, sym.file_offset)
             } else {
                 sym.file_offset

@@ -11,7 +11,11 @@ use aya::{
         uprobe::{UProbeLink, UProbeScope},
     },
 };
-use leaktrace_common::{MAX_FP_RANGES, stat};
+use leaktrace_common::{
+    MAX_FP_RANGES, fp_code,
+    names::{global, map, program},
+    stat,
+};
 
 use super::allocator::{Allocator, EntryPoint};
 use crate::proc::process;
@@ -160,13 +164,13 @@ impl FramePointerCode {
         // side never reads a range that is not written yet.
         let count = ranges.len() as u64;
         if count < self.current.len() as u64 {
-            self.map.set(0, count, 0)?;
+            self.map.set(fp_code::COUNT, count, 0)?;
         }
-        for (i, &(start, end)) in ranges.iter().enumerate() {
-            self.map.set(1 + 2 * i as u32, start, 0)?;
-            self.map.set(2 + 2 * i as u32, end, 0)?;
+        for (i, &(start, end)) in (0..).zip(&ranges) {
+            self.map.set(fp_code::start(i), start, 0)?;
+            self.map.set(fp_code::end(i), end, 0)?;
         }
-        self.map.set(0, count, 0)?;
+        self.map.set(fp_code::COUNT, count, 0)?;
         self.current = ranges;
         Ok(())
     }
@@ -189,18 +193,10 @@ impl Stats {
 
     /// Every counter, named, for `--print-bpf-stats`.
     pub fn all(&self) -> Vec<(&'static str, u64)> {
-        [
-            ("ringbuf_full", stat::RINGBUF_FULL),
-            ("pending_full", stat::PENDING_FULL),
-            ("return_without_entry", stat::RETURN_WITHOUT_ENTRY),
-            ("stale_entry", stat::STALE_ENTRY),
-            ("read_failed", stat::READ_FAILED),
-            ("stack_copy_failed", stat::STACK_COPY_FAILED),
-            ("sampled_full", stat::SAMPLED_FULL),
-        ]
-        .into_iter()
-        .map(|(name, index)| (name, self.sum(index)))
-        .collect()
+        (0..)
+            .zip(stat::NAMES)
+            .map(|(index, name)| (name, self.sum(index)))
+            .collect()
     }
 
     fn sum(&self, index: u32) -> u64 {
@@ -254,6 +250,9 @@ pub struct LoadOptions {
     pub sample_bytes: u64,
 }
 
+/// The BPF programs, built by build.rs from leaktrace-ebpf.
+const BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
 /// Where the kernel publishes its own BTF.
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -291,25 +290,20 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
         // aya 0.14 has no type for task storage (the THREADS map, which only the BPF side
         // uses), and refuses to create maps it has no type for unless told.
         .allow_unsupported_maps()
-        .map_max_entries("EVENTS", ringbuf_bytes)
-        .override_global("STACK_DEPTH", &capture.max_depth, true)
-        .override_global("UNWIND_MODE", &capture.mode.bpf_mode(), true)
-        .override_global("STACK_COPY_BYTES", &capture.stack_copy_bytes, true)
-        .override_global("SAMPLE_BYTES", &sample_bytes, true)
-        .load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/leaktrace"
-        )))
+        .map_max_entries(map::EVENTS, ringbuf_bytes)
+        .override_global(global::STACK_DEPTH, &capture.max_depth, true)
+        .override_global(global::UNWIND_MODE, &capture.mode.bpf_mode(), true)
+        .override_global(global::STACK_COPY_BYTES, &capture.stack_copy_bytes, true)
+        .override_global(global::SAMPLE_BYTES, &sample_bytes, true)
+        .load(BPF_OBJECT)
         .context("loading the BPF programs (is this kernel built with BPF and uprobes?)")?;
-    let events = ebpf
-        .take_map("EVENTS")
-        .context("no EVENTS map in the BPF object")?;
-    let stats = ebpf
-        .take_map("STATS")
-        .context("no STATS map in the BPF object")?;
-    let fp_code = ebpf
-        .take_map("FP_CODE")
-        .context("no FP_CODE map in the BPF object")?;
+    let mut take_map = |name: &str| {
+        ebpf.take_map(name)
+            .with_context(|| format!("no {name} map in the BPF object"))
+    };
+    let events = take_map(map::EVENTS)?;
+    let stats = take_map(map::STATS)?;
+    let fp_code = take_map(map::FP_CODE)?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
@@ -341,8 +335,8 @@ fn attach_to(
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
     let program_for = |program: &'static str| match (options.noop_programs, program) {
         (false, _) => program,
-        (true, "alloc_return") => "noop_return",
-        (true, _) => "noop_entry",
+        (true, program::ALLOC_RETURN) => program::NOOP_RETURN,
+        (true, _) => program::NOOP_ENTRY,
     };
     let mut attach_one =
         |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint, offset: u64| -> anyhow::Result<()> {
@@ -378,7 +372,12 @@ fn attach_to(
         attach_one(ebpf, program_for(entry.program), entry, offset)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(ebpf, program_for("alloc_return"), entry, entry.file_offset)?;
+        attach_one(
+            ebpf,
+            program_for(program::ALLOC_RETURN),
+            entry,
+            entry.file_offset,
+        )?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
         attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
@@ -389,6 +388,18 @@ fn attach_to(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names of the contract (`leaktrace_common::names`) are those of the BPF object's
+    /// maps, programs and globals.
+    #[test]
+    fn every_name_of_the_contract_is_in_the_bpf_object() {
+        use object::{Object as _, ObjectSymbol as _};
+        let bpf = object::File::parse(BPF_OBJECT).unwrap();
+        let symbols: Vec<&str> = bpf.symbols().filter_map(|s| s.name().ok()).collect();
+        for name in map::ALL.iter().chain(&global::ALL).chain(&program::ALL) {
+            assert!(symbols.contains(name), "{name} in {symbols:?}");
+        }
+    }
 
     #[test]
     fn a_kernel_without_btf_is_one_line_that_says_what_is_needed() {

@@ -208,50 +208,34 @@ pub(crate) mod tests {
             old_addr,
             old_size_bytes,
             entry_ts_ns: 900,
-            stack_bytes: u32::try_from(frames.len() * 8).unwrap(),
+            stack_bytes: 0,
             stack_truncated: 0,
             frames: [0; MAX_STACK_DEPTH],
         };
-        event.frames[..frames.len()].copy_from_slice(frames);
-        // SAFETY: AllocEvent is plain integers without padding; BPF sends it cut after the
-        // frames.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&raw const event).cast::<u8>(),
-                ALLOC_EVENT_HEADER_BYTES + 8 * frames.len(),
-            )
-        }
-        .to_vec()
+        event.set_frames(frames);
+        event.record()
     }
 
     pub(crate) fn free_record(addr: u64) -> Vec<u8> {
-        let event = FreeEvent {
+        FreeEvent {
             kind: EVENT_FREE,
             _pad: 0,
             pid_tgid: 7 << 32 | 8,
             addr,
-        };
-        // SAFETY: FreeEvent is plain integers without padding.
-        unsafe {
-            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<FreeEvent>())
         }
-        .to_vec()
+        .record()
     }
 
     pub(crate) fn unmap_record(addr: u64, size_bytes: u64) -> Vec<u8> {
-        let event = UnmapEvent {
+        UnmapEvent {
             kind: EVENT_UNMAP,
             _pad: 0,
             pid_tgid: 7 << 32 | 8,
             ts_ns: 3000,
             addr,
             size_bytes,
-        };
-        // SAFETY: UnmapEvent is plain integers without padding.
-        unsafe {
-            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<UnmapEvent>())
         }
-        .to_vec()
+        .record()
     }
 
     /// The bytes BPF writes for an allocation with a stack copy of `stack` (at most 4096 bytes).
@@ -272,7 +256,7 @@ pub(crate) mod tests {
                 old_addr: 0,
                 old_size_bytes: 0,
                 entry_ts_ns: 900,
-                stack_bytes: u32::try_from(fp_frames.len() * 8).unwrap(),
+                stack_bytes: 0,
                 stack_truncated: 0,
                 frames: [0; MAX_STACK_DEPTH],
             },
@@ -281,16 +265,9 @@ pub(crate) mod tests {
             _pad: 0,
             stack: [0; 4096],
         };
-        record.alloc.frames[..fp_frames.len()].copy_from_slice(fp_frames);
+        record.alloc.set_frames(fp_frames);
         record.stack[..stack.len()].copy_from_slice(stack);
-        // SAFETY: AllocStackEvent is plain integers without padding.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&raw const record).cast::<u8>(),
-                size_of::<AllocStackEvent<4096>>(),
-            )
-        }
-        .to_vec()
+        record.record()
     }
 
     #[test]

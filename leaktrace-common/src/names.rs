@@ -1,0 +1,74 @@
+//! The names by which user space finds the BPF side's objects: those of the statics (maps,
+//! globals set at load) and functions (programs) of leaktrace-ebpf, which are named the same.
+//! A test of the leaktrace crate finds each of them in the compiled BPF object.
+
+/// Maps.
+pub mod map {
+    /// The ring buffer of records ([`AllocEvent`](crate::AllocEvent) and the others).
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU counters, indexed by [`stat`](crate::stat).
+    pub const STATS: &str = "STATS";
+    /// Code known to keep frame pointers ([`MAX_FP_RANGES`](crate::MAX_FP_RANGES)).
+    pub const FP_CODE: &str = "FP_CODE";
+    /// The drawn blocks that are live (`--sample-bytes`).
+    pub const SAMPLED: &str = "SAMPLED";
+    /// Per-thread state (task storage).
+    pub const THREADS: &str = "THREADS";
+
+    pub const ALL: [&str; 5] = [EVENTS, STATS, FP_CODE, SAMPLED, THREADS];
+}
+
+/// Globals that user space sets before loading.
+pub mod global {
+    /// Frames kept per stack (`--max-depth`).
+    pub const STACK_DEPTH: &str = "STACK_DEPTH";
+    /// One of [`unwind`](crate::unwind)'s constants (`--unwind`).
+    pub const UNWIND_MODE: &str = "UNWIND_MODE";
+    /// One of [`STACK_COPY_SIZES`](crate::STACK_COPY_SIZES) (`--stack-copy-bytes`).
+    pub const STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
+    /// `--sample-bytes`, or 0.
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+
+    pub const ALL: [&str; 4] = [STACK_DEPTH, UNWIND_MODE, STACK_COPY_BYTES, SAMPLE_BYTES];
+}
+
+/// Programs: a uprobe per kind of allocator entry, a uretprobe on their returns.
+pub mod program {
+    /// `malloc(size)` and the calls that take the same argument (`valloc`, `operator new`, ...).
+    pub const MALLOC_ENTRY: &str = "malloc_entry";
+    pub const CALLOC_ENTRY: &str = "calloc_entry";
+    pub const REALLOC_ENTRY: &str = "realloc_entry";
+    pub const REALLOCARRAY_ENTRY: &str = "reallocarray_entry";
+    pub const POSIX_MEMALIGN_ENTRY: &str = "posix_memalign_entry";
+    /// `aligned_alloc(alignment, size)` and `memalign`.
+    pub const ALIGNED_ALLOC_ENTRY: &str = "aligned_alloc_entry";
+    pub const MMAP_ENTRY: &str = "mmap_entry";
+    pub const MREMAP_ENTRY: &str = "mremap_entry";
+    pub const MUNMAP_ENTRY: &str = "munmap_entry";
+    pub const XALLOCX_ENTRY: &str = "xallocx_entry";
+    /// `free(ptr)` and every call that only releases: it has no return program.
+    pub const FREE_ENTRY: &str = "free_entry";
+    /// The return of every entry but the free-like ones.
+    pub const ALLOC_RETURN: &str = "alloc_return";
+    /// Programs that do nothing, attached instead of the others by benchmarks
+    /// (`--noop-programs`).
+    pub const NOOP_ENTRY: &str = "noop_entry";
+    pub const NOOP_RETURN: &str = "noop_return";
+
+    pub const ALL: [&str; 14] = [
+        MALLOC_ENTRY,
+        CALLOC_ENTRY,
+        REALLOC_ENTRY,
+        REALLOCARRAY_ENTRY,
+        POSIX_MEMALIGN_ENTRY,
+        ALIGNED_ALLOC_ENTRY,
+        MMAP_ENTRY,
+        MREMAP_ENTRY,
+        MUNMAP_ENTRY,
+        XALLOCX_ENTRY,
+        FREE_ENTRY,
+        ALLOC_RETURN,
+        NOOP_ENTRY,
+        NOOP_RETURN,
+    ];
+}
