@@ -3,13 +3,15 @@
 //! frame without a symbol), so two traces of the same program compare even when its addresses
 //! moved (ASLR, another run) or the fix shifted line numbers.
 
-use std::{collections::HashMap, fmt::Write as _, fs, path::Path};
+use std::{borrow::Cow, collections::HashMap, fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use serde_json::Value;
 
-use super::render::text::bytes;
+use super::render::{
+    json::{JsonFrame, JsonReport, JsonStack, SCHEMA},
+    text::bytes,
+};
 
 /// The format of `leaktrace diff` (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +24,7 @@ pub enum DiffFormat {
 #[derive(Debug)]
 pub struct Side {
     pub path: String,
-    pub report: Value,
+    pub report: JsonReport<'static>,
 }
 
 impl Side {
@@ -39,15 +41,15 @@ impl Side {
                     path.display()
                 )
             })?;
-        let report: Value = serde_json::from_str(line).with_context(|| {
+        let report: JsonReport<'static> = serde_json::from_str(line).with_context(|| {
             format!(
                 "{} is not a report of `leaktrace --format json`",
                 path.display()
             )
         })?;
-        if report["schema"] != 1 || !report["stacks"].is_array() {
+        if report.schema != SCHEMA {
             bail!(
-                "{} is not a report of `leaktrace --format json` (schema 1)",
+                "{} is not a report of `leaktrace --format json` (schema {SCHEMA})",
                 path.display()
             );
         }
@@ -61,61 +63,54 @@ impl Side {
         let r = &self.report;
         SideSummary {
             path: &self.path,
-            pid: r["pid"].as_u64().unwrap_or(0),
-            timestamp_ms: r["timestamp_ms"].as_u64().unwrap_or(0),
-            elapsed_s: r["elapsed_s"].as_f64().unwrap_or(0.0),
-            outstanding_bytes: r["totals"]["outstanding_bytes"].as_u64().unwrap_or(0),
-            outstanding_allocations: r["totals"]["outstanding_allocations"].as_u64().unwrap_or(0),
+            pid: u64::from(r.pid),
+            timestamp_ms: r.timestamp_ms,
+            elapsed_s: r.elapsed_s,
+            outstanding_bytes: r.totals.outstanding_bytes,
+            outstanding_allocations: r.totals.outstanding_allocations,
         }
     }
 
-    /// Outstanding bytes and allocations per stack key, with the frames of the biggest stack
-    /// of each key.
-    fn stacks(&self) -> HashMap<Vec<String>, (u64, u64, Value, String)> {
-        let mut out: HashMap<Vec<String>, (u64, u64, Value, String)> = HashMap::new();
-        for stack in self.report["stacks"].as_array().into_iter().flatten() {
-            let frames = &stack["frames"];
+    /// Outstanding bytes and allocations per stack key, with the biggest stack of each key.
+    fn stacks(&self) -> HashMap<Vec<String>, (u64, u64, &JsonStack<'static>)> {
+        let mut out: HashMap<Vec<String>, (u64, u64, &JsonStack<'static>)> = HashMap::new();
+        for stack in &self.report.stacks {
             // The same code path can hold heap blocks and mappings: apart.
-            let mut key = stack_key(frames);
-            if let Some(origin) = stack["origin"].as_str().filter(|&o| o != "malloc") {
-                key.push(format!("[{origin}]"));
+            let mut key = stack_key(&stack.frames);
+            if !stack.origin.is_empty() && stack.origin != "malloc" {
+                key.push(format!("[{}]", stack.origin));
             }
-            let b = stack["outstanding_bytes"].as_u64().unwrap_or(0);
-            let n = stack["outstanding_allocations"].as_u64().unwrap_or(0);
-            let kind = stack["kind"].as_str().unwrap_or("").to_owned();
-            let entry = out.entry(key).or_insert((0, 0, frames.clone(), kind));
-            entry.0 += b;
-            entry.1 += n;
+            let entry = out.entry(key).or_insert((0, 0, stack));
+            entry.0 += stack.outstanding_bytes;
+            entry.1 += stack.outstanding_allocations;
         }
         out
     }
 
     /// Listed fewer stacks than held memory (`--top`).
     fn partial(&self) -> bool {
-        let listed = self.report["stacks"].as_array().map_or(0, Vec::len) as u64;
-        self.report["stack_count"]
-            .as_u64()
-            .is_some_and(|count| count > listed)
+        self.report.stack_count > self.report.stacks.len()
     }
 }
 
-/// A stack's identity across reports: its frames' function names (or module+offset).
-fn stack_key(frames: &Value) -> Vec<String> {
-    frames
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| match f["symbol"].as_str() {
-            Some(symbol) => symbol.to_owned(),
-            None => format!(
-                "{}+{}",
-                f["module"]
-                    .as_str()
-                    .map_or("?", |m| m.rsplit('/').next().unwrap_or(m)),
-                f["module_offset"].as_str().unwrap_or("?")
-            ),
-        })
-        .collect()
+/// A frame's identity across reports: its function's name, or module+offset.
+fn frame_key(frame: &JsonFrame<'_>) -> String {
+    match &frame.symbol {
+        Some(symbol) => symbol.to_string(),
+        None => format!(
+            "{}+{}",
+            frame
+                .module
+                .as_deref()
+                .map_or("?", |m| m.rsplit('/').next().unwrap_or(m)),
+            frame.module_offset.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+/// A stack's identity across reports: its frames' keys.
+fn stack_key(frames: &[JsonFrame<'_>]) -> Vec<String> {
+    frames.iter().map(frame_key).collect()
 }
 
 #[derive(Serialize)]
@@ -129,7 +124,7 @@ struct SideSummary<'a> {
 }
 
 #[derive(Serialize)]
-struct Grown {
+struct Grown<'a> {
     delta_bytes: i64,
     delta_allocations: i64,
     old_bytes: u64,
@@ -137,8 +132,8 @@ struct Grown {
     old_allocations: u64,
     new_allocations: u64,
     /// The kind in the newer report.
-    kind: String,
-    frames: Value,
+    kind: Cow<'a, str>,
+    frames: &'a [JsonFrame<'static>],
 }
 
 #[derive(Serialize)]
@@ -147,7 +142,7 @@ struct Diff<'a> {
     old: SideSummary<'a>,
     new: SideSummary<'a>,
     /// Stacks that grew, most first.
-    stacks: Vec<Grown>,
+    stacks: Vec<Grown<'a>>,
     /// Stacks that shrank or were freed.
     shrunk_stacks: usize,
     /// A report listed only its top stacks: a stack missing from it is not known to be 0.
@@ -159,19 +154,19 @@ fn diff<'a>(old: &'a Side, new: &'a Side) -> Diff<'a> {
     let after = new.stacks();
     let mut stacks = Vec::new();
     let mut shrunk_stacks = 0;
-    for (key, (new_bytes, new_allocations, frames, kind)) in &after {
+    for (key, &(new_bytes, new_allocations, stack)) in &after {
         let (old_bytes, old_allocations) = before.get(key).map_or((0, 0), |s| (s.0, s.1));
-        let delta_bytes = *new_bytes as i64 - old_bytes as i64;
+        let delta_bytes = new_bytes as i64 - old_bytes as i64;
         if delta_bytes > 0 {
             stacks.push(Grown {
                 delta_bytes,
-                delta_allocations: *new_allocations as i64 - old_allocations as i64,
+                delta_allocations: new_allocations as i64 - old_allocations as i64,
                 old_bytes,
-                new_bytes: *new_bytes,
+                new_bytes,
                 old_allocations,
-                new_allocations: *new_allocations,
-                kind: kind.clone(),
-                frames: frames.clone(),
+                new_allocations,
+                kind: Cow::Borrowed(&stack.kind),
+                frames: &stack.frames,
             });
         } else if delta_bytes < 0 {
             shrunk_stacks += 1;
@@ -181,10 +176,10 @@ fn diff<'a>(old: &'a Side, new: &'a Side) -> Diff<'a> {
     stacks.sort_by(|a, b| {
         b.delta_bytes
             .cmp(&a.delta_bytes)
-            .then_with(|| stack_key(&a.frames).cmp(&stack_key(&b.frames)))
+            .then_with(|| stack_key(a.frames).cmp(&stack_key(b.frames)))
     });
     Diff {
-        schema: 1,
+        schema: SCHEMA,
         old: old.summary(),
         new: new.summary(),
         stacks,
@@ -242,9 +237,9 @@ fn text(d: &Diff<'_>) -> String {
             bytes(s.new_bytes),
             s.kind
         );
-        for f in s.frames.as_array().into_iter().flatten().take(12) {
-            let name = stack_key(&Value::Array(vec![f.clone()])).remove(0);
-            match (f["file"].as_str(), f["line"].as_u64()) {
+        for f in s.frames.iter().take(12) {
+            let name = frame_key(f);
+            match (f.file.as_deref(), f.line) {
                 (Some(file), Some(line)) => {
                     let _ = writeln!(out, "       {name} ({file}:{line})");
                 }
@@ -278,14 +273,19 @@ fn text(d: &Diff<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn side(path: &str, stacks: Value) -> Side {
         Side {
             path: path.into(),
-            report: serde_json::json!({"schema": 1, "pid": 5, "timestamp_ms": 0, "elapsed_s": 1.0,
+            report: serde_json::from_value(
+                serde_json::json!({"schema": 1, "pid": 5, "timestamp_ms": 0, "elapsed_s": 1.0,
                 "totals": {"outstanding_bytes": 0, "outstanding_allocations": 0},
                 "stack_count": stacks.as_array().unwrap().len(), "stacks": stacks}),
+            )
+            .unwrap(),
         }
     }
 
@@ -371,11 +371,13 @@ mod tests {
             "{\"schema\":1,\"pid\":1,\"stacks\":[]}\n{\"schema\":1,\"pid\":2,\"stacks\":[]}\n\n",
         )
         .unwrap();
-        assert_eq!(Side::load(&lines).unwrap().report["pid"], 2);
+        assert_eq!(Side::load(&lines).unwrap().report.pid, 2);
         for (name, contents) in [
             ("empty", ""),
             ("text", "── leaktrace report"),
             ("other", "{\"schema\":2,\"stacks\":[]}"),
+            ("no stacks", "{\"schema\":1,\"pid\":2}"),
+            ("not numbers", "{\"schema\":1,\"pid\":\"x\",\"stacks\":[]}"),
         ] {
             let path = dir.path().join(name);
             fs::write(&path, contents).unwrap();

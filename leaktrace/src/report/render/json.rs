@@ -1,94 +1,118 @@
 //! `--format json`: one object per report, one per line. Field names and meanings are a
 //! contract (DESIGN.md): add fields, never change one.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use super::Report;
 use crate::stacks::symbolize::Frame;
 
 pub const SCHEMA: u32 = 1;
 
-#[derive(Serialize)]
-struct JsonReport<'a> {
-    schema: u32,
-    pid: u32,
-    timestamp_ms: u64,
-    elapsed_s: f64,
+/// One report. `leaktrace diff` reads reports through these same types: every field but
+/// `schema` and `stacks` may then be missing (a report of an older leaktrace), and fields it
+/// does not know are ignored (a newer one's).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct JsonReport<'a> {
+    pub schema: u32,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub timestamp_ms: u64,
+    #[serde(default)]
+    pub elapsed_s: f64,
     /// False when events were lost: the numbers are then a lower bound.
-    complete: bool,
+    #[serde(default)]
+    pub complete: bool,
     /// The last report of the trace.
-    last: bool,
+    #[serde(default)]
+    pub last: bool,
     /// `--sample-bytes`, when the numbers about the malloc family are estimates from a sample
     /// of its blocks; null when every block was traced.
-    sample_bytes: Option<u64>,
-    allocator: &'a str,
-    allocator_module: &'a str,
+    #[serde(default)]
+    pub sample_bytes: Option<u64>,
+    #[serde(default)]
+    pub allocator: Cow<'a, str>,
+    #[serde(default)]
+    pub allocator_module: Cow<'a, str>,
     /// The target's resident set (VmRSS) and its growth over the trend window.
-    rss_bytes: Option<u64>,
-    rss_growth_bytes_per_s: Option<f64>,
-    totals: JsonTotals,
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    #[serde(default)]
+    pub rss_growth_bytes_per_s: Option<f64>,
+    #[serde(default)]
+    pub totals: JsonTotals,
     /// Stacks that hold memory; `stacks` lists the top of them.
-    stack_count: usize,
-    stacks: Vec<JsonStack<'a>>,
+    #[serde(default)]
+    pub stack_count: usize,
+    pub stacks: Vec<JsonStack<'a>>,
 }
 
-#[derive(Serialize)]
-struct JsonTotals {
-    outstanding_bytes: u64,
-    outstanding_allocations: u64,
-    allocations: u64,
-    frees: u64,
-    lost_events: u64,
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct JsonTotals {
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub allocations: u64,
+    pub frees: u64,
+    pub lost_events: u64,
     /// Null under sampling, which cannot tell a block older than the trace from one that was
     /// not drawn.
-    unmatched_frees: Option<u64>,
+    pub unmatched_frees: Option<u64>,
     /// Of `outstanding_bytes`, the part in anonymous mappings.
-    mapped_bytes: u64,
+    pub mapped_bytes: u64,
     /// Mappings of files: outstanding, but not in `outstanding_bytes`.
-    file_mapped_bytes: u64,
-    file_mappings: u64,
+    pub file_mapped_bytes: u64,
+    pub file_mappings: u64,
     /// Allocator returns seen without their entry: calls in flight at attach (or entries the
     /// BPF side could not record). Such calls are in no other number.
-    unpaired_returns: u64,
+    pub unpaired_returns: u64,
 }
 
-#[derive(Serialize)]
-struct JsonStack<'a> {
-    outstanding_bytes: u64,
-    outstanding_allocations: u64,
-    growth_bytes_per_s: f64,
-    oldest_age_s: f64,
-    kind: &'static str,
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct JsonStack<'a> {
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub growth_bytes_per_s: f64,
+    pub oldest_age_s: f64,
+    /// `leak`, `growing`, `stable` or `shrinking`.
+    pub kind: Cow<'a, str>,
     /// Everything this stack allocated since attach, freed or not.
-    allocated_bytes: u64,
-    allocations: u64,
-    /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`.
-    origin: &'static str,
-    truncated: bool,
-    frames: Vec<JsonFrame<'a>>,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`; read as
+    /// `malloc` when missing.
+    pub origin: Cow<'a, str>,
+    pub truncated: bool,
+    pub frames: Vec<JsonFrame<'a>>,
 }
 
-#[derive(Serialize)]
-struct JsonFrame<'a> {
-    address: String,
-    symbol: Option<&'a str>,
-    offset: u64,
-    module: Option<&'a str>,
-    module_offset: String,
-    file: Option<&'a str>,
-    line: Option<u32>,
-    inlined: bool,
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct JsonFrame<'a> {
+    /// `0x...`.
+    pub address: Cow<'a, str>,
+    pub symbol: Option<Cow<'a, str>>,
+    pub offset: u64,
+    pub module: Option<Cow<'a, str>>,
+    /// `0x...`, the offset of `address` in `module`'s file.
+    pub module_offset: Option<Cow<'a, str>>,
+    pub file: Option<Cow<'a, str>>,
+    pub line: Option<u32>,
+    pub inlined: bool,
 }
 
 impl<'a> From<&'a Frame> for JsonFrame<'a> {
     fn from(frame: &'a Frame) -> Self {
         Self {
-            address: format!("{:#x}", frame.address),
-            symbol: frame.symbol.as_deref(),
+            address: format!("{:#x}", frame.address).into(),
+            symbol: frame.symbol.as_deref().map(Cow::Borrowed),
             offset: frame.offset,
-            module: frame.module.as_deref(),
-            module_offset: format!("{:#x}", frame.module_offset),
-            file: frame.file.as_deref(),
+            module: frame.module.as_deref().map(Cow::Borrowed),
+            module_offset: Some(format!("{:#x}", frame.module_offset).into()),
+            file: frame.file.as_deref().map(Cow::Borrowed),
             line: frame.line,
             inlined: frame.inlined,
         }
@@ -107,8 +131,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         complete: t.lost_events == 0,
         last: snapshot.last,
         sample_bytes: snapshot.sample_bytes,
-        allocator: &report.target.allocator,
-        allocator_module: &report.target.allocator_module,
+        allocator: report.target.allocator.as_str().into(),
+        allocator_module: report.target.allocator_module.as_str().into(),
         rss_bytes: snapshot.rss_bytes,
         rss_growth_bytes_per_s: snapshot.rss_growth_bytes_per_s.map(round3),
         totals: JsonTotals {
@@ -133,10 +157,10 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 outstanding_allocations: stack.outstanding_allocations,
                 growth_bytes_per_s: round3(stack.growth_bytes_per_s),
                 oldest_age_s: round3(stack.oldest_age_s),
-                kind: stack.kind.as_str(),
+                kind: stack.kind.as_str().into(),
                 allocated_bytes: stack.allocated.bytes,
                 allocations: stack.allocated.count,
-                origin: stack.origin.as_str(),
+                origin: stack.origin.as_str().into(),
                 truncated: stack.truncated,
                 frames: frames.iter().map(JsonFrame::from).collect(),
             })
@@ -272,6 +296,23 @@ mod tests {
                                "module": "/usr/bin/app", "module_offset": "0x1136",
                                "file": "src/cache.c", "line": 17, "inlined": false})
         );
+    }
+
+    #[test]
+    fn a_report_reads_back_through_the_types_that_wrote_it() {
+        let out = rendered(&snapshot());
+        let read: JsonReport<'static> = serde_json::from_str(&out).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap() + "\n", out);
+        assert_eq!(
+            read.stacks[0].frames[0].symbol.as_deref(),
+            Some("cache_insert")
+        );
+        // Of an older report, only `schema` and `stacks` must be there.
+        let old: JsonReport<'static> =
+            serde_json::from_str(r#"{"schema": 1, "stacks": [{"frames": [{}]}], "new": 1}"#)
+                .unwrap();
+        assert_eq!((old.pid, old.stacks[0].frames[0].line), (0, None));
+        assert!(serde_json::from_str::<JsonReport<'static>>(r#"{"schema": 1}"#).is_err());
     }
 
     #[test]
