@@ -262,6 +262,7 @@ fn main() -> anyhow::Result<()> {
             min_age_ns: 0,
             sizes: 0..=u64::MAX,
             top: usize::MAX,
+            watch_top: 0,
             sort: SortKey::Bytes,
             with_freed: false,
             file_mappings: false,

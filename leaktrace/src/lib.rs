@@ -10,11 +10,13 @@
 //! - [`stacks`]: copied stacks unwound, return addresses symbolized.
 //! - [`model`]: the heap model (outstanding blocks and mapped ranges, by stack).
 //! - [`report`]: snapshots and trends, rendered and written; `leaktrace diff`.
+//! - [`metrics`]: the reports' numbers served to Prometheus (`--metrics`).
 //! - [`proc`]: what the kernel says about a process (`/proc/PID/...`), and its clock.
 
 pub mod attach;
 pub mod config;
 pub mod intake;
+pub mod metrics;
 pub mod model;
 pub mod proc;
 pub mod report;

@@ -19,6 +19,7 @@ use leaktrace::{
         event_loop,
         event_loop::{Session, Stop},
     },
+    metrics::{self, Exporter},
     proc::process,
     report::{diff, output::Output, render, reporter::Reporter},
     target::{Target, modules::Modules},
@@ -58,6 +59,15 @@ fn diff(args: &settings::Diff) -> anyhow::Result<()> {
 /// Traces; returns whether `--fail-on-leak` found a leak in a final report.
 fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     process::check_privileges()?;
+    // Before anything is attached (or forked): a port in use is one line and no probe.
+    let metrics_listener = config
+        .report
+        .metrics
+        .map(metrics::ListenAddr::bind)
+        .transpose()?;
+    let exporter = metrics_listener
+        .as_ref()
+        .map(|_| Arc::new(Exporter::default()));
     raise_open_files_limit();
     let modules = Modules::new();
     // Spawn mode forks here, before any thread exists: the child waits before exec until the
@@ -115,6 +125,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
             reports.format,
             style,
             output,
+            exporter.clone(),
         )?);
     }
     let watcher = match &mut child {
@@ -142,14 +153,30 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
             reports.format,
             style,
             output.for_pid(child),
+            exporter.clone(),
         )
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
+    let mut serving = None;
+    if let (Some(listener), Some(exporter)) = (metrics_listener, &exporter) {
+        let _runtime = runtime.enter();
+        let address = listener.local_addr().context("--metrics")?;
+        let listener = tokio::net::TcpListener::from_std(listener).context("serving --metrics")?;
+        // On the runtime that drains the ring buffer: scrapes are served between batches of
+        // events, and never wait on a client (see metrics::server).
+        runtime.spawn(metrics::server::serve(listener, Arc::clone(exporter)));
+        serving = Some(format!(
+            "leaktrace: serving metrics at http://{address}/metrics"
+        ));
+    }
     // Said once the signal handlers are in place: Ctrl-C from then on ends with a report.
     let started = || {
+        if let Some(line) = &serving {
+            eprintln!("{line}");
+        }
         for line in &announcements {
             eprintln!("{line}");
         }
@@ -200,6 +227,7 @@ fn session(
     format: render::Format,
     style: render::Style,
     output: Output,
+    exporter: Option<Arc<Exporter>>,
 ) -> anyhow::Result<Session> {
     let rendered_target = render::Target {
         pid: target.pid,
@@ -207,8 +235,15 @@ fn session(
         allocator: allocator.name().to_owned(),
         allocator_module: allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(rendered_target, modules.clone(), format, style, output)
-        .context("starting the reporter thread")?;
+    let reporter = Reporter::spawn(
+        rendered_target,
+        modules.clone(),
+        format,
+        style,
+        output,
+        exporter,
+    )
+    .context("starting the reporter thread")?;
     Ok(Session { target, reporter })
 }
 

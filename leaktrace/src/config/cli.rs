@@ -135,6 +135,15 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = leaktrace_common::DEFAULT_STACK_COPY_BYTES, value_parser = stack_copy_bytes)]
     pub stack_copy_bytes: u32,
 
+    /// Serve each report's numbers at http://ADDR/metrics for Prometheus: IP:PORT
+    /// (127.0.0.1:9464), or :PORT for every interface.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics::ListenAddr>,
+
+    /// Stacks per process exported with --metrics, in the order of --sort (default 20).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub metrics_top: Option<u16>,
+
     /// Benchmarks only: attach programs that do nothing at the same probe points, so that
     /// `cargo xtask bench` measures the cost of the traps alone (the floor).
     #[arg(long, hide = true)]

@@ -12,6 +12,7 @@ pub(super) fn check(cli: &Cli) -> anyhow::Result<()> {
     sizes_in_order(cli)?;
     keep_needs_a_directory(cli)?;
     one_whole_file_holds_one_process(cli)?;
+    metrics_top_needs_metrics(cli)?;
     Ok(())
 }
 
@@ -48,6 +49,14 @@ fn one_whole_file_holds_one_process(cli: &Cli) -> anyhow::Result<()> {
             cli.format.extension()
         );
     }
+    Ok(())
+}
+
+fn metrics_top_needs_metrics(cli: &Cli) -> anyhow::Result<()> {
+    ensure!(
+        cli.metrics_top.is_none() || cli.metrics.is_some(),
+        "--metrics-top needs --metrics ADDR: it bounds the stacks exported there"
+    );
     Ok(())
 }
 
@@ -89,6 +98,10 @@ mod tests {
             check_args(&["-p", "1", "--follow-forks", "-f", "pprof", "-o", &file]),
             Err("one pb.gz file cannot hold the reports of several processes: write them to a directory (-o DIR/)".into())
         );
+        assert_eq!(
+            check_args(&["-p", "1", "--metrics-top", "5"]),
+            Err("--metrics-top needs --metrics ADDR: it bounds the stacks exported there".into())
+        );
     }
 
     #[test]
@@ -104,6 +117,7 @@ mod tests {
             &["-p", "1", "-p", "2", "-f", "json", "-o", &file],
             &["-p", "1", "-p", "2", "-f", "svg", "-o", dir],
             &["-p", "1", "-f", "svg", "-o", &file],
+            &["-p", "1", "--metrics", ":9464", "--metrics-top", "0"],
         ] {
             assert_eq!(check_args(args), Ok(()), "{args:?}");
         }

@@ -7,6 +7,7 @@ use super::cli::{Cli, Command};
 use crate::{
     attach::probes::{AttachOptions, LoadOptions, StackCapture},
     intake::event_loop,
+    metrics::ListenAddr,
     model::heap::Sampling,
     report::{diff::DiffFormat, output::Destination, render::Format, snapshot::Selection},
 };
@@ -39,6 +40,8 @@ pub struct Reports {
     pub destination: Destination,
     /// Exit with `EXIT_LEAK` when a stack of the final report is a leak.
     pub fail_on_leak: bool,
+    /// `--metrics`: also served to Prometheus there.
+    pub metrics: Option<ListenAddr>,
 }
 
 /// `leaktrace diff OLD NEW`.
@@ -103,6 +106,11 @@ impl Trace {
                         .map_or(0, |s| Duration::from_secs_f64(s).as_nanos() as u64),
                     sizes: cli.min_size.unwrap_or(0)..=cli.max_size.unwrap_or(u64::MAX),
                     top,
+                    watch_top: match (cli.metrics, cli.metrics_top) {
+                        (None, _) => 0,
+                        (Some(_), Some(top)) => usize::from(top),
+                        (Some(_), None) => crate::metrics::DEFAULT_TOP,
+                    },
                     sort: cli.sort,
                     with_freed: cli.format == Format::Pprof,
                     file_mappings: cli.file_mappings,
@@ -121,6 +129,7 @@ impl Trace {
                     cli.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
                 ),
                 fail_on_leak: cli.fail_on_leak,
+                metrics: cli.metrics,
             },
         }
     }
@@ -226,6 +235,41 @@ mod tests {
         assert_eq!(
             (diff.old, diff.new, diff.format, diff.top),
             ("a.json".into(), "b.json".into(), DiffFormat::Json, 20)
+        );
+    }
+
+    #[test]
+    fn metrics_are_served_at_an_address_with_a_bounded_top() {
+        let t = trace(&["-p", "1", "--metrics", ":9464"]);
+        assert_eq!(t.report.metrics, Some(ListenAddr::EveryInterface(9464)));
+        assert_eq!(t.trace.selection.watch_top, 20);
+        let t = trace(&[
+            "-p",
+            "1",
+            "--metrics",
+            "127.0.0.1:9464",
+            "--metrics-top",
+            "5",
+        ]);
+        assert_eq!(t.trace.selection.watch_top, 5);
+        let t = trace(&["-p", "1"]);
+        assert_eq!((t.report.metrics, t.trace.selection.watch_top), (None, 0));
+        for bad in [
+            &["--metrics", "9464"][..],
+            &["--metrics", "localhost:9464"],
+            &["--metrics"],
+            &["--metrics", ":1", "--metrics-top", "1001"],
+            &["--metrics", ":1", "--metrics-top", "-1"],
+        ] {
+            let args = ["leaktrace", "-p", "1"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        let err = Cli::try_parse_from(["leaktrace", "-p", "1", "--metrics", "9464"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`9464` is not an address to listen on: give IP:PORT"),
+            "{err}"
         );
     }
 

@@ -56,6 +56,13 @@ pub fn command(pid: u32) -> Option<String> {
     (!words.is_empty()).then(|| words.join(" "))
 }
 
+/// Its name (`/proc/PID/comm`: the executable's file name, up to 15 bytes, or what the
+/// process set with `prctl`); `None` once it has exited.
+pub fn comm(pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.strip_suffix('\n').unwrap_or(&comm).to_owned())
+}
+
 /// The target's resident set (`VmRSS` of /proc/PID/status); `None` once it has exited.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -141,5 +148,8 @@ mod tests {
         assert!(!exists(0) && !exists(u32::MAX - 1));
         assert!(command(me).is_some());
         assert!(exe_id(me).is_some());
+        let name = comm(me).unwrap();
+        assert!(!name.is_empty() && !name.contains('\n'), "{name:?}");
+        assert_eq!(comm(u32::MAX - 1), None);
     }
 }

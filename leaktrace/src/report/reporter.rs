@@ -13,11 +13,15 @@ use super::{
     snapshot::Snapshot,
 };
 use crate::{
-    model::location::Location, stacks::symbolize::StackSymbolizer, target::modules::Modules,
+    metrics::{Exporter, exporter::Watch},
+    model::location::Location,
+    stacks::symbolize::StackSymbolizer,
+    target::modules::Modules,
 };
 
 enum Message {
-    Snapshot(Snapshot),
+    /// Boxed: a snapshot is a few hundred bytes, the other message none.
+    Snapshot(Box<Snapshot>),
     /// Everything is queued: write what is and end.
     Finish,
 }
@@ -35,18 +39,23 @@ impl Reporter {
         format: Format,
         style: Style,
         mut out: Output,
+        exporter: Option<Arc<Exporter>>,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Message>();
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
                 let mut symbolizer = StackSymbolizer::new(modules);
+                let mut watch = exporter.map(Watch::new);
                 let mut rendered = Vec::new();
                 for message in rx {
                     let snapshot = match message {
-                        Message::Snapshot(snapshot) => snapshot,
+                        Message::Snapshot(snapshot) => *snapshot,
                         Message::Finish => break,
                     };
+                    if let Some(watch) = &mut watch {
+                        watch.report(&target, &snapshot, &mut symbolizer);
+                    }
                     if !out.wants(snapshot.last) {
                         continue;
                     }
@@ -77,7 +86,7 @@ impl Reporter {
     /// Queues a snapshot; never blocks the event path.
     pub fn send(&self, snapshot: Snapshot) {
         // The thread only ends early on a broken pipe; then there is nobody to report to.
-        let _ = self.tx.send(Message::Snapshot(snapshot));
+        let _ = self.tx.send(Message::Snapshot(Box::new(snapshot)));
     }
 
     /// Waits until every queued report is written.

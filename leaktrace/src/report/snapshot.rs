@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub rss_bytes: Option<u64>,
     /// How fast the resident set changed over the trend window (least squares).
     pub rss_growth_bytes_per_s: Option<f64>,
+    /// The top `--metrics-top` stacks holding memory, in the order of `stacks` (empty without
+    /// `--metrics`).
+    pub watched: Vec<StackSummary>,
     /// Stacks classified `leak`, listed in `stacks` or not (`--top`).
     pub leak_stacks: usize,
     /// The last report of the trace.
@@ -90,6 +93,8 @@ pub struct Selection {
     /// Only blocks of these sizes count (`--min-size`, `--max-size`).
     pub sizes: std::ops::RangeInclusive<u64>,
     pub top: usize,
+    /// Stacks exported to Prometheus (`--metrics-top`; 0 without `--metrics`).
+    pub watch_top: usize,
     pub sort: SortKey,
     /// Also list, after the top stacks, the stacks that allocated since attach but hold
     /// nothing now (pprof's alloc_space and alloc_objects).
@@ -191,6 +196,11 @@ pub fn snapshot(
             .then(ida.cmp(idb))
     });
     let leak_stacks = stacks.iter().filter(|(_, s)| s.kind == Kind::Leak).count();
+    let watched = stacks
+        .iter()
+        .take(selection.watch_top)
+        .map(|(_, s)| s.clone())
+        .collect();
     stacks.truncate(selection.top);
     if selection.with_freed {
         let holding: std::collections::HashSet<StackId> = usage.iter().map(|u| u.stack).collect();
@@ -228,6 +238,7 @@ pub fn snapshot(
         stacks: stacks.into_iter().map(|(_, s)| s).collect(),
         rss_bytes: now.rss_bytes,
         rss_growth_bytes_per_s,
+        watched,
         leak_stacks,
         last: now.last,
         sample_bytes: heap.sampling().map(|s| s.sample_bytes()),
@@ -246,6 +257,7 @@ mod tests {
                 min_age_ns: 0,
                 sizes: 0..=u64::MAX,
                 top: 10,
+                watch_top: 0,
                 sort: SortKey::Bytes,
                 with_freed: false,
                 file_mappings: false,

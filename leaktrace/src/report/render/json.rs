@@ -221,6 +221,7 @@ mod tests {
             }],
             rss_bytes: Some(1 << 20),
             rss_growth_bytes_per_s: Some(1024.0004),
+            watched: Vec::new(),
             leak_stacks: 0,
             last: true,
             sample_bytes: None,

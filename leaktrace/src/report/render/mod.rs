@@ -142,6 +142,7 @@ pub(crate) mod tests {
                 .collect(),
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
+            watched: Vec::new(),
             leak_stacks: 0,
             last: true,
             sample_bytes: None,

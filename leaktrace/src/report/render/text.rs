@@ -320,6 +320,7 @@ mod tests {
             }],
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
+            watched: Vec::new(),
             leak_stacks: 0,
             last: false,
             sample_bytes: None,
