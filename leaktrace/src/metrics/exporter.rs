@@ -23,7 +23,7 @@ use crate::{
     metrics::stack_identity::{program_function, stack_id},
     model::location::Location,
     report::{
-        render::Target,
+        render::{Target, json::round3},
         snapshot::{Snapshot, Totals},
         trends::Kind,
     },
@@ -70,8 +70,8 @@ impl ProcessSeries {
             if let Some(same) = stacks.iter_mut().find(|s| s.stack_id == id) {
                 same.outstanding_bytes += stack.outstanding_bytes;
                 same.outstanding_allocations += stack.outstanding_allocations;
-                same.growth_bytes_per_s += stack.growth_bytes_per_s;
-                same.oldest_age_s = same.oldest_age_s.max(stack.oldest_age_s);
+                same.growth_bytes_per_s += round3(stack.growth_bytes_per_s);
+                same.oldest_age_s = same.oldest_age_s.max(round3(stack.oldest_age_s));
                 continue;
             }
             stacks.push(StackSeries {
@@ -80,8 +80,9 @@ impl ProcessSeries {
                 kind: stack.kind,
                 outstanding_bytes: stack.outstanding_bytes,
                 outstanding_allocations: stack.outstanding_allocations,
-                growth_bytes_per_s: stack.growth_bytes_per_s,
-                oldest_age_s: stack.oldest_age_s,
+                // Rounded as in the JSON report: the same numbers.
+                growth_bytes_per_s: round3(stack.growth_bytes_per_s),
+                oldest_age_s: round3(stack.oldest_age_s),
             });
         }
         Self {
@@ -440,8 +441,8 @@ mod tests {
         StackSummary {
             outstanding_bytes: bytes,
             outstanding_allocations: bytes / 1024,
-            growth_bytes_per_s: 409.5,
-            oldest_age_s: 9.5,
+            growth_bytes_per_s: 409.5004,
+            oldest_age_s: 9.4996,
             kind,
             allocated: Allocated {
                 bytes: 2 * bytes,

@@ -171,7 +171,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
 }
 
 /// Millisecond precision keeps lines short and stable.
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
