@@ -32,6 +32,10 @@ use crate::{
 
 /// How often events are drained when the ring buffer is not filling fast enough to wake us.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// A stack that holds nothing and allocated nothing for this long is forgotten (and its trend
+/// window has emptied): memory stays bounded over hours of tracing a program that keeps making
+/// new stacks. Looked for every fifth of it.
+const FORGET_IDLE: Duration = Duration::from_secs(5 * 60);
 
 /// Why a trace ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +143,7 @@ pub async fn run(
     let mut bad_records = 0u64;
     let mut finished = Vec::new();
     let mut reports = 0u64;
+    let mut forgot_at = Instant::now();
     let mut leak = false;
     started();
 
@@ -204,6 +209,17 @@ pub async fn run(
                     traced.target.space.refresh();
                 }
                 reports += 1;
+                if forgot_at.elapsed() >= FORGET_IDLE / 5 {
+                    forgot_at = Instant::now();
+                    let idle_since_ns =
+                        monotonic_ns().saturating_sub(FORGET_IDLE.as_nanos() as u64);
+                    for traced in live.values_mut() {
+                        let trends = &traced.trends;
+                        traced
+                            .heap
+                            .forget_idle_stacks(idle_since_ns, |stack| trends.tracks(stack));
+                    }
+                }
                 if settings.unwind == Unwind::Auto {
                     update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
                 }

@@ -105,8 +105,18 @@ pub struct HeapModel {
     /// Allocations and frees, each weighed by the blocks it stands for (1 unless sampled).
     weighed: Weighed,
     /// Indexed by stack id: bytes, and allocations weighed as in `weighed`.
-    allocated: Vec<(u64, f64)>,
+    allocated: Vec<StackTotals>,
     sampling: Option<Sampling>,
+}
+
+/// What one stack allocated since attach.
+#[derive(Clone, Copy, Debug, Default)]
+struct StackTotals {
+    bytes: u64,
+    /// Allocations weighed as in `weighed`; 0 for an id that no stack holds.
+    blocks: f64,
+    /// When it last allocated.
+    last_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -157,7 +167,7 @@ impl HeapModel {
                     let stack = self
                         .stacks
                         .intern(frames, truncated, Origin::Heap, ts_ns, code);
-                    self.count_allocated(stack, Origin::Heap, size_bytes);
+                    self.count_allocated(stack, Origin::Heap, size_bytes, ts_ns);
                     // An address still live: its release is still on its way (or was lost).
                     let new = Live {
                         size_bytes,
@@ -203,7 +213,7 @@ impl HeapModel {
                 let stack = self
                     .stacks
                     .intern(frames, truncated, backing.into(), ts_ns, code);
-                self.count_allocated(stack, backing.into(), size_bytes);
+                self.count_allocated(stack, backing.into(), size_bytes, ts_ns);
                 // MAP_FIXED over tracked memory replaces it.
                 let replaced = self.mappings.map(addr, size_bytes, stack, ts_ns, backing);
                 self.weighed.frees += replaced.released as f64;
@@ -222,16 +232,55 @@ impl HeapModel {
         }
     }
 
-    fn count_allocated(&mut self, stack: StackId, origin: Origin, size_bytes: u64) {
+    fn count_allocated(&mut self, stack: StackId, origin: Origin, size_bytes: u64, ts_ns: u64) {
         let (bytes, blocks) = self.weigh(origin, size_bytes);
         self.counters.allocations += 1;
         self.weighed.allocations += blocks;
         let index = stack.0 as usize;
         if index >= self.allocated.len() {
-            self.allocated.resize(index + 1, (0, 0.0));
+            self.allocated.resize(index + 1, StackTotals::default());
         }
-        self.allocated[index].0 += bytes;
-        self.allocated[index].1 += blocks;
+        let totals = &mut self.allocated[index];
+        totals.bytes += bytes;
+        totals.blocks += blocks;
+        totals.last_ns = ts_ns;
+    }
+
+    /// Forgets the stacks that hold nothing, allocated nothing since `idle_since_ns`, and that
+    /// `keep` does not ask for (a trend still watched): a long trace of a program that makes
+    /// ever new stacks (recursion, generated code, libraries loaded again) keeps a bounded
+    /// table. Their totals since attach go with them (pprof's alloc_space); the counters do
+    /// not change. Returns how many were forgotten.
+    pub fn forget_idle_stacks(
+        &mut self,
+        idle_since_ns: u64,
+        keep: impl Fn(StackId) -> bool,
+    ) -> usize {
+        let mut held = vec![false; self.allocated.len()];
+        let stacks = self
+            .live
+            .values()
+            .map(|live| live.stack)
+            .chain(self.mappings.pieces().map(|piece| piece.stack));
+        for stack in stacks {
+            if let Some(held) = held.get_mut(stack.0 as usize) {
+                *held = true;
+            }
+        }
+        let mut forgotten = 0;
+        for (index, totals) in self.allocated.iter_mut().enumerate() {
+            let id = StackId(index as u32);
+            if totals.blocks > 0.0 && !held[index] && totals.last_ns < idle_since_ns && !keep(id) {
+                self.stacks.forget(id);
+                *totals = StackTotals::default();
+                forgotten += 1;
+            }
+        }
+        // A block replaced at its address waits for a release that comes within moments;
+        // one that never came was lost (and counted).
+        self.replaced
+            .retain(|_, &mut (born_ns, _)| born_ns >= idle_since_ns);
+        forgotten
     }
 
     /// Releases the block at `addr` that was born before `released_ns`, when the release began.
@@ -279,7 +328,7 @@ impl HeapModel {
     pub fn allocated(&self, stack: StackId) -> Allocated {
         self.allocated
             .get(stack.0 as usize)
-            .map(|&a| allocated(a))
+            .map(allocated)
             .unwrap_or_default()
     }
 
@@ -288,8 +337,8 @@ impl HeapModel {
         self.allocated
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.1 > 0.0)
-            .map(|(i, &a)| (StackId(i as u32), allocated(a)))
+            .filter(|(_, a)| a.blocks > 0.0)
+            .map(|(i, a)| (StackId(i as u32), allocated(a)))
     }
 
     /// Outstanding bytes and allocations per stack, in no particular order, of the blocks
@@ -348,10 +397,10 @@ impl HeapModel {
 }
 
 /// Bytes and weighed allocations of a stack, as reported.
-fn allocated((bytes, blocks): (u64, f64)) -> Allocated {
+fn allocated(totals: &StackTotals) -> Allocated {
     Allocated {
-        bytes,
-        count: blocks.round() as u64,
+        bytes: totals.bytes,
+        count: totals.blocks.round() as u64,
     }
 }
 
@@ -824,5 +873,59 @@ mod tests {
         );
         assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x1000, 1)]);
         assert_eq!(heap.counters().frees, 1);
+    }
+
+    #[test]
+    fn idle_stacks_that_hold_nothing_are_forgotten_and_their_ids_reused() {
+        let mut heap = HeapModel::default();
+        let code = &mut NoModules;
+        // Stack [1]: a block freed at once. [2]: a block still held. [3]: a mapping still
+        // mapped. [4]: freed, but its trend is still watched. [5]: freed, but allocated lately.
+        heap.apply(&alloc(0x10, 8, &[1]), code);
+        heap.apply(&Event::Free { addr: 0x10 }, code);
+        heap.apply(&alloc(0x20, 8, &[2]), code);
+        heap.apply(
+            &map(0x30_000, 4096, MapSource::Mmap(Backing::Anonymous), &[3]),
+            code,
+        );
+        heap.apply(&alloc(0x40, 8, &[4]), code);
+        heap.apply(&Event::Free { addr: 0x40 }, code);
+        heap.apply(&alloc(0x5000, 8, &[5]), code);
+        heap.apply(&Event::Free { addr: 0x5000 }, code);
+        // A block replaced at its address whose release was lost.
+        heap.apply(&alloc(0x20, 16, &[2]), code);
+        let id_of = |heap: &HeapModel, frame: u64| {
+            heap.allocated_stacks()
+                .map(|(id, _)| id)
+                .find(|&id| heap.stacks().get(id).addresses().eq([frame]))
+        };
+        let watched = id_of(&heap, 4).unwrap();
+        let counters = heap.counters();
+        assert_eq!(heap.stacks().len(), 5);
+
+        let forgotten = heap.forget_idle_stacks(0x1000, |id| id == watched);
+        assert_eq!(forgotten, 1);
+        assert_eq!(heap.stacks().len(), 4);
+        assert_eq!(id_of(&heap, 1), None);
+        for kept in [2, 3, 4, 5] {
+            assert!(id_of(&heap, kept).is_some(), "{kept}");
+        }
+        // What was outstanding and the counters since attach are unchanged.
+        assert_eq!(usage_of(&heap, &[2]), Some((16, 1)));
+        assert_eq!(usage_of(&heap, &[3]), Some((4096, 1)));
+        assert_eq!(heap.counters(), counters);
+        // Replaced blocks born before the idle time are given up for lost.
+        assert!(heap.replaced.is_empty());
+
+        // A new stack takes the forgotten id, and the same frames come back as a new stack.
+        heap.apply(&alloc(0x60, 8, &[6]), code);
+        heap.apply(&alloc(0x70, 8, &[1]), code);
+        assert_eq!(heap.stacks().len(), 6);
+        assert_eq!(usage_of(&heap, &[6]), Some((8, 1)));
+        assert_eq!(usage_of(&heap, &[1]), Some((8, 1)));
+        let stack = id_of(&heap, 1).unwrap();
+        assert_eq!(heap.allocated(stack), Allocated { bytes: 8, count: 1 });
+        // Nothing is idle before the given time.
+        assert_eq!(heap.forget_idle_stacks(0, |_| false), 0);
     }
 }

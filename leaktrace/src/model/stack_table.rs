@@ -60,7 +60,8 @@ impl Stack {
     }
 }
 
-/// Interns stacks, comparing every frame: two different stacks never share an id.
+/// Interns stacks, comparing every frame: two different stacks never share an id at once. A
+/// forgotten stack's id goes to the next new stack (long traces keep a bounded table).
 ///
 /// A stack is its located frames: the same addresses hold other code once code was unmapped
 /// (a library unloaded and another loaded at its address, an `exec`). Events carry addresses,
@@ -74,6 +75,8 @@ pub struct Stacks {
     code_unmapped: u64,
     by_location: [HashMap<Arc<[Location]>, StackId>; Origin::ALL],
     stacks: Vec<Stack>,
+    /// Ids of forgotten stacks, free for new ones.
+    vacant: Vec<StackId>,
 }
 
 impl Stacks {
@@ -113,15 +116,50 @@ impl Stacks {
         if let Some(&id) = self.by_location[origin as usize].get(&frames) {
             return id;
         }
-        let id =
-            StackId(u32::try_from(self.stacks.len()).expect("fewer than 2^32 distinct stacks"));
-        self.stacks.push(Stack {
+        let stack = Stack {
             frames: frames.clone(),
             truncated: false,
             origin,
-        });
+        };
+        let id = match self.vacant.pop() {
+            Some(id) => {
+                self.stacks[id.0 as usize] = stack;
+                id
+            }
+            None => {
+                self.stacks.push(stack);
+                StackId(u32::try_from(self.stacks.len() - 1).expect("fewer than 2^32 stacks"))
+            }
+        };
         self.by_location[origin as usize].insert(frames, id);
         id
+    }
+
+    /// Forgets a stack that nothing refers to any more; its id goes to the next new stack.
+    pub fn forget(&mut self, id: StackId) {
+        let vacant = Stack {
+            frames: Arc::new([]),
+            truncated: false,
+            origin: Origin::Heap,
+        };
+        let stack = std::mem::replace(&mut self.stacks[id.0 as usize], vacant);
+        let by_address = &mut self.by_address[stack.origin as usize];
+        let addresses: Vec<u64> = stack.addresses().collect();
+        // Since code was unmapped, the same addresses may be another stack's.
+        if by_address.get(&addresses[..]) == Some(&id) {
+            by_address.remove(&addresses[..]);
+        }
+        self.by_location[stack.origin as usize].remove(&stack.frames);
+        self.vacant.push(id);
+    }
+
+    /// Stacks known now (forgotten ones not counted).
+    pub fn len(&self) -> usize {
+        self.stacks.len() - self.vacant.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn get(&self, id: StackId) -> &Stack {

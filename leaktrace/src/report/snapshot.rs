@@ -590,4 +590,37 @@ mod tests {
         // The window holds 3 samples: 3000, 5000, 5000.
         assert_eq!(at(4.0, 5000), Some(1000.0));
     }
+
+    #[test]
+    fn watched_stacks_are_the_top_of_the_same_order_whatever_top_lists() {
+        let mut heap = HeapModel::default();
+        for (frame, blocks) in [(1u64, 3u64), (2, 1), (3, 2)] {
+            for i in 0..blocks {
+                alloc(
+                    &mut heap,
+                    frame * 100 + i,
+                    0.5,
+                    Box::leak(Box::new([frame])),
+                );
+            }
+        }
+        let mut inp = input(1.0);
+        inp.0.top = 1;
+        inp.0.watch_top = 2;
+        let snap = take(&heap, &mut Trends::new(10, 0.0), &inp);
+        let firsts = |stacks: &[StackSummary]| {
+            stacks
+                .iter()
+                .map(|s| s.frames[0].address)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(firsts(&snap.stacks), [1]);
+        assert_eq!(firsts(&snap.watched), [1, 3]);
+        assert_eq!(snap.watched[0], snap.stacks[0]);
+        inp.0.top = 3;
+        inp.0.watch_top = 0;
+        let snap = take(&heap, &mut Trends::new(10, 0.0), &inp);
+        assert_eq!(firsts(&snap.stacks), [1, 3, 2]);
+        assert!(snap.watched.is_empty());
+    }
 }

@@ -111,6 +111,11 @@ impl Trends {
         });
     }
 
+    /// Whether the window still holds samples of `stack` (it held memory in the window).
+    pub fn tracks(&self, stack: StackId) -> bool {
+        self.samples.contains_key(&stack)
+    }
+
     /// Growth (bytes/s, least squares over the last samples) and kind of one stack.
     pub(super) fn classify(&self, stack: StackId, oldest_age_s: f64) -> (f64, Kind) {
         let Some(series) = self.samples.get(&stack) else {
