@@ -2,6 +2,7 @@
 
 mod bench_symbolize;
 mod bench_unwind;
+mod bench_watch;
 
 use std::{
     path::{Path, PathBuf},
@@ -44,6 +45,9 @@ enum Task {
         #[arg(long)]
         stacks: Option<u64>,
     },
+    /// Watch a service that does not leak for a long time (`--minutes`, default 30) with
+    /// `--metrics`, scraped every second, and print leaktrace's own memory as it goes.
+    BenchWatch(bench_watch::Args),
     /// Measure the cost per malloc/free pair of `--unwind dwarf|auto` next to `--unwind fp`,
     /// and how fast leaktrace unwinds stack copies.
     BenchUnwind {
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::bench(&args),
         Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
         Task::BenchUnwind { pairs, runs } => bench_unwind::bench_unwind(pairs, runs),
+        Task::BenchWatch(args) => bench_watch::bench_watch(&args),
     }
 }
 
