@@ -2,7 +2,10 @@
 //! They load BPF and attach uprobes, so they run as root (`cargo xtask test`).
 
 mod allocators;
+mod http;
+mod metrics;
 mod processes;
+mod prometheus;
 mod protobuf;
 mod sampling;
 mod service;

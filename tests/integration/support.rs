@@ -302,6 +302,16 @@ impl Leaktrace {
         }
     }
 
+    /// Where it serves `--metrics` (`http://ADDR/metrics`, said before it attached).
+    pub fn metrics_address(&self) -> String {
+        self.stderr
+            .iter()
+            .find_map(|line| line.strip_prefix("leaktrace: serving metrics at http://"))
+            .and_then(|url| url.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("no metrics address; stderr: {:?}", self.stderr))
+            .to_owned()
+    }
+
     pub fn interrupt(&self) {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
