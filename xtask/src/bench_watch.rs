@@ -84,7 +84,9 @@ pub fn bench_watch(args: &Args) -> anyhow::Result<()> {
         leaktrace.display(),
         args.minutes
     ));
-    println!("minutes  leaktrace_rss_MiB  leaktrace_hwm_MiB  service_rss_MiB  scrapes  failed  stacks  lost");
+    println!(
+        "minutes  leaktrace_rss_MiB  leaktrace_hwm_MiB  service_rss_MiB  scrapes  failed  stacks  lost"
+    );
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(args.minutes * 60.0);
     let mut next_row = start;

@@ -62,8 +62,9 @@ enum Task {
 
 /// Debian packages: rustc 1.96 with the library source its `-Z build-std` needs, LLVM 22 for
 /// bpf-linker, gcc and g++ for the test fixtures, the allocators the fixtures link with
-/// (jemalloc, tcmalloc, mimalloc), and redis, a real service that runs on jemalloc.
-const PACKAGES: [&str; 14] = [
+/// (jemalloc, tcmalloc, mimalloc), redis, a real service that runs on jemalloc, and Prometheus
+/// (2.42 in Debian 12: OpenMetrics scrapes, the HTTP API, promtool) to scrape `--metrics`.
+const PACKAGES: [&str; 15] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -78,7 +79,12 @@ const PACKAGES: [&str; 14] = [
     "redis-server",
     "redis-tools",
     "util-linux",
+    "prometheus",
 ];
+/// Of `PACKAGES`, those installed without their recommended packages: Prometheus recommends
+/// the node exporter (and its collectors: smartmontools, ipmitool, ...), a daemon the tests do
+/// not need and that would listen on every interface where services start on install.
+const WITHOUT_RECOMMENDS: [&str; 1] = ["prometheus"];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER: &str = "0.13.0";
 
@@ -145,10 +151,22 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
             missing.join(" ")
         ));
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        let (lean, rest): (Vec<&str>, Vec<&str>) = missing
+            .iter()
+            .partition(|pkg| WITHOUT_RECOMMENDS.contains(pkg));
+        for (packages, recommends) in [(rest, true), (lean, false)] {
+            if packages.is_empty() {
+                continue;
+            }
+            let mut install = Command::new("apt-get");
+            install.args(["install", "-y", "-q"]);
+            if !recommends {
+                install.arg("--no-install-recommends");
+            }
+            run(install
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
     }
     Ok(())
 }
