@@ -66,8 +66,11 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
-/// The series of an exposition (either format): (name, labels, value) per sample line.
-pub fn samples(exposition: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample line: metric name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// The series of an exposition (either format), one per sample line.
+pub fn samples(exposition: &str) -> Vec<Sample> {
     exposition
         .lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())

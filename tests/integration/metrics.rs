@@ -12,11 +12,9 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    http::{self, Response},
+    http::{self, Response, Sample},
     support::{Fixture, Leaktrace, compile, malloc_bytes_in, require_root, run_leaktrace},
 };
-
-pub type Sample = (String, Vec<(String, String)>, f64);
 
 /// The value of the one series of `name` whose labels include `labels`.
 pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {

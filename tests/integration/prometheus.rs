@@ -31,7 +31,7 @@ fn the_alerting_rules_pass_promtool_check_and_their_unit_tests() {
         ["test", "rules", "leaktrace-rules.test.yml"],
     ] {
         let out = Command::new("promtool")
-            .args(&args)
+            .args(args)
             .current_dir(rules_dir())
             .output()
             .unwrap();

@@ -640,4 +640,30 @@ mod tests {
         let (text, _) = exported(&exporter);
         assert!(text.contains(r#"comm="a \"quoted\"\\name""#), "{text}");
     }
+
+    #[test]
+    fn the_alerting_rules_use_only_series_that_are_exported() {
+        let rules = include_str!("../../../deploy/prometheus/leaktrace-rules.yml");
+        let exporter = Exporter::default();
+        let mut snapshot = snapshot(vec![summary(4096, Kind::Leak)]);
+        snapshot.sample_bytes = Some(4096);
+        exporter.publish(ProcessSeries::new(
+            &target(),
+            "app".into(),
+            &snapshot,
+            &[frames("leak_site", 0x16)],
+        ));
+        let (text, _) = exported(&exporter);
+        let names: Vec<&str> = rules
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("leaktrace_"))
+            .collect();
+        assert!(names.len() >= 4, "{names:?}");
+        for name in names {
+            assert!(
+                text.contains(&format!("\n{name}{{")),
+                "{name} is not exported:\n{text}"
+            );
+        }
+    }
 }
