@@ -13,7 +13,10 @@ use serde_json::Value;
 
 use crate::{
     http::{self, Response, Sample},
-    support::{Fixture, Leaktrace, compile, malloc_bytes_in, require_root, run_leaktrace},
+    support::{
+        Fixture, Leaktrace, compile, have_commands, installed, malloc_bytes_in, require_root,
+        run_leaktrace,
+    },
 };
 
 /// The value of the one series of `name` whose labels include `labels`.
@@ -63,18 +66,12 @@ pub fn scrape_until(address: &str, done: impl Fn(&[Sample]) -> bool) -> (Respons
     }
 }
 
-/// promtool (from Debian's prometheus package, which `cargo xtask setup` installs) is here;
-/// outside CI, a test without it skips and says so.
+/// promtool comes with Debian's prometheus package, which `cargo xtask setup` installs.
 pub fn have_promtool() -> bool {
-    let present = Command::new("promtool").arg("--version").output().is_ok();
-    if !present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "promtool is missing: run `cargo xtask setup` (Debian's prometheus package)"
-        );
-        eprintln!("skipping: promtool is not installed (run `cargo xtask setup`)");
-    }
-    present
+    installed(
+        "promtool (Debian's prometheus)",
+        have_commands(&["promtool"]),
+    )
 }
 
 /// The JSON report that a scrape's numbers came from (same timestamp).

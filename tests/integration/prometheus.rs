@@ -14,7 +14,10 @@ use serde_json::Value;
 use crate::{
     http,
     metrics::have_promtool,
-    support::{Fixture, Leaktrace, compile, expected_sites, require_root, stack_of},
+    support::{
+        Fixture, Leaktrace, compile, expected_sites, have_commands, installed, require_root,
+        stack_of,
+    },
 };
 
 fn rules_dir() -> PathBuf {
@@ -158,15 +161,7 @@ fn sample_value(sample: &Value) -> f64 {
 }
 
 fn have_prometheus() -> bool {
-    let present = Command::new("prometheus").arg("--version").output().is_ok();
-    if !present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "prometheus is missing: run `cargo xtask setup`"
-        );
-        eprintln!("skipping: prometheus is not installed (run `cargo xtask setup`)");
-    }
-    present
+    installed("prometheus", have_commands(&["prometheus"]))
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::support::{Leaktrace, require_root};
+use crate::support::{Leaktrace, have_commands, installed, require_root};
 
 /// Kills the server when dropped, whatever happens in between.
 struct Server(Child);
@@ -63,23 +63,8 @@ fn benchmark(port: u16, requests: u32) {
 }
 
 fn have_redis() -> bool {
-    let present = ["redis-server", "redis-cli", "redis-benchmark"]
-        .iter()
-        .all(|tool| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-    if !present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "redis-server and redis-tools are missing: run `cargo xtask setup`"
-        );
-        eprintln!("skipping: redis is not installed (run `cargo xtask setup`)");
-    }
-    present
+    let tools = ["redis-server", "redis-cli", "redis-benchmark"];
+    installed("redis (redis-server, redis-tools)", have_commands(&tools))
 }
 
 #[test]

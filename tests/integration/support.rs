@@ -31,6 +31,30 @@ pub fn require_root() -> bool {
     false
 }
 
+/// Whether `what`, which `cargo xtask setup` installs, is here. Outside CI a test without it
+/// skips and says so; under `CI=true` a skip would hide a broken setup, so it fails instead.
+pub fn installed(what: &str, present: bool) -> bool {
+    if !present {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{what} is missing: run `cargo xtask setup`"
+        );
+        eprintln!("skipping: {what} is not installed (run `cargo xtask setup`)");
+    }
+    present
+}
+
+/// Whether every one of these commands is on the PATH.
+pub fn have_commands(commands: &[&str]) -> bool {
+    commands.iter().all(|command| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {command}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
