@@ -130,6 +130,14 @@ fn scrape_a_round_of_leaky(binary: &crate::support::Binary) -> (Vec<Sample>, Res
     (samples, openmetrics, outcome.reports)
 }
 
+/// The outstanding bytes of the stack whose function is `leak_site`.
+fn leak_site_series(samples: &[Sample]) -> &Sample {
+    const LEAK_SITE: [(&str, &str); 1] = [("function", "leak_site")];
+    series(samples, "leaktrace_stack_outstanding_bytes", &LEAK_SITE)
+        .next()
+        .expect("the leak's series")
+}
+
 #[test]
 fn metrics_are_the_json_report_s_numbers_in_both_formats_and_the_stack_id_survives_a_restart() {
     if !require_root() {
@@ -137,13 +145,7 @@ fn metrics_are_the_json_report_s_numbers_in_both_formats_and_the_stack_id_surviv
     }
     let binary = compile("leaky", &[]);
     let (samples, openmetrics, reports) = scrape_a_round_of_leaky(&binary);
-    let leak = series(
-        &samples,
-        "leaktrace_stack_outstanding_bytes",
-        &[("function", "leak_site")],
-    )
-    .next()
-    .expect("the leak's series");
+    let leak = leak_site_series(&samples);
     assert_eq!(leak.2, 409_600.0);
     let stack_id = label(leak, "stack_id").to_owned();
     assert!(
@@ -211,13 +213,7 @@ fn metrics_are_the_json_report_s_numbers_in_both_formats_and_the_stack_id_surviv
 
     // Another run of the same program (another process, loaded elsewhere): the same id.
     let (again, _, _) = scrape_a_round_of_leaky(&binary);
-    let leak_again = series(
-        &again,
-        "leaktrace_stack_outstanding_bytes",
-        &[("function", "leak_site")],
-    )
-    .next()
-    .expect("the leak's series");
+    let leak_again = leak_site_series(&again);
     assert_eq!(label(leak_again, "stack_id"), stack_id);
     assert_ne!(label(leak_again, "pid"), label(leak, "pid"));
 }
