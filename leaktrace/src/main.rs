@@ -201,13 +201,13 @@ fn session(
     style: render::Style,
     output: Output,
 ) -> anyhow::Result<Session> {
-    let rendered_target = render::Target {
+    let header = render::Header {
         pid: target.pid,
         command: target.command.clone(),
         allocator: allocator.name().to_owned(),
         allocator_module: allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(rendered_target, modules.clone(), format, style, output)
+    let reporter = Reporter::spawn(header, modules.clone(), format, style, output)
         .context("starting the reporter thread")?;
     Ok(Session { target, reporter })
 }

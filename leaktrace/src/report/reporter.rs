@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     output::Output,
-    render::{Format, Report, Style, Target},
+    render::{Format, Header, Report, Style},
     snapshot::Snapshot,
 };
 use crate::{
@@ -30,7 +30,7 @@ pub struct Reporter {
 impl Reporter {
     /// `modules` are those the snapshots' stacks are located in.
     pub fn spawn(
-        target: Target,
+        header: Header,
         modules: Arc<Modules>,
         format: Format,
         style: Style,
@@ -56,7 +56,7 @@ impl Reporter {
                     rendered.clear();
                     format.render(
                         &Report {
-                            target: &target,
+                            header: &header,
                             snapshot: &snapshot,
                             frames: &frames,
                             style,
