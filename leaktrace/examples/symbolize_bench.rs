@@ -32,7 +32,7 @@ use leaktrace::{
     },
     proc::maps::ProcMaps,
     report::{
-        render::{Format, Report, Target},
+        render::{Format, Header, Report},
         snapshot::{Moment, Selection, SortKey, snapshot},
         trends::Trends,
     },
@@ -278,7 +278,7 @@ fn main() -> anyhow::Result<()> {
             last: true,
         },
     );
-    let target = Target {
+    let header = Header {
         pid,
         command: binary.display().to_string(),
         allocator: String::new(),
@@ -296,7 +296,7 @@ fn main() -> anyhow::Result<()> {
         let frames = symbolizer.symbolize_stacks(&stack_refs);
         let symbolized = started.elapsed();
         let report = Report {
-            target: &target,
+            header: &header,
             snapshot: &snap,
             frames: &frames,
             style: Default::default(),

@@ -70,28 +70,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         .map(|_| Arc::new(Exporter::default()));
     raise_open_files_limit();
     let modules = Modules::new();
-    // Spawn mode forks here, before any thread exists: the child waits before exec until the
-    // probes are attached.
-    let mut child = None;
-    let mut targets = Vec::new();
-    match &config.targets {
-        Targets::Pids(pids) => {
-            for &pid in pids {
-                let target = Target::open(pid, &modules)?;
-                let allocator = allocator::of_target(&target)?;
-                targets.push((target, allocator));
-            }
-        }
-        Targets::Command(command) => {
-            let program = spawn::find_program(&command[0])?;
-            let libraries = spawn::libraries(&program)?;
-            let forked = spawn::Child::fork(&program, command)?;
-            let allocator = allocator::discover_files(forked.pid, &program, &libraries)
-                .with_context(|| format!("finding the allocator of {}", program.display()))?;
-            targets.push((Target::spawned(forked.pid, command, &modules), allocator));
-            child = Some(forked);
-        }
-    }
+    let (mut targets, mut child) = open_targets(&config.targets, &modules)?;
     let pids: Vec<u32> = targets.iter().map(|(t, _)| t.pid).collect();
     let first_command = targets[0].0.command.clone();
     let reports = &config.report;
@@ -191,6 +170,53 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     ));
     drop(watcher);
     let ended = ended?;
+    say_how_it_ended(ended, &pids, child, &first_command)?;
+    let fail = ended.leak && reports.fail_on_leak;
+    if fail {
+        eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
+    }
+    Ok(fail)
+}
+
+/// The processes to trace, each with its allocator.
+type Opened = Vec<(Target, Allocator)>;
+
+/// The targets with their allocators, and spawn mode's command. Spawn mode forks here, before
+/// any thread exists: the child waits before exec until the probes are attached.
+fn open_targets(
+    targets: &Targets,
+    modules: &Arc<Modules>,
+) -> anyhow::Result<(Opened, Option<spawn::Child>)> {
+    match targets {
+        Targets::Pids(pids) => {
+            let mut targets = Vec::new();
+            for &pid in pids {
+                let target = Target::open(pid, modules)?;
+                let allocator = allocator::of_target(&target)?;
+                targets.push((target, allocator));
+            }
+            Ok((targets, None))
+        }
+        Targets::Command(command) => {
+            let program = spawn::find_program(&command[0])?;
+            let libraries = spawn::libraries(&program)?;
+            let forked = spawn::Child::fork(&program, command)?;
+            let allocator = allocator::discover_files(forked.pid, &program, &libraries)
+                .with_context(|| format!("finding the allocator of {}", program.display()))?;
+            let target = Target::spawned(forked.pid, command, modules);
+            Ok((vec![(target, allocator)], Some(forked)))
+        }
+    }
+}
+
+/// Says on stderr why the trace ended; in spawn mode, stops the command if it still runs and
+/// says how it exited.
+fn say_how_it_ended(
+    ended: event_loop::Ended,
+    pids: &[u32],
+    child: Option<spawn::Child>,
+    command: &str,
+) -> anyhow::Result<()> {
     let pids = pids
         .iter()
         .map(u32::to_string)
@@ -209,13 +235,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
             child.signal(libc::SIGTERM);
         }
         let status = child.wait()?;
-        eprintln!("leaktrace: `{first_command}` exited with status {status}");
+        eprintln!("leaktrace: `{command}` exited with status {status}");
     }
-    let fail = ended.leak && reports.fail_on_leak;
-    if fail {
-        eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
-    }
-    Ok(fail)
+    Ok(())
 }
 
 /// A reporter for one traced process, started before the user (or a test) is told that
@@ -229,21 +251,14 @@ fn session(
     output: Output,
     exporter: Option<Arc<Exporter>>,
 ) -> anyhow::Result<Session> {
-    let rendered_target = render::Target {
+    let header = render::Header {
         pid: target.pid,
         command: target.command.clone(),
         allocator: allocator.name().to_owned(),
         allocator_module: allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(
-        rendered_target,
-        modules.clone(),
-        format,
-        style,
-        output,
-        exporter,
-    )
-    .context("starting the reporter thread")?;
+    let reporter = Reporter::spawn(header, modules.clone(), format, style, output, exporter)
+        .context("starting the reporter thread")?;
     Ok(Session { target, reporter })
 }
 

@@ -23,7 +23,7 @@ use self::{
     stats::Summary,
     tracer::{Tracer, Tracing},
 };
-use super::{Child, build_release, require_root, run, setup, step, workspace};
+use super::{Child, build_release, fixture, require_root, run, setup, step, workspace};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -113,12 +113,12 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
 
 fn compile(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let out = dir.join(name);
-    step(&format!("compiling bench/{name}.c"));
+    step(&format!("compiling tests/fixtures/{name}.c"));
     // Frame pointers, as leaktrace's stacks want them; -O2 as services are built.
     run(Command::new("gcc")
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
         .arg(&out)
-        .arg(workspace().join(format!("bench/{name}.c"))))?;
+        .arg(fixture(&format!("{name}.c"))))?;
     Ok(out)
 }
 
@@ -450,7 +450,7 @@ impl Server {
     fn print(&self) {
         println!();
         println!(
-            "server (bench/echo_server.c: 6 allocations per request; {CONNECTIONS} connections on 127.0.0.1, closed loop), median [min..max]:"
+            "server (tests/fixtures/echo_server.c: 6 allocations per request; {CONNECTIONS} connections on 127.0.0.1, closed loop), median [min..max]:"
         );
         println!(
             "{:<12} {:>26} {:>22} {:>22}",

@@ -1,7 +1,7 @@
 //! `cargo xtask bench-unwind`: what unwinding with call-frame information costs the traced
 //! process, next to frame pointers, and how fast leaktrace unwinds.
 //!
-//! A fixture (`xtask/fixtures/malloc_free_loop.c`, -O2 with frame pointers, 8 calls deep) times
+//! A fixture (`tests/fixtures/malloc_free_loop.c`, -O2 with frame pointers, 8 calls deep) times
 //! its own malloc/free pairs. Each run measures every configuration once, one after the other
 //! (untraced, `--unwind fp`, `--unwind dwarf` at each stack copy size, `--unwind auto`), so that
 //! the noise of a shared machine hits them alike; the table gives the median over the runs of
@@ -78,7 +78,7 @@ pub fn bench_unwind(pairs: u64, runs: usize) -> anyhow::Result<()> {
     let root = workspace();
     let dir = root.join("target/bench-unwind");
     std::fs::create_dir_all(&dir)?;
-    let source = root.join("xtask/fixtures/malloc_free_loop.c");
+    let source = crate::fixture("malloc_free_loop.c");
     let with_fp = dir.join("malloc_free_loop");
     let without_fp = dir.join("malloc_free_loop_nofp");
     for (binary, flag) in [

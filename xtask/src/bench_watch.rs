@@ -1,6 +1,6 @@
 //! `cargo xtask bench-watch`: leaktrace's own memory over a long watch.
 //!
-//! A service that does not leak (`xtask/fixtures/watch_churn.c`: steady malloc/free churn, a
+//! A service that does not leak (`tests/fixtures/watch_churn.c`: steady malloc/free churn, a
 //! flat cache, and a stream of new call stacks that each end up holding nothing) is traced with
 //! `--metrics`, scraped every second as Prometheus would, for as long as asked. Every sample
 //! period the table shows leaktrace's resident set (VmRSS) and peak (VmHWM), the scrapes
@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Child, build_release, require_root, run, setup, step, workspace};
+use crate::{Child, build_release, fixture, require_root, run, setup, step, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,7 +57,7 @@ pub fn bench_watch(args: &Args) -> anyhow::Result<()> {
     run(Command::new("gcc")
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&service)
-        .arg(root.join("xtask/fixtures/watch_churn.c")))?;
+        .arg(fixture("watch_churn.c")))?;
 
     let mut fixture = Child(
         Command::new(&service)

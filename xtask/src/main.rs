@@ -107,6 +107,12 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
+/// A C or C++ fixture: they all live in `tests/fixtures`, the tests', the benches' and the
+/// demo's alike.
+fn fixture(file: &str) -> PathBuf {
+    workspace().join("tests/fixtures").join(file)
+}
+
 fn step(what: &str) {
     eprintln!("xtask: {what}");
 }
@@ -262,11 +268,11 @@ fn demo() -> anyhow::Result<()> {
     let demo_dir = root.join("target/demo");
     std::fs::create_dir_all(&demo_dir)?;
     let service = demo_dir.join("leaky-service");
-    step("building the leaky demo service (demo/leaky_service.c)");
+    step("building the leaky demo service (tests/fixtures/leaky_service.c)");
     run(Command::new("gcc")
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
         .arg(&service)
-        .arg(root.join("demo/leaky_service.c")))?;
+        .arg(fixture("leaky_service.c")))?;
     let child = Child(
         Command::new(&service)
             .stdin(Stdio::null())

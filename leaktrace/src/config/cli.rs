@@ -361,29 +361,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_incident_flags() {
-        let cli = Cli::try_parse_from([
-            "leaktrace",
-            "-p",
-            "1",
-            "--count",
-            "4",
-            "--sort",
-            "growth",
-            "--min-size",
-            "4K",
-            "--max-size",
-            "1MiB",
-            "--fail-on-leak",
-        ])
-        .unwrap();
-        assert_eq!(cli.count, Some(4));
-        assert_eq!(cli.sort, SortKey::Growth);
-        assert_eq!((cli.min_size, cli.max_size), (Some(4096), Some(1 << 20)));
-        assert!(cli.fail_on_leak);
-    }
-
-    #[test]
     fn spawn_mode_and_diff_are_told_apart_from_a_trace() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();

@@ -23,7 +23,7 @@ use crate::{
     metrics::stack_identity::{program_function, stack_id},
     model::location::Location,
     report::{
-        render::{Target, json::round3},
+        render::{Header, json::round3},
         snapshot::{Snapshot, Totals},
         trends::Kind,
     },
@@ -60,7 +60,7 @@ pub struct StackSeries {
 impl ProcessSeries {
     /// The series of a report whose watched stacks (`snapshot.watched`) are symbolized as
     /// `frames`.
-    pub fn new(target: &Target, comm: String, snapshot: &Snapshot, frames: &[Vec<Frame>]) -> Self {
+    pub fn new(header: &Header, comm: String, snapshot: &Snapshot, frames: &[Vec<Frame>]) -> Self {
         let mut stacks: Vec<StackSeries> = Vec::with_capacity(snapshot.watched.len());
         for (stack, frames) in snapshot.watched.iter().zip(frames) {
             let id = stack_id(frames, stack.origin);
@@ -76,7 +76,7 @@ impl ProcessSeries {
             }
             stacks.push(StackSeries {
                 stack_id: id,
-                function: program_function(frames, &target.allocator_module),
+                function: program_function(frames, &header.allocator_module),
                 kind: stack.kind,
                 outstanding_bytes: stack.outstanding_bytes,
                 outstanding_allocations: stack.outstanding_allocations,
@@ -116,7 +116,7 @@ impl Watch {
     /// Publishes a report's watched stacks, symbolized; a final report retires the process.
     pub fn report(
         &mut self,
-        target: &Target,
+        header: &Header,
         snapshot: &Snapshot,
         symbolizer: &mut StackSymbolizer,
     ) {
@@ -130,13 +130,13 @@ impl Watch {
             self.comm = Some(comm);
         }
         let comm = self.comm.clone().unwrap_or_else(|| {
-            let program = target.command.split(' ').next().unwrap_or_default();
+            let program = header.command.split(' ').next().unwrap_or_default();
             program.rsplit('/').next().unwrap_or(program).to_owned()
         });
         let stacks: Vec<&[Location]> = snapshot.watched.iter().map(|s| &*s.frames).collect();
         let frames = symbolizer.symbolize_stacks(&stacks);
         self.exporter
-            .publish(ProcessSeries::new(target, comm, snapshot, &frames));
+            .publish(ProcessSeries::new(header, comm, snapshot, &frames));
     }
 }
 
@@ -428,8 +428,8 @@ mod tests {
         report::snapshot::StackSummary,
     };
 
-    fn target() -> Target {
-        Target {
+    fn header() -> Header {
+        Header {
             pid: 42,
             command: "/srv/app --serve".into(),
             allocator: "glibc".into(),
@@ -450,7 +450,7 @@ mod tests {
             },
             frames: [crate::model::location::Location::unknown(0x5555_0000_1136)].into(),
             truncated: false,
-            origin: Origin::Heap,
+            origin: Origin::Malloc,
         }
     }
 
@@ -499,12 +499,12 @@ mod tests {
         let exporter = Exporter::default();
         let snapshot = snapshot(vec![summary(4096, Kind::Leak), summary(2048, Kind::Stable)]);
         let series = ProcessSeries::new(
-            &target(),
+            &header(),
             "app".into(),
             &snapshot,
             &[frames("leak_site", 0x16), frames("cache_put", 0x2a)],
         );
-        let leak_id = stack_id(&frames("leak_site", 0x16), Origin::Heap);
+        let leak_id = stack_id(&frames("leak_site", 0x16), Origin::Malloc);
         exporter.publish(series);
         let (text, openmetrics) = exported(&exporter);
         let labels = r#"pid="42",comm="app""#;
@@ -558,7 +558,7 @@ mod tests {
         let exporter = Exporter::default();
         let with = |stacks: Vec<(StackSummary, Vec<Frame>)>| {
             let (summaries, frames): (Vec<_>, Vec<_>) = stacks.into_iter().unzip();
-            ProcessSeries::new(&target(), "app".into(), &snapshot(summaries), &frames)
+            ProcessSeries::new(&header(), "app".into(), &snapshot(summaries), &frames)
         };
         exporter.publish(with(vec![
             (summary(4096, Kind::Growing), frames("leak_site", 0x16)),
@@ -601,7 +601,7 @@ mod tests {
         snapshot.sample_bytes = Some(512 << 10);
         snapshot.totals.lost_events = 7;
         snapshot.rss_bytes = None;
-        exporter.publish(ProcessSeries::new(&target(), "app".into(), &snapshot, &[]));
+        exporter.publish(ProcessSeries::new(&header(), "app".into(), &snapshot, &[]));
         let (text, _) = exported(&exporter);
         let labels = r#"{pid="42",comm="app"}"#;
         assert!(text.contains(&format!("leaktrace_sampling_enabled{labels} 1\n")));
@@ -622,7 +622,7 @@ mod tests {
         ]);
         // A library loaded twice: two stacks, the same frames once symbolized.
         let series = ProcessSeries::new(
-            &target(),
+            &header(),
             "a \"quoted\"\\name".into(),
             &snapshot,
             &[frames("leak_site", 0x16), frames("leak_site", 0x16)],
@@ -648,7 +648,7 @@ mod tests {
         let mut snapshot = snapshot(vec![summary(4096, Kind::Leak)]);
         snapshot.sample_bytes = Some(4096);
         exporter.publish(ProcessSeries::new(
-            &target(),
+            &header(),
             "app".into(),
             &snapshot,
             &[frames("leak_site", 0x16)],

@@ -132,38 +132,41 @@ mod tests {
 
     #[test]
     fn the_same_code_path_has_the_same_id_wherever_it_was_loaded() {
-        let id = stack_id(&leak_stack(0x5555_0000_0000), Origin::Heap);
+        let id = stack_id(&leak_stack(0x5555_0000_0000), Origin::Malloc);
         assert_eq!(id.len(), 16);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(stack_id(&leak_stack(0x5600_1234_0000), Origin::Heap), id);
+        assert_eq!(stack_id(&leak_stack(0x5600_1234_0000), Origin::Malloc), id);
         // A deleted file (a package upgrade) or another directory (a container) is the same
         // module.
         let mut moved = leak_stack(0x5555_0000_0000);
         moved[2].module = Some("/usr/lib/x86_64-linux-gnu/libc.so.6 (deleted)".into());
-        assert_eq!(stack_id(&moved, Origin::Heap), id);
+        assert_eq!(stack_id(&moved, Origin::Malloc), id);
     }
 
     #[test]
     fn stacks_that_leaktrace_tells_apart_have_different_ids() {
-        let id = stack_id(&leak_stack(0), Origin::Heap);
-        assert_ne!(stack_id(&leak_stack(0), Origin::Mapping), id);
+        let id = stack_id(&leak_stack(0), Origin::Malloc);
+        assert_ne!(stack_id(&leak_stack(0), Origin::Mmap), id);
         // Another call site in the same function.
         let mut other_site = leak_stack(0);
         other_site[0].offset = 0x20;
-        assert_ne!(stack_id(&other_site, Origin::Heap), id);
+        assert_ne!(stack_id(&other_site, Origin::Malloc), id);
         // Another return address in a module without symbols.
         let mut other_offset = leak_stack(0);
         other_offset[2].module_offset += 1;
-        assert_ne!(stack_id(&other_offset, Origin::Heap), id);
+        assert_ne!(stack_id(&other_offset, Origin::Malloc), id);
         // A frame more, or inlined rather than called.
-        assert_ne!(stack_id(&leak_stack(0)[..2], Origin::Heap), id);
+        assert_ne!(stack_id(&leak_stack(0)[..2], Origin::Malloc), id);
         let mut inlined = leak_stack(0);
         inlined[0].inlined = true;
-        assert_ne!(stack_id(&inlined, Origin::Heap), id);
+        assert_ne!(stack_id(&inlined, Origin::Malloc), id);
         // Names are not run together: "ab" + "c" is not "a" + "bc".
         let ab_c = [frame(Some("ab"), 0, "/a", 0), frame(Some("c"), 0, "/a", 0)];
         let a_bc = [frame(Some("a"), 0, "/a", 0), frame(Some("bc"), 0, "/a", 0)];
-        assert_ne!(stack_id(&ab_c, Origin::Heap), stack_id(&a_bc, Origin::Heap));
+        assert_ne!(
+            stack_id(&ab_c, Origin::Malloc),
+            stack_id(&a_bc, Origin::Malloc)
+        );
     }
 
     #[test]
@@ -171,15 +174,15 @@ mod tests {
         // FNV-1a of these bytes does not depend on the Rust release or the process: a change
         // here renames every stack in users' Prometheus. (The empty stack hashes "malloc",
         // its origin: FNV-1a 64 of those six bytes, computed apart.)
-        assert_eq!(stack_id(&[], Origin::Heap), "d9c0619da0f59bad");
+        assert_eq!(stack_id(&[], Origin::Malloc), "d9c0619da0f59bad");
         assert_eq!(
             stack_id(
                 &[frame(Some("leak_site"), 0x16, "/srv/app", 0x1136)],
-                Origin::Heap
+                Origin::Malloc
             ),
             stack_id(
                 &[frame(Some("leak_site"), 0x16, "/elsewhere/app", 0x9999)],
-                Origin::Heap
+                Origin::Malloc
             ),
         );
     }

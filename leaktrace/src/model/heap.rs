@@ -7,13 +7,13 @@ use super::{
     HashMap,
     event::{Backing, Event, MapSource},
     location::Locate,
-    mapped::Mappings,
+    mapped::MappedRanges,
     stack_table::{Origin, StackId, Stacks},
 };
 
 /// A block allocated since attach and not freed yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Live {
+struct Block {
     size_bytes: u64,
     ts_ns: u64,
     stack: StackId,
@@ -92,12 +92,12 @@ impl Sampling {
 
 #[derive(Debug, Default)]
 pub struct HeapModel {
-    live: HashMap<u64, Live>,
+    live: HashMap<u64, Block>,
     /// Blocks that a younger block at the same address replaced before their release was seen,
     /// by address: the birth time and size of the replaced one. A call that releases a block
     /// (realloc) reports it at its return, and another thread may get the address in between.
     replaced: HashMap<u64, (u64, u64)>,
-    mappings: Mappings,
+    mappings: MappedRanges,
     stacks: Stacks,
     /// Allocation events as traced and the unmatched releases; the reported `allocations` and
     /// `frees` come from `weighed` (`frees` is not kept here).
@@ -141,7 +141,7 @@ impl HeapModel {
     /// The bytes and blocks that a traced block of `origin` stands for.
     fn weigh(&self, origin: Origin, size_bytes: u64) -> (u64, f64) {
         match self.sampling {
-            Some(sampling) if origin == Origin::Heap => {
+            Some(sampling) if origin == Origin::Malloc => {
                 (sampling.bytes(size_bytes), sampling.weight(size_bytes))
             }
             _ => (size_bytes, 1.0),
@@ -166,10 +166,10 @@ impl HeapModel {
                 if addr != 0 {
                     let stack = self
                         .stacks
-                        .intern(frames, truncated, Origin::Heap, ts_ns, code);
-                    self.count_allocated(stack, Origin::Heap, size_bytes, ts_ns);
+                        .intern(frames, truncated, Origin::Malloc, ts_ns, code);
+                    self.count_allocated(stack, Origin::Malloc, size_bytes, ts_ns);
                     // An address still live: its release is still on its way (or was lost).
-                    let new = Live {
+                    let new = Block {
                         size_bytes,
                         ts_ns,
                         stack,
@@ -298,7 +298,7 @@ impl HeapModel {
             },
         };
         match released_size {
-            Some(size) => self.weighed.frees += self.weigh(Origin::Heap, size).1,
+            Some(size) => self.weighed.frees += self.weigh(Origin::Malloc, size).1,
             None => {
                 self.weighed.frees += 1.0;
                 self.counters.unmatched_frees += 1;
@@ -367,7 +367,7 @@ impl HeapModel {
             .values()
             .filter(|live| live.ts_ns <= born_by_ns && sizes.contains(&live.size_bytes))
         {
-            let weighed = self.weigh(Origin::Heap, live.size_bytes);
+            let weighed = self.weigh(Origin::Malloc, live.size_bytes);
             add(live.stack, weighed, live.ts_ns);
         }
         // A mapping split by a partial munmap is still one allocation.
@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(usage_of(&heap, &[2]), Some((4000, 1)));
         // malloc(0) was drawn as a 1-byte block: 1000 blocks of no bytes.
         assert_eq!(usage_of(&heap, &[3]), Some((0, 1000)));
-        // Mappings are never sampled.
+        // MappedRanges are never sampled.
         assert_eq!(usage_of(&heap, &[4]), Some((8192, 1)));
         heap.apply(&Event::Free { addr: 0x1000 }, &mut NoModules);
         assert_eq!(usage_of(&heap, &[1]), Some((1000, 10)));
@@ -615,20 +615,20 @@ mod tests {
     #[test]
     fn stacks_differing_in_one_frame_stay_apart() {
         let mut stacks = Stacks::default();
-        let a = stacks.intern(&[1, 2, 3], false, Origin::Heap, 0, &mut NoModules);
+        let a = stacks.intern(&[1, 2, 3], false, Origin::Malloc, 0, &mut NoModules);
         assert_eq!(
-            stacks.intern(&[1, 2, 3], false, Origin::Heap, 0, &mut NoModules),
+            stacks.intern(&[1, 2, 3], false, Origin::Malloc, 0, &mut NoModules),
             a
         );
-        let b = stacks.intern(&[1, 2, 4], false, Origin::Heap, 0, &mut NoModules);
-        let c = stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules);
-        let d = stacks.intern(&[4, 2, 3], true, Origin::Heap, 0, &mut NoModules);
-        let e = stacks.intern(&[1, 2, 3], false, Origin::FileMapping, 0, &mut NoModules);
+        let b = stacks.intern(&[1, 2, 4], false, Origin::Malloc, 0, &mut NoModules);
+        let c = stacks.intern(&[1, 2], false, Origin::Malloc, 0, &mut NoModules);
+        let d = stacks.intern(&[4, 2, 3], true, Origin::Malloc, 0, &mut NoModules);
+        let e = stacks.intern(&[1, 2, 3], false, Origin::MmapFile, 0, &mut NoModules);
         assert_eq!(
-            stacks.intern(&[1, 2, 3], false, Origin::FileMapping, 0, &mut NoModules),
+            stacks.intern(&[1, 2, 3], false, Origin::MmapFile, 0, &mut NoModules),
             e
         );
-        assert_eq!(stacks.get(e).origin, Origin::FileMapping);
+        assert_eq!(stacks.get(e).origin, Origin::MmapFile);
         assert_eq!(
             [a, b, c, d, e]
                 .iter()
@@ -643,16 +643,16 @@ mod tests {
     #[test]
     fn the_same_frames_once_cut_short_show_as_truncated() {
         let mut stacks = Stacks::default();
-        let a = stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules);
+        let a = stacks.intern(&[1, 2], false, Origin::Malloc, 0, &mut NoModules);
         assert!(!stacks.get(a).truncated);
         assert_eq!(
-            stacks.intern(&[1, 2], true, Origin::Heap, 0, &mut NoModules),
+            stacks.intern(&[1, 2], true, Origin::Malloc, 0, &mut NoModules),
             a
         );
         assert!(stacks.get(a).truncated);
         // A later whole capture does not undo it.
         assert_eq!(
-            stacks.intern(&[1, 2], false, Origin::Heap, 0, &mut NoModules),
+            stacks.intern(&[1, 2], false, Origin::Malloc, 0, &mut NoModules),
             a
         );
         assert!(stacks.get(a).truncated);
@@ -704,7 +704,7 @@ mod tests {
         );
         // A hole in the middle: one allocation in two pieces.
         heap.apply(&unmap(0x11000, 0x1000), &mut NoModules);
-        assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x3000, 1)]);
+        assert_eq!(origin_usage(&heap, Origin::Mmap), [(0x3000, 1)]);
         // mremap moves the file mapping and grows it: still a file mapping, now of the
         // mremap's stack.
         heap.apply(
@@ -721,7 +721,7 @@ mod tests {
             ),
             &mut NoModules,
         );
-        assert_eq!(origin_usage(&heap, Origin::FileMapping), [(0x3000, 1)]);
+        assert_eq!(origin_usage(&heap, Origin::MmapFile), [(0x3000, 1)]);
         assert_eq!(
             heap.usage(u64::MAX)
                 .iter()
@@ -760,7 +760,7 @@ mod tests {
             &mut NoModules,
         );
         assert_eq!(
-            origin_usage(&heap, Origin::Mapping),
+            origin_usage(&heap, Origin::Mmap),
             [(0x1000, 1), (0x1000, 1), (0x3000, 1)]
         );
         // The rest of the first mapping goes; an unmap of nothing tracked is counted apart.
@@ -780,7 +780,7 @@ mod tests {
         heap.apply(&Event::Free { addr: 0x40000 }, &mut NoModules);
         assert_eq!(heap.counters().unmatched_frees, 1);
         assert_eq!(
-            origin_usage(&heap, Origin::Mapping),
+            origin_usage(&heap, Origin::Mmap),
             [(0x1000, 1), (0x1000, 1)]
         );
     }
@@ -871,7 +871,7 @@ mod tests {
             },
             &mut NoModules,
         );
-        assert_eq!(origin_usage(&heap, Origin::Mapping), [(0x1000, 1)]);
+        assert_eq!(origin_usage(&heap, Origin::Mmap), [(0x1000, 1)]);
         assert_eq!(heap.counters().frees, 1);
     }
 

@@ -20,7 +20,7 @@ struct Piece {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Mapping {
+struct MapCall {
     stack: StackId,
     ts_ns: u64,
     backing: Backing,
@@ -31,21 +31,21 @@ struct Mapping {
 /// What an unmap did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Unmapped {
-    /// Mappings of which no page is left.
+    /// MappedRanges of which no page is left.
     pub released: u64,
     /// Bytes that were tracked and are now gone.
     pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
-pub struct Mappings {
+pub struct MappedRanges {
     /// Pieces by start address; they never overlap.
     pieces: BTreeMap<u64, Piece>,
-    mappings: HashMap<u64, Mapping>,
+    mappings: HashMap<u64, MapCall>,
     next_mapping: u64,
 }
 
-/// One piece of a mapping, as [`Mappings::pieces`] lists it.
+/// One piece of a mapping, as [`MappedRanges::pieces`] lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PieceUsage {
     /// Identifies the mmap call the piece comes from.
@@ -56,7 +56,7 @@ pub struct PieceUsage {
     pub backing: Backing,
 }
 
-impl Mappings {
+impl MappedRanges {
     /// `addr..addr + size_bytes` is mapped by a call with `stack`. Whatever was tracked in that
     /// range before is gone (`MAP_FIXED` replaces it); that is returned.
     pub fn map(
@@ -75,7 +75,7 @@ impl Mappings {
         self.next_mapping += 1;
         self.mappings.insert(
             id,
-            Mapping {
+            MapCall {
                 stack,
                 ts_ns,
                 backing,
@@ -99,7 +99,7 @@ impl Mappings {
     }
 
     /// `munmap(addr, size_bytes)` that began at `released_ns`: removes every tracked byte of the
-    /// pages it covers, splitting pieces that stick out on either side. Mappings younger than
+    /// pages it covers, splitting pieces that stick out on either side. MappedRanges younger than
     /// `released_ns` stay: the range was mapped again (by another thread) after the release
     /// began and before its event, sent at its return, was seen.
     pub fn unmap(&mut self, addr: u64, size_bytes: u64, released_ns: u64) -> Unmapped {
@@ -176,7 +176,7 @@ mod tests {
 
     const S: StackId = StackId(0);
 
-    fn ranges(m: &Mappings) -> Vec<(u64, u64, u64)> {
+    fn ranges(m: &MappedRanges) -> Vec<(u64, u64, u64)> {
         m.pieces
             .iter()
             .map(|(&s, p)| (s, p.end, p.mapping))
@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn a_hole_in_the_middle_splits_a_mapping_that_stays_one_allocation() {
-        let mut m = Mappings::default();
+        let mut m = MappedRanges::default();
         m.map(0x10000, 0x4000, S, 1, Backing::Anonymous);
         let done = m.unmap(0x11000, 0x1000, u64::MAX);
         assert_eq!(
@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn an_unmap_across_several_mappings_takes_what_it_covers() {
-        let mut m = Mappings::default();
+        let mut m = MappedRanges::default();
         m.map(0x10000, 0x2000, S, 1, Backing::Anonymous);
         m.map(0x12000, 0x2000, StackId(1), 2, Backing::File);
         m.map(0x20000, 0x1000, S, 3, Backing::Anonymous);
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn map_fixed_replaces_what_it_covers() {
-        let mut m = Mappings::default();
+        let mut m = MappedRanges::default();
         m.map(0x10000, 0x3000, S, 1, Backing::Anonymous);
         let replaced = m.map(0x10000, 0x3000, StackId(7), 2, Backing::File);
         assert_eq!(
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn odd_lengths_and_address_space_ends_do_not_overflow() {
-        let mut m = Mappings::default();
+        let mut m = MappedRanges::default();
         // The mapping is as long as asked; unmapping rounds up to whole pages.
         m.map(0x10000, 100, S, 1, Backing::Anonymous);
         assert_eq!(m.pieces().next().unwrap().size_bytes, 100);

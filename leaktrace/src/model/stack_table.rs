@@ -16,11 +16,11 @@ pub struct StackId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Origin {
     /// Blocks of the malloc family.
-    Heap,
+    Malloc,
     /// Anonymous mappings (mmap, mremap).
-    Mapping,
+    Mmap,
     /// Mappings of files: reported apart, never added to heap numbers.
-    FileMapping,
+    MmapFile,
 }
 
 impl Origin {
@@ -28,9 +28,9 @@ impl Origin {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Origin::Heap => "malloc",
-            Origin::Mapping => "mmap",
-            Origin::FileMapping => "mmap_file",
+            Origin::Malloc => "malloc",
+            Origin::Mmap => "mmap",
+            Origin::MmapFile => "mmap_file",
         }
     }
 }
@@ -38,8 +38,8 @@ impl Origin {
 impl From<Backing> for Origin {
     fn from(backing: Backing) -> Self {
         match backing {
-            Backing::Anonymous => Origin::Mapping,
-            Backing::File => Origin::FileMapping,
+            Backing::Anonymous => Origin::Mmap,
+            Backing::File => Origin::MmapFile,
         }
     }
 }
@@ -140,7 +140,7 @@ impl Stacks {
         let vacant = Stack {
             frames: Arc::new([]),
             truncated: false,
-            origin: Origin::Heap,
+            origin: Origin::Malloc,
         };
         let stack = std::mem::replace(&mut self.stacks[id.0 as usize], vacant);
         let by_address = &mut self.by_address[stack.origin as usize];

@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     output::Output,
-    render::{Format, Report, Style, Target},
+    render::{Format, Header, Report, Style},
     snapshot::Snapshot,
 };
 use crate::{
@@ -34,7 +34,7 @@ pub struct Reporter {
 impl Reporter {
     /// `modules` are those the snapshots' stacks are located in.
     pub fn spawn(
-        target: Target,
+        header: Header,
         modules: Arc<Modules>,
         format: Format,
         style: Style,
@@ -54,7 +54,7 @@ impl Reporter {
                         Message::Finish => break,
                     };
                     if let Some(watch) = &mut watch {
-                        watch.report(&target, &snapshot, &mut symbolizer);
+                        watch.report(&header, &snapshot, &mut symbolizer);
                     }
                     if !out.wants(snapshot.last) {
                         continue;
@@ -65,7 +65,7 @@ impl Reporter {
                     rendered.clear();
                     format.render(
                         &Report {
-                            target: &target,
+                            header: &header,
                             snapshot: &snapshot,
                             frames: &frames,
                             style,

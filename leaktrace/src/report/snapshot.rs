@@ -145,7 +145,7 @@ pub fn snapshot(
             .map(field)
             .sum()
     };
-    let in_memory = [Origin::Heap, Origin::Mapping];
+    let in_memory = [Origin::Malloc, Origin::Mmap];
     let totals = Totals {
         outstanding_bytes: sum(&in_memory, |u| u.outstanding_bytes),
         outstanding_allocations: sum(&in_memory, |u| u.outstanding_allocations),
@@ -154,12 +154,12 @@ pub fn snapshot(
         lost_events: now.lost_events,
         unpaired_returns: now.unpaired_returns,
         unmatched_frees,
-        mapped_bytes: sum(&[Origin::Mapping], |u| u.outstanding_bytes),
-        file_mapped_bytes: sum(&[Origin::FileMapping], |u| u.outstanding_bytes),
-        file_mappings: sum(&[Origin::FileMapping], |u| u.outstanding_allocations),
+        mapped_bytes: sum(&[Origin::Mmap], |u| u.outstanding_bytes),
+        file_mapped_bytes: sum(&[Origin::MmapFile], |u| u.outstanding_bytes),
+        file_mappings: sum(&[Origin::MmapFile], |u| u.outstanding_allocations),
     };
     if !selection.file_mappings {
-        usage.retain(|u| origin(u) != Origin::FileMapping);
+        usage.retain(|u| origin(u) != Origin::MmapFile);
     }
     let stack_count = usage.len();
     // Every stack is classified before sorting: `--sort growth` needs the growth of all.
@@ -209,7 +209,7 @@ pub fn snapshot(
                 continue;
             }
             let stack = heap.stacks().get(id);
-            if stack.origin == Origin::FileMapping && !selection.file_mappings {
+            if stack.origin == Origin::MmapFile && !selection.file_mappings {
                 continue;
             }
             let (growth_bytes_per_s, kind) = trends.classify(id, 0.0);
@@ -329,7 +329,7 @@ mod tests {
             (8192 + 100, 2, 8192, 8192, 1)
         );
         let origins: Vec<Origin> = snap.stacks.iter().map(|s| s.origin).collect();
-        assert_eq!(origins, [Origin::Mapping, Origin::Heap]);
+        assert_eq!(origins, [Origin::Mmap, Origin::Malloc]);
         assert_eq!(snap.stack_count, 2);
 
         let mut inp = input(2.0);
@@ -337,12 +337,7 @@ mod tests {
         let listed = take(&heap, &mut trends, &inp);
         assert_eq!(listed.totals, snap.totals);
         assert_eq!(listed.stack_count, 3);
-        assert!(
-            listed
-                .stacks
-                .iter()
-                .any(|s| s.origin == Origin::FileMapping)
-        );
+        assert!(listed.stacks.iter().any(|s| s.origin == Origin::MmapFile));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 
-/// What `bench/echo_server.c` expects and answers.
+/// What `tests/fixtures/echo_server.c` expects and answers.
 const REQUEST: usize = 64;
 const RESPONSE: usize = 128;
 

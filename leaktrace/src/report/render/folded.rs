@@ -71,9 +71,9 @@ mod tests {
                 frame(5, Some("a;b\nc"), "/bin/app"),
             ],
         ];
-        let (target, snapshot) = report_of(&[100, 20, 7]);
+        let (header, snapshot) = report_of(&[100, 20, 7]);
         let report = Report {
-            target: &target,
+            header: &header,
             snapshot: &snapshot,
             frames: &frames,
             style: Default::default(),

@@ -131,8 +131,8 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         complete: t.lost_events == 0,
         last: snapshot.last,
         sample_bytes: snapshot.sample_bytes,
-        allocator: report.target.allocator.as_str().into(),
-        allocator_module: report.target.allocator_module.as_str().into(),
+        allocator: report.header.allocator.as_str().into(),
+        allocator_module: report.header.allocator_module.as_str().into(),
         rss_bytes: snapshot.rss_bytes,
         rss_growth_bytes_per_s: snapshot.rss_growth_bytes_per_s.map(round3),
         totals: JsonTotals {
@@ -181,7 +181,7 @@ mod tests {
     use crate::{
         model::{heap::Allocated, location::Location, stack_table::Origin},
         report::{
-            render::Target,
+            render::Header,
             snapshot::{Snapshot, StackSummary, Totals},
             trends::Kind,
         },
@@ -217,7 +217,7 @@ mod tests {
                 },
                 frames: [Location::unknown(0x401136)].into(),
                 truncated: false,
-                origin: Origin::Heap,
+                origin: Origin::Malloc,
             }],
             rss_bytes: Some(1 << 20),
             rss_growth_bytes_per_s: Some(1024.0004),
@@ -239,7 +239,7 @@ mod tests {
             line: Some(17),
             inlined: false,
         }]];
-        let target = Target {
+        let header = Header {
             pid: 42,
             command: "app".into(),
             allocator: "glibc".into(),
@@ -248,7 +248,7 @@ mod tests {
         let mut out = String::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot,
                 frames: &frames,
                 style: Default::default(),

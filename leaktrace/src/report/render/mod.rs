@@ -10,9 +10,9 @@ pub mod text;
 use super::snapshot::Snapshot;
 use crate::stacks::symbolize::Frame;
 
-/// What the user is told about the traced process, once, at attach.
+/// What every report says about the traced process: its header.
 #[derive(Clone, Debug, Default)]
-pub struct Target {
+pub struct Header {
     pub pid: u32,
     pub command: String,
     /// The allocator traced: "glibc", "jemalloc", "tcmalloc", "mimalloc", "jemalloc (_rjem_)".
@@ -32,7 +32,7 @@ pub struct Style {
 
 /// A snapshot with its stacks symbolized: `frames[i]` belongs to `snapshot.stacks[i]`.
 pub struct Report<'a> {
-    pub target: &'a Target,
+    pub header: &'a Header,
     pub snapshot: &'a Snapshot,
     pub frames: &'a [Vec<Frame>],
     pub style: Style,
@@ -113,8 +113,8 @@ pub(crate) mod tests {
     }
 
     /// A report with one stack per entry of `bytes`, each of one block allocated once.
-    pub fn report_of(bytes: &[u64]) -> (Target, Snapshot) {
-        let target = Target {
+    pub fn report_of(bytes: &[u64]) -> (Header, Snapshot) {
+        let header = Header {
             pid: 9,
             command: "app".into(),
             allocator: "glibc".into(),
@@ -137,7 +137,7 @@ pub(crate) mod tests {
                     allocated: Allocated { bytes: b, count: 1 },
                     frames: [].into(),
                     truncated: false,
-                    origin: Origin::Heap,
+                    origin: Origin::Malloc,
                 })
                 .collect(),
             rss_bytes: None,
@@ -147,6 +147,6 @@ pub(crate) mod tests {
             last: true,
             sample_bytes: None,
         };
-        (target, snapshot)
+        (header, snapshot)
     }
 }

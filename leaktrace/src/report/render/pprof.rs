@@ -253,7 +253,7 @@ pub fn profile(report: &Report<'_>) -> Profile {
     b.profile.duration_nanos = (snapshot.elapsed_s * 1e9) as i64;
     let comment = format!(
         "leaktrace: pid {} ({}), {} allocator",
-        report.target.pid, report.target.command, report.target.allocator_module
+        report.header.pid, report.header.command, report.header.allocator_module
     );
     b.profile.comment = vec![b.string(&comment)];
     let kind_key = b.string("kind");
@@ -327,9 +327,9 @@ mod tests {
                 frame(2, Some("main"), "/bin/app"),
             ],
         ];
-        let (target, snapshot) = report_of(&[100, 20]);
+        let (header, snapshot) = report_of(&[100, 20]);
         let report = Report {
-            target: &target,
+            header: &header,
             snapshot: &snapshot,
             frames: &frames,
             style: Default::default(),

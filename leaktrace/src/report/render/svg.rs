@@ -9,7 +9,7 @@ pub fn render(report: &Report<'_>, out: &mut Vec<u8>) -> io::Result<()> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = format!(
         "leaktrace: outstanding bytes · pid {} ({}) · {:.1}s",
-        report.target.pid, report.target.command, report.snapshot.elapsed_s
+        report.header.pid, report.header.command, report.snapshot.elapsed_s
     );
     options.count_name = "bytes".into();
     if lines.is_empty() {
@@ -45,11 +45,11 @@ mod tests {
             frame(1, Some("leak_here"), "/bin/app"),
             frame(2, Some("main"), "/bin/app"),
         ]];
-        let (target, snapshot) = report_of(&[4096]);
+        let (header, snapshot) = report_of(&[4096]);
         let mut out = Vec::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot: &snapshot,
                 frames: &frames,
                 style: Default::default(),
@@ -61,11 +61,11 @@ mod tests {
         assert!(svg.contains("<svg"), "{svg}");
         assert!(svg.contains("leak_here"), "{svg}");
 
-        let (target, snapshot) = report_of(&[]);
+        let (header, snapshot) = report_of(&[]);
         let mut out = Vec::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot: &snapshot,
                 frames: &[],
                 style: Default::default(),

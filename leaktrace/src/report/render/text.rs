@@ -26,15 +26,15 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         "{}",
         paint.bold(&fit(format!(
             "── leaktrace {when} · pid {} ({}) · {:.1}s{rss} ──",
-            s.pid, report.target.command, s.elapsed_s
+            s.pid, report.header.command, s.elapsed_s
         )))
     );
-    let target = report.target;
-    if !target.allocator.is_empty() {
+    let header = report.header;
+    if !header.allocator.is_empty() {
         let _ = writeln!(
             out,
             "allocator {} in {}",
-            target.allocator, target.allocator_module
+            header.allocator, header.allocator_module
         );
     }
     let totals = format!(
@@ -116,9 +116,9 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             "{}{}",
             stack.kind.as_str(),
             match stack.origin {
-                Origin::Heap => "",
-                Origin::Mapping => "  [mmap]",
-                Origin::FileMapping => "  [file mmap]",
+                Origin::Malloc => "",
+                Origin::Mmap => "  [mmap]",
+                Origin::MmapFile => "  [file mmap]",
             },
         );
         let line = fit(format!("{head}{kind}"));
@@ -279,7 +279,7 @@ mod tests {
     use crate::{
         model::{heap::Allocated, location::Location},
         report::{
-            render::Target,
+            render::Header,
             snapshot::{Snapshot, StackSummary, Totals},
         },
     };
@@ -316,7 +316,7 @@ mod tests {
                 allocated: Allocated::default(),
                 frames: [1, 2].map(Location::unknown).into(),
                 truncated: true,
-                origin: Origin::Heap,
+                origin: Origin::Malloc,
             }],
             rss_bytes: None,
             rss_growth_bytes_per_s: None,
@@ -357,7 +357,7 @@ mod tests {
                 inlined: false,
             },
         ]];
-        let target = Target {
+        let header = Header {
             pid: 7,
             command: "./leaky".into(),
             allocator: "jemalloc".into(),
@@ -366,7 +366,7 @@ mod tests {
         let mut out = String::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot: &snapshot,
                 frames: &frames,
                 style: Default::default(),
@@ -407,7 +407,7 @@ mod tests {
         let mut out = String::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot: &sampled,
                 frames: &frames,
                 style: Default::default(),
@@ -431,7 +431,7 @@ mod tests {
         let mut out = String::new();
         render(
             &Report {
-                target: &target,
+                header: &header,
                 snapshot: &snapshot,
                 frames: &frames,
                 style: Style {
