@@ -8,6 +8,7 @@ use std::{
     collections::{HashMap, HashSet},
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
@@ -189,8 +190,11 @@ pub struct EntryPoint {
     pub program: &'static str,
     /// The module, as the target names it.
     pub module: String,
-    /// Where this process opened the module (see `proc::files::open`).
+    /// `/proc/self/fd/N` of the module's file, opened by `proc::files::open` and held open
+    /// by `file`: probes are attached to that very file, not to a path that the target could
+    /// point elsewhere meanwhile.
     pub path: PathBuf,
+    pub file: Arc<files::Opened>,
     pub file_offset: u64,
     /// Where to probe its entry: `file_offset`, or for a free-like function (no uretprobe) a
     /// later instruction that the kernel emulates rather than single-steps (`probe_point`).
@@ -276,11 +280,13 @@ pub fn discover_files(
         .chain(libraries.iter().map(PathBuf::as_path))
         .enumerate()
         .map(|(i, path)| {
-            let (opened_path, data) = files::open(pid, TargetFile::Path(path))
-                .and_then(files::Opened::read_all)
+            let opened = files::open(pid, TargetFile::Path(path))
+                .with_context(|| format!("reading {}", path.display()))?;
+            let data = opened
+                .read_all()
                 .with_context(|| format!("reading {}", path.display()))?;
             let name = path.display().to_string();
-            Module::parse(&name, opened_path, data, i == 0)
+            Module::parse(&name, Arc::new(opened), data, i == 0)
                 .with_context(|| format!("{name} is not an ELF file leaktrace can read"))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -397,7 +403,8 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
             symbol,
             program,
             module: modules[i].name.clone(),
-            path: modules[i].path.clone(),
+            path: modules[i].file.path.clone(),
+            file: modules[i].file.clone(),
             file_offset: sym.file_offset,
         })
         .collect();
@@ -425,7 +432,7 @@ struct Sym {
 struct Module {
     /// As the target names it (its path in /proc/PID/maps).
     name: String,
-    path: PathBuf,
+    file: Arc<files::Opened>,
     /// Symbols other modules bind to: the dynamic symbol table's defined global functions.
     exported: HashMap<String, Sym>,
     /// Every defined global function (the executable's own code binds to them directly, and
@@ -448,10 +455,12 @@ impl Module {
             Some(mapping) => TargetFile::Mapped(mapping),
             None => TargetFile::Path(Path::new(name)),
         };
-        let (path, data) = files::open(pid, which)
-            .and_then(files::Opened::read_all)
+        let opened =
+            files::open(pid, which).with_context(|| format!("reading {name} of process {pid}"))?;
+        let data = opened
+            .read_all()
             .with_context(|| format!("reading {name} of process {pid}"))?;
-        let mut module = Self::parse(name, path, data, is_executable)
+        let mut module = Self::parse(name, Arc::new(opened), data, is_executable)
             .with_context(|| format!("{name} is not an ELF file leaktrace can read"))?;
         module.name = name.to_owned();
         Ok(module)
@@ -459,12 +468,12 @@ impl Module {
 
     fn parse(
         name: &str,
-        path: PathBuf,
+        file: Arc<files::Opened>,
         data: Vec<u8>,
         is_executable: bool,
     ) -> Result<Self, object::Error> {
-        let file = object::File::parse(&*data)?;
-        let segments: Vec<(u64, u64, u64)> = file
+        let elf = object::File::parse(&*data)?;
+        let segments: Vec<(u64, u64, u64)> = elf
             .segments()
             .map(|s| {
                 let (offset, size) = s.file_range();
@@ -474,8 +483,8 @@ impl Module {
         let file_offset = |addr: u64| {
             segments
                 .iter()
-                .find(|&&(start, size, _)| start <= addr && addr < start + size)
-                .map(|&(start, _, offset)| addr - start + offset)
+                .find(|&&(start, size, _)| addr.checked_sub(start).is_some_and(|into| into < size))
+                .and_then(|&(start, _, offset)| (addr - start).checked_add(offset))
         };
         let functions = |symbols: object::SymbolIterator<'_, '_>| {
             let mut map = HashMap::new();
@@ -499,16 +508,16 @@ impl Module {
             }
             map
         };
-        let exported = functions(file.dynamic_symbols());
-        let mut all = functions(file.symbols());
+        let exported = functions(elf.dynamic_symbols());
+        let mut all = functions(elf.symbols());
         for (name, sym) in &exported {
             all.entry(name.clone()).or_insert(*sym);
         }
-        let imports = imports(&file);
-        drop(file);
+        let imports = imports(&elf);
+        drop(elf);
         Ok(Self {
             name: name.to_owned(),
-            path,
+            file,
             exported,
             all,
             is_executable,
@@ -551,13 +560,14 @@ impl Module {
         } else {
             sym.size.min(4096)
         };
-        let &(start, size, offset) = self
-            .segments
-            .iter()
-            .find(|&&(start, size, _)| start <= sym.vaddr && sym.vaddr < start + size)?;
-        let len = len.min(start + size - sym.vaddr);
-        let begin = usize::try_from(offset + sym.vaddr - start).ok()?;
-        self.data.get(begin..begin + usize::try_from(len).ok()?)
+        let &(start, size, offset) = self.segments.iter().find(|&&(start, size, _)| {
+            sym.vaddr.checked_sub(start).is_some_and(|into| into < size)
+        })?;
+        let into = sym.vaddr - start;
+        let len = len.min(size - into);
+        let begin = usize::try_from(offset.checked_add(into)?).ok()?;
+        self.data
+            .get(begin..begin.checked_add(usize::try_from(len).ok()?)?)
     }
 
     /// Whether the function at `sym` calls or jumps to one of `addresses` in this module, or
@@ -585,7 +595,7 @@ impl Module {
         let code = &code[skip..];
         let first_is_jump = code.first() == Some(&0xe9) || code.starts_with(&[0xff, 0x25]);
         first_is_jump
-            && branch_targets(sym.vaddr + skip as u64, code)
+            && branch_targets(sym.vaddr.wrapping_add(skip as u64), code)
                 .next()
                 .is_some_and(|target| self.leads_to(target, addresses, names))
     }
@@ -608,11 +618,11 @@ fn branch_targets(vaddr: u64, code: &[u8]) -> impl Iterator<Item = u64> + '_ {
             code.get(at..at + 4)
                 .map(|b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))))
         };
-        let next = |len: usize| (vaddr + (i + len) as u64) as i64;
+        let next = |len: usize| vaddr.wrapping_add((i + len) as u64) as i64;
         match code[i] {
-            0xe8 | 0xe9 => rel(i + 1).map(|r| (next(5) + r) as u64),
+            0xe8 | 0xe9 => rel(i + 1).map(|r| next(5).wrapping_add(r) as u64),
             0xff if matches!(code.get(i + 1), Some(0x15 | 0x25)) => {
-                rel(i + 2).map(|r| (next(6) + r) as u64)
+                rel(i + 2).map(|r| next(6).wrapping_add(r) as u64)
             }
             _ => None,
         }
@@ -649,11 +659,11 @@ fn imports(file: &object::File<'_>) -> HashMap<u64, String> {
         let base = section.address();
         for (i, window) in code.windows(2).enumerate() {
             if window == [0xff, 0x25]
-                && let Some(slot) = branch_targets(base + i as u64, &code[i..]).next()
+                && let Some(slot) = branch_targets(base.wrapping_add(i as u64), &code[i..]).next()
                 && let Some(name) = imports.get(&slot)
             {
-                let at = base + i as u64;
-                stubs.push((at - (at - base) % entry, name.clone()));
+                let at = base.wrapping_add(i as u64);
+                stubs.push((at.wrapping_sub(i as u64 % entry), name.clone()));
             }
         }
     }
@@ -695,8 +705,8 @@ fn load_order(pid: u32, maps: &ProcMaps) -> anyhow::Result<Vec<String>> {
 /// The libraries in the dynamic linker's link map (`r_debug.r_map`), as paths of the memory
 /// map. None when the executable has no `DT_DEBUG` (static) or the map cannot be read.
 fn link_map(pid: u32, maps: &ProcMaps, exe_mapping: &Mapping) -> Option<Vec<String>> {
-    let (_, data) = files::open(pid, TargetFile::Mapped(exe_mapping))
-        .and_then(files::Opened::read_all)
+    let data = files::open(pid, TargetFile::Mapped(exe_mapping))
+        .and_then(|opened| opened.read_all())
         .ok()?;
     let file = object::File::parse(&*data).ok()?;
     let dynamic = file.section_by_name(".dynamic")?.address();
@@ -715,11 +725,11 @@ fn link_map(pid: u32, maps: &ProcMaps, exe_mapping: &Mapping) -> Option<Vec<Stri
     const DT_DEBUG: u64 = 21;
     let mut r_debug = 0;
     for i in 0..512 {
-        let at = dynamic.wrapping_add(bias) + i * 16;
+        let at = dynamic.wrapping_add(bias).wrapping_add(i * 16);
         match read_u64(at)? {
             DT_NULL => break,
             DT_DEBUG => {
-                r_debug = read_u64(at + 8)?;
+                r_debug = read_u64(at.wrapping_add(8))?;
                 break;
             }
             _ => {}
@@ -730,16 +740,17 @@ fn link_map(pid: u32, maps: &ProcMaps, exe_mapping: &Mapping) -> Option<Vec<Stri
     }
     // struct r_debug { int r_version; struct link_map *r_map; ... }
     // struct link_map { l_addr; char *l_name; l_ld; l_next; l_prev; }
-    let mut node = read_u64(r_debug + 8)?;
+    // The process writes these words: any value, read with wrapping arithmetic.
+    let mut node = read_u64(r_debug.wrapping_add(8))?;
     let mut paths = Vec::new();
     for _ in 0..4096 {
         if node == 0 {
             break;
         }
         let (name_ptr, ld, next) = (
-            read_u64(node + 8)?,
-            read_u64(node + 16)?,
-            read_u64(node + 24)?,
+            read_u64(node.wrapping_add(8))?,
+            read_u64(node.wrapping_add(16))?,
+            read_u64(node.wrapping_add(24))?,
         );
         // The executable (empty name) and the vDSO (no file) are skipped; a library is named
         // by the memory map's path of the mapping that holds its dynamic section.
@@ -761,13 +772,9 @@ mod tests {
     use super::*;
 
     fn module(name: &str, is_executable: bool) -> Module {
-        Module::parse(
-            name,
-            PathBuf::from(name),
-            fs::read(name).unwrap(),
-            is_executable,
-        )
-        .unwrap()
+        let opened = files::open(std::process::id(), TargetFile::Path(Path::new(name))).unwrap();
+        let data = opened.read_all().unwrap();
+        Module::parse(name, Arc::new(opened), data, is_executable).unwrap()
     }
 
     #[test]
@@ -798,7 +805,7 @@ mod tests {
         let mut offsets: Vec<_> = allocator
             .entry_points
             .iter()
-            .map(|e| (&e.path, e.file_offset))
+            .map(|e| (e.module.as_str(), e.file_offset))
             .collect();
         offsets.sort();
         offsets.dedup();
@@ -839,7 +846,9 @@ mod tests {
                 continue;
             }
             let library = module(lib, false);
-            let allocator = resolve(&[module("/proc/self/exe", true), module(lib, false)]).unwrap();
+            let exe = fs::read_link("/proc/self/exe").unwrap();
+            let exe = module(exe.to_str().unwrap(), true);
+            let allocator = resolve(&[exe, module(lib, false)]).unwrap();
             assert_eq!(allocator.name(), name);
             assert_eq!(allocator.module(), lib);
             // Aliases share a probe, named after the first name listed: compare addresses.
@@ -880,7 +889,8 @@ mod tests {
     #[test]
     fn non_elf_modules_are_rejected() {
         for data in [&b""[..], b"\x7fELF garbage that is not an ELF header"] {
-            assert!(Module::parse("x", PathBuf::from("x"), data.to_vec(), false).is_err());
+            let opened = files::open(std::process::id(), TargetFile::Path(Path::new("/bin/sh")));
+            assert!(Module::parse("x", Arc::new(opened.unwrap()), data.to_vec(), false).is_err());
         }
     }
 

@@ -73,11 +73,17 @@ pub fn in_elf(data: &[u8], entry: u64) -> u64 {
     let Ok(ranges) = executable_ranges(data) else {
         return entry;
     };
+    // A segment that claims bytes past the end of the file (a corrupt or hostile ELF) is
+    // left out.
     let segments: Vec<Segment<'_>> = ranges
         .iter()
-        .map(|&(offset, size)| Segment {
-            bytes: &data[offset as usize..(offset + size) as usize],
-            file_offset: offset,
+        .filter_map(|&(offset, size)| {
+            let start = usize::try_from(offset).ok()?;
+            let end = start.checked_add(usize::try_from(size).ok()?)?;
+            Some(Segment {
+                bytes: data.get(start..end)?,
+                file_offset: offset,
+            })
         })
         .collect();
     emulated_probe_point(&segments, entry)
@@ -252,7 +258,7 @@ mod tests {
             .iter()
             .find(|e| e.symbol == "free")
             .expect("glibc's free");
-        let code = std::fs::read(&free.path).unwrap();
+        let code = free.file.read_all().unwrap();
         let at = in_elf(&code, free.file_offset);
         assert_eq!(free.probe_offset, at);
         // Whatever the build, the probe point is the entry or within its first few bytes.

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::proc::maps::ProcMaps;
+use crate::proc::{files, maps::ProcMaps};
 
 /// A command forked and waiting, before `exec`, for [`Child::release`].
 pub struct Child {
@@ -162,7 +162,11 @@ pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
 /// The libraries `program` will load, in load order, as its dynamic loader (`PT_INTERP`)
 /// resolves them (`ld.so --list`, which honours `LD_PRELOAD`); none for a static executable.
 pub fn libraries(program: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let data = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    // leaktrace's own file (the command to run), read as the target's are: never a FIFO or a
+    // device, never without bound.
+    let data = files::open(std::process::id(), files::TargetFile::Path(program))
+        .and_then(|opened| opened.read_all())
+        .with_context(|| format!("reading {}", program.display()))?;
     if data.starts_with(b"#!") {
         bail!(
             "{} is a script: leaktrace traces the process it starts, not that process's children; \

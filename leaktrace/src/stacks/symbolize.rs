@@ -273,9 +273,10 @@ mod tests {
             end: exe.end,
             ..libc.clone()
         };
-        // No process has this pid: the maps come from a watcher, the files by their paths.
+        // The maps come from a watcher, the files by their paths inside the process's root:
+        // pid 2 (kthreadd), a kernel thread, has the host's root and no memory map of its own.
         let mut space = AddressSpace::new(
-            u32::MAX,
+            2,
             ProcMaps {
                 mappings: vec![exe.clone()],
             },
@@ -298,7 +299,12 @@ mod tests {
             names[0][0].symbol.as_deref(),
             Some("leaktrace_symbolize_test_marker")
         );
-        assert_eq!(names[1].last().unwrap().module.as_ref(), Some(&libc.path));
+        assert_eq!(
+            names[1].last().unwrap().module.as_ref(),
+            Some(&libc.path),
+            "{:?}",
+            names[1]
+        );
         assert!(
             names[1]
                 .iter()

@@ -177,7 +177,7 @@ impl Locate for AddressSpace {
             return Location::unknown(address);
         };
         let mapping = &self.maps.mappings[index];
-        let offset = address - mapping.start + mapping.file_offset;
+        let offset = (address - mapping.start).wrapping_add(mapping.file_offset);
         Location {
             address,
             module: Some(self.module_of(index)),

@@ -59,6 +59,9 @@ struct Fde {
 /// use `alloca` or realign their stack.
 const FRAME_POINTER_SHARE: f64 = 0.5;
 
+/// The largest `.eh_frame` or `.debug_frame` read (decompressed): real ones are a few MiB.
+const MAX_CFI_SECTION_BYTES: u64 = 256 << 20;
+
 impl ModuleCfi {
     /// Parses an ELF file's CFI sections and indexes their FDEs. `data` may be a whole file
     /// in memory or an `object::ReadCache` over an open file, which reads only the headers
@@ -67,6 +70,12 @@ impl ModuleCfi {
         let file = object::File::parse(data).map_err(|e| e.to_string())?;
         let section = |name: &str| {
             let section = file.section_by_name(name)?;
+            // A compressed section says how large it will be: a hostile file could ask for
+            // more memory than the machine has.
+            let range = section.compressed_file_range().ok()?;
+            if range.uncompressed_size > MAX_CFI_SECTION_BYTES {
+                return None;
+            }
             let bytes = section.uncompressed_data().ok()?;
             Some(Section {
                 data: bytes.into_owned(),
@@ -133,8 +142,12 @@ impl ModuleCfi {
     pub fn vaddr_of(&self, file_offset: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|&&(offset, size, _)| offset <= file_offset && file_offset < offset + size)
-            .map(|&(offset, _, vaddr)| file_offset - offset + vaddr)
+            .find(|&&(offset, size, _)| {
+                file_offset
+                    .checked_sub(offset)
+                    .is_some_and(|into| into < size)
+            })
+            .map(|&(offset, _, vaddr)| (file_offset - offset).wrapping_add(vaddr))
     }
 
     /// The unwinding rule at virtual address `vaddr`.
@@ -222,7 +235,7 @@ fn index<'a, S: UnwindSection<EndianSlice<'a, LittleEndian>>>(
         }
         fdes.push(Fde {
             start: fde.initial_address(),
-            end: fde.initial_address() + fde.len(),
+            end: fde.initial_address().saturating_add(fde.len()),
             in_eh_frame,
             offset: fde.offset(),
         });
