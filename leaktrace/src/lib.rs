@@ -21,4 +21,5 @@ pub mod model;
 pub mod proc;
 pub mod report;
 pub mod stacks;
+pub mod stdio;
 pub mod target;

@@ -21,7 +21,13 @@ use leaktrace::{
     },
     metrics::{self, Exporter},
     proc::process,
-    report::{diff, output::Output, render, reporter::Reporter},
+    report::{
+        diff,
+        output::{Failure, Output},
+        render,
+        reporter::Reporter,
+    },
+    status,
     target::{Target, modules::Modules},
 };
 
@@ -29,7 +35,22 @@ use leaktrace::{
 const EXIT_LEAK: u8 = 3;
 
 fn main() -> ExitCode {
-    let result = Config::new(Cli::parse()).and_then(|config| match config {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print what they were asked for.
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            status!(
+                "leaktrace: error: {}",
+                leaktrace::config::cli::one_line(&err)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = Config::new(cli).and_then(|config| match config {
         Config::Diff(args) => diff(&args).map(|()| false),
         Config::Trace(trace) => run(&trace),
     });
@@ -38,7 +59,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the cause chain joined by ": ".
-            eprintln!("leaktrace: error: {err:#}");
+            status!("leaktrace: error: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -121,7 +142,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         let target = Target::open(child, &modules)?;
         let allocator = allocator::of_target(&target)?;
         let attached = probes.attach(child, &allocator)?;
-        eprintln!(
+        status!(
             "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
             target.command
         );
@@ -157,7 +178,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
             eprintln!("{line}");
         }
         for line in &announcements {
-            eprintln!("{line}");
+            status!("{line}");
         }
     };
     let ended = runtime.block_on(event_loop::run(
@@ -166,14 +187,18 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         maps,
         sessions,
         &mut adopt,
+        output.failures(),
         started,
     ));
     drop(watcher);
     let ended = ended?;
-    say_how_it_ended(ended, &pids, child, &first_command)?;
-    let fail = ended.leak && reports.fail_on_leak;
+    say_how_it_ended(&ended, &pids, child, &first_command)?;
+    // When the reader went away no final report reached anyone: it cannot have shown a leak.
+    let fail = ended.leak
+        && reports.fail_on_leak
+        && ended.stop != Stop::Output(Failure::ReaderGone);
     if fail {
-        eprintln!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
+        status!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
     }
     Ok(fail)
 }
@@ -212,7 +237,7 @@ fn open_targets(
 /// Says on stderr why the trace ended; in spawn mode, stops the command if it still runs and
 /// says how it exited.
 fn say_how_it_ended(
-    ended: event_loop::Ended,
+    ended: &event_loop::Ended,
     pids: &[u32],
     child: Option<spawn::Child>,
     command: &str,
@@ -222,11 +247,18 @@ fn say_how_it_ended(
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    match ended.stop {
-        Stop::TargetExited => eprintln!("leaktrace: process {pids} exited; probes detached"),
+    match &ended.stop {
+        Stop::TargetExited => status!("leaktrace: process {pids} exited; probes detached"),
         Stop::Interrupted | Stop::Terminated | Stop::Duration | Stop::Count => {
-            eprintln!("leaktrace: detached from pid {pids}");
+            status!("leaktrace: detached from pid {pids}");
         }
+        // Not an error: whoever read the reports stopped reading (`| head`).
+        Stop::Output(Failure::ReaderGone) => {
+            status!(
+                "leaktrace: the reader of stdout went away: stopped tracing, detached from pid {pids}"
+            );
+        }
+        Stop::Output(Failure::WriteFailed(_)) => {}
     }
     if let Some(mut child) = child {
         // The trace ended first (--duration, --count, a signal): like `timeout`, the command
@@ -235,7 +267,10 @@ fn say_how_it_ended(
             child.signal(libc::SIGTERM);
         }
         let status = child.wait()?;
-        eprintln!("leaktrace: `{command}` exited with status {status}");
+        status!("leaktrace: `{command}` exited with status {status}");
+    }
+    if let Stop::Output(Failure::WriteFailed(message)) = &ended.stop {
+        bail!("{message}; stopped tracing, detached from pid {pids}");
     }
     Ok(())
 }

@@ -47,8 +47,8 @@ pub struct Cli {
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 
-    /// Seconds between reports.
-    #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = positive_secs)]
+    /// Seconds between reports (at least 0.1).
+    #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = interval_secs)]
     pub interval: f64,
 
     /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
@@ -86,7 +86,7 @@ pub struct Cli {
 
     /// Stacks shown per report, biggest first [default: 10; every stack for folded, pprof
     /// and svg].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub top: Option<usize>,
 
     /// Output format.
@@ -256,6 +256,41 @@ fn stack_copy_bytes(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The shortest interval between reports: each report walks every live block and stack, and
+/// a tracer that does nothing but report is of no use (`-i 1e-9` made 20,000 reports in 2 s).
+pub const MIN_INTERVAL_SECS: f64 = 0.1;
+
+fn interval_secs(s: &str) -> Result<f64, String> {
+    match positive_secs(s)? {
+        secs if secs >= MIN_INTERVAL_SECS => Ok(secs),
+        _ => Err(format!(
+            "`{s}` is shorter than the shortest interval, {MIN_INTERVAL_SECS} s"
+        )),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of at least 1")),
+    }
+}
+
+/// A command-line error in one line: clap's message without the usage that follows it, and
+/// where to read more. (clap's own errors span several lines and exit with status 2; leaktrace
+/// says every error in one line and exits with 1.)
+pub fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    format!("{message} (see `leaktrace --help`)")
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(secs),
@@ -279,7 +314,7 @@ pub struct DiffArgs {
     #[arg(short, long, value_enum, default_value_t = DiffFormat::Text)]
     pub format: DiffFormat,
     /// Stacks shown, most growth first.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = at_least_one)]
     pub top: usize,
 }
 
@@ -450,6 +485,10 @@ mod tests {
             &["leaktrace"][..],
             &["leaktrace", "-p", "x"],
             &["leaktrace", "-p", "1", "-i", "0"],
+            &["leaktrace", "-p", "1", "-i", "1e-9"],
+            &["leaktrace", "-p", "1", "-i", "0.099"],
+            &["leaktrace", "-p", "1", "--top", "0"],
+            &["leaktrace", "diff", "a", "b", "--top", "0"],
             &["leaktrace", "-p", "1", "-i", "nan"],
             &["leaktrace", "-p", "1", "--ringbuf-bytes", "5000"],
             &["leaktrace", "-p", "1", "--window", "1"],
@@ -463,5 +502,40 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn argument_errors_are_one_line_that_says_where_to_look() {
+        for (args, want) in [
+            (
+                &["leaktrace", "-p", "x"][..],
+                "invalid value 'x' for '--pid <PID>': invalid digit found in string (see `leaktrace --help`)",
+            ),
+            (
+                &["leaktrace", "-p", "1", "-i", "1e-9"],
+                "invalid value '1e-9' for '--interval <SECS>': `1e-9` is shorter than the shortest interval, 0.1 s (see `leaktrace --help`)",
+            ),
+            (
+                &["leaktrace", "-p", "1", "--top", "0"],
+                "invalid value '0' for '--top <N>': `0` is not a number of at least 1 (see `leaktrace --help`)",
+            ),
+            (
+                &["leaktrace", "-p", "1", "--bogus"],
+                "unexpected argument '--bogus' found (see `leaktrace --help`)",
+            ),
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(one_line(&err), want, "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["leaktrace", "-p", "1", "-i", "0.1"]).is_ok(),
+            "the shortest interval itself"
+        );
+        // --help is not an error.
+        assert!(
+            !Cli::try_parse_from(["leaktrace", "--help"])
+                .unwrap_err()
+                .use_stderr()
+        );
     }
 }

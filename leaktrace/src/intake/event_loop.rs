@@ -38,7 +38,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const FORGET_IDLE: Duration = Duration::from_secs(5 * 60);
 
 /// Why a trace ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stop {
     Interrupted,
     Terminated,
@@ -47,10 +47,13 @@ pub enum Stop {
     Count,
     /// Every traced process exited.
     TargetExited,
+    /// Reports could no longer be delivered (see `output::Failure`): the trace stops at once
+    /// rather than trace with nowhere to report.
+    Output(crate::report::output::Failure),
 }
 
 /// How a trace ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ended {
     pub stop: Stop,
     /// A stack of a final report (of any traced process) is a `leak`.
@@ -107,6 +110,7 @@ pub async fn run(
     maps: Maps,
     sessions: Vec<Session>,
     adopt: &mut Adopt<'_>,
+    mut failures: crate::report::output::Failures,
     started: impl FnOnce(),
 ) -> anyhow::Result<Ended> {
     let start = Instant::now();
@@ -189,7 +193,7 @@ pub async fn run(
                                 live.insert(child, Traced::new(session, settings));
                             }
                             // It exited or exec'd meanwhile: nothing to follow.
-                            Err(err) => eprintln!("leaktrace: not following child {child}: {err:#}"),
+                            Err(err) => crate::status!("leaktrace: not following child {child}: {err:#}"),
                         }
                     }
                 }
@@ -237,7 +241,12 @@ pub async fn run(
                 if live.is_empty() {
                     break Stop::TargetExited;
                 }
-                eprintln!("leaktrace: process {pid} exited; its probes detached, tracing the others");
+                crate::status!("leaktrace: process {pid} exited; its probes detached, tracing the others");
+            }
+            Ok(()) = failures.changed() => {
+                if let Some(failure) = failures.borrow_and_update().clone() {
+                    break Stop::Output(failure);
+                }
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
@@ -251,11 +260,11 @@ pub async fn run(
             .iter()
             .map(|(name, n)| format!("{name}={n}"))
             .collect();
-        eprintln!("leaktrace: bpf stats {}", counters.join(" "));
+        crate::status!("leaktrace: bpf stats {}", counters.join(" "));
     }
     // Empty unless `--print-program-times` turned the kernel's statistics on.
     for (name, runs, run_time_ns) in probes.program_stats() {
-        eprintln!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
+        crate::status!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
     }
     let mut reporters = Vec::new();
     for (pid, mut traced) in std::mem::take(&mut live) {
@@ -268,17 +277,30 @@ pub async fn run(
     // The kernel takes ~85 ms per uprobe to detach, one after the other: the final reports
     // are on their way meanwhile.
     drop(probes);
-    let mut result = Ok(Ended { stop, leak });
     let finished = finished.into_iter().map(|t| {
-        t.join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("a reporter panicked")))
+        t.join().unwrap_or_else(|_| {
+            Err(crate::report::output::Failure::WriteFailed(
+                "a reporter thread panicked".into(),
+            ))
+        })
     });
+    let mut stop = stop;
     for outcome in reporters.into_iter().map(Reporter::finish).chain(finished) {
-        if let Err(err) = outcome {
-            result = Err(anyhow::Error::from(err).context("writing the report"));
+        // The first failure is what the trace reports.
+        if let Err(failure) = outcome
+            && !matches!(stop, Stop::Output(_))
+        {
+            stop = Stop::Output(failure);
         }
     }
-    result
+    // A final report that could not be delivered fails the trace too (the reader of stdout
+    // leaving is told only there).
+    if let Some(failure) = failures.borrow().clone()
+        && !matches!(stop, Stop::Output(_))
+    {
+        stop = Stop::Output(failure);
+    }
+    Ok(Ended { stop, leak })
 }
 
 /// How much unwinding from stack copies cost, on stderr.
@@ -311,7 +333,7 @@ fn update_fp_code(
 fn report_unwinding(pid: u32, traced: &Traced) {
     let unwound = traced.unwinder.stats();
     let busy_s = unwound.busy.as_secs_f64();
-    eprintln!(
+    crate::status!(
         "leaktrace: pid {pid}: {} of {} allocations came with a stack copy, unwound with call-frame information ({} frames from CFI, {} from frame pointers) in {:.3}s ({:.0} stacks/s)",
         unwound.stacks,
         traced.heap.traced_allocations(),

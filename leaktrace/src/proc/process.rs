@@ -45,6 +45,17 @@ pub fn is_alive(pid: u32) -> bool {
     })
 }
 
+/// The process (thread group) that task `pid` belongs to.
+pub fn tgid(pid: u32) -> Option<u32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Its command line, the arguments joined by spaces.
 pub fn command(pid: u32) -> Option<String> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;

@@ -58,6 +58,24 @@ impl Destination {
     }
 }
 
+/// Why reports stopped being delivered. The trace stops at the first one (see `trace::run`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Stdout is a pipe or socket whose reader closed it (`| head -1`): nobody is listening.
+    ReaderGone,
+    /// A report could not be written; the message names the destination and the cause.
+    WriteFailed(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ReaderGone => f.write_str("the reader of stdout went away"),
+            Self::WriteFailed(message) => f.write_str(message),
+        }
+    }
+}
+
 /// Columns of the terminal on stdout.
 fn terminal_width() -> Option<usize> {
     let mut size = libc::winsize {
@@ -71,6 +89,9 @@ fn terminal_width() -> Option<usize> {
     (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
+/// The first [`Failure`] of any output of the trace, for the trace to stop on.
+pub type Failures = tokio::sync::watch::Receiver<Option<Failure>>;
+
 /// Writes rendered reports to their destination.
 pub struct Output {
     destination: Destination,
@@ -78,43 +99,70 @@ pub struct Output {
     pid: u32,
     /// Stdout, or the file that a stream format (text, JSON Lines) appends to; shared by the
     /// outputs of every traced process, a whole report at a time.
-    stream: Option<Arc<Mutex<Box<dyn io::Write + Send>>>>,
+    stream: Option<Arc<Mutex<Stream>>>,
     /// Files this trace wrote to the directory, oldest first.
     written: VecDeque<PathBuf>,
+    failure: Arc<tokio::sync::watch::Sender<Option<Failure>>>,
+}
+
+/// Where a stream format goes.
+enum Stream {
+    Stdout(io::Stdout),
+    /// Opened to append: reports are added after what the file held.
+    File {
+        file: File,
+        path: PathBuf,
+    },
 }
 
 impl Output {
     /// Opens the destination now, so that a path that cannot be written fails before attach.
+    /// Nothing that exists is changed: a whole-file format replaces FILE only with a complete
+    /// report, and a stream format appends to it.
     pub fn open(destination: Destination, format: Format, pid: u32) -> anyhow::Result<Self> {
-        let stream: Option<Box<dyn io::Write + Send>> = match &destination {
+        let stream = match &destination {
             Destination::Stdout => {
                 use std::io::IsTerminal as _;
                 if format == Format::Pprof && io::stdout().is_terminal() {
                     bail!("a pprof profile is binary: write it to a file with -o FILE");
                 }
-                Some(Box::new(io::stdout()))
+                Some(Stream::Stdout(io::stdout()))
+            }
+            Destination::File(path) if format.is_whole_file() => {
+                check_writable(directory_of(path))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                None
             }
             Destination::File(path) => {
-                let file =
-                    File::create(path).with_context(|| format!("creating {}", path.display()))?;
-                (!format.is_whole_file()).then(|| Box::new(file) as Box<dyn io::Write + Send>)
+                let file = fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                Some(Stream::File {
+                    file,
+                    path: path.clone(),
+                })
             }
             Destination::Dir { dir, .. } => {
                 fs::create_dir_all(dir)
                     .with_context(|| format!("creating the directory {}", dir.display()))?;
-                let probe = dir.join(format!(".leaktrace-{pid}.probe"));
-                File::create(&probe)
-                    .and_then(|_| fs::remove_file(&probe))
-                    .with_context(|| format!("writing into {}", dir.display()))?;
+                check_writable(dir).with_context(|| format!("writing into {}", dir.display()))?;
                 None
             }
         };
+        let (failure, _) = tokio::sync::watch::channel(None);
+        let failure = Arc::new(failure);
+        if matches!(stream, Some(Stream::Stdout(_))) {
+            watch_stdout_reader(failure.clone());
+        }
         Ok(Self {
             destination,
             format,
             pid,
             stream: stream.map(|s| Arc::new(Mutex::new(s))),
             written: VecDeque::new(),
+            failure,
         })
     }
 
@@ -127,7 +175,13 @@ impl Output {
             pid,
             stream: self.stream.clone(),
             written: VecDeque::new(),
+            failure: self.failure.clone(),
         }
+    }
+
+    /// The first failure of this output or of those made from it with [`Output::for_pid`].
+    pub fn failures(&self) -> Failures {
+        self.failure.subscribe()
     }
 
     /// Whether a report is written at all: stdout gets only the final report of a format whose
@@ -136,12 +190,40 @@ impl Output {
         last || !(self.format.is_whole_file() && self.destination == Destination::Stdout)
     }
 
-    pub fn write(&mut self, report: &[u8], timestamp_ms: u64) -> io::Result<()> {
+    /// Writes one report; a failure is also told to [`Output::failures`].
+    pub fn write(&mut self, report: &[u8], timestamp_ms: u64) -> Result<(), Failure> {
+        let result = self.write_report(report, timestamp_ms);
+        if let Err(failure) = &result {
+            self.failure.send_if_modified(|first| {
+                first.is_none() && {
+                    *first = Some(failure.clone());
+                    true
+                }
+            });
+        }
+        result
+    }
+
+    fn write_report(&mut self, report: &[u8], timestamp_ms: u64) -> Result<(), Failure> {
         if let Some(stream) = &self.stream {
             let mut stream = stream
                 .lock()
-                .map_err(|_| io::Error::other("a reporter thread panicked"))?;
-            return stream.write_all(report).and_then(|()| stream.flush());
+                .map_err(|_| Failure::WriteFailed("a reporter thread panicked".into()))?;
+            return match &mut *stream {
+                Stream::Stdout(stdout) => {
+                    let mut stdout = stdout.lock();
+                    stdout
+                        .write_all(report)
+                        .and_then(|()| stdout.flush())
+                        .map_err(|err| match err.kind() {
+                            io::ErrorKind::BrokenPipe => Failure::ReaderGone,
+                            _ => failed("stdout", &err),
+                        })
+                }
+                Stream::File { file, path } => {
+                    append(file, report).map_err(|err| failed(&path.display().to_string(), &err))
+                }
+            };
         }
         match &self.destination {
             Destination::Dir { dir, keep } => {
@@ -155,34 +237,128 @@ impl Output {
                     }
                     path = dir.join(format!("{stem}-{n}.{ext}"));
                 }
-                replace(&path, report)?;
+                replace(&path, report).map_err(|err| failed(&path.display().to_string(), &err))?;
                 self.written.push_back(path);
                 while keep.is_some_and(|keep| self.written.len() > keep) {
                     if let Some(old) = self.written.pop_front() {
-                        fs::remove_file(&old)?;
+                        fs::remove_file(&old)
+                            .map_err(|err| failed(&old.display().to_string(), &err))?;
                     }
                 }
                 Ok(())
             }
-            Destination::File(path) => replace(path, report),
+            Destination::File(path) => {
+                replace(path, report).map_err(|err| failed(&path.display().to_string(), &err))
+            }
             // Opened as a stream above.
-            Destination::Stdout => Err(io::Error::other("stdout is not open")),
+            Destination::Stdout => Err(Failure::WriteFailed("stdout is not open".into())),
         }
     }
 }
 
-/// Writes a whole file so that a reader never sees half of it: into a temporary file beside
-/// it, then renamed over it. A path that is not a regular file (`/dev/null`, a FIFO) is
-/// written in place.
-fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
-    if fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return File::create(path)?.write_all(contents);
+fn failed(destination: &str, err: &io::Error) -> Failure {
+    Failure::WriteFailed(format!("writing the report to {destination}: {err}"))
+}
+
+/// Appends a whole report, or nothing: a write that fails part way (a full disk) is cut back
+/// to where the report began, so that the file never ends in a partial record.
+fn append(file: &mut File, report: &[u8]) -> io::Result<()> {
+    let before = file.metadata()?.len();
+    let written = file.write_all(report).and_then(|()| file.flush());
+    if written.is_err() {
+        let _ = file.set_len(before);
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, contents)?;
-    fs::rename(&tmp, path)
+    written
+}
+
+/// Stdout as a pipe or a socket: when its reader closes it, the kernel reports an error on
+/// our end at once, so the trace stops then instead of at its next write (a whole-file format
+/// writes only its final report to stdout).
+fn watch_stdout_reader(failure: Arc<tokio::sync::watch::Sender<Option<Failure>>>) {
+    use std::os::unix::fs::FileTypeExt as _;
+    let Ok(meta) = fs::metadata("/proc/self/fd/1") else {
+        return;
+    };
+    if !(meta.file_type().is_fifo() || meta.file_type().is_socket()) {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("stdout-reader".into())
+        .spawn(move || {
+            loop {
+                // No events asked for: poll returns only for POLLERR or POLLHUP, which a pipe
+                // reports on its writing end once no reader is left.
+                let mut fd = libc::pollfd {
+                    fd: 1,
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd.
+                let n = unsafe { libc::poll(&mut fd, 1, -1) };
+                if n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    failure.send_if_modified(|first| {
+                        first.is_none() && {
+                            *first = Some(Failure::ReaderGone);
+                            true
+                        }
+                    });
+                    return;
+                }
+                if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    return;
+                }
+            }
+        });
+}
+
+/// The directory a file is written into.
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// That a file can be created in `dir` (created and removed again).
+fn check_writable(dir: &Path) -> io::Result<()> {
+    tempfile::Builder::new()
+        .prefix(".leaktrace-")
+        .tempfile_in(dir)
+        .map(drop)
+}
+
+/// Writes a whole file so that a reader never sees half of it, and so that the file is
+/// replaced only by a complete report: into a temporary file in the same directory, synced,
+/// then renamed over it (and the directory synced). On any failure the temporary file is
+/// removed and the file is left as it was. A path that is not a regular file (`/dev/null`, a
+/// FIFO) is written in place.
+fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let existing = fs::metadata(path).ok();
+    if existing.as_ref().is_some_and(|m| !m.is_file()) {
+        return fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .write_all(contents);
+    }
+    let dir = directory_of(path);
+    let name = path
+        .file_name()
+        .map_or("report".into(), |n| n.to_string_lossy());
+    // Removed when dropped, which every early return does.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(contents)?;
+    // The mode of the file it replaces; a new report is readable by all, as a file that
+    // `File::create` makes under the usual umask.
+    let mode = existing.map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|err| err.error)?;
+    File::open(dir)?.sync_all()
 }
 
 /// `20261124T143005.123Z`: sorts by time, and is a valid file name everywhere.
@@ -278,11 +454,85 @@ mod tests {
         out.write(b"one", 0).unwrap();
         out.write(b"two", 0).unwrap();
         assert_eq!(fs::read(&file).unwrap(), b"two");
+        let file = dir.path().join("r.json");
         let mut out = Output::open(Destination::File(file.clone()), Format::Json, 7).unwrap();
         out.write(b"one\n", 0).unwrap();
         out.write(b"two\n", 0).unwrap();
         assert_eq!(fs::read(&file).unwrap(), b"one\ntwo\n");
         let out = Output::open(Destination::Stdout, Format::Pprof, 7).unwrap();
         assert!(!out.wants(false) && out.wants(true));
+    }
+
+    #[test]
+    fn an_existing_file_is_kept_until_a_whole_report_replaces_or_extends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = || {
+            let mut names: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let svg = dir.path().join("old.svg");
+        fs::write(&svg, "the report of yesterday").unwrap();
+        fs::set_permissions(&svg, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        // Opening (before attach) and a trace that never reports leave it as it was.
+        let mut out = Output::open(Destination::File(svg.clone()), Format::Svg, 7).unwrap();
+        assert_eq!(fs::read_to_string(&svg).unwrap(), "the report of yesterday");
+        out.write(b"<svg/>", 0).unwrap();
+        assert_eq!(fs::read_to_string(&svg).unwrap(), "<svg/>");
+        let mode = fs::metadata(&svg).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o640
+        );
+        // A stream format appends after what the file held.
+        let json = dir.path().join("old.json");
+        fs::write(&json, "{\"old\":1}\n").unwrap();
+        let mut out = Output::open(Destination::File(json.clone()), Format::Json, 7).unwrap();
+        assert_eq!(fs::read_to_string(&json).unwrap(), "{\"old\":1}\n");
+        out.write(b"{\"new\":2}\n", 0).unwrap();
+        assert_eq!(
+            fs::read_to_string(&json).unwrap(),
+            "{\"old\":1}\n{\"new\":2}\n"
+        );
+        // No temporary file is left behind.
+        assert_eq!(names(), ["old.json", "old.svg"]);
+    }
+
+    #[test]
+    fn a_failed_replace_leaves_the_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        // The rename fails: the path is a directory that holds a file.
+        let path = dir.path().join("report.svg");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("inside"), "x").unwrap();
+        assert!(replace(&path, b"<svg/>").is_err());
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["report.svg"]);
+        assert_eq!(fs::read(path.join("inside")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn the_first_failure_is_told_to_the_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone/r.svg");
+        fs::create_dir(dir.path().join("gone")).unwrap();
+        let mut out = Output::open(Destination::File(path.clone()), Format::Svg, 7).unwrap();
+        let failures = out.failures();
+        fs::remove_dir(dir.path().join("gone")).unwrap();
+        let err = out.write(b"<svg/>", 0).unwrap_err();
+        let Failure::WriteFailed(message) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            message.starts_with(&format!("writing the report to {}: ", path.display())),
+            "{message}"
+        );
+        assert_eq!(*failures.borrow(), Some(err));
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{
-    output::Output,
+    output::{Failure, Output},
     render::{Format, Header, Report, Style},
     snapshot::Snapshot,
 };
@@ -28,7 +28,7 @@ enum Message {
 
 pub struct Reporter {
     tx: mpsc::Sender<Message>,
-    handle: thread::JoinHandle<io::Result<()>>,
+    handle: thread::JoinHandle<Result<(), Failure>>,
 }
 
 impl Reporter {
@@ -63,18 +63,24 @@ impl Reporter {
                         snapshot.stacks.iter().map(|s| &*s.frames).collect();
                     let frames = symbolizer.symbolize_stacks(&stacks);
                     rendered.clear();
-                    format.render(
-                        &Report {
-                            header: &header,
-                            snapshot: &snapshot,
-                            frames: &frames,
-                            style,
-                        },
-                        &mut rendered,
-                    )?;
+                    format
+                        .render(
+                            &Report {
+                                header: &header,
+                                snapshot: &snapshot,
+                                frames: &frames,
+                                style,
+                            },
+                            &mut rendered,
+                        )
+                        .map_err(|err| {
+                            Failure::WriteFailed(format!("rendering the report: {err}"))
+                        })?;
+                    // The trace learns of a failure from the output and stops; reports
+                    // queued meanwhile have nowhere to go. A reader that went away (`| head`)
+                    // is not an error.
                     match out.write(&rendered, snapshot.timestamp_ms) {
-                        // A reader that went away (`| head`) is not an error.
-                        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                        Err(Failure::ReaderGone) => return Ok(()),
                         other => other?,
                     }
                 }
@@ -85,15 +91,15 @@ impl Reporter {
 
     /// Queues a snapshot; never blocks the event path.
     pub fn send(&self, snapshot: Snapshot) {
-        // The thread only ends early on a broken pipe; then there is nobody to report to.
+        // The thread only ends early when its output failed; then there is nowhere to report.
         let _ = self.tx.send(Message::Snapshot(Box::new(snapshot)));
     }
 
     /// Waits until every queued report is written.
-    pub fn finish(self) -> io::Result<()> {
+    pub fn finish(self) -> Result<(), Failure> {
         let _ = self.tx.send(Message::Finish);
         self.handle
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the reporter thread panicked")))
+            .unwrap_or_else(|_| Err(Failure::WriteFailed("the reporter thread panicked".into())))
     }
 }

@@ -27,6 +27,18 @@ impl Target {
         if !process::exists(pid) {
             bail!("no process with pid {pid}: check the pid (`ps -p {pid}`)");
         }
+        match process::tgid(pid) {
+            // Tracing itself, leaktrace would report its own allocations, each of which makes
+            // more events: a feedback loop.
+            Some(tgid) if tgid == std::process::id() => {
+                bail!("pid {pid} is leaktrace itself: give the pid of the process to trace")
+            }
+            // Probes scoped to one thread would see only that thread's calls.
+            Some(tgid) if tgid != pid => {
+                bail!("pid {pid} is a thread of process {tgid}: give the process, -p {tgid}")
+            }
+            _ => {}
+        }
         let command = process::command(pid).unwrap_or_else(|| format!("pid {pid}"));
         let maps = ProcMaps::read(pid).map_err(|err| {
             if process::exists(pid) {
@@ -70,5 +82,28 @@ mod tests {
                 u32::MAX - 1
             )
         );
+    }
+
+    #[test]
+    fn leaktrace_itself_and_threads_are_refused() {
+        let me = std::process::id();
+        let err = Target::open(me, &Modules::new()).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            format!("pid {me} is leaktrace itself: give the pid of the process to trace")
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        let err = Target::open(tid, &Modules::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with(&format!("pid {tid} is")), "{err}");
+        thread.join().unwrap();
     }
 }
