@@ -276,6 +276,7 @@ fn main() -> anyhow::Result<()> {
             unpaired_returns: 0,
             rss_bytes: None,
             last: true,
+            gaps: Vec::new(),
         },
     );
     let header = Header {

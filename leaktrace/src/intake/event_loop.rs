@@ -15,7 +15,10 @@ use tokio::{
 
 use super::decode::{DecodeError, decode, tgid_of, user_stack};
 use crate::{
-    attach::probes::{FramePointerCode, Maps, Probes, Unwind},
+    attach::{
+        forks::{ProcEvent, ProcEvents},
+        probes::{FramePointerCode, Maps, Probes, Unwind},
+    },
     model::{
         event::Event,
         heap::{HeapModel, Sampling},
@@ -101,6 +104,12 @@ struct Traced {
     trends: Trends,
     /// Its executable, to tell a child that still runs the same program from one that exec'd.
     exe: Option<(u64, u64)>,
+    /// What its reports miss (see `Snapshot::gaps`), beyond its children.
+    gaps: Vec<String>,
+    /// `--follow-forks`: its children that ran its program, and those of them that exited
+    /// (or could not be attached) before leaktrace attached.
+    children: u64,
+    children_missed: u64,
 }
 
 /// Runs the trace; every probe is detached and every report written when it returns.
@@ -134,6 +143,26 @@ pub async fn run(
         watch_exit(pid, &exit_tx)?;
         live.insert(pid, Traced::new(session, settings));
     }
+    // `--follow-forks`: told of every fork as it happens, else children are polled for.
+    let mut proc_events = if settings.follow_forks {
+        match ProcEvents::subscribe().and_then(|events| {
+            // SAFETY: the socket is owned by `events`, which the AsyncFd owns for as long as
+            // it is registered.
+            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(events) => Some(events),
+            Err(err) => {
+                crate::status!(
+                    "leaktrace: the kernel's process events are not available ({err}): looking for children every {} ms",
+                    POLL_INTERVAL.as_millis()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
@@ -165,6 +194,7 @@ pub async fn run(
             unpaired_returns: stats.unpaired_returns(),
             rss_bytes: process::rss_bytes(pid),
             last,
+            gaps: traced.gaps().collect(),
         };
         let report = snapshot(&traced.heap, &mut traced.trends, &settings.selection, &now);
         let leak = report.has_leak();
@@ -185,16 +215,14 @@ pub async fn run(
                 if settings.unwind == Unwind::Auto {
                     update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
                 }
-                if settings.follow_forks {
-                    for child in new_children(&live) {
-                        match adopt(&mut probes, child) {
-                            Ok(session) => {
-                                watch_exit(child, &exit_tx)?;
-                                live.insert(child, Traced::new(session, settings));
-                            }
-                            // It exited or exec'd meanwhile: nothing to follow.
-                            Err(err) => crate::status!("leaktrace: not following child {child}: {err:#}"),
-                        }
+                // Without the kernel's process events, children are found here: one that
+                // lives shorter than a poll may never be seen, which the reports say.
+                if settings.follow_forks && proc_events.is_none() {
+                    for (parent, child) in new_children(&live) {
+                        follow(parent, child, None, &mut live, &mut probes, adopt, &exit_tx, settings)?;
+                    }
+                    for session in live.values_mut() {
+                        session.add_gap(POLLED_CHILDREN.to_owned());
                     }
                 }
             }
@@ -242,6 +270,23 @@ pub async fn run(
                     break Stop::TargetExited;
                 }
                 crate::status!("leaktrace: process {pid} exited; its probes detached, tracing the others");
+            }
+            Some(()) = readable(&mut proc_events) => {
+                let mut events = Vec::new();
+                let drained = proc_events
+                    .as_mut()
+                    .map_or(Ok(()), |fd| fd.get_mut().drain(&mut events));
+                for event in events {
+                    if let ProcEvent::Fork { parent, child, ts_ns } = event {
+                        follow(parent, child, Some(ts_ns), &mut live, &mut probes, adopt, &exit_tx, settings)?;
+                    }
+                }
+                if let Err(err) = drained {
+                    // Overflowed (ENOBUFS): forks were told to nobody.
+                    for session in live.values_mut() {
+                        session.add_gap(format!("the kernel's process events were lost ({err}): children forked meanwhile may not be followed"));
+                    }
+                }
             }
             Ok(()) = failures.changed() => {
                 if let Some(failure) = failures.borrow_and_update().clone() {
@@ -357,8 +402,88 @@ impl Traced {
             unwinder: Unwinder::new(settings.max_depth),
             heap: HeapModel::new(settings.sampling),
             trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
+            gaps: Vec::new(),
+            children: 0,
+            children_missed: 0,
         }
     }
+
+    fn gaps(&self) -> impl Iterator<Item = String> + '_ {
+        let missed = (self.children_missed > 0).then(|| {
+            format!(
+                "{} of its {} children (--follow-forks) exited or could not be attached before leaktrace attached to them: what they allocated is not seen",
+                self.children_missed, self.children
+            )
+        });
+        self.gaps.iter().cloned().chain(missed)
+    }
+
+    /// Says once that its reports miss something.
+    fn add_gap(&mut self, gap: String) {
+        if !self.gaps.contains(&gap) {
+            self.gaps.push(gap);
+        }
+    }
+}
+
+/// Attaches to `child` of `parent` (`--follow-forks`) if it still runs its parent's program:
+/// it is then traced from now on, and its reports say that what it did since its fork
+/// (`forked_ns` ago, when known) is not seen. A child that could not be attached is counted
+/// as missed in its parent's reports.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the event loop's state, borrowed piece by piece while `live` changes"
+)]
+fn follow(
+    parent: u32,
+    child: u32,
+    forked_ns: Option<u64>,
+    live: &mut BTreeMap<u32, Traced>,
+    probes: &mut Probes,
+    adopt: &mut Adopt<'_>,
+    exit_tx: &tokio::sync::mpsc::UnboundedSender<u32>,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let Some(parent_exe) = live.get(&parent).map(|p| p.exe) else {
+        return Ok(());
+    };
+    if live.contains_key(&child) {
+        return Ok(());
+    }
+    let exe = process::exe_id(child);
+    // It runs another program already (fork and exec): not one to follow.
+    if exe.is_some() && exe != parent_exe {
+        return Ok(());
+    }
+    let result = if exe.is_none() {
+        Err(anyhow::anyhow!("it exited"))
+    } else {
+        adopt(probes, child)
+    };
+    let attached_ns = monotonic_ns();
+    let Some(parent_live) = live.get_mut(&parent) else {
+        return Ok(());
+    };
+    parent_live.children += 1;
+    match result {
+        Ok(session) => {
+            watch_exit(child, exit_tx)?;
+            let mut followed = Traced::new(session, settings);
+            followed.add_gap(match forked_ns {
+                Some(forked) => format!(
+                    "a child followed after its fork (--follow-forks): what it allocated in the {:.1} ms between its fork and the attach is not seen",
+                    attached_ns.saturating_sub(forked) as f64 / 1e6
+                ),
+                None => "a child followed after its fork (--follow-forks): what it allocated between its fork and the attach is not seen".to_owned(),
+            });
+            live.insert(child, followed);
+        }
+        Err(err) => {
+            parent_live.children_missed += 1;
+            crate::status!("leaktrace: not following child {child}: {err:#}");
+        }
+    }
+    Ok(())
 }
 
 /// Sends `pid` on `tx` when the process exits.
@@ -376,17 +501,33 @@ fn watch_exit(pid: u32, tx: &tokio::sync::mpsc::UnboundedSender<u32>) -> anyhow:
     Ok(())
 }
 
-/// Children of traced processes, not traced yet, that still run their parent's program.
-fn new_children(live: &BTreeMap<u32, Traced>) -> Vec<u32> {
+/// What the reports of `--follow-forks` say when children are only polled for.
+const POLLED_CHILDREN: &str = "children are looked for every 50 ms (the kernel's process events are not available): a child that lives shorter may not be seen at all";
+
+/// Waits until the kernel's process events are readable; never, without them.
+async fn readable(events: &mut Option<AsyncFd<ProcEvents>>) -> Option<()> {
+    match events {
+        Some(events) => {
+            let mut guard = events.readable_mut().await.ok()?;
+            guard.clear_ready();
+            Some(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Children of traced processes, not traced yet, that still run their parent's program, with
+/// their parent.
+fn new_children(live: &BTreeMap<u32, Traced>) -> Vec<(u32, u32)> {
     let mut found = Vec::new();
     for (&pid, traced) in live {
         for child in process::children(pid) {
             if !live.contains_key(&child)
-                && !found.contains(&child)
+                && !found.iter().any(|&(_, c)| c == child)
                 && traced.exe.is_some()
                 && process::exe_id(child) == traced.exe
             {
-                found.push(child);
+                found.push((pid, child));
             }
         }
     }

@@ -76,6 +76,10 @@ pub struct Snapshot {
     /// `--sample-bytes`: the numbers about the malloc family's blocks are estimates from a
     /// sample of them (see `heap::Sampling`).
     pub sample_bytes: Option<u64>,
+    /// What the report does not see besides lost events, each said in a sentence (a child
+    /// followed after its fork, children that could not be followed): the report is then
+    /// incomplete.
+    pub gaps: Vec<String>,
 }
 
 impl Snapshot {
@@ -115,6 +119,8 @@ pub struct Moment {
     pub rss_bytes: Option<u64>,
     /// The last report of the trace.
     pub last: bool,
+    /// See [`Snapshot::gaps`].
+    pub gaps: Vec<String>,
 }
 
 pub fn snapshot(
@@ -241,6 +247,7 @@ pub fn snapshot(
         watched,
         leak_stacks,
         last: now.last,
+        gaps: now.gaps.clone(),
         sample_bytes: heap.sampling().map(|s| s.sample_bytes()),
     }
 }
@@ -271,6 +278,7 @@ mod tests {
                 unpaired_returns: 0,
                 rss_bytes: None,
                 last: false,
+                gaps: Vec::new(),
             },
         )
     }

@@ -22,9 +22,13 @@ pub struct JsonReport<'a> {
     pub timestamp_ms: u64,
     #[serde(default)]
     pub elapsed_s: f64,
-    /// False when events were lost: the numbers are then a lower bound.
+    /// False when events were lost or the trace did not see everything the process did
+    /// (`incomplete_reasons` says what): the numbers are then a lower bound.
     #[serde(default)]
     pub complete: bool,
+    /// Why the report is incomplete, one sentence each; empty when complete.
+    #[serde(default)]
+    pub incomplete_reasons: Vec<String>,
     /// The last report of the trace.
     #[serde(default)]
     pub last: bool,
@@ -128,7 +132,12 @@ pub fn render(report: &Report<'_>, out: &mut String) {
         pid: snapshot.pid,
         timestamp_ms: snapshot.timestamp_ms,
         elapsed_s: round3(snapshot.elapsed_s),
-        complete: t.lost_events == 0,
+        complete: t.lost_events == 0 && snapshot.gaps.is_empty(),
+        incomplete_reasons: (t.lost_events > 0)
+            .then(|| format!("{} events lost (ring buffer full)", t.lost_events))
+            .into_iter()
+            .chain(snapshot.gaps.iter().cloned())
+            .collect(),
         last: snapshot.last,
         sample_bytes: snapshot.sample_bytes,
         allocator: report.header.allocator.as_str().into(),
@@ -225,6 +234,7 @@ mod tests {
             leak_stacks: 0,
             last: true,
             sample_bytes: None,
+            gaps: Vec::new(),
         }
     }
 
@@ -326,5 +336,30 @@ mod tests {
         assert_eq!(v["sample_bytes"], 512 << 10);
         assert_eq!(v["totals"]["unmatched_frees"], serde_json::Value::Null);
         assert_eq!(v["totals"]["outstanding_bytes"], 4096);
+    }
+
+    #[test]
+    fn a_report_that_misses_something_says_what_and_is_not_complete() {
+        let mut snapshot = snapshot();
+        snapshot.totals.lost_events = 0;
+        let v: serde_json::Value = serde_json::from_str(&rendered(&snapshot)).unwrap();
+        assert_eq!(v["complete"], true);
+        assert_eq!(v["incomplete_reasons"], serde_json::json!([]));
+        snapshot.gaps = vec!["2 of its 3 forked children were not followed".into()];
+        let v: serde_json::Value = serde_json::from_str(&rendered(&snapshot)).unwrap();
+        assert_eq!(v["complete"], false);
+        assert_eq!(
+            v["incomplete_reasons"],
+            serde_json::json!(["2 of its 3 forked children were not followed"])
+        );
+        snapshot.totals.lost_events = 5;
+        let v: serde_json::Value = serde_json::from_str(&rendered(&snapshot)).unwrap();
+        assert_eq!(
+            v["incomplete_reasons"],
+            serde_json::json!([
+                "5 events lost (ring buffer full)",
+                "2 of its 3 forked children were not followed"
+            ])
+        );
     }
 }

@@ -146,6 +146,7 @@ pub(crate) mod tests {
             leak_stacks: 0,
             last: true,
             sample_bytes: None,
+            gaps: Vec::new(),
         };
         (header, snapshot)
     }

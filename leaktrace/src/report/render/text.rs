@@ -96,6 +96,13 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             )))
         );
     }
+    for gap in &s.gaps {
+        let _ = writeln!(
+            out,
+            "{}",
+            paint.red(&fit(format!("WARNING: this report is incomplete: {gap}")))
+        );
+    }
     if s.stacks.is_empty() {
         let _ = writeln!(out, "no outstanding allocations since attach");
     }
@@ -324,6 +331,7 @@ mod tests {
             leak_stacks: 0,
             last: false,
             sample_bytes: None,
+            gaps: Vec::new(),
         };
         let frames = vec![vec![
             Frame {
