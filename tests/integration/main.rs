@@ -4,6 +4,7 @@
 mod accounting;
 mod allocators;
 mod formats;
+mod hostile;
 mod http;
 mod lifecycle;
 mod metrics;

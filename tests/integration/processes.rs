@@ -46,7 +46,8 @@ fn two_pids_are_traced_at_once_and_reported_separately() {
     );
     for (pid, bytes, count) in [(&a, 2 * 100 * 4096, 200), (&b, 2 * 30 * 1000, 60)] {
         let report = last_of(&outcome.reports, pid.parse().unwrap());
-        let leak = stack_of(report, "leak_site").expect("leak_site named");
+        let leak =
+            stack_of(report, "leak_site").unwrap_or_else(|| panic!("leak_site named: {report}"));
         assert_eq!(leak["outstanding_bytes"], bytes, "pid {pid}");
         assert_eq!(leak["outstanding_allocations"], count, "pid {pid}");
         assert_eq!(report["totals"]["outstanding_bytes"], bytes, "pid {pid}");
@@ -115,5 +116,16 @@ fn followed_fork(extra: &[&str]) -> Value {
     assert_eq!(leak["outstanding_bytes"], 2 * 50 * 2048);
     assert_eq!(leak["outstanding_allocations"], 100);
     assert_eq!(child_report["totals"]["outstanding_bytes"], 2 * 50 * 2048);
+    // The child was attached after its fork: the report cannot know what happened before.
+    assert_eq!(child_report["complete"], false, "{child_report}");
+    assert!(
+        child_report["incomplete_reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("a child followed after its fork"),
+        "{child_report}"
+    );
+    // Its one child followed, nothing lost: the parent's report is complete.
+    assert_eq!(parent_report["complete"], true, "{parent_report}");
     child_report.clone()
 }

@@ -299,6 +299,20 @@ pub async fn run(
         }
     };
     bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+    // Forks told but not handled when the trace stopped: children not followed, and said so.
+    if let Some(events) = proc_events.as_mut() {
+        let mut told = Vec::new();
+        let _ = events.get_mut().drain(&mut told);
+        for event in told {
+            if let ProcEvent::Fork { parent, child, .. } = event
+                && let Some(traced) = live.get_mut(&parent)
+                && !matches!(process::exe_id(child), Some(exe) if Some(exe) != traced.exe)
+            {
+                traced.children += 1;
+                traced.children_missed += 1;
+            }
+        }
+    }
     if settings.print_bpf_stats {
         let counters: Vec<String> = stats
             .all()
@@ -411,7 +425,7 @@ impl Traced {
     fn gaps(&self) -> impl Iterator<Item = String> + '_ {
         let missed = (self.children_missed > 0).then(|| {
             format!(
-                "{} of its {} children (--follow-forks) exited or could not be attached before leaktrace attached to them: what they allocated is not seen",
+                "{} of its {} children (--follow-forks) were not followed (they exited, could not be attached, or the trace ended first): what they allocated is not seen",
                 self.children_missed, self.children
             )
         });
