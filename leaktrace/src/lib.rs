@@ -15,6 +15,8 @@
 
 pub mod attach;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod intake;
 pub mod metrics;
 pub mod model;

@@ -229,8 +229,18 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     require_root("the test suite")?;
     step("running the test suite");
-    run(cargo().arg("test").args(args))
+    let mut cargo = cargo();
+    // The property tests of the parsers of untrusted bytes (leaktrace/src/fuzz.rs): this many
+    // cases each, about 15 s in all on the development VM. PROPTEST_CASES set by the caller
+    // wins.
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        cargo.env("PROPTEST_CASES", FUZZ_CASES);
+    }
+    run(cargo.arg("test").args(args))
 }
+
+/// Cases per property test in `cargo xtask test`.
+const FUZZ_CASES: &str = "10000";
 
 /// Kills the demo service when dropped, whatever happens in between.
 struct Child(std::process::Child);

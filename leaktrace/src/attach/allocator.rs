@@ -293,6 +293,17 @@ pub fn discover_files(
     resolve(&modules)
 }
 
+/// [`resolve`] over one module read from `data` (the property tests feed it damaged files).
+#[cfg(test)]
+pub(crate) fn fuzz_resolve(data: Vec<u8>) -> anyhow::Result<Allocator> {
+    static FILE: std::sync::OnceLock<Arc<files::Opened>> = std::sync::OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        Arc::new(files::open(std::process::id(), TargetFile::Path(Path::new("/bin/sh"))).unwrap())
+    });
+    let module = Module::parse("fuzzed", file.clone(), data, false)?;
+    resolve(&[module])
+}
+
 fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
     let lookup = |name: &str| {
         modules

@@ -182,7 +182,7 @@ pub fn parse(mut datagram: &[u8], out: &mut Vec<ProcEvent>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A datagram as the kernel sends it: netlink header, connector header, proc_event.

@@ -207,7 +207,7 @@ fn interpreter(data: &[u8]) -> Option<Option<PathBuf>> {
 
 /// The paths in `ld.so --list` output: `libc.so.6 => /lib/.../libc.so.6 (0x...)` lines, and
 /// `/path/lib.so (0x...)` lines (`LD_PRELOAD`ed libraries, the loader itself), in order.
-fn libraries_in_listing(listing: &str) -> Vec<PathBuf> {
+pub(crate) fn libraries_in_listing(listing: &str) -> Vec<PathBuf> {
     listing
         .lines()
         .filter_map(|line| {

@@ -241,7 +241,8 @@ impl HeapModel {
             self.allocated.resize(index + 1, StackTotals::default());
         }
         let totals = &mut self.allocated[index];
-        totals.bytes += bytes;
+        // Sizes come from records: saturate rather than overflow on a corrupt one.
+        totals.bytes = totals.bytes.saturating_add(bytes);
         totals.blocks += blocks;
         totals.last_ns = ts_ns;
     }
@@ -358,7 +359,7 @@ impl HeapModel {
         let mut by_stack: HashMap<StackId, (u64, f64, u64)> = HashMap::default();
         let mut add = |stack: StackId, (bytes, blocks): (u64, f64), ts_ns: u64| {
             let usage = by_stack.entry(stack).or_insert((0, 0.0, u64::MAX));
-            usage.0 += bytes;
+            usage.0 = usage.0.saturating_add(bytes);
             usage.1 += blocks;
             usage.2 = usage.2.min(ts_ns);
         };

@@ -80,7 +80,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     parse_vm_rss(&status)
 }
 
-fn parse_vm_rss(status: &str) -> Option<u64> {
+pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
     let kib = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))?

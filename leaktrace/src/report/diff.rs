@@ -31,30 +31,24 @@ impl Side {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text =
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// The last report of `text`, the contents of the file `path`. A report whose counts are
+    /// negative, or whose frames are not a list of frames, is refused in one line.
+    pub fn parse(path: &str, text: &str) -> anyhow::Result<Self> {
         let line = text
             .lines()
             .rev()
             .find(|line| !line.trim().is_empty())
-            .with_context(|| {
-                format!(
-                    "{} is empty: give a report of `leaktrace --format json`",
-                    path.display()
-                )
-            })?;
-        let report: JsonReport<'static> = serde_json::from_str(line).with_context(|| {
-            format!(
-                "{} is not a report of `leaktrace --format json`",
-                path.display()
-            )
-        })?;
+            .with_context(|| format!("{path} is empty: give a report of `leaktrace --format json`"))?;
+        let report: JsonReport<'static> = serde_json::from_str(line)
+            .with_context(|| format!("{path} is not a report of `leaktrace --format json`"))?;
         if report.schema != SCHEMA {
-            bail!(
-                "{} is not a report of `leaktrace --format json` (schema {SCHEMA})",
-                path.display()
-            );
+            bail!("{path} is not a report of `leaktrace --format json` (schema {SCHEMA})");
         }
         Ok(Self {
-            path: path.display().to_string(),
+            path: path.to_owned(),
             report,
         })
     }
@@ -81,8 +75,9 @@ impl Side {
                 key.push(format!("[{}]", stack.origin));
             }
             let entry = out.entry(key).or_insert((0, 0, stack));
-            entry.0 += stack.outstanding_bytes;
-            entry.1 += stack.outstanding_allocations;
+            // Numbers read from a file: saturate rather than overflow.
+            entry.0 = entry.0.saturating_add(stack.outstanding_bytes);
+            entry.1 = entry.1.saturating_add(stack.outstanding_allocations);
         }
         out
     }
@@ -385,5 +380,30 @@ mod tests {
             assert!(err.contains("leaktrace --format json"), "{err}");
         }
         assert!(Side::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_report_with_impossible_values_is_refused_in_one_line() {
+        let good = r#"{"schema":1,"pid":1,"totals":{"outstanding_bytes":1,"outstanding_allocations":1},"stacks":[{"outstanding_bytes":1,"outstanding_allocations":1,"kind":"leak","frames":[{"symbol":"f"}]}]}"#;
+        assert!(Side::parse("good.json", good).is_ok());
+        for (valid, invalid) in [
+            (r#""frames":[{"symbol":"f"}]"#, r#""frames":"f""#),
+            (
+                r#""outstanding_bytes":1,"outstanding_allocations":1,"kind""#,
+                r#""outstanding_bytes":-5,"outstanding_allocations":1,"kind""#,
+            ),
+            (r#""totals":{"outstanding_bytes":1"#, r#""totals":{"outstanding_bytes":-1"#),
+            (r#""symbol":"f""#, r#""symbol":7"#),
+            (r#""frames":[{"symbol":"f"}]"#, r#""frames":[3]"#),
+        ] {
+            let text = good.replace(valid, invalid);
+            assert_ne!(text, good);
+            let err = format!("{:#}", Side::parse("bad.json", &text).unwrap_err());
+            assert!(
+                err.starts_with("bad.json is not a report of `leaktrace --format json`: "),
+                "{invalid}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 }

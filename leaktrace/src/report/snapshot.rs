@@ -149,7 +149,7 @@ pub fn snapshot(
             .iter()
             .filter(|u| wanted.contains(&origin(u)))
             .map(field)
-            .sum()
+            .fold(0u64, u64::saturating_add)
     };
     let in_memory = [Origin::Malloc, Origin::Mmap];
     let totals = Totals {
