@@ -3,13 +3,15 @@
 //! is attached as soon as it exists and every child that could not be attached (it exited, or
 //! exec'd, first) is counted, never silently missed.
 //!
-//! How the ways the kernel offers compare (measured, see the README's `--follow-forks`):
-//! uprobes are scoped to a process (its memory map), and a child's copy of the breakpoints is
-//! removed at its first hit, before any BPF program runs; perf's event inheritance does not
-//! apply to uprobe events created through the uprobe PMU with a path; probes scoped to every
-//! process with a filter in BPF would trap every process that maps the allocator (all of them,
-//! for libc) and cost each of their calls a trap. So a child is attached after its fork, and
-//! the allocations it makes in between are not seen: its reports say so (`complete: false`).
+//! Why a child is attached after its fork rather than traced from it (from the kernel's code;
+//! not measured here, but for the proc connector's latency, see the README): uprobes are
+//! scoped to a process's memory, and a child's inherited copy of a breakpoint is removed at its
+//! first hit, before any BPF program runs, because no consumer wants that memory; perf's event
+//! inheritance would copy the parent's uprobe events at fork but re-reads the probe's path from
+//! the forking process's memory; probes scoped to every process with a filter in BPF would trap
+//! every process that maps the allocator (every process, for libc), each of their calls paying
+//! a trap. So what a child allocates between its fork and the attach is not seen, and its
+//! reports say so (`complete: false`).
 
 use std::{
     io,

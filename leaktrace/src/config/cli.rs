@@ -23,7 +23,7 @@ use crate::{
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json",
-    after_help = "Exit status: 0 when the trace ran, 1 on an error, 3 with --fail-on-leak when a stack of the final report is a leak."
+    after_help = "Exit status: 0 when the trace ran (also when the reader of stdout went away), 1 on an error (bad arguments, a report that could not be written), 3 with --fail-on-leak when a stack of the final report is a leak."
 )]
 pub struct Cli {
     #[command(subcommand)]
