@@ -122,7 +122,7 @@ mod records {
         proc::maps::ProcMaps,
         report::{
             render::{Format, Report, Style, Target},
-            snapshot::{SnapshotInput, SortKey, snapshot},
+            snapshot::{Moment, Selection, SortKey, snapshot},
             trends::Trends,
         },
         stacks::unwind::Unwinder,
@@ -192,24 +192,26 @@ mod records {
             // And reported: the snapshot's sums, trends and every renderer.
             let mut trends = Trends::new(10, 0.5);
             for (i, elapsed_s) in [1.0, 2.0].into_iter().enumerate() {
-                let input = SnapshotInput {
+                let selection = Selection {
+                    min_age_ns: 0,
+                    sizes: 0..=u64::MAX,
+                    top: 100,
+                    sort: SortKey::Growth,
+                    with_freed: true,
+                    file_mappings: true,
+                };
+                let now = Moment {
                     pid,
                     timestamp_ms: 0,
                     elapsed_s,
                     now_ns: u64::MAX,
                     lost_events: 0,
                     unpaired_returns: 0,
-                    min_age_ns: 0,
-                    sizes: 0..=u64::MAX,
-                    top: 100,
-                    sort: SortKey::Growth,
-                    with_freed: true,
                     rss_bytes: None,
-                    file_mappings: true,
                     last: i == 1,
                     gaps: Vec::new(),
                 };
-                let snap = snapshot(&heap, &mut trends, &input);
+                let snap = snapshot(&heap, &mut trends, &selection, &now);
                 let target = Target {
                     pid,
                     command: "fuzz".into(),

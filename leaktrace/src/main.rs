@@ -2,7 +2,7 @@
 
 use std::{io, process::ExitCode, sync::Arc};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Parser as _;
 
 use leaktrace::{

@@ -41,7 +41,9 @@ impl Side {
             .lines()
             .rev()
             .find(|line| !line.trim().is_empty())
-            .with_context(|| format!("{path} is empty: give a report of `leaktrace --format json`"))?;
+            .with_context(|| {
+                format!("{path} is empty: give a report of `leaktrace --format json`")
+            })?;
         let report: JsonReport<'static> = serde_json::from_str(line)
             .with_context(|| format!("{path} is not a report of `leaktrace --format json`"))?;
         if report.schema != SCHEMA {
@@ -392,7 +394,10 @@ mod tests {
                 r#""outstanding_bytes":1,"outstanding_allocations":1,"kind""#,
                 r#""outstanding_bytes":-5,"outstanding_allocations":1,"kind""#,
             ),
-            (r#""totals":{"outstanding_bytes":1"#, r#""totals":{"outstanding_bytes":-1"#),
+            (
+                r#""totals":{"outstanding_bytes":1"#,
+                r#""totals":{"outstanding_bytes":-1"#,
+            ),
             (r#""symbol":"f""#, r#""symbol":7"#),
             (r#""frames":[{"symbol":"f"}]"#, r#""frames":[3]"#),
         ] {
