@@ -193,7 +193,7 @@ fn a_full_disk_stops_the_trace_at_its_first_report_and_keeps_the_old_files_whole
             .find(|l| l.starts_with("leaktrace: error:"))
             .unwrap_or_else(|| panic!("{stderr}"));
         assert!(
-            error.contains(&format!("writing the report to ")) && error.contains(file),
+            error.contains("writing the report to ") && error.contains(file),
             "names the file: {error}"
         );
         assert!(error.contains("No space left on device"), "{error}");
