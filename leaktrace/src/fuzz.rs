@@ -121,7 +121,7 @@ mod records {
         model::heap::HeapModel,
         proc::maps::ProcMaps,
         report::{
-            render::{Format, Report, Style, Target},
+            render::{Format, Header, Report, Style},
             snapshot::{Moment, Selection, SortKey, snapshot},
             trends::Trends,
         },
@@ -212,14 +212,14 @@ mod records {
                     gaps: Vec::new(),
                 };
                 let snap = snapshot(&heap, &mut trends, &selection, &now);
-                let target = Target {
+                let header = Header {
                     pid,
                     command: "fuzz".into(),
                     allocator: "glibc".into(),
                     allocator_module: "libc".into(),
                 };
                 let frames: Vec<Vec<crate::stacks::symbolize::Frame>> = snap.stacks.iter().map(|_| Vec::new()).collect();
-                let report = Report { target: &target, snapshot: &snap, frames: &frames, style: Style::default() };
+                let report = Report { header: &header, snapshot: &snap, frames: &frames, style: Style::default() };
                 for format in [Format::Text, Format::Json, Format::Folded, Format::Pprof, Format::Svg] {
                     let mut out = Vec::new();
                     let _ = format.render(&report, &mut out);

@@ -194,9 +194,8 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     let ended = ended?;
     say_how_it_ended(&ended, &pids, child, &first_command)?;
     // When the reader went away no final report reached anyone: it cannot have shown a leak.
-    let fail = ended.leak
-        && reports.fail_on_leak
-        && ended.stop != Stop::Output(Failure::ReaderGone);
+    let fail =
+        ended.leak && reports.fail_on_leak && ended.stop != Stop::Output(Failure::ReaderGone);
     if fail {
         status!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
     }
