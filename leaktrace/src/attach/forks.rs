@@ -40,6 +40,8 @@ const PROC_EVENT_FORK: u32 = 0x1;
 const PROC_EVENT_EXEC: u32 = 0x2;
 const NLMSG_HDR_BYTES: usize = 16;
 const CN_MSG_BYTES: usize = 20;
+/// The socket's receive buffer: some 100,000 events.
+const RECEIVE_BUFFER_BYTES: libc::c_int = 16 << 20;
 /// `struct proc_event`: what, cpu, timestamp_ns, then the event's data.
 const EVENT_DATA_AT: usize = 16;
 
@@ -83,6 +85,20 @@ impl ProcEvents {
         };
         if bound != 0 {
             return Err(io::Error::last_os_error());
+        }
+        // Every process of the machine is told of, and the event loop may be busy attaching
+        // for seconds: a large buffer (root may exceed the default limit) keeps the events
+        // from overflowing it, which the reports would have to call a gap.
+        let bytes: libc::c_int = RECEIVE_BUFFER_BYTES;
+        // SAFETY: an int option of the size passed; failing leaves the default buffer.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const bytes).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
         }
         let mut listen = Vec::with_capacity(NLMSG_HDR_BYTES + CN_MSG_BYTES + 4);
         let len = (NLMSG_HDR_BYTES + CN_MSG_BYTES + 4) as u32;
