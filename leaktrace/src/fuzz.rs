@@ -196,6 +196,7 @@ mod records {
                     min_age_ns: 0,
                     sizes: 0..=u64::MAX,
                     top: 100,
+                    watch_top: 10,
                     sort: SortKey::Growth,
                     with_freed: true,
                     file_mappings: true,
