@@ -291,14 +291,12 @@ fn bad_metrics_addresses_get_one_line_and_nothing_is_attached() {
     let before = malloc_bytes_in(fixture.pid());
 
     let malformed = run_leaktrace(&["-p", &pid, "--metrics", "9464"]);
-    assert_eq!(malformed.status.code(), Some(2));
+    // Argument errors are one line with status 1, as every error (issue 17).
+    assert_eq!(malformed.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&malformed.stderr);
     assert_eq!(
-        stderr.lines().next(),
-        Some(
-            "error: invalid value '9464' for '--metrics <ADDR>': `9464` is not an address to listen on: give IP:PORT (127.0.0.1:9464, [::1]:9464) or :PORT for every interface (:9464)"
-        ),
-        "{stderr}"
+        stderr,
+        "leaktrace: error: invalid value '9464' for '--metrics <ADDR>': `9464` is not an address to listen on: give IP:PORT (127.0.0.1:9464, [::1]:9464) or :PORT for every interface (:9464) (see `leaktrace --help`)\n"
     );
 
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
