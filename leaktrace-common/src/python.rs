@@ -79,11 +79,12 @@ impl PyLayout {
 
     /// Every frame field can be read out of the [`PY_FRAME_READ_BYTES`] the walk copies.
     pub fn frame_offsets_fit(&self) -> bool {
-        let word = |offset: u64| offset % 8 == 0 && offset + 8 <= PY_FRAME_READ_BYTES as u64;
+        let word =
+            |offset: u64| offset.is_multiple_of(8) && offset + 8 <= PY_FRAME_READ_BYTES as u64;
         word(self.frame_previous)
             && word(self.frame_code)
             && word(self.frame_instr)
-            && self.frame_flags % 4 == 0
+            && self.frame_flags.is_multiple_of(4)
             && self.frame_flags + 4 <= PY_FRAME_READ_BYTES as u64
     }
 }

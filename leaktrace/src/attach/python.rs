@@ -39,7 +39,7 @@ pub const ENTRY_POINTS: &[(&str, &str)] = &[
 pub enum Found {
     /// No CPython interpreter (no module defines `_PyRuntime`).
     None,
-    Known(Interpreter),
+    Known(Box<Interpreter>),
     /// A CPython leaktrace cannot walk: the warning to show once.
     Unknown(String),
 }
@@ -117,13 +117,13 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
             vec![(start, start + size)]
         })
         .unwrap_or_default();
-    Found::Known(Interpreter {
+    Found::Known(Box::new(Interpreter {
         version: known,
         offsets: known.offsets(runtime.wrapping_add(bias)),
         eval_ranges,
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
-    })
+    }))
 }
 
 fn mapping_of<'a>(maps: &'a ProcMaps, path: &str, file_offset: u64) -> Option<&'a Mapping> {
@@ -144,7 +144,7 @@ pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProc
             None
         }
         Found::Known(interp) => match process::memory(pid) {
-            Ok(memory) => Some(PyProcess::new(interp, memory, modules.python_names())),
+            Ok(memory) => Some(PyProcess::new(*interp, memory, modules.python_names())),
             Err(err) => {
                 eprintln!(
                     "leaktrace: warning: cannot read the memory of pid {pid} ({err}): Python allocations are shown with native frames only"
