@@ -131,3 +131,79 @@ fn debian_python3_with_pymalloc_names_large_objects_at_their_line_exactly() {
     let (truth, report) = trace(DEBIAN_PYTHON, &[]);
     assert_sites(&truth, &report, &["remember"]);
 }
+
+/// pyenv's builds, where the machine has them (CI's fresh machine may not): each test says so
+/// and passes when its interpreter is absent.
+fn pyenv(version: &str) -> Option<String> {
+    let minor = version.rsplit_once('.').map_or(version, |(m, _)| m);
+    let path = format!("/root/.pyenv/versions/{version}/bin/python{minor}");
+    if std::path::Path::new(&path).exists() {
+        Some(path)
+    } else {
+        eprintln!("skipped: {path} is not installed");
+        None
+    }
+}
+
+fn pyenv_python_with_malloc(version: &str, minor: &str) {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv(version) else {
+        return;
+    };
+    let (truth, report) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
+    assert_eq!(truth["python"], minor);
+    assert_sites(&truth, &report, &["remember", "record"]);
+}
+
+#[test]
+fn pyenv_python_3_11_in_libpython_names_every_leak_exactly() {
+    pyenv_python_with_malloc("3.11.7", "3.11");
+}
+
+#[test]
+fn pyenv_python_3_12_names_every_leak_exactly() {
+    pyenv_python_with_malloc("3.12.1", "3.12");
+}
+
+#[test]
+fn pyenv_python_3_13_names_every_leak_exactly() {
+    pyenv_python_with_malloc("3.13.0", "3.13");
+}
+
+#[test]
+fn python_3_10_is_traced_with_native_frames_and_one_warning() {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv("3.10.13") else {
+        return;
+    };
+    let mut fixture = Fixture::start_command(
+        Command::new(python)
+            .arg(script())
+            .arg(OBJECTS)
+            .env("PYTHONMALLOC", "malloc"),
+    );
+    let trace = Leaktrace::attach(fixture.pid(), &[]);
+    fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let warnings: Vec<&String> = outcome
+        .stderr
+        .iter()
+        .filter(|l| l.contains("CPython 3.10"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", outcome.stderr);
+    assert!(warnings[0].starts_with("leaktrace: warning: "));
+    let report = outcome.last();
+    assert!(
+        report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| python_frames(s).is_empty())
+    );
+    assert!(report["totals"]["outstanding_bytes"].as_u64().unwrap() > 2_000_000);
+}

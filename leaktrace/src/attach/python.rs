@@ -103,8 +103,10 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
         .and_then(|at| data.get(at as usize..at as usize + 8))
         .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
     let Some(known) = version.and_then(Version::from_hex) else {
+        // Before 3.11 there is no `Py_Version`: the file's name (`libpython3.10.so.1.0`,
+        // `python3.9`) says which it is.
         let which = version.map_or_else(
-            || "older than 3.11".to_owned(),
+            || version_in_name(path).unwrap_or_else(|| "older than 3.11".to_owned()),
             |hex| format!("{}.{}", hex >> 24, (hex >> 16) & 0xff),
         );
         return Found::Unknown(format!(
@@ -124,6 +126,16 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
     }))
+}
+
+/// `3.10` in `/usr/lib/libpython3.10.so.1.0`.
+fn version_in_name(path: &str) -> Option<String> {
+    let name = path.rsplit('/').next()?;
+    let rest = &name[name.find("python")? + "python".len()..];
+    let (major, rest) = rest.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (major.chars().all(|c| c.is_ascii_digit()) && !major.is_empty() && !minor.is_empty())
+        .then(|| format!("{major}.{minor}"))
 }
 
 fn mapping_of<'a>(maps: &'a ProcMaps, path: &str, file_offset: u64) -> Option<&'a Mapping> {
@@ -165,6 +177,21 @@ mod tests {
         assert!(matches!(in_module(b"not an elf", &maps, "/x"), Found::None));
         let me = std::fs::read("/proc/self/exe").unwrap();
         assert!(matches!(in_module(&me, &maps, "/x"), Found::None));
+    }
+
+    #[test]
+    fn versions_in_file_names() {
+        assert_eq!(
+            version_in_name("/x/libpython3.10.so.1.0").as_deref(),
+            Some("3.10")
+        );
+        assert_eq!(
+            version_in_name("/usr/bin/python3.9").as_deref(),
+            Some("3.9")
+        );
+        assert_eq!(version_in_name("/usr/bin/python3").as_deref(), None);
+        assert_eq!(version_in_name("/usr/bin/python").as_deref(), None);
+        assert_eq!(version_in_name("/usr/bin/pythonx.y").as_deref(), None);
     }
 
     /// Debian's python3 is 3.11 and never missing where the tests run.
