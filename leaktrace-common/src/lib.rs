@@ -10,6 +10,7 @@
 
 pub mod fp_code;
 pub mod names;
+pub mod python;
 #[cfg(feature = "user")]
 pub mod record;
 pub mod sample;
@@ -32,6 +33,8 @@ pub const EVENT_UNMAP: u32 = 3;
 /// The `kind` of an [`AllocStackEvent`]: an allocation with a copy of the user stack,
 /// for unwinding from call-frame information in user space.
 pub const EVENT_ALLOC_STACK: u32 = 8;
+/// The `kind` of a [`python::PyStackEvent`]: the Python frames of the allocation that follows.
+pub const EVENT_PY_STACK: u32 = 16;
 
 /// How the BPF side captures stacks (the `UNWIND_MODE` global, set at load).
 pub mod unwind {
@@ -265,8 +268,11 @@ pub mod stat {
     pub const STACK_COPY_FAILED: u32 = 5;
     /// Sampled blocks not reported because the map of live sampled blocks was full.
     pub const SAMPLED_FULL: u32 = 6;
+    /// Allocations of a Python process whose Python frames could not be read (the thread
+    /// state or a frame was unreadable); the allocation is still reported.
+    pub const PYTHON_STACK_FAILED: u32 = 7;
     /// Number of statistics.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     /// Each statistic's name, by index (`--print-bpf-stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -277,6 +283,7 @@ pub mod stat {
         "read_failed",
         "stack_copy_failed",
         "sampled_full",
+        "python_stack_failed",
     ];
 }
 

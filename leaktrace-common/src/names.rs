@@ -14,8 +14,14 @@ pub mod map {
     pub const SAMPLED: &str = "SAMPLED";
     /// Per-thread state (task storage).
     pub const THREADS: &str = "THREADS";
+    /// Each traced Python process's [`PyLayout`](crate::python::PyLayout), by tgid.
+    pub const PY_LAYOUTS: &str = "PY_LAYOUTS";
+    /// The `PyThreadState` found for each thread (a cache, checked at each use).
+    pub const PY_TSTATES: &str = "PY_TSTATES";
 
-    pub const ALL: [&str; 5] = [EVENTS, STATS, FP_CODE, SAMPLED, THREADS];
+    pub const ALL: [&str; 7] = [
+        EVENTS, STATS, FP_CODE, SAMPLED, THREADS, PY_LAYOUTS, PY_TSTATES,
+    ];
 }
 
 /// Globals that user space sets before loading.
@@ -48,6 +54,9 @@ pub mod program {
     pub const XALLOCX_ENTRY: &str = "xallocx_entry";
     /// `free(ptr)` and every call that only releases: it has no return program.
     pub const FREE_ENTRY: &str = "free_entry";
+    /// CPython's `PyObject_Free(ptr)` and `PyMem_Free(ptr)`: as `free_entry`, and the `free`
+    /// they may call for the same block is not reported again.
+    pub const PY_FREE_ENTRY: &str = "py_free_entry";
     /// The return of every entry but the free-like ones.
     pub const ALLOC_RETURN: &str = "alloc_return";
     /// Programs that do nothing, attached instead of the others by benchmarks
@@ -55,7 +64,8 @@ pub mod program {
     pub const NOOP_ENTRY: &str = "noop_entry";
     pub const NOOP_RETURN: &str = "noop_return";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
+        PY_FREE_ENTRY,
         MALLOC_ENTRY,
         CALLOC_ENTRY,
         REALLOC_ENTRY,

@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod python;
 mod sample;
 mod stack;
 mod thread;
@@ -324,6 +325,9 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     event.old_size_bytes = old_size_bytes;
     event.entry_ts_ns = entry_ts_ns;
     stack::walk_frame_pointers(ctx, event, &mut state.window);
+    if addr != 0 {
+        python::send_stack(&mut state.py_stack, key, event.ts_ns);
+    }
 
     let mode = stack::mode();
     if mode == unwind::DWARF {
@@ -356,7 +360,7 @@ fn unchanged(old_sampled: u32, pid_tgid: u64, addr: u64) -> Result<u32, u32> {
 
 /// Sends a record; one that finds no room in the ring buffer is counted as lost.
 #[inline(always)]
-fn send<T: ?Sized>(record: &T) -> Result<u32, u32> {
+pub(crate) fn send<T: ?Sized>(record: &T) -> Result<u32, u32> {
     if EVENTS
         .output::<T>(record, wakeup_flags(size_of_val(record)))
         .is_err()
@@ -418,13 +422,50 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
     }
     if let Some(state) = thread::get() {
         // SAFETY: as in `enter`.
-        let pending = unsafe { &(*state).pending };
+        let state = unsafe { &mut *state };
+        let pending = &state.pending;
+        let sp = stack_pointer(ctx);
         // Inside realloc: its own return reports what it released.
-        if pending.depth > 0 && stack_pointer(ctx) <= pending.entry_sp {
+        if pending.depth > 0 && sp <= pending.entry_sp {
+            return Ok(0);
+        }
+        // Inside PyObject_Free of the same block, which reported it.
+        if state.py_free_addr == addr && sp < state.py_free_sp {
+            state.py_free_addr = 0;
             return Ok(0);
         }
     }
     // Under sampling, only the release of a drawn block is reported.
+    if sample::sample_bytes() != 0 && !sample::forget(addr) {
+        return Ok(0);
+    }
+    freed(bpf_get_current_pid_tgid(), addr)
+}
+
+/// CPython's `PyObject_Free(ptr)` and `PyMem_Free(ptr)`. They release pymalloc's small blocks
+/// themselves and hand larger ones to `free`, whose probe must then stay silent.
+#[uprobe]
+pub fn py_free_entry(ctx: ProbeContext) -> u32 {
+    match try_py_free_entry(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_py_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
+    let addr = arg(ctx, 0);
+    if addr == 0 {
+        return Ok(0);
+    }
+    if let Some(state) = thread::get_or_create() {
+        // SAFETY: as in `enter`.
+        let state = unsafe { &mut *state };
+        // Inside realloc (PyObject_Realloc of a block that moves): its return reports it.
+        if state.pending.depth > 0 && stack_pointer(ctx) <= state.pending.entry_sp {
+            return Ok(0);
+        }
+        state.py_free_addr = addr;
+        state.py_free_sp = stack_pointer(ctx);
+    }
     if sample::sample_bytes() != 0 && !sample::forget(addr) {
         return Ok(0);
     }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     macros::btf_map,
 };
-use leaktrace_common::{AllocEvent, Pending};
+use leaktrace_common::{AllocEvent, Pending, python::PyStackEvent};
 
 /// Words of user stack that the frame-pointer walk reads at once (see `stack::walk_frame_pointers`).
 pub const WINDOW_WORDS: usize = 128;
@@ -31,6 +31,13 @@ pub struct ThreadState {
     /// A window of the user stack that the frame-pointer walk reads frames from; one word
     /// more than it fills, so that reading the word after any filled one stays in bounds.
     pub window: [u64; WINDOW_WORDS + 1],
+    /// The Python frames of the allocation returning now (CPython processes only).
+    pub py_stack: PyStackEvent,
+    /// The block that `PyObject_Free`/`PyMem_Free` is releasing, and the stack pointer at its
+    /// entry: the `free` it calls for the same block, deeper in the stack, is not reported
+    /// again.
+    pub py_free_addr: u64,
+    pub py_free_sp: u64,
 }
 
 /// A BTF task storage map (`BPF_MAP_TYPE_TASK_STORAGE`): the fields are placeholders whose

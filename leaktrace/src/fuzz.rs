@@ -187,7 +187,7 @@ mod records {
             let mut unwinder = Unwinder::new(leaktrace_common::DEFAULT_STACK_DEPTH);
             let mut scratch = Scratch::default();
             for record in &records {
-                let _ = apply(record, &mut heap, &mut space, &mut unwinder, &mut scratch);
+                let _ = apply(record, &mut heap, &mut space, None, &mut unwinder, &mut scratch);
             }
             // And reported: the snapshot's sums, trends and every renderer.
             let mut trends = Trends::new(10, 0.5);

@@ -9,7 +9,7 @@ use leaktrace::{
     attach::{
         allocator::{self, Allocator},
         probes::{self, Unwind},
-        spawn,
+        python, spawn,
     },
     config::{
         cli::Cli,
@@ -109,6 +109,10 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
     for (target, allocator) in targets {
+        // The layout first: the first allocations the probes see already get their frames.
+        if let Some(py) = &target.python {
+            probes.set_python(target.pid, &py.interpreter().offsets.walk)?;
+        }
         let attached = probes.attach(target.pid, &allocator)?;
         announcements.push(format!(
             "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
@@ -139,9 +143,13 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         None => None,
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
-        let target = Target::open(child, &modules)?;
+        let mut target = Target::open(child, &modules)?;
+        target.python = python::of_process(child, target.space.maps(), &modules);
         let allocator = allocator::of_target(&target)?;
         let attached = probes.attach(child, &allocator)?;
+        if let Some(py) = &target.python {
+            probes.set_python(child, &py.interpreter().offsets.walk)?;
+        }
         status!(
             "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
             target.command
@@ -215,7 +223,8 @@ fn open_targets(
         Targets::Pids(pids) => {
             let mut targets = Vec::new();
             for &pid in pids {
-                let target = Target::open(pid, modules)?;
+                let mut target = Target::open(pid, modules)?;
+                target.python = python::of_process(pid, target.space.maps(), modules);
                 let allocator = allocator::of_target(&target)?;
                 targets.push((target, allocator));
             }

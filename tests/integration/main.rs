@@ -11,6 +11,7 @@ mod metrics;
 mod processes;
 mod prometheus;
 mod protobuf;
+mod python;
 mod sampling;
 mod service;
 mod spawn;

@@ -16,7 +16,8 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol a
 
 use leaktrace_common::names::program::{
     ALIGNED_ALLOC_ENTRY, CALLOC_ENTRY, FREE_ENTRY, MALLOC_ENTRY, MMAP_ENTRY, MREMAP_ENTRY,
-    MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY, XALLOCX_ENTRY,
+    MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, PY_FREE_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY,
+    XALLOCX_ENTRY,
 };
 
 use super::probe_point;
@@ -205,7 +206,7 @@ impl EntryPoint {
     /// It is reported at its return, so it also gets the `alloc_return` uretprobe: all but
     /// the free-like ones (munmap too: only a munmap that succeeded releases anything).
     pub fn allocates(&self) -> bool {
-        self.program != FREE_ENTRY
+        self.program != FREE_ENTRY && self.program != PY_FREE_ENTRY
     }
 }
 
@@ -346,7 +347,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
             name: modules[m].classify().to_owned(),
             module: modules[m].name.clone(),
         });
-        for &(name, program) in ENTRY_POINTS {
+        for &(name, program) in ENTRY_POINTS.iter().chain(super::python::ENTRY_POINTS) {
             if let Some((i, sym)) = lookup(name) {
                 candidates.push((i, name.to_owned(), program, sym));
             }
@@ -406,7 +407,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         .filter(|(k, _)| !wrappers.contains(k))
         .filter(|(_, c)| seen.insert((c.0, c.3.vaddr)))
         .map(|(_, (i, symbol, program, sym))| EntryPoint {
-            probe_offset: if program == FREE_ENTRY {
+            probe_offset: if program == FREE_ENTRY || program == PY_FREE_ENTRY {
                 probe_point::in_elf(&modules[i].data, sym.file_offset)
             } else {
                 sym.file_offset

@@ -6,4 +6,5 @@ pub mod elf_symbols;
 pub mod forks;
 pub mod probe_point;
 pub mod probes;
+pub mod python;
 pub mod spawn;

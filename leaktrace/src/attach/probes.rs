@@ -14,6 +14,7 @@ use aya::{
 use leaktrace_common::{
     MAX_FP_RANGES, fp_code,
     names::{global, map, program},
+    python::{PY_LAYOUT_WORDS, PyLayout},
     stat,
 };
 
@@ -104,9 +105,29 @@ impl Probes {
         result.map(|()| added)
     }
 
+    /// Tells the BPF side where the CPython interpreter of process `pid` keeps its frames.
+    pub fn set_python(&mut self, pid: u32, layout: &PyLayout) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map::PY_LAYOUTS)
+            .context("no PY_LAYOUTS map in the BPF object")?;
+        let mut layouts: aya::maps::HashMap<_, u32, [u64; PY_LAYOUT_WORDS]> =
+            aya::maps::HashMap::try_from(map).context("PY_LAYOUTS is not a hash map")?;
+        layouts
+            .insert(pid, layout.to_words(), 0)
+            .context("writing the Python layout of the process")?;
+        Ok(())
+    }
+
     /// Detaches the probes of a process that exited, on a thread of their own: the kernel
     /// takes ~85 ms per probe, which the event loop must not wait for.
     pub fn detach(&mut self, pid: u32) {
+        if let Some(map) = self.ebpf.map_mut(map::PY_LAYOUTS)
+            && let Ok(mut layouts) =
+                aya::maps::HashMap::<_, u32, [u64; PY_LAYOUT_WORDS]>::try_from(map)
+        {
+            let _ = layouts.remove(&pid);
+        }
         if let Some(links) = self.links.remove(&pid) {
             self.attached -= links.len();
             self.detaching.retain(|thread| !thread.is_finished());

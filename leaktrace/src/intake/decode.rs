@@ -86,6 +86,12 @@ pub fn tgid_of(bytes: &[u8]) -> Option<u32> {
     (bytes.len() >= AT + 8).then(|| (u64_at(bytes, AT) >> 32) as u32)
 }
 
+/// The thread (`pid_tgid`) whose call a record reports.
+pub fn pid_tgid_of(bytes: &[u8]) -> Option<u64> {
+    const AT: usize = offset_of!(FreeEvent, pid_tgid);
+    (bytes.len() >= AT + 8).then(|| u64_at(bytes, AT))
+}
+
 /// Decodes one record. The frames are borrowed from it when they are aligned for `u64`, as in
 /// the ring buffer (its records start 8-byte aligned); copied into `scratch` otherwise.
 pub fn decode<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a>, DecodeError> {

@@ -13,7 +13,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::decode::{DecodeError, decode, tgid_of, user_stack};
+use super::decode::{DecodeError, decode, pid_tgid_of, tgid_of, user_stack};
 use crate::{
     attach::{
         forks::{ProcEvent, ProcEvents},
@@ -29,7 +29,7 @@ use crate::{
         snapshot::{Moment, Selection, snapshot},
         trends::Trends,
     },
-    stacks::unwind::Unwinder,
+    stacks::{python::PyProcess, unwind::Unwinder},
     target::{Target, address_space::AddressSpace},
 };
 
@@ -553,6 +553,8 @@ fn new_children(live: &BTreeMap<u32, Traced>) -> Vec<(u32, u32)> {
 pub struct Scratch {
     frames: Vec<u64>,
     unwound: Vec<u64>,
+    /// Native frames with the Python frames among them.
+    mixed: Vec<u64>,
 }
 
 /// Applies every record waiting in the ring buffer to the model of the process it came from;
@@ -578,31 +580,114 @@ fn drain(
             heap,
             ..
         } = traced;
-        if apply(&record, heap, &mut target.space, unwinder, scratch).is_err() {
+        let python = target.python.as_mut();
+        if apply(&record, heap, &mut target.space, python, unwinder, scratch).is_err() {
             bad += 1;
         }
     }
     bad
 }
 
-/// Decodes one record, unwinds its stack copy if it has one, and applies it to the heap model.
-/// `space` is the address space of the process it came from: the unwinder's modules, and
-/// where the frames of stacks not seen before are located.
+/// Decodes one record, unwinds its stack copy if it has one, puts the Python frames sent for
+/// it among its native ones (`python`: the process runs CPython), and applies it to the heap
+/// model. `space` is the address space of the process it came from: the unwinder's modules,
+/// and where the frames of stacks not seen before are located.
 pub fn apply(
     record: &[u8],
     heap: &mut HeapModel,
     space: &mut AddressSpace,
+    mut python: Option<&mut PyProcess>,
     unwinder: &mut Unwinder,
     scratch: &mut Scratch,
 ) -> Result<(), DecodeError> {
+    if let Some(python) = python.as_deref_mut()
+        && python
+            .take(record)
+            .map_err(|_| DecodeError::Short(record.len()))?
+    {
+        return Ok(());
+    }
     let user = user_stack(record)?;
     let event = decode(record, &mut scratch.frames)?;
-    let Some(user) = user else {
-        heap.apply(&event, space);
-        return Ok(());
+    let Scratch { unwound, mixed, .. } = scratch;
+    let (event, unwound_frames) = match (user, event) {
+        (
+            Some(user),
+            Event::Alloc {
+                ts_ns,
+                addr,
+                size_bytes,
+                old_addr,
+                entry_ts_ns,
+                frames,
+                truncated,
+            },
+        ) if addr != 0 => {
+            let truncated = unwinder.unwind(space, &user, frames, truncated, unwound);
+            (
+                Event::Alloc {
+                    ts_ns,
+                    addr,
+                    size_bytes,
+                    old_addr,
+                    entry_ts_ns,
+                    frames: &[],
+                    truncated,
+                },
+                true,
+            )
+        }
+        (
+            Some(user),
+            Event::Map {
+                ts_ns,
+                addr,
+                size_bytes,
+                source,
+                frames,
+                truncated,
+            },
+        ) => {
+            let truncated = unwinder.unwind(space, &user, frames, truncated, unwound);
+            (
+                Event::Map {
+                    ts_ns,
+                    addr,
+                    size_bytes,
+                    source,
+                    frames: &[],
+                    truncated,
+                },
+                true,
+            )
+        }
+        (_, event) => (event, false),
     };
-    match event {
+    let native: &[u64] = match &event {
+        Event::Alloc { frames, .. } | Event::Map { frames, .. } if !unwound_frames => frames,
+        _ => unwound,
+    };
+    let allocation = match &event {
+        Event::Alloc { ts_ns, addr, .. } | Event::Map { ts_ns, addr, .. } if *addr != 0 => {
+            Some(*ts_ns)
+        }
+        _ => None,
+    };
+    let mixed_in = match (allocation, python, pid_tgid_of(record)) {
+        (Some(ts_ns), Some(python), Some(pid_tgid)) => python.mix(pid_tgid, ts_ns, native, mixed),
+        _ => false,
+    };
+    let frames: &[u64] = if mixed_in { mixed } else { native };
+    let event = match event {
         Event::Alloc {
+            ts_ns,
+            addr,
+            size_bytes,
+            old_addr,
+            entry_ts_ns,
+            truncated,
+            ..
+        } => Event::Alloc {
             ts_ns,
             addr,
             size_bytes,
@@ -610,44 +695,25 @@ pub fn apply(
             entry_ts_ns,
             frames,
             truncated,
-        } if addr != 0 => {
-            let truncated = unwinder.unwind(space, &user, frames, truncated, &mut scratch.unwound);
-            heap.apply(
-                &Event::Alloc {
-                    ts_ns,
-                    addr,
-                    size_bytes,
-                    old_addr,
-                    entry_ts_ns,
-                    frames: &scratch.unwound,
-                    truncated,
-                },
-                space,
-            );
-        }
+        },
         Event::Map {
+            ts_ns,
+            addr,
+            size_bytes,
+            source,
+            truncated,
+            ..
+        } => Event::Map {
             ts_ns,
             addr,
             size_bytes,
             source,
             frames,
             truncated,
-        } => {
-            let truncated = unwinder.unwind(space, &user, frames, truncated, &mut scratch.unwound);
-            heap.apply(
-                &Event::Map {
-                    ts_ns,
-                    addr,
-                    size_bytes,
-                    source,
-                    frames: &scratch.unwound,
-                    truncated,
-                },
-                space,
-            );
-        }
-        event => heap.apply(&event, space),
-    }
+        },
+        event => event,
+    };
+    heap.apply(&event, space);
     Ok(())
 }
 
@@ -684,8 +750,16 @@ mod tests {
         let mut stack = stack;
         stack[..8].copy_from_slice(&(sp + 16).to_ne_bytes());
         let record = alloc_stack_record(0x5000, &[0x1111, 0x9999], regs, &stack);
-        let mut apply =
-            |record: &[u8]| apply(record, &mut heap, &mut space, &mut unwinder, &mut scratch);
+        let mut apply = |record: &[u8]| {
+            apply(
+                record,
+                &mut heap,
+                &mut space,
+                None,
+                &mut unwinder,
+                &mut scratch,
+            )
+        };
         apply(&record).unwrap();
         apply(&alloc_record(0x6000, 8, 0, &[0x1111, 0x9999])).unwrap();
         apply(&free_record(0x5000)).unwrap();

@@ -464,6 +464,7 @@ mod tests {
             file: Some("app.c".into()),
             line: Some(17),
             inlined: false,
+            runtime: None,
         }]
     }
 

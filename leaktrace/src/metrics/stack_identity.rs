@@ -115,6 +115,7 @@ mod tests {
             file: None,
             line: symbol.map(|_| 10),
             inlined: false,
+            runtime: None,
         }
     }
 

@@ -93,6 +93,8 @@ impl Side {
 /// A frame's identity across reports: its function's name, or module+offset.
 fn frame_key(frame: &JsonFrame<'_>) -> String {
     match &frame.symbol {
+        // A Python function's lines are its call sites: no offset tells them apart.
+        Some(symbol) if frame.runtime.is_some() => format!("{symbol}:{}", frame.line.unwrap_or(0)),
         Some(symbol) => symbol.to_string(),
         None => format!(
             "{}+{}",

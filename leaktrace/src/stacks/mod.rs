@@ -2,5 +2,6 @@
 //! event path), return addresses symbolized to functions, files and lines (on the reporter's
 //! thread).
 
+pub mod python;
 pub mod symbolize;
 pub mod unwind;

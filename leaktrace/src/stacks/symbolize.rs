@@ -35,7 +35,14 @@ pub struct Frame {
     pub line: Option<u32>,
     /// A function inlined into the next frame.
     pub inlined: bool,
+    /// The runtime whose frame this is, for frames that are not native code: `"python"`
+    /// (then `symbol` is the function's qualified name, `file` and `line` its source, and
+    /// there is no module).
+    pub runtime: Option<&'static str>,
 }
+
+/// The `runtime` of CPython's frames.
+pub const PYTHON: &str = "python";
 
 pub struct StackSymbolizer {
     symbolizer: Symbolizer,
@@ -99,11 +106,29 @@ impl StackSymbolizer {
                                 ..frame.clone()
                             })
                             .collect(),
-                        None => vec![unknown(location.address)],
+                        None => vec![self.unknown(location.address)],
                     })
                     .collect()
             })
             .collect()
+    }
+
+    /// A frame in no module: a Python frame, or an address in no file.
+    fn unknown(&self, address: u64) -> Frame {
+        match self.modules.python_names().get(address) {
+            Some(py) => Frame {
+                address,
+                symbol: py.qualname,
+                offset: 0,
+                module: None,
+                module_offset: 0,
+                file: py.filename,
+                line: py.line,
+                inlined: false,
+                runtime: Some(PYTHON),
+            },
+            None => unknown(address),
+        }
     }
 
     /// The frames at these file offsets of `module`, in the same order; their `address` is
@@ -118,6 +143,7 @@ impl StackSymbolizer {
             file: None,
             line: None,
             inlined: false,
+            runtime: None,
         };
         // A return address points after the call; the call itself is one byte earlier, and
         // that is the line worth showing (it also stays inside the function when the call
@@ -202,6 +228,7 @@ fn unknown(address: u64) -> Frame {
         file: None,
         line: None,
         inlined: false,
+        runtime: None,
     }
 }
 
@@ -335,6 +362,7 @@ mod tests {
                 file: None,
                 line: None,
                 inlined: false,
+                runtime: None,
             }]
         );
     }

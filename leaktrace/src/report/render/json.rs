@@ -106,6 +106,10 @@ pub struct JsonFrame<'a> {
     pub file: Option<Cow<'a, str>>,
     pub line: Option<u32>,
     pub inlined: bool,
+    /// `"python"` for a frame of CPython code (`symbol` its qualified name, `file`, `line`);
+    /// absent for native frames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Cow<'a, str>>,
 }
 
 impl<'a> From<&'a Frame> for JsonFrame<'a> {
@@ -115,10 +119,14 @@ impl<'a> From<&'a Frame> for JsonFrame<'a> {
             symbol: frame.symbol.as_deref().map(Cow::Borrowed),
             offset: frame.offset,
             module: frame.module.as_deref().map(Cow::Borrowed),
-            module_offset: Some(format!("{:#x}", frame.module_offset).into()),
+            module_offset: frame
+                .runtime
+                .is_none()
+                .then(|| format!("{:#x}", frame.module_offset).into()),
             file: frame.file.as_deref().map(Cow::Borrowed),
             line: frame.line,
             inlined: frame.inlined,
+            runtime: frame.runtime.map(Cow::Borrowed),
         }
     }
 }
@@ -248,6 +256,7 @@ mod tests {
             file: Some("src/cache.c".into()),
             line: Some(17),
             inlined: false,
+            runtime: None,
         }]];
         let header = Header {
             pid: 42,

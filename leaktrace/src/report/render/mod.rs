@@ -109,6 +109,7 @@ pub(crate) mod tests {
             file: symbol.map(|_| "app.c".to_owned()),
             line: symbol.map(|_| 10),
             inlined: false,
+            runtime: None,
         }
     }
 

@@ -241,8 +241,8 @@ fn frame_parts(frame: &Frame) -> (String, String) {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m));
     let mut name = match (&frame.symbol, module) {
-        // Inlined code has no call of its own, so no offset into it.
-        (Some(symbol), _) if frame.inlined => symbol.clone(),
+        // Inlined code has no call of its own, so no offset into it; nor has Python code.
+        (Some(symbol), _) if frame.inlined || frame.runtime.is_some() => symbol.clone(),
         (Some(symbol), _) => format!("{symbol}+{:#x}", frame.offset),
         (None, Some(module)) => format!("{module}+{:#x}", frame.module_offset),
         (None, None) => format!("{:#x}", frame.address),
@@ -343,6 +343,7 @@ mod tests {
                 file: Some("leaky.c".into()),
                 line: Some(11),
                 inlined: true,
+                runtime: None,
             },
             Frame {
                 address: 1,
@@ -353,6 +354,7 @@ mod tests {
                 file: Some("leaky.c".into()),
                 line: Some(12),
                 inlined: false,
+                runtime: None,
             },
             Frame {
                 address: 2,
@@ -363,6 +365,7 @@ mod tests {
                 file: None,
                 line: None,
                 inlined: false,
+                runtime: None,
             },
         ]];
         let header = Header {
