@@ -10,7 +10,7 @@ use crate::stacks::symbolize::Frame;
 /// The folded lines of a report, merged (stacks that symbolize alike add up) and sorted.
 pub fn lines(report: &Report<'_>) -> Vec<String> {
     let mut merged: BTreeMap<String, u64> = BTreeMap::new();
-    for (stack, frames) in report.snapshot.stacks.iter().zip(report.frames) {
+    for (stack, frames) in report.snapshot.stacks.iter().zip(report.frames.iter()) {
         if stack.outstanding_bytes == 0 || frames.is_empty() {
             continue;
         }
@@ -54,6 +54,7 @@ pub fn name(frame: &Frame) -> String {
 mod tests {
     use super::*;
     use crate::report::render::tests::{frame, report_of};
+    use crate::stacks::symbolize::SymbolizedStacks;
 
     #[test]
     fn outermost_first_merged_and_without_separators_in_names() {
@@ -75,7 +76,7 @@ mod tests {
         let report = Report {
             header: &header,
             snapshot: &snapshot,
-            frames: &frames,
+            frames: &SymbolizedStacks::from(frames.clone()),
             style: Default::default(),
         };
         assert_eq!(lines(&report), ["a:b:c;libx.so+0x4 7", "main;leak 120"]);
