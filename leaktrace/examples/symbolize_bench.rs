@@ -373,7 +373,8 @@ fn main() -> anyhow::Result<()> {
     for round in 1..=2 {
         let (one_call_per_module, frames) = batched();
         let (one_call_per_address, named) = per_address();
-        let named_batched = frames[0]
+        let named_batched = frames
+            .stack(0)
             .iter()
             .filter(|f| !f.inlined && f.symbol.is_some())
             .count();

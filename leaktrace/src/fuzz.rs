@@ -219,7 +219,7 @@ mod records {
                     allocator: "glibc".into(),
                     allocator_module: "libc".into(),
                 };
-                let frames: Vec<Vec<crate::stacks::symbolize::Frame>> = snap.stacks.iter().map(|_| Vec::new()).collect();
+                let frames = crate::stacks::symbolize::SymbolizedStacks::from(snap.stacks.iter().map(|_| Vec::new()).collect::<Vec<_>>());
                 let report = Report { header: &header, snapshot: &snap, frames: &frames, style: Style::default() };
                 for format in [Format::Text, Format::Json, Format::Folded, Format::Pprof, Format::Svg] {
                     let mut out = Vec::new();

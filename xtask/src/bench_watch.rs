@@ -163,7 +163,7 @@ fn scrape(address: &str) -> std::io::Result<String> {
 }
 
 /// A value of `/proc/PID/status`, in KiB.
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))?;
     status
         .lines()

@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up the BPF toolchain, run the demo, run the tests.
 
+mod bench_memory;
 mod bench_symbolize;
 mod bench_unwind;
 mod bench_watch;
@@ -45,6 +46,9 @@ enum Task {
         #[arg(long)]
         stacks: Option<u64>,
     },
+    /// Measure leaktrace's own peak memory: per live block (2 million kept), and for a report
+    /// of 100,000 distinct stacks in each format (needs root).
+    BenchMemory(bench_memory::Args),
     /// Watch a service that does not leak for a long time (`--minutes`, default 30) with
     /// `--metrics`, scraped every second, and print leaktrace's own memory as it goes.
     BenchWatch(bench_watch::Args),
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchSymbolize { stacks } => bench_symbolize::bench_symbolize(stacks),
         Task::BenchUnwind { pairs, runs } => bench_unwind::bench_unwind(pairs, runs),
         Task::BenchWatch(args) => bench_watch::bench_watch(&args),
+        Task::BenchMemory(args) => bench_memory::bench_memory(&args),
     }
 }
 

@@ -134,7 +134,12 @@ impl Watch {
             program.rsplit('/').next().unwrap_or(program).to_owned()
         });
         let stacks: Vec<&[Location]> = snapshot.watched.iter().map(|s| &*s.frames).collect();
-        let frames = symbolizer.symbolize_stacks(&stacks);
+        // The few watched stacks, each as a list of its own.
+        let frames: Vec<Vec<Frame>> = symbolizer
+            .symbolize_stacks(&stacks)
+            .iter()
+            .map(|stack| stack.iter().cloned().collect())
+            .collect();
         self.exporter
             .publish(ProcessSeries::new(header, comm, snapshot, &frames));
     }

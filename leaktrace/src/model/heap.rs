@@ -1,23 +1,16 @@
 //! The heap model: every allocation outstanding since attach, and the stacks that made them.
 //! It knows nothing of BPF, symbols or terminals.
 
-use std::collections::{HashSet, hash_map::Entry};
+use std::collections::HashSet;
 
 use super::{
     HashMap,
     event::{Backing, Event, MapSource},
+    live::{LiveBlock, LiveBlocks},
     location::Locate,
     mapped::MappedRanges,
     stack_table::{Origin, StackId, Stacks},
 };
-
-/// A block allocated since attach and not freed yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Block {
-    size_bytes: u64,
-    ts_ns: u64,
-    stack: StackId,
-}
 
 /// Counters since attach.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,7 +85,7 @@ impl Sampling {
 
 #[derive(Debug, Default)]
 pub struct HeapModel {
-    live: HashMap<u64, Block>,
+    live: LiveBlocks,
     /// Blocks that a younger block at the same address replaced before their release was seen,
     /// by address: the birth time and size of the replaced one. A call that releases a block
     /// (realloc) reports it at its return, and another thread may get the address in between.
@@ -169,7 +162,7 @@ impl HeapModel {
                         .intern(frames, truncated, Origin::Malloc, ts_ns, code);
                     self.count_allocated(stack, Origin::Malloc, size_bytes, ts_ns);
                     // An address still live: its release is still on its way (or was lost).
-                    let new = Block {
+                    let new = LiveBlock {
                         size_bytes,
                         ts_ns,
                         stack,
@@ -260,7 +253,7 @@ impl HeapModel {
         let mut held = vec![false; self.allocated.len()];
         let stacks = self
             .live
-            .values()
+            .iter()
             .map(|live| live.stack)
             .chain(self.mappings.pieces().map(|piece| piece.stack));
         for stack in stacks {
@@ -286,14 +279,12 @@ impl HeapModel {
 
     /// Releases the block at `addr` that was born before `released_ns`, when the release began.
     fn release(&mut self, addr: u64, released_ns: u64) {
-        let released_size = match self.live.entry(addr) {
-            // One lookup: the table is the model's only memory that does not fit in caches.
-            Entry::Occupied(live) if live.get().ts_ns <= released_ns => {
-                Some(live.remove().size_bytes)
-            }
+        // One lookup: the table is the model's only memory that does not fit in caches.
+        let released_size = match self.live.remove_if(addr, |born| born <= released_ns) {
+            Some(live) => Some(live.size_bytes),
             // The address was given out again before this release was seen: the block it
             // releases is the one that the younger block replaced.
-            _ => match self.replaced.remove(&addr) {
+            None => match self.replaced.remove(&addr) {
                 Some((born, size)) if born <= released_ns => Some(size),
                 _ => None,
             },
@@ -365,7 +356,7 @@ impl HeapModel {
         };
         for live in self
             .live
-            .values()
+            .iter()
             .filter(|live| live.ts_ns <= born_by_ns && sizes.contains(&live.size_bytes))
         {
             let weighed = self.weigh(Origin::Malloc, live.size_bytes);
@@ -590,6 +581,49 @@ mod tests {
             Counters {
                 allocations: 3,
                 frees: 3,
+                unmatched_frees: 0,
+                unmatched_unmaps: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_realloc_chain_across_4_gib_keeps_exact_sizes() {
+        let mut heap = HeapModel::default();
+        let big = 6 << 30;
+        heap.apply(&alloc(0x1000, 100, &[1]), &mut NoModules);
+        // Grows past what a block's compact size holds, moving; then in place; then back
+        // under it, moving again; then freed.
+        heap.apply(
+            &realloc(0x1000, 0x7f00_0000_0000, big, &[2]),
+            &mut NoModules,
+        );
+        assert_eq!(usage_of(&heap, &[2]), Some((big, 1)));
+        heap.apply(
+            &realloc(0x7f00_0000_0000, 0x7f00_0000_0000, big + 1, &[2]),
+            &mut NoModules,
+        );
+        assert_eq!(usage_of(&heap, &[2]), Some((big + 1, 1)));
+        heap.apply(&realloc(0x7f00_0000_0000, 0x2000, 50, &[3]), &mut NoModules);
+        assert_eq!(usage_of(&heap, &[2]), None);
+        assert_eq!(usage_of(&heap, &[3]), Some((50, 1)));
+        // The large size went with its block: the address given out again is small.
+        heap.apply(&alloc(0x7f00_0000_0000, 8, &[4]), &mut NoModules);
+        assert_eq!(usage_of(&heap, &[4]), Some((8, 1)));
+        heap.apply(&Event::Free { addr: 0x2000 }, &mut NoModules);
+        heap.apply(
+            &Event::Free {
+                addr: 0x7f00_0000_0000,
+            },
+            &mut NoModules,
+        );
+        assert!(heap.usage(u64::MAX).is_empty());
+        assert!(heap.live.is_empty());
+        assert_eq!(
+            heap.counters(),
+            Counters {
+                allocations: 5,
+                frees: 5,
                 unmatched_frees: 0,
                 unmatched_unmaps: 0
             }

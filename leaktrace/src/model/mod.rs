@@ -3,6 +3,7 @@
 
 pub mod event;
 pub mod heap;
+pub mod live;
 pub mod location;
 pub mod mapped;
 pub mod stack_table;

@@ -4,7 +4,7 @@
 use std::{
     collections::VecDeque,
     fs::{self, File},
-    io::{self, Write as _},
+    io::{self, BufWriter, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -192,7 +192,18 @@ impl Output {
 
     /// Writes one report; a failure is also told to [`Output::failures`].
     pub fn write(&mut self, report: &[u8], timestamp_ms: u64) -> Result<(), Failure> {
-        let result = self.write_report(report, timestamp_ms);
+        self.write_with(timestamp_ms, &mut |out| out.write_all(report))
+    }
+
+    /// Writes one report that `render` writes, straight to the destination (buffered), so
+    /// that a report of hundreds of MB is never held whole; what a failure leaves is as with
+    /// [`Output::write`]. A failure is also told to [`Output::failures`].
+    pub fn write_with(
+        &mut self,
+        timestamp_ms: u64,
+        render: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), Failure> {
+        let result = self.write_report(render, timestamp_ms);
         if let Err(failure) = &result {
             self.failure.send_if_modified(|first| {
                 first.is_none() && {
@@ -204,7 +215,11 @@ impl Output {
         result
     }
 
-    fn write_report(&mut self, report: &[u8], timestamp_ms: u64) -> Result<(), Failure> {
+    fn write_report(
+        &mut self,
+        report: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+        timestamp_ms: u64,
+    ) -> Result<(), Failure> {
         if let Some(stream) = &self.stream {
             let mut stream = stream
                 .lock()
@@ -212,9 +227,10 @@ impl Output {
             return match &mut *stream {
                 Stream::Stdout(stdout) => {
                     let mut stdout = stdout.lock();
-                    stdout
-                        .write_all(report)
-                        .and_then(|()| stdout.flush())
+                    let mut buffered = BufWriter::new(&mut stdout);
+                    // Its flush flushes stdout too.
+                    report(&mut buffered)
+                        .and_then(|()| buffered.flush())
                         .map_err(|err| match err.kind() {
                             io::ErrorKind::BrokenPipe => Failure::ReaderGone,
                             _ => failed("stdout", &err),
@@ -262,9 +278,18 @@ fn failed(destination: &str, err: &io::Error) -> Failure {
 
 /// Appends a whole report, or nothing: a write that fails part way (a full disk) is cut back
 /// to where the report began, so that the file never ends in a partial record.
-fn append(file: &mut File, report: &[u8]) -> io::Result<()> {
+fn append(
+    file: &mut File,
+    report: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let before = file.metadata()?.len();
-    let written = file.write_all(report).and_then(|()| file.flush());
+    let written = {
+        let mut buffered = BufWriter::new(&mut *file);
+        let written = report(&mut buffered).and_then(|()| buffered.flush());
+        // What a failed write left in the buffer is dropped, not written after the cut.
+        let _ = buffered.into_parts();
+        written
+    };
     if written.is_err() {
         let _ = file.set_len(before);
     }
@@ -332,14 +357,15 @@ fn check_writable(dir: &Path) -> io::Result<()> {
 /// then renamed over it (and the directory synced). On any failure the temporary file is
 /// removed and the file is left as it was. A path that is not a regular file (`/dev/null`, a
 /// FIFO) is written in place.
-fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
+fn replace(
+    path: &Path,
+    contents: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let existing = fs::metadata(path).ok();
     if existing.as_ref().is_some_and(|m| !m.is_file()) {
-        return fs::OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .write_all(contents);
+        let mut file = BufWriter::new(fs::OpenOptions::new().write(true).open(path)?);
+        return contents(&mut file).and_then(|()| file.flush());
     }
     let dir = directory_of(path);
     let name = path
@@ -350,7 +376,11 @@ fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)?;
-    tmp.write_all(contents)?;
+    {
+        let mut buffered = BufWriter::new(tmp.as_file_mut());
+        contents(&mut buffered)?;
+        buffered.flush()?;
+    }
     // The mode of the file it replaces; a new report is readable by all, as a file that
     // `File::create` makes under the usual umask.
     let mode = existing.map_or(0o644, |m| m.permissions().mode() & 0o7777);
@@ -508,13 +538,44 @@ mod tests {
         let path = dir.path().join("report.svg");
         fs::create_dir(&path).unwrap();
         fs::write(path.join("inside"), "x").unwrap();
-        assert!(replace(&path, b"<svg/>").is_err());
+        assert!(replace(&path, &mut |w| w.write_all(b"<svg/>")).is_err());
         let left: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["report.svg"]);
         assert_eq!(fs::read(path.join("inside")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_report_that_fails_while_streamed_leaves_nothing_of_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // Larger than the write buffer: part of it reaches the file before the failure.
+        let mut fails_midway = |w: &mut dyn Write| -> io::Result<()> {
+            w.write_all(&[b'x'; 100_000])?;
+            Err(io::Error::other("disk full"))
+        };
+        let json = dir.path().join("r.json");
+        fs::write(&json, "{\"old\":1}\n").unwrap();
+        let mut out = Output::open(Destination::File(json.clone()), Format::Json, 7).unwrap();
+        assert!(out.write_with(0, &mut fails_midway).is_err());
+        assert_eq!(fs::read_to_string(&json).unwrap(), "{\"old\":1}\n");
+        out.write_with(0, &mut |w| w.write_all(b"{\"new\":2}\n"))
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(&json).unwrap(),
+            "{\"old\":1}\n{\"new\":2}\n"
+        );
+        let svg = dir.path().join("r.svg");
+        fs::write(&svg, "<old/>").unwrap();
+        assert!(replace(&svg, &mut fails_midway).is_err());
+        assert_eq!(fs::read_to_string(&svg).unwrap(), "<old/>");
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["r.json", "r.svg"]);
     }
 
     #[test]

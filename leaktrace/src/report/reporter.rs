@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     output::{Failure, Output},
-    render::{Format, Header, Report, Style},
+    render::{Format, Header, Report, Style, json},
     snapshot::Snapshot,
 };
 use crate::{
@@ -47,7 +47,6 @@ impl Reporter {
             .spawn(move || {
                 let mut symbolizer = StackSymbolizer::new(modules);
                 let mut watch = exporter.map(Watch::new);
-                let mut rendered = Vec::new();
                 for message in rx {
                     let snapshot = match message {
                         Message::Snapshot(snapshot) => *snapshot,
@@ -62,24 +61,29 @@ impl Reporter {
                     let stacks: Vec<&[Location]> =
                         snapshot.stacks.iter().map(|s| &*s.frames).collect();
                     let frames = symbolizer.symbolize_stacks(&stacks);
-                    rendered.clear();
-                    format
-                        .render(
-                            &Report {
-                                header: &header,
-                                snapshot: &snapshot,
-                                frames: &frames,
-                                style,
-                            },
-                            &mut rendered,
-                        )
-                        .map_err(|err| {
+                    let report = Report {
+                        header: &header,
+                        snapshot: &snapshot,
+                        frames: &frames,
+                        style,
+                    };
+                    let written = if format == Format::Json {
+                        // Written as it is rendered: it lists every frame of every stack,
+                        // hundreds of MB for 100,000 stacks.
+                        out.write_with(snapshot.timestamp_ms, &mut |w| json::write(&report, w))
+                    } else {
+                        // A fresh buffer each time: one kept would hold the largest report's
+                        // size for the rest of the trace.
+                        let mut rendered = Vec::new();
+                        format.render(&report, &mut rendered).map_err(|err| {
                             Failure::WriteFailed(format!("rendering the report: {err}"))
                         })?;
+                        out.write(&rendered, snapshot.timestamp_ms)
+                    };
                     // The trace learns of a failure from the output and stops; reports
                     // queued meanwhile have nowhere to go. A reader that went away (`| head`)
                     // is not an error.
-                    match out.write(&rendered, snapshot.timestamp_ms) {
+                    match written {
                         Err(Failure::ReaderGone) => return Ok(()),
                         other => other?,
                     }

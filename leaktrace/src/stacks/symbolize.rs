@@ -6,7 +6,10 @@
 //! results are cached by module and offset, so code is symbolized once per trace. Runs on the
 //! reporter's thread, never on the event path.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
@@ -44,6 +47,116 @@ pub struct Frame {
 /// The `runtime` of CPython's frames.
 pub const PYTHON: &str = "python";
 
+/// The symbolized frames of a report's stacks. Stacks share most of their frames (a report of
+/// 100,000 stacks of 40 frames may have a few thousand distinct return addresses): each
+/// distinct location's frames are kept once, with their strings, and a stack is a list of
+/// indices into them, so that a report's frames cost 4 bytes per frame of a stack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SymbolizedStacks {
+    /// The frames of every distinct location, one location after the other.
+    frames: Vec<Frame>,
+    /// Where each location's frames end in `frames` (they start where the previous end).
+    location_ends: Vec<u32>,
+    /// The locations of every stack, one stack after the other.
+    stack_locations: Vec<u32>,
+    /// Where each stack's locations end in `stack_locations`.
+    stack_ends: Vec<u32>,
+}
+
+impl SymbolizedStacks {
+    /// Adds the frames of a location; returns its index.
+    fn push_location(&mut self, frames: impl IntoIterator<Item = Frame>) -> u32 {
+        self.frames.extend(frames);
+        self.location_ends.push(index(self.frames.len()));
+        index(self.location_ends.len() - 1)
+    }
+
+    /// Adds a stack of these locations (indices that [`Self::push_location`] returned).
+    fn push_stack(&mut self, locations: impl IntoIterator<Item = u32>) {
+        self.stack_locations.extend(locations);
+        self.stack_ends.push(index(self.stack_locations.len()));
+    }
+
+    fn location(&self, location: u32) -> &[Frame] {
+        let i = location as usize;
+        let start = if i == 0 { 0 } else { self.location_ends[i - 1] };
+        &self.frames[start as usize..self.location_ends[i] as usize]
+    }
+
+    /// Stacks held.
+    pub fn len(&self) -> usize {
+        self.stack_ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stack_ends.is_empty()
+    }
+
+    /// The frames of stack `i`.
+    pub fn stack(&self, i: usize) -> StackFrames<'_> {
+        let start = if i == 0 { 0 } else { self.stack_ends[i - 1] };
+        StackFrames {
+            table: self,
+            locations: &self.stack_locations[start as usize..self.stack_ends[i] as usize],
+        }
+    }
+
+    /// The frames of every stack, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = StackFrames<'_>> + '_ {
+        (0..self.len()).map(|i| self.stack(i))
+    }
+}
+
+/// Every stack of frames as given (each frame a location of its own: tests and fuzzing).
+impl From<Vec<Vec<Frame>>> for SymbolizedStacks {
+    fn from(stacks: Vec<Vec<Frame>>) -> Self {
+        let mut table = Self::default();
+        for stack in stacks {
+            let locations: Vec<u32> = stack
+                .into_iter()
+                .map(|frame| table.push_location([frame]))
+                .collect();
+            table.push_stack(locations);
+        }
+        table
+    }
+}
+
+/// Indices are u32: a report's frames number far fewer than 2^32 (each is a return address of
+/// the target's, and a stack has at most a few hundred).
+fn index(i: usize) -> u32 {
+    u32::try_from(i).expect("fewer than 2^32 frames in a report")
+}
+
+/// The frames of one stack of a [`SymbolizedStacks`], innermost first.
+#[derive(Clone, Copy, Debug)]
+pub struct StackFrames<'a> {
+    table: &'a SymbolizedStacks,
+    locations: &'a [u32],
+}
+
+impl<'a> StackFrames<'a> {
+    /// Its frames, innermost first (an address inside inlined code gives several).
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &'a Frame> + Clone + 'a {
+        let table = self.table;
+        self.locations
+            .iter()
+            .flat_map(move |&location| table.location(location))
+    }
+
+    /// How many frames it has.
+    pub fn len(&self) -> usize {
+        self.locations
+            .iter()
+            .map(|&location| self.table.location(location).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub struct StackSymbolizer {
     symbolizer: Symbolizer,
     modules: Arc<Modules>,
@@ -71,21 +184,24 @@ impl StackSymbolizer {
 
     /// The frames of one stack, innermost first; an address inside inlined code gives several.
     pub fn symbolize(&mut self, stack: &[Location]) -> Vec<Frame> {
-        self.symbolize_stacks(&[stack]).pop().unwrap_or_default()
+        let table = self.symbolize_stacks(&[stack]);
+        table.stack(0).iter().cloned().collect()
     }
 
     /// The frames of many stacks (a report's). Addresses not seen before are resolved
     /// together, one blazesym call per module: the module's file is opened and its symbol
     /// and line tables looked up once per report, not once per address.
-    pub fn symbolize_stacks(&mut self, stacks: &[&[Location]]) -> Vec<Vec<Frame>> {
-        let mut missing: Vec<(ModuleId, u64)> = stacks
+    pub fn symbolize_stacks(&mut self, stacks: &[&[Location]]) -> SymbolizedStacks {
+        // Distinct as they are found: a report's stacks hold millions of frames, a few thousand
+        // addresses.
+        let missing: HashSet<(ModuleId, u64)> = stacks
             .iter()
             .flat_map(|stack| stack.iter())
             .filter_map(|l| Some((l.module?, l.offset)))
             .filter(|key| !self.cache.contains_key(key))
             .collect();
+        let mut missing: Vec<(ModuleId, u64)> = missing.into_iter().collect();
         missing.sort_unstable();
-        missing.dedup();
         for batch in missing.chunk_by(|a, b| a.0 == b.0) {
             let module = self.modules.get(batch[0].0);
             let offsets: Vec<u64> = batch.iter().map(|&(_, offset)| offset).collect();
@@ -93,24 +209,32 @@ impl StackSymbolizer {
                 self.cache.insert(key, frames);
             }
         }
-        stacks
-            .iter()
-            .map(|stack| {
-                stack
-                    .iter()
-                    .flat_map(|location| match location.module {
-                        Some(module) => self.cache[&(module, location.offset)]
-                            .iter()
-                            .map(|frame| Frame {
-                                address: location.address,
-                                ..frame.clone()
-                            })
-                            .collect(),
-                        None => vec![self.unknown(location.address)],
-                    })
-                    .collect()
-            })
-            .collect()
+        // Each distinct location is symbolized once per report, whatever number of stacks
+        // pass through it.
+        let mut table = SymbolizedStacks::default();
+        let mut located: HashMap<Location, u32> = HashMap::new();
+        let mut locations = Vec::new();
+        for stack in stacks {
+            locations.clear();
+            for location in stack.iter() {
+                let index = *located
+                    .entry(*location)
+                    .or_insert_with(|| match location.module {
+                        Some(module) => {
+                            table.push_location(self.cache[&(module, location.offset)].iter().map(
+                                |frame| Frame {
+                                    address: location.address,
+                                    ..frame.clone()
+                                },
+                            ))
+                        }
+                        None => table.push_location([self.unknown(location.address)]),
+                    });
+                locations.push(index);
+            }
+            table.push_stack(locations.iter().copied());
+        }
+        table
     }
 
     /// A frame in no module: a Python frame, or an address in no file.
@@ -241,6 +365,13 @@ mod tests {
         target::address_space::AddressSpace,
     };
 
+    fn vecs(table: &SymbolizedStacks) -> Vec<Vec<Frame>> {
+        table
+            .iter()
+            .map(|stack| stack.iter().cloned().collect())
+            .collect()
+    }
+
     #[inline(never)]
     #[unsafe(no_mangle)]
     extern "C" fn leaktrace_symbolize_test_marker() -> u64 {
@@ -266,7 +397,8 @@ mod tests {
         let outside = 0x10;
         let [marker, outside] = [marker(), outside].map(|a| space.locate(a, 0));
         let stacks: [&[Location]; 3] = [&[marker, outside], &[outside], &[marker]];
-        let frames = symbolizer.symbolize_stacks(&stacks);
+        let table = symbolizer.symbolize_stacks(&stacks);
+        let frames = vecs(&table);
         assert_eq!(
             frames[0][0].symbol.as_deref(),
             Some("leaktrace_symbolize_test_marker")
@@ -280,6 +412,47 @@ mod tests {
         assert_eq!(frames[2], frames[0][..1]);
         // Cached: the same answer one stack at a time.
         assert_eq!(symbolizer.symbolize(&[marker, outside]), frames[0]);
+        // Each distinct location's frames are held once, whatever stacks share them.
+        assert_eq!(table.frames.len(), 2);
+        assert_eq!(table.stack_locations, [0, 1, 1, 0]);
+        assert_eq!(table.stack(1).len(), 1);
+        assert!(!table.stack(2).is_empty());
+    }
+
+    #[test]
+    fn a_table_of_stacks_shares_locations_and_keeps_inlined_frames_together() {
+        let frame = |address, symbol: &str, inlined| Frame {
+            inlined,
+            symbol: Some(symbol.to_owned()),
+            ..unknown(address)
+        };
+        let mut table = SymbolizedStacks::default();
+        // A return address inside inlined code: two frames, one location.
+        let inner =
+            table.push_location([frame(0x10, "inlined", true), frame(0x10, "outer", false)]);
+        let main = table.push_location([frame(0x20, "main", false)]);
+        table.push_stack([inner, main]);
+        table.push_stack([]);
+        // Recursion: the same location twice in a row stays two locations' worth of frames.
+        table.push_stack([main, main, inner]);
+        assert_eq!(table.len(), 3);
+        let names = |i: usize| -> Vec<&str> {
+            table
+                .stack(i)
+                .iter()
+                .map(|f| f.symbol.as_deref().unwrap())
+                .collect()
+        };
+        assert_eq!(names(0), ["inlined", "outer", "main"]);
+        assert!(table.stack(1).is_empty());
+        assert_eq!(names(2), ["main", "main", "inlined", "outer"]);
+        assert_eq!(table.stack(2).len(), 4);
+        let outermost_first: Vec<u64> = table.stack(0).iter().rev().map(|f| f.address).collect();
+        assert_eq!(outermost_first, [0x20, 0x10, 0x10]);
+        assert_eq!(table.frames.len(), 3, "frames are stored once");
+        // A stack costs 4 bytes per location besides its own end.
+        assert_eq!(table.stack_locations.len() * size_of::<u32>(), 20);
+        assert_eq!(vecs(&SymbolizedStacks::from(vecs(&table))), vecs(&table));
     }
 
     #[test]
@@ -321,7 +494,7 @@ mod tests {
         let after = space.locate(marker(), 0);
         assert_eq!(before.address, after.address);
         assert_ne!(before.module, after.module);
-        let names = symbolizer.symbolize_stacks(&[&[before], &[after]]);
+        let names = vecs(&symbolizer.symbolize_stacks(&[&[before], &[after]]));
         assert_eq!(
             names[0][0].symbol.as_deref(),
             Some("leaktrace_symbolize_test_marker")

@@ -131,8 +131,9 @@ impl<'a> From<&'a Frame> for JsonFrame<'a> {
     }
 }
 
-/// Appends one line (with its newline) to `out`.
-pub fn render(report: &Report<'_>, out: &mut String) {
+/// Writes one line (with its newline) to `out`, a stack at a time: a report of 100,000 stacks
+/// lists millions of frames, hundreds of MB that need not be held at once.
+pub fn write(report: &Report<'_>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     let snapshot = report.snapshot;
     let t = &snapshot.totals;
     let json = JsonReport {
@@ -165,26 +166,35 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             unpaired_returns: t.unpaired_returns,
         },
         stack_count: snapshot.stack_count,
-        stacks: snapshot
-            .stacks
-            .iter()
-            .zip(report.frames)
-            .map(|(stack, frames)| JsonStack {
-                outstanding_bytes: stack.outstanding_bytes,
-                outstanding_allocations: stack.outstanding_allocations,
-                growth_bytes_per_s: round3(stack.growth_bytes_per_s),
-                oldest_age_s: round3(stack.oldest_age_s),
-                kind: stack.kind.as_str().into(),
-                allocated_bytes: stack.allocated.bytes,
-                allocations: stack.allocated.count,
-                origin: stack.origin.as_str().into(),
-                truncated: stack.truncated,
-                frames: frames.iter().map(JsonFrame::from).collect(),
-            })
-            .collect(),
+        stacks: Vec::new(),
     };
-    out.push_str(&serde_json::to_string(&json).expect("a report always serializes"));
-    out.push('\n');
+    // The stacks go out one at a time, after the rest, never as one tree of values: `stacks`
+    // is the report's last field, so the line is the same.
+    let head = serde_json::to_string(&json).expect("a report always serializes");
+    let head = head
+        .strip_suffix("[]}")
+        .expect("`stacks` is the report's last field");
+    out.write_all(head.as_bytes())?;
+    out.write_all(b"[")?;
+    for (i, (stack, frames)) in snapshot.stacks.iter().zip(report.frames.iter()).enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        let stack = JsonStack {
+            outstanding_bytes: stack.outstanding_bytes,
+            outstanding_allocations: stack.outstanding_allocations,
+            growth_bytes_per_s: round3(stack.growth_bytes_per_s),
+            oldest_age_s: round3(stack.oldest_age_s),
+            kind: stack.kind.as_str().into(),
+            allocated_bytes: stack.allocated.bytes,
+            allocations: stack.allocated.count,
+            origin: stack.origin.as_str().into(),
+            truncated: stack.truncated,
+            frames: frames.iter().map(JsonFrame::from).collect(),
+        };
+        serde_json::to_writer(&mut *out, &stack)?;
+    }
+    out.write_all(b"]}\n")
 }
 
 /// Millisecond precision keeps lines short and stable.
@@ -195,6 +205,7 @@ pub(crate) fn round3(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stacks::symbolize::SymbolizedStacks;
     use crate::{
         model::{heap::Allocated, location::Location, stack_table::Origin},
         report::{
@@ -264,17 +275,18 @@ mod tests {
             allocator: "glibc".into(),
             allocator_module: "/lib/libc.so.6".into(),
         };
-        let mut out = String::new();
-        render(
+        let mut out = Vec::new();
+        write(
             &Report {
                 header: &header,
                 snapshot,
-                frames: &frames,
+                frames: &SymbolizedStacks::from(frames.clone()),
                 style: Default::default(),
             },
             &mut out,
-        );
-        out
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

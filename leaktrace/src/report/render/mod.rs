@@ -8,7 +8,7 @@ pub mod svg;
 pub mod text;
 
 use super::snapshot::Snapshot;
-use crate::stacks::symbolize::Frame;
+use crate::stacks::symbolize::SymbolizedStacks;
 
 /// What every report says about the traced process: its header.
 #[derive(Clone, Debug, Default)]
@@ -30,11 +30,11 @@ pub struct Style {
     pub width: Option<usize>,
 }
 
-/// A snapshot with its stacks symbolized: `frames[i]` belongs to `snapshot.stacks[i]`.
+/// A snapshot with its stacks symbolized: `frames.stack(i)` belongs to `snapshot.stacks[i]`.
 pub struct Report<'a> {
     pub header: &'a Header,
     pub snapshot: &'a Snapshot,
-    pub frames: &'a [Vec<Frame>],
+    pub frames: &'a SymbolizedStacks,
     pub style: Style,
 }
 
@@ -57,15 +57,28 @@ pub enum Format {
 impl Format {
     /// Appends the rendered report to `out`.
     pub fn render(self, report: &Report<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let mut text = String::new();
-        match self {
-            Self::Text => text::render(report, &mut text),
-            Self::Json => json::render(report, &mut text),
-            Self::Folded => folded::render(report, &mut text),
+        let render_text: fn(&Report<'_>, &mut String) = match self {
+            Self::Text => text::render,
+            Self::Folded => folded::render,
+            Self::Json => return json::write(report, out),
             Self::Pprof => return pprof::render(report, out),
             Self::Svg => return svg::render(report, out),
+        };
+        // Text is rendered in `out`'s own buffer: a report can take hundreds of MB, and a copy
+        // would double them.
+        match String::from_utf8(std::mem::take(out)) {
+            Ok(mut text) => {
+                render_text(report, &mut text);
+                *out = text.into_bytes();
+            }
+            // Bytes that are not text (a gzipped profile): the text goes after them.
+            Err(err) => {
+                *out = err.into_bytes();
+                let mut text = String::new();
+                render_text(report, &mut text);
+                out.extend_from_slice(text.as_bytes());
+            }
         }
-        out.extend_from_slice(text.as_bytes());
         Ok(())
     }
 
@@ -96,6 +109,7 @@ pub(crate) mod tests {
             snapshot::{StackSummary, Totals},
             trends::Kind,
         },
+        stacks::symbolize::Frame,
     };
 
     /// A frame of `module` at `address` (which is also its offset in the module).

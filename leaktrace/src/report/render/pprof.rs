@@ -209,12 +209,12 @@ impl Builder {
     }
 
     /// The location of one return address: its frames (inlined ones first) as lines.
-    fn location(&mut self, frames: &[Frame]) -> u64 {
+    fn location(&mut self, frames: &[&Frame]) -> u64 {
         let address = frames[0].address;
         if let Some(&id) = self.locations.get(&address) {
             return id;
         }
-        let mapping_id = self.mapping(&frames[frames.len() - 1]);
+        let mapping_id = self.mapping(frames[frames.len() - 1]);
         let line = frames
             .iter()
             .filter(|f| f.symbol.is_some())
@@ -259,7 +259,10 @@ pub fn profile(report: &Report<'_>) -> Profile {
     let kind_key = b.string("kind");
     let origin_key = b.string("origin");
     let growth_key = b.string("growth_bytes_per_s");
-    for (stack, frames) in snapshot.stacks.iter().zip(report.frames) {
+    let mut frames = Vec::new();
+    for (stack, symbolized) in snapshot.stacks.iter().zip(report.frames.iter()) {
+        frames.clear();
+        frames.extend(symbolized.iter());
         // Frames of one return address are adjacent: inlined ones first, then their caller.
         let location_id = frames
             .chunk_by(|a, b| a.address == b.address)
@@ -311,6 +314,7 @@ pub fn render(report: &Report<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::report::render::tests::{frame, report_of};
+    use crate::stacks::symbolize::SymbolizedStacks;
 
     #[test]
     fn tables_are_deduplicated_and_inlined_frames_share_a_location() {
@@ -331,7 +335,7 @@ mod tests {
         let report = Report {
             header: &header,
             snapshot: &snapshot,
-            frames: &frames,
+            frames: &SymbolizedStacks::from(frames.clone()),
             style: Default::default(),
         };
         let p = profile(&report);

@@ -38,6 +38,7 @@ fn xml_escape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::report::render::tests::{frame, report_of};
+    use crate::stacks::symbolize::SymbolizedStacks;
 
     #[test]
     fn names_the_functions_and_survives_an_empty_report() {
@@ -51,7 +52,7 @@ mod tests {
             &Report {
                 header: &header,
                 snapshot: &snapshot,
-                frames: &frames,
+                frames: &SymbolizedStacks::from(frames.clone()),
                 style: Default::default(),
             },
             &mut out,
@@ -67,7 +68,7 @@ mod tests {
             &Report {
                 header: &header,
                 snapshot: &snapshot,
-                frames: &[],
+                frames: &SymbolizedStacks::default(),
                 style: Default::default(),
             },
             &mut out,

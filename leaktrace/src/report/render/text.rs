@@ -106,7 +106,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
     if s.stacks.is_empty() {
         let _ = writeln!(out, "no outstanding allocations since attach");
     }
-    for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames).enumerate() {
+    for (rank, (stack, frames)) in s.stacks.iter().zip(report.frames.iter()).enumerate() {
         // Listed for pprof's totals only: holds nothing now.
         if stack.outstanding_bytes == 0 && stack.outstanding_allocations == 0 {
             continue;
@@ -283,6 +283,7 @@ fn signed_bytes(rate: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stacks::symbolize::SymbolizedStacks;
     use crate::{
         model::{heap::Allocated, location::Location},
         report::{
@@ -379,7 +380,7 @@ mod tests {
             &Report {
                 header: &header,
                 snapshot: &snapshot,
-                frames: &frames,
+                frames: &SymbolizedStacks::from(frames.clone()),
                 style: Default::default(),
             },
             &mut out,
@@ -420,7 +421,7 @@ mod tests {
             &Report {
                 header: &header,
                 snapshot: &sampled,
-                frames: &frames,
+                frames: &SymbolizedStacks::from(frames.clone()),
                 style: Default::default(),
             },
             &mut out,
@@ -444,7 +445,7 @@ mod tests {
             &Report {
                 header: &header,
                 snapshot: &snapshot,
-                frames: &frames,
+                frames: &SymbolizedStacks::from(frames.clone()),
                 style: Style {
                     color: true,
                     width: Some(100),
