@@ -150,7 +150,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let guard = config.trace.max_overhead_percent.map(|budget| {
         let single_stepped = probe_kinds
             .iter()
-            .filter(|(_, kind)| *kind == ProbeKind::EntrySingleStepped)
+            .filter(|probe| probe.kind == ProbeKind::EntrySingleStepped)
             .count();
         announcements.push(format!(
             "leaktrace: overhead guard: stopping if the probes take more than {budget}% of the traced CPU time in a second ({single_stepped} of {} probes single-stepped)",
@@ -158,10 +158,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         ));
         Guard::new(
             budget,
-            ProgramTraps::new(
-                guard::estimate::MEASURED,
-                probe_kinds.iter().map(|&(program, kind)| (program, kind)),
-            ),
+            ProgramTraps::new(guard::estimate::MEASURED, probe_kinds.iter().copied()),
         )
     });
     let watcher = match &mut child {

@@ -16,7 +16,9 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use leaktrace_common::names::program;
 
-use self::estimate::{ProbeKind, ProgramRuns, ProgramTraps, overhead_percent, probe_time_ns};
+use self::estimate::{
+    Probe, ProbeKind, ProgramRuns, ProgramTraps, overhead_percent, probe_time_ns,
+};
 use crate::{
     attach::{allocator::Allocator, probe_point, probes::AttachOptions},
     proc::process,
@@ -174,14 +176,56 @@ fn cpu_of(pids: impl Iterator<Item = u32>) -> BTreeMap<u32, u64> {
         .collect()
 }
 
+/// The functions that programs call all the time, by the names allocators export them under
+/// (`_rjem_` stripped): their probes set what a program's runs are charged (see `estimate`).
+const HOT: &[&str] = &[
+    "malloc",
+    "free",
+    "calloc",
+    "realloc",
+    // jemalloc
+    "mallocx",
+    "rallocx",
+    "sdallocx",
+    "dallocx",
+    // tcmalloc
+    "tc_malloc",
+    "tc_free",
+    "tc_calloc",
+    "tc_realloc",
+    "tc_new",
+    "tc_newarray",
+    "tc_delete",
+    "tc_deletearray",
+    "tc_delete_sized",
+    "tc_deletearray_sized",
+    // mimalloc
+    "mi_malloc",
+    "mi_malloc_small",
+    "mi_zalloc_small",
+    "mi_calloc",
+    "mi_realloc",
+    "mi_new",
+    "mi_free",
+    "mi_free_size",
+    // C++: new, new[], delete, delete[], sized delete
+    "_Znwm",
+    "_Znam",
+    "_ZdlPv",
+    "_ZdaPv",
+    "_ZdlPvm",
+    "_ZdaPvm",
+];
+
+fn is_hot(symbol: &str) -> bool {
+    HOT.contains(&symbol.strip_prefix("_rjem_").unwrap_or(symbol))
+}
+
 /// Each probe that `probes::attach` puts on `allocator`, as the program that runs there and the
 /// kind of its trap: the same points as `attach_to` (free-like entries at their probe point,
 /// the others at their entry with `alloc_return` at their return), each decoded to tell an
 /// emulated instruction from one that is single-stepped.
-pub fn probe_kinds(
-    allocator: &Allocator,
-    options: AttachOptions,
-) -> Vec<(&'static str, ProbeKind)> {
+pub fn probe_kinds(allocator: &Allocator, options: AttachOptions) -> Vec<Probe<'static>> {
     let program_for = |name: &'static str| match (options.noop_programs, name) {
         (false, _) => name,
         (true, program::ALLOC_RETURN) => program::NOOP_RETURN,
@@ -216,9 +260,18 @@ pub fn probe_kinds(
         } else {
             ProbeKind::EntrySingleStepped
         };
-        kinds.push((program_for(entry.program), kind));
+        let hot = is_hot(&entry.symbol);
+        kinds.push(Probe {
+            program: program_for(entry.program),
+            kind,
+            hot,
+        });
         if entry.allocates() {
-            kinds.push((program_for(program::ALLOC_RETURN), ProbeKind::Return));
+            kinds.push(Probe {
+                program: program_for(program::ALLOC_RETURN),
+                kind: ProbeKind::Return,
+                hot,
+            });
         }
     }
     kinds
@@ -235,10 +288,87 @@ mod tests {
     };
 
     fn guard(budget: f64) -> Guard {
-        Guard::new(
-            budget,
-            ProgramTraps::new(COSTS, [("free_entry", ProbeKind::EntrySingleStepped)]),
-        )
+        let free = Probe {
+            program: "free_entry",
+            kind: ProbeKind::EntrySingleStepped,
+            hot: true,
+        };
+        Guard::new(budget, ProgramTraps::new(COSTS, [free]))
+    }
+
+    #[test]
+    fn hot_entry_points_by_every_allocator_s_names() {
+        for hot in [
+            "malloc",
+            "free",
+            "_rjem_malloc",
+            "_rjem_sdallocx",
+            "tc_new",
+            "_ZdlPvm",
+        ] {
+            assert!(is_hot(hot), "{hot}");
+        }
+        for rare in [
+            "valloc",
+            "pvalloc",
+            "cfree",
+            "memalign",
+            "_rjem_valloc",
+            "mmap",
+            "rjem_malloc",
+        ] {
+            assert!(!is_hot(rare), "{rare}");
+        }
+    }
+
+    #[test]
+    fn glibc_s_malloc_and_free_here_are_emulated_and_hot() {
+        let pid = std::process::id();
+        let maps = crate::proc::maps::ProcMaps::read(pid).unwrap();
+        let allocator = crate::attach::allocator::discover(pid, &maps).unwrap();
+        let probes = probe_kinds(&allocator, AttachOptions::default());
+        // Every allocating entry point has its return probe.
+        let allocating = allocator
+            .entry_points
+            .iter()
+            .filter(|e| e.allocates())
+            .count();
+        assert_eq!(probes.len(), allocator.entry_points.len() + allocating);
+        assert!(
+            probes
+                .iter()
+                .any(|p| p.program == program::ALLOC_RETURN && p.kind == ProbeKind::Return)
+        );
+        // Debian's glibc: malloc begins with `push %r12`, free is probed at its `je`.
+        let traps = ProgramTraps::new(estimate::MEASURED, probes.iter().copied());
+        assert_eq!(
+            traps.per_run_ns(program::MALLOC_ENTRY),
+            estimate::MEASURED.entry_emulated_ns
+        );
+        assert_eq!(
+            traps.per_run_ns(program::FREE_ENTRY),
+            estimate::MEASURED.entry_emulated_ns
+        );
+        // With free probed at its entry, free's runs are single-stepped.
+        let at_entry = AttachOptions {
+            free_at_entry: true,
+            ..AttachOptions::default()
+        };
+        let traps = ProgramTraps::new(estimate::MEASURED, probe_kinds(&allocator, at_entry));
+        assert_eq!(
+            traps.per_run_ns(program::FREE_ENTRY),
+            estimate::MEASURED.entry_single_stepped_ns
+        );
+        // The floor's programs are charged the same traps.
+        let noop = AttachOptions {
+            noop_programs: true,
+            ..AttachOptions::default()
+        };
+        let traps = ProgramTraps::new(estimate::MEASURED, probe_kinds(&allocator, noop));
+        assert_eq!(
+            traps.per_run_ns(program::NOOP_RETURN),
+            estimate::MEASURED.return_ns
+        );
     }
 
     fn stats(runs: u64, run_time_ns: u64) -> Vec<(String, u64, u64)> {

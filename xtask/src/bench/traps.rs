@@ -5,7 +5,9 @@
 //! nothing else: at glibc's `free+3` (a `je`, which the kernel emulates), or with
 //! `--free-at-entry` at `free+0` (`test %rdi,%rdi`, single-stepped out of line). A malloc+free
 //! pair costs malloc's entry (`push %r12`, emulated), its return, and free's entry: the return
-//! is what remains once the two emulated entries are taken off.
+//! is what remains once the two emulated entries are taken off. The fixture times its calls in
+//! its thread's CPU time (the traps run in its context), which is also what the guard divides
+//! by, and which leaves out the time a busy machine keeps it waiting for a CPU.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -74,7 +76,7 @@ impl Traps {
     pub fn print(&self) {
         println!();
         println!(
-            "trap costs: ns the target spends per probe hit beyond the BPF program (floor: programs that do nothing), median [min..max] over rounds"
+            "trap costs: ns of the target thread's CPU time per probe hit beyond the BPF program (floor: programs that do nothing), median [min..max] over rounds"
         );
         let rows: [(&str, Summary); 3] = [
             (
@@ -94,7 +96,7 @@ impl Traps {
             println!("  {what:<48} {:>22}", summary.show(0));
         }
         println!(
-            "  untraced free(NULL) {} ns, malloc+free pair {} ns",
+            "  untraced: free(NULL) {} ns, a malloc+free pair {} ns (CPU time)",
             self.over_rounds(|r| self.value(r, UNTRACED.name, "free_null"))
                 .show(1),
             self.over_rounds(|r| self.value(r, UNTRACED.name, "pairs_1t"))
