@@ -7,6 +7,7 @@
 //! - [`target`]: one owner per traced process: its memory map and the modules it maps.
 //! - [`attach`]: the target's allocator, the probe points, the BPF programs; spawn mode.
 //! - [`intake`]: ring buffer records decoded and applied, in the event loop.
+//! - [`guard`]: what the probes cost the target, against `--max-overhead`.
 //! - [`stacks`]: copied stacks unwound, return addresses symbolized.
 //! - [`model`]: the heap model (outstanding blocks and mapped ranges, by stack).
 //! - [`report`]: snapshots and trends, rendered and written; `leaktrace diff`.
@@ -17,6 +18,7 @@ pub mod attach;
 pub mod config;
 #[cfg(test)]
 mod fuzz;
+pub mod guard;
 pub mod intake;
 pub mod metrics;
 pub mod model;

@@ -15,6 +15,10 @@ use leaktrace::{
         cli::Cli,
         settings::{self, Config, Targets},
     },
+    guard::{
+        self, Guard,
+        estimate::{ProbeKind, ProgramTraps},
+    },
     intake::{
         event_loop,
         event_loop::{Session, Stop},
@@ -33,6 +37,15 @@ use leaktrace::{
 
 /// `--fail-on-leak` found a leak.
 const EXIT_LEAK: u8 = 3;
+/// `--max-overhead` stopped the trace (whatever the final report holds: it is cut short).
+const EXIT_OVER_BUDGET: u8 = 4;
+
+/// How a trace that ran ends.
+enum Exit {
+    Traced,
+    Leak,
+    OverBudget,
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -51,12 +64,13 @@ fn main() -> ExitCode {
         }
     };
     let result = Config::new(cli).and_then(|config| match config {
-        Config::Diff(args) => diff(&args).map(|()| false),
+        Config::Diff(args) => diff(&args).map(|()| Exit::Traced),
         Config::Trace(trace) => run(&trace),
     });
     match result {
-        Ok(true) => ExitCode::from(EXIT_LEAK),
-        Ok(false) => ExitCode::SUCCESS,
+        Ok(Exit::Leak) => ExitCode::from(EXIT_LEAK),
+        Ok(Exit::OverBudget) => ExitCode::from(EXIT_OVER_BUDGET),
+        Ok(Exit::Traced) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the cause chain joined by ": ".
             status!("leaktrace: error: {err:#}");
@@ -77,8 +91,9 @@ fn diff(args: &settings::Diff) -> anyhow::Result<()> {
     }
 }
 
-/// Traces; returns whether `--fail-on-leak` found a leak in a final report.
-fn run(config: &settings::Trace) -> anyhow::Result<bool> {
+/// Traces; returns how it ended: whether `--fail-on-leak` found a leak in a final report, or
+/// `--max-overhead` stopped it.
+fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     process::check_privileges()?;
     // Before anything is attached (or forked): a port in use is one line and no probe.
     let metrics_listener = config
@@ -108,12 +123,16 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     let mut probes = probes::Probes::new(ebpf, config.attach)?;
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
+    let mut probe_kinds = Vec::new();
     for (target, allocator) in targets {
         // The layout first: the first allocations the probes see already get their frames.
         if let Some(py) = &target.python {
             probes.set_python(target.pid, &py.interpreter().offsets.walk)?;
         }
         let attached = probes.attach(target.pid, &allocator)?;
+        if config.trace.max_overhead_percent.is_some() {
+            probe_kinds.extend(guard::probe_kinds(&allocator, config.attach));
+        }
         announcements.push(format!(
             "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
             target.pid,
@@ -132,6 +151,20 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
             exporter.clone(),
         )?);
     }
+    let guard = config.trace.max_overhead_percent.map(|budget| {
+        let single_stepped = probe_kinds
+            .iter()
+            .filter(|probe| probe.kind == ProbeKind::EntrySingleStepped)
+            .count();
+        announcements.push(format!(
+            "leaktrace: overhead guard: stopping if the probes take more than {budget}% of the traced CPU time in a second ({single_stepped} of {} probes single-stepped)",
+            probe_kinds.len()
+        ));
+        Guard::new(
+            budget,
+            ProgramTraps::new(guard::estimate::MEASURED, probe_kinds.iter().copied()),
+        )
+    });
     let watcher = match &mut child {
         Some(child) => {
             let maps = sessions[0].target.space.pushed_maps();
@@ -196,18 +229,23 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         sessions,
         &mut adopt,
         output.failures(),
+        guard,
         started,
     ));
     drop(watcher);
     let ended = ended?;
     say_how_it_ended(&ended, &pids, child, &first_command)?;
+    if matches!(ended.stop, Stop::OverBudget(_)) {
+        return Ok(Exit::OverBudget);
+    }
     // When the reader went away no final report reached anyone: it cannot have shown a leak.
     let fail =
         ended.leak && reports.fail_on_leak && ended.stop != Stop::Output(Failure::ReaderGone);
     if fail {
         status!("leaktrace: the final report holds a leak: exit status {EXIT_LEAK}");
+        return Ok(Exit::Leak);
     }
-    Ok(fail)
+    Ok(Exit::Traced)
 }
 
 /// The processes to trace, each with its allocator.
@@ -267,6 +305,9 @@ fn say_how_it_ended(
             );
         }
         Stop::Output(Failure::WriteFailed(_)) => {}
+        Stop::OverBudget(why) => {
+            status!("{}", guard::over_budget_line(why, &pids, EXIT_OVER_BUDGET));
+        }
     }
     if let Some(mut child) = child {
         // The trace ended first (--duration, --count, a signal): like `timeout`, the command

@@ -158,12 +158,17 @@ impl Fixture {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin.write_all(b"go\n").unwrap();
         stdin.flush().unwrap();
+        self.lines_until_done()
+    }
+
+    /// What the fixture prints up to its next "done" (after a command sent with `send`).
+    pub fn lines_until_done(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
             match self.lines.recv_timeout(TIMEOUT) {
                 Ok(line) if line == "done" => return lines,
                 Ok(line) => lines.push(line),
-                Err(_) => panic!("fixture never finished its round; printed {lines:?}"),
+                Err(_) => panic!("fixture never said done; printed {lines:?}"),
             }
         }
     }
@@ -334,6 +339,11 @@ impl Leaktrace {
             .and_then(|url| url.strip_suffix("/metrics"))
             .unwrap_or_else(|| panic!("no metrics address; stderr: {:?}", self.stderr))
             .to_owned()
+    }
+
+    /// leaktrace's own pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn interrupt(&self) {

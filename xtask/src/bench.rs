@@ -5,8 +5,10 @@
 //! min and max over rounds. Ratios are taken within a round, then summarized the same way.
 
 mod load;
+mod services;
 mod stats;
 mod tracer;
+mod traps;
 
 use std::{
     collections::BTreeMap,
@@ -33,7 +35,8 @@ pub struct Args {
     /// Seconds each microbenchmark workload runs per configuration and round.
     #[arg(long, default_value_t = 0.5)]
     seconds: f64,
-    /// Seconds of load on the server per configuration and round.
+    /// Seconds of load on each service per configuration and round (redis: per test, SET and
+    /// GET, sized from a short first run).
     #[arg(long, default_value_t = 2.0)]
     server_seconds: f64,
     /// Run only these parts (default: all).
@@ -44,9 +47,14 @@ pub struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
     Micro,
+    /// The echo server built with frame pointers.
     Server,
+    /// The echo server built without frame pointers, as distribution packages are.
+    ServerNofp,
+    Redis,
     Loss,
     Aggregator,
+    Traps,
 }
 
 /// Where the bench keeps its binaries, scripts and leaktrace's reports.
@@ -82,12 +90,29 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
         .then(|| micro(args, &malloc_bench))
         .transpose()?;
     let server = wanted(Part::Server)
-        .then(|| server(args, &echo_server))
+        .then(|| services::echo(args, &echo_server, "frame pointers"))
+        .transpose()?;
+    let server_nofp = wanted(Part::ServerNofp)
+        .then(|| {
+            let binary = compile_with(
+                &dir,
+                "echo_server",
+                "echo_server_nofp",
+                "-fomit-frame-pointer",
+            )?;
+            services::echo(args, &binary, "built without frame pointers")
+        })
+        .transpose()?;
+    let redis = wanted(Part::Redis)
+        .then(|| services::redis(args))
         .transpose()?;
     let loss = wanted(Part::Loss)
         .then(|| loss(&malloc_bench))
         .transpose()?;
     let aggregator = wanted(Part::Aggregator).then(aggregator).transpose()?;
+    let traps = wanted(Part::Traps)
+        .then(|| traps::traps(args, &malloc_bench))
+        .transpose()?;
 
     println!();
     println!(
@@ -99,8 +124,8 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     if let Some(micro) = micro {
         micro.print();
     }
-    if let Some(server) = server {
-        server.print();
+    for service in [server, server_nofp, redis].into_iter().flatten() {
+        service.print();
     }
     if let Some(loss) = loss {
         loss.print();
@@ -108,15 +133,30 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     if let Some(aggregator) = aggregator {
         aggregator.print();
     }
+    if let Some(traps) = traps {
+        traps.print();
+    }
     Ok(())
 }
 
 fn compile(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let out = dir.join(name);
-    step(&format!("compiling tests/fixtures/{name}.c"));
     // Frame pointers, as leaktrace's stacks want them; -O2 as services are built.
+    compile_with(dir, name, name, "-fno-omit-frame-pointer")
+}
+
+/// `tests/fixtures/NAME.c` built into `dir/output` with `-O2 -g` and `frame_pointers`.
+fn compile_with(
+    dir: &Path,
+    name: &str,
+    output: &str,
+    frame_pointers: &str,
+) -> anyhow::Result<PathBuf> {
+    let out = dir.join(output);
+    step(&format!(
+        "compiling tests/fixtures/{name}.c ({frame_pointers})"
+    ));
     run(Command::new("gcc")
-        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .args(["-O2", "-g", frame_pointers, "-pthread", "-o"])
         .arg(&out)
         .arg(fixture(&format!("{name}.c"))))?;
     Ok(out)
@@ -164,6 +204,22 @@ impl Fixture {
         self.lines
             .recv_timeout(timeout)
             .context("the bench fixture stopped answering")
+    }
+
+    /// `NAME VALUE ...` lines up to `done` (malloc_bench's workloads): name -> value.
+    fn results(&self, per_line: Duration) -> anyhow::Result<BTreeMap<String, f64>> {
+        let mut values = BTreeMap::new();
+        loop {
+            let line = self.line(per_line)?;
+            if line == "done" {
+                return Ok(values);
+            }
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(value)) = (words.next(), words.next()) else {
+                bail!("unexpected fixture output `{line}`");
+            };
+            values.insert(name.to_owned(), value.parse::<f64>()?);
+        }
     }
 }
 
@@ -266,19 +322,7 @@ fn micro(args: &Args, binary: &Path) -> anyhow::Result<Micro> {
             expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
             let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
             fixture.send(&format!("run {}", args.seconds))?;
-            let mut ns = BTreeMap::new();
-            let per_workload = Duration::from_secs_f64(args.seconds * 20.0 + 30.0);
-            loop {
-                let line = fixture.line(per_workload)?;
-                if line == "done" {
-                    break;
-                }
-                let mut words = line.split_whitespace();
-                let (Some(name), Some(value)) = (words.next(), words.next()) else {
-                    bail!("unexpected fixture output `{line}`");
-                };
-                ns.insert(name.to_owned(), value.parse::<f64>()?);
-            }
+            let ns = fixture.results(Duration::from_secs_f64(args.seconds * 20.0 + 30.0))?;
             let outcome = tracing.stop()?;
             if config.name == LEAKTRACE.name {
                 let outcome = outcome.context("leaktrace wrote no report")?;
@@ -385,111 +429,8 @@ impl Micro {
     }
 }
 
-/// `[round] -> config -> (requests/s, p99 us)`
-struct Server {
-    rounds: Vec<BTreeMap<&'static str, (f64, f64)>>,
-    lost_events: u64,
-    /// Allocations leaktrace saw, and returns it saw without their entry.
-    allocations: u64,
-    return_without_entry: u64,
-    /// leaktrace's own CPU seconds per second of load.
-    leaktrace_cpu: Vec<f64>,
-}
-
-const SERVER_CONFIGS: [Config; 4] = [UNTRACED, LEAKTRACE, SAMPLED, FLOOR];
-
 /// Connections the load generator keeps busy, each one request at a time.
 const CONNECTIONS: usize = 4;
-
-fn server(args: &Args, binary: &Path) -> anyhow::Result<Server> {
-    let mut server = Server {
-        rounds: Vec::new(),
-        lost_events: 0,
-        allocations: 0,
-        return_without_entry: 0,
-        leaktrace_cpu: Vec::new(),
-    };
-    for round in 0..args.rounds {
-        let mut results = BTreeMap::new();
-        for config in rotated(&SERVER_CONFIGS, round) {
-            step(&format!(
-                "server round {}/{}: {}",
-                round + 1,
-                args.rounds,
-                config.name
-            ));
-            let fixture = Fixture::start(binary)?;
-            let line = fixture.line(Duration::from_secs(10))?;
-            let port: u16 = line
-                .strip_prefix("port ")
-                .and_then(|p| p.parse().ok())
-                .with_context(|| format!("the server said `{line}`, not its port"))?;
-            let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
-            let result = load::run(
-                port,
-                CONNECTIONS,
-                Duration::from_secs_f64(args.server_seconds),
-            )?;
-            if let (Some(outcome), true) = (tracing.stop()?, config.name == LEAKTRACE.name) {
-                server.lost_events += outcome.lost_events;
-                server.allocations += outcome.allocations;
-                server.return_without_entry += outcome.return_without_entry;
-                server
-                    .leaktrace_cpu
-                    .push(outcome.cpu_s / args.server_seconds);
-            }
-            drop(fixture);
-            results.insert(config.name, (result.requests_per_s, result.p99_us));
-        }
-        server.rounds.push(results);
-    }
-    Ok(server)
-}
-
-impl Server {
-    fn print(&self) {
-        println!();
-        println!(
-            "server (tests/fixtures/echo_server.c: 6 allocations per request; {CONNECTIONS} connections on 127.0.0.1, closed loop), median [min..max]:"
-        );
-        println!(
-            "{:<12} {:>26} {:>22} {:>22}",
-            "config", "requests/s", "p99 latency us", "throughput vs untraced"
-        );
-        for config in SERVER_CONFIGS {
-            let rps = Summary::of(
-                self.rounds
-                    .iter()
-                    .filter_map(|r| Some(r.get(config.name)?.0)),
-            );
-            let p99 = Summary::of(
-                self.rounds
-                    .iter()
-                    .filter_map(|r| Some(r.get(config.name)?.1)),
-            );
-            let relative = Summary::of(
-                self.rounds
-                    .iter()
-                    .filter_map(|r| Some(r.get(config.name)?.0 / r.get(UNTRACED.name)?.0)),
-            );
-            println!(
-                "{:<12} {:>26} {:>22} {:>22}",
-                config.name,
-                rps.show(0),
-                p99.show(0),
-                relative.show(2)
-            );
-        }
-        println!(
-            "leaktrace over the server runs: {} events lost, {} allocations seen, {} allocator returns seen without their entry (missed, not counted as lost)",
-            self.lost_events, self.allocations, self.return_without_entry
-        );
-        println!(
-            "leaktrace's own process (intake, heap model): {} CPU seconds per second of load (attach and final report included)",
-            Summary::of(self.leaktrace_cpu.iter().copied()).show(2)
-        );
-    }
-}
 
 /// Zero-drop event rates under leaktrace at default settings.
 struct Loss {

@@ -89,6 +89,17 @@ pub fn in_elf(data: &[u8], entry: u64) -> u64 {
     emulated_probe_point(&segments, entry)
 }
 
+/// Whether the kernel emulates the instruction at file offset `offset` of the ELF file `data`
+/// (else a probe there is single-stepped); false when no instruction decodes there.
+pub fn is_emulated_in_elf(data: &[u8], offset: u64) -> bool {
+    let Some(code) = usize::try_from(offset).ok().and_then(|at| data.get(at..)) else {
+        return false;
+    };
+    let mut decoder = Decoder::with_ip(64, code, offset, DecoderOptions::NONE);
+    let instruction = decoder.decode();
+    !instruction.is_invalid() && is_emulated(&instruction)
+}
+
 /// The first instruction from `entry` that the kernel emulates, if only skippable instructions
 /// come before it.
 fn first_emulated(segment: &Segment<'_>, entry: u64) -> Option<u64> {
@@ -277,6 +288,18 @@ mod tests {
             assert_eq!(at, free.file_offset + 3);
         }
         assert_eq!(in_elf(b"not an ELF file", 0x1234), 0x1234);
+    }
+
+    #[test]
+    fn tells_an_emulated_instruction_from_one_that_is_single_stepped() {
+        let code = [&TEST_RDI[..], &JE_REL32, &[0x41, 0x54, RET]].concat();
+        assert!(!is_emulated_in_elf(&code, 0), "test %rdi,%rdi");
+        assert!(is_emulated_in_elf(&code, 3), "je rel32");
+        assert!(is_emulated_in_elf(&code, 9), "push %r12");
+        assert!(!is_emulated_in_elf(&code, 11), "ret");
+        assert!(!is_emulated_in_elf(&code, 12), "past the end");
+        assert!(!is_emulated_in_elf(&code, u64::MAX));
+        assert!(!is_emulated_in_elf(&[0x0f], 0), "cut short");
     }
 
     #[test]

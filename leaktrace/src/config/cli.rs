@@ -23,7 +23,7 @@ use crate::{
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     override_usage = "leaktrace -p PID [OPTIONS]\n       leaktrace [OPTIONS] -- CMD [ARGS]...\n       leaktrace diff OLD.json NEW.json",
-    after_help = "Exit status: 0 when the trace ran (also when the reader of stdout went away), 1 on an error (bad arguments, a report that could not be written), 3 with --fail-on-leak when a stack of the final report is a leak."
+    after_help = "Exit status: 0 when the trace ran (also when the reader of stdout went away), 1 on an error (bad arguments, a report that could not be written), 3 with --fail-on-leak when a stack of the final report is a leak, 4 when --max-overhead stopped the trace."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -144,6 +144,12 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1000))]
     pub metrics_top: Option<u16>,
 
+    /// Stop tracing (with a final report, exit status 4) when the probes take more than
+    /// PERCENT of the traced processes' CPU time over a second, as leaktrace estimates it: the
+    /// kernel's run-time statistics of its BPF programs plus a measured cost per trap.
+    #[arg(long, value_name = "PERCENT", value_parser = overhead_percent)]
+    pub max_overhead: Option<f64>,
+
     /// Benchmarks only: attach programs that do nothing at the same probe points, so that
     /// `cargo xtask bench` measures the cost of the traps alone (the floor).
     #[arg(long, hide = true)]
@@ -259,6 +265,17 @@ fn stack_copy_bytes(s: &str) -> Result<u32, String> {
 /// The shortest interval between reports: each report walks every live block and stack, and
 /// a tracer that does nothing but report is of no use (`-i 1e-9` made 20,000 reports in 2 s).
 pub const MIN_INTERVAL_SECS: f64 = 0.1;
+
+/// A share of CPU time in percent: above 0, below 100 (the probes cannot take more than all of
+/// it, so 100 would never stop anything).
+fn overhead_percent(s: &str) -> Result<f64, String> {
+    match s.strip_suffix('%').unwrap_or(s).parse::<f64>() {
+        Ok(p) if p > 0.0 && p < 100.0 => Ok(p),
+        _ => Err(format!(
+            "`{s}` is not a percentage of CPU time above 0 and below 100 (0.5, 5, 20%)"
+        )),
+    }
+}
 
 fn interval_secs(s: &str) -> Result<f64, String> {
     match positive_secs(s)? {
@@ -468,6 +485,29 @@ mod tests {
         for n in ["1", "127"] {
             let cli = Cli::try_parse_from(["leaktrace", "-p", "1", "--max-depth", n]).unwrap();
             assert_eq!(cli.max_depth.to_string(), n);
+        }
+    }
+
+    #[test]
+    fn max_overhead_is_a_percentage_of_cpu_time() {
+        let parse =
+            |v: &str| Cli::try_parse_from(["leaktrace", "-p", "1", &format!("--max-overhead={v}")]);
+        assert_eq!(
+            Cli::try_parse_from(["leaktrace", "-p", "1"])
+                .unwrap()
+                .max_overhead,
+            None,
+            "off by default"
+        );
+        for (value, percent) in [("0.5", 0.5), ("5", 5.0), ("20%", 20.0), ("99.9", 99.9)] {
+            assert_eq!(parse(value).unwrap().max_overhead, Some(percent), "{value}");
+        }
+        for bad in ["0", "-1", "100", "150", "nan", "inf", "five", "", "5%%"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("is not a percentage of CPU time above 0 and below 100"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -94,7 +94,8 @@ impl Trace {
             attach: AttachOptions {
                 noop_programs: cli.noop_programs,
                 free_at_entry: cli.free_at_entry,
-                program_stats: cli.print_program_times,
+                // The guard's estimate starts from the kernel's run-time statistics.
+                program_stats: cli.print_program_times || cli.max_overhead.is_some(),
             },
             trace: event_loop::Settings {
                 interval: Duration::from_secs_f64(cli.interval),
@@ -117,6 +118,8 @@ impl Trace {
                 },
                 count: cli.count,
                 print_bpf_stats: cli.print_bpf_stats,
+                print_program_times: cli.print_program_times,
+                max_overhead_percent: cli.max_overhead,
                 follow_forks: cli.follow_forks,
                 unwind: cli.unwind,
                 max_depth: cli.max_depth,
@@ -176,6 +179,11 @@ mod tests {
         );
         assert_eq!(t.trace.unwind, Unwind::Auto);
         assert_eq!((t.load.sample_bytes, t.trace.sampling), (0, None));
+        assert_eq!(t.trace.max_overhead_percent, None);
+        assert!(
+            !t.attach.program_stats,
+            "no clock reads per run unless asked"
+        );
         let t = trace(&[
             "-p",
             "1",
@@ -203,6 +211,16 @@ mod tests {
         );
         assert_eq!(t.load.sample_bytes, 512 << 10);
         assert_eq!(t.trace.sampling, Some(Sampling::new(512 << 10)));
+        let t = trace(&["-p", "1", "--max-overhead", "2.5"]);
+        assert_eq!(t.trace.max_overhead_percent, Some(2.5));
+        assert!(
+            t.attach.program_stats,
+            "the guard reads the programs' run times"
+        );
+        assert!(
+            !t.trace.print_program_times,
+            "and prints them only when asked"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
         forks::{ProcEvent, ProcEvents},
         probes::{FramePointerCode, Maps, Probes, Unwind},
     },
+    guard::{self, Guard},
     model::{
         event::Event,
         heap::{HeapModel, Sampling},
@@ -50,6 +51,8 @@ pub enum Stop {
     Count,
     /// Every traced process exited.
     TargetExited,
+    /// The probes cost the target more than `--max-overhead` allows: the line that says so.
+    OverBudget(String),
     /// Reports could no longer be delivered (see `output::Failure`): the trace stops at once
     /// rather than trace with nowhere to report.
     Output(crate::report::output::Failure),
@@ -72,8 +75,13 @@ pub struct Settings {
     pub selection: Selection,
     /// Stop after this many reports.
     pub count: Option<u64>,
-    /// Print the BPF counters (and program run times, when measured) at the end (benchmarks).
+    /// Print the BPF counters at the end (benchmarks).
     pub print_bpf_stats: bool,
+    /// Print each program's runs and run time at the end (benchmarks).
+    pub print_program_times: bool,
+    /// `--max-overhead`: stop when the probes take more than this share of the traced
+    /// processes' CPU time (see `guard`).
+    pub max_overhead_percent: Option<f64>,
     /// Trace the children that traced processes fork (`--follow-forks`).
     pub follow_forks: bool,
     pub unwind: Unwind,
@@ -113,6 +121,10 @@ struct Traced {
 }
 
 /// Runs the trace; every probe is detached and every report written when it returns.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a stage's own piece, handed over once; a struct would only rename them"
+)]
 pub async fn run(
     settings: &Settings,
     mut probes: Probes,
@@ -120,6 +132,7 @@ pub async fn run(
     sessions: Vec<Session>,
     adopt: &mut Adopt<'_>,
     mut failures: crate::report::output::Failures,
+    mut guard: Option<Guard>,
     started: impl FnOnce(),
 ) -> anyhow::Result<Ended> {
     let start = Instant::now();
@@ -178,6 +191,14 @@ pub async fn run(
     let mut reports = 0u64;
     let mut forgot_at = Instant::now();
     let mut leak = false;
+    let mut guard_tick = guard.as_ref().map(|_| {
+        let mut tick = tokio::time::interval_at((start + guard::PERIOD).into(), guard::PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    if let Some(guard) = guard.as_mut() {
+        guard.start(&probes.program_stats(), live.keys().copied());
+    }
     started();
 
     // Undecodable records count as lost: they would otherwise vanish silently. Returns whether
@@ -288,6 +309,13 @@ pub async fn run(
                     }
                 }
             }
+            () = next_tick(&mut guard_tick) => {
+                if let Some(guard) = guard.as_mut()
+                    && let Some(over) = guard.check(&probes.program_stats(), live.keys().copied())
+                {
+                    break Stop::OverBudget(over.0);
+                }
+            }
             Ok(()) = failures.changed() => {
                 if let Some(failure) = failures.borrow_and_update().clone() {
                     break Stop::Output(failure);
@@ -321,9 +349,15 @@ pub async fn run(
             .collect();
         crate::status!("leaktrace: bpf stats {}", counters.join(" "));
     }
-    // Empty unless `--print-program-times` turned the kernel's statistics on.
-    for (name, runs, run_time_ns) in probes.program_stats() {
-        crate::status!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
+    if settings.print_program_times {
+        for (name, runs, run_time_ns) in probes.program_stats() {
+            crate::status!("leaktrace: bpf program {name} runs={runs} run_time_ns={run_time_ns}");
+        }
+    }
+    if let Some(guard) = guard.as_mut() {
+        // The last window, however short, counts in the whole trace's numbers.
+        guard.finish(&probes.program_stats(), live.keys().copied());
+        crate::status!("{}", guard.summary());
     }
     let mut reporters = Vec::new();
     for (pid, mut traced) in std::mem::take(&mut live) {
@@ -517,6 +551,16 @@ fn watch_exit(pid: u32, tx: &tokio::sync::mpsc::UnboundedSender<u32>) -> anyhow:
 
 /// What the reports of `--follow-forks` say when children are only polled for.
 const POLLED_CHILDREN: &str = "children are looked for every 50 ms (the kernel's process events are not available): a child that lives shorter may not be seen at all";
+
+/// The guard's next tick; never, without a guard.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// Waits until the kernel's process events are readable; never, without them.
 async fn readable(events: &mut Option<AsyncFd<ProcEvents>>) -> Option<()> {

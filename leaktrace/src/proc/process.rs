@@ -45,6 +45,27 @@ pub fn is_alive(pid: u32) -> bool {
     })
 }
 
+/// The CPU time (user and system, in ns) that process `pid` used so far, all its threads
+/// together, those that exited included: its process CPU-time clock.
+pub fn cpu_time_ns(pid: u32) -> Option<u64> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut clock: libc::clockid_t = 0;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: both write one value of their own type.
+    let ok = unsafe {
+        libc::clock_getcpuclockid(pid, &mut clock) == 0 && libc::clock_gettime(clock, &mut now) == 0
+    };
+    if !ok {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
 /// The process (thread group) that task `pid` belongs to.
 pub fn tgid(pid: u32) -> Option<u32> {
     fs::read_to_string(format!("/proc/{pid}/status"))
@@ -139,6 +160,32 @@ pub fn pidfd(pid: u32) -> anyhow::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_counts_the_work_of_every_thread() {
+        let me = std::process::id();
+        let before = cpu_time_ns(me).unwrap();
+        // 20 ms of CPU time on another thread, which then exits: the process clock keeps it.
+        std::thread::spawn(|| {
+            let thread_ns = || {
+                let mut t = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: writes one timespec.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+                t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+            };
+            let start = thread_ns();
+            while thread_ns() < start + 20_000_000 {}
+        })
+        .join()
+        .unwrap();
+        let after = cpu_time_ns(me).unwrap();
+        assert!(after >= before + 20_000_000, "{before} -> {after}");
+        assert_eq!(cpu_time_ns(0x7fff_fff0), None, "no such process");
+        assert_eq!(cpu_time_ns(u32::MAX), None, "not a pid");
+    }
 
     #[test]
     fn reads_vm_rss() {

@@ -35,6 +35,8 @@ pub struct Outcome {
     pub cpu_s: f64,
     /// Per BPF program: name, runs, total run time in ns (with `--print-program-times`).
     pub programs: Vec<(String, u64, u64)>,
+    /// Seconds from SIGINT to leaktrace's exit: the final report, then detaching every probe.
+    pub detach_s: f64,
 }
 
 /// `leaktrace: bpf program NAME runs=N run_time_ns=T`
@@ -79,9 +81,10 @@ impl Tracing {
             return Ok(None);
         };
         let cpu_s = cpu_seconds(child.0.id());
+        let interrupted = Instant::now();
         // SAFETY: a plain syscall; the pid is our child's, not yet reaped.
         unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = interrupted + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = child.0.try_wait()? {
                 break status;
@@ -89,8 +92,9 @@ impl Tracing {
             if Instant::now() > deadline {
                 bail!("the tracer did not stop within 60 s of SIGINT");
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         };
+        let detach_s = interrupted.elapsed().as_secs_f64();
         drop(child);
         let Some(report) = &self.report else {
             return Ok(None);
@@ -132,6 +136,7 @@ impl Tracing {
             return_without_entry: stat("return_without_entry"),
             cpu_s,
             programs,
+            detach_s,
         }))
     }
 }

@@ -1,0 +1,350 @@
+//! Real services under load, untraced and traced side by side: Debian's redis-server (jemalloc)
+//! under redis-benchmark, and the bench's C echo server on glibc, built with and without frame
+//! pointers (distribution packages are built without). Each round runs every configuration once,
+//! on a fresh service, in a rotating order; the table shows medians over rounds and, per round,
+//! throughput relative to the untraced run of that round.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    Args, CONNECTIONS, Config, FLOOR, Fixture, LEAKTRACE, SAMPLED, UNTRACED, bench_dir, load,
+    rotated, stats::Summary, tracer::Tracing,
+};
+use crate::{Child, step};
+
+pub const CONFIGS: [Config; 4] = [UNTRACED, FLOOR, LEAKTRACE, SAMPLED];
+
+/// What one run of a configuration measured: per test (SET, GET; or the one echo test)
+/// throughput and p99 latency, and for a traced run what leaktrace said.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    /// test -> (requests/s, p99 latency in us)
+    tests: BTreeMap<&'static str, (f64, f64)>,
+    detach_s: Option<f64>,
+    lost_events: u64,
+    events: u64,
+    /// leaktrace's own CPU seconds per second of load (intake, heap model; attach and final
+    /// report included).
+    leaktrace_cpu: Option<f64>,
+}
+
+/// A service's results over rounds.
+pub struct Service {
+    title: String,
+    tests: Vec<&'static str>,
+    rounds: Vec<BTreeMap<&'static str, Run>>,
+}
+
+/// Runs `load` against a fresh service (`start`) under each configuration, in `args.rounds`
+/// interleaved rounds.
+fn measure(
+    args: &Args,
+    title: String,
+    tests: Vec<&'static str>,
+    mut start: impl FnMut() -> anyhow::Result<(Box<dyn std::any::Any>, u32, u16)>,
+    mut load: impl FnMut(&Config, u16, usize) -> anyhow::Result<BTreeMap<&'static str, (f64, f64)>>,
+) -> anyhow::Result<Service> {
+    let mut service = Service {
+        title,
+        tests,
+        rounds: Vec::new(),
+    };
+    for round in 0..args.rounds {
+        let mut results = BTreeMap::new();
+        for config in rotated(&CONFIGS, round) {
+            step(&format!(
+                "{} round {}/{}: {}",
+                service.title,
+                round + 1,
+                args.rounds,
+                config.name
+            ));
+            let (child, pid, port) = start()?;
+            let tracing = Tracing::start(config.tracer, pid, &bench_dir())?;
+            let loaded = Instant::now();
+            let tests = load(&config, port, round)?;
+            let load_s = loaded.elapsed().as_secs_f64();
+            let mut run = Run {
+                tests,
+                ..Run::default()
+            };
+            if let Some(outcome) = tracing.stop()? {
+                run.detach_s = Some(outcome.detach_s);
+                run.lost_events = outcome.lost_events;
+                run.events = outcome.allocations + outcome.frees;
+                run.leaktrace_cpu = Some(outcome.cpu_s / load_s);
+            }
+            drop(child);
+            results.insert(config.name, run);
+        }
+        service.rounds.push(results);
+    }
+    Ok(service)
+}
+
+/// A port on 127.0.0.1 that was free an instant ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until something listens on `port`.
+fn wait_listening(port: u16, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("the service exited before it listened ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listened on port {port} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Clients of redis-benchmark, and the size of its values: the issue's measurement.
+const REDIS_CLIENTS: u32 = 20;
+const REDIS_VALUE_BYTES: u32 = 100;
+
+/// Debian's redis-server under redis-benchmark: SET and GET, 20 clients, 100-byte values, on
+/// 127.0.0.1, no persistence.
+pub fn redis(args: &Args) -> anyhow::Result<Service> {
+    let start = || -> anyhow::Result<(Box<dyn std::any::Any>, u32, u16)> {
+        let port = free_port()?;
+        let mut child = Child(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting redis-server (run `cargo xtask setup`)")?,
+        );
+        wait_listening(port, &mut child)?;
+        let pid = child.0.id();
+        Ok((Box::new(child), pid, port))
+    };
+    // Requests per test, per configuration: sized in the first round so that each test runs
+    // about --server-seconds (a traced redis does a few thousand requests/s, an untraced one
+    // over a hundred thousand).
+    let mut requests: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let load = |config: &Config, port: u16, _round: usize| {
+        let n = match requests.get(config.name) {
+            Some(&n) => n,
+            None => {
+                let probe = redis_benchmark(port, 2000)?;
+                let slowest = probe.values().map(|&(rps, _)| rps).fold(f64::MAX, f64::min);
+                let n = ((slowest * args.server_seconds) as u64).clamp(2000, 5_000_000);
+                requests.insert(config.name, n);
+                n
+            }
+        };
+        redis_benchmark(port, n)
+    };
+    measure(
+        args,
+        format!(
+            "redis-server (Debian, jemalloc) under redis-benchmark: {REDIS_CLIENTS} clients, {REDIS_VALUE_BYTES}-byte values, 127.0.0.1"
+        ),
+        vec!["SET", "GET"],
+        start,
+        load,
+    )
+}
+
+/// One run of redis-benchmark: test -> (requests/s, p99 us).
+fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<BTreeMap<&'static str, (f64, f64)>> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-c",
+            &REDIS_CLIENTS.to_string(),
+            "-d",
+            &REDIS_VALUE_BYTES.to_string(),
+        ])
+        .args(["-n", &requests.to_string(), "-t", "set,get", "--csv"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running redis-benchmark (run `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "redis-benchmark failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_redis_csv(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// redis-benchmark's `--csv`: a header naming the columns, then a line per test.
+fn parse_redis_csv(text: &str) -> anyhow::Result<BTreeMap<&'static str, (f64, f64)>> {
+    let unquote = |field: &str| field.trim().trim_matches('"').to_owned();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .context("redis-benchmark printed nothing")?
+        .split(',')
+        .map(unquote)
+        .collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("no {name} column in redis-benchmark's output"))
+    };
+    let (rps, p99) = (column("rps")?, column("p99_latency_ms")?);
+    let mut tests = BTreeMap::new();
+    for line in lines {
+        let fields: Vec<String> = line.split(',').map(unquote).collect();
+        let test = match fields.first().map(String::as_str) {
+            Some("SET") => "SET",
+            Some("GET") => "GET",
+            _ => continue,
+        };
+        let value = |i: usize| -> anyhow::Result<f64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse().ok())
+                .with_context(|| format!("unexpected redis-benchmark line `{line}`"))
+        };
+        tests.insert(test, (value(rps)?, value(p99)? * 1000.0));
+    }
+    if tests.len() != 2 {
+        bail!("redis-benchmark did not report both SET and GET: {text}");
+    }
+    Ok(tests)
+}
+
+/// The bench's echo server (tests/fixtures/echo_server.c, glibc), under the closed-loop load
+/// generator; `binary` was built with or without frame pointers, as `build` says.
+pub fn echo(args: &Args, binary: &Path, build: &str) -> anyhow::Result<Service> {
+    // The server runs until its stdin closes: the fixture is the handle that stops it.
+    let start = || -> anyhow::Result<(Box<dyn std::any::Any>, u32, u16)> {
+        let fixture = Fixture::start(binary)?;
+        let line = fixture.line(Duration::from_secs(10))?;
+        let port: u16 = line
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("the server said `{line}`, not its port"))?;
+        let pid = fixture.pid();
+        Ok((Box::new(fixture), pid, port))
+    };
+    let load = |_: &Config, port: u16, _round: usize| {
+        let result = load::run(
+            port,
+            CONNECTIONS,
+            Duration::from_secs_f64(args.server_seconds),
+        )?;
+        Ok(BTreeMap::from([(
+            "echo",
+            (result.requests_per_s, result.p99_us),
+        )]))
+    };
+    measure(
+        args,
+        format!(
+            "echo server (tests/fixtures/echo_server.c, glibc, {build}; 6 allocations per request): {CONNECTIONS} connections on 127.0.0.1, closed loop"
+        ),
+        vec!["echo"],
+        start,
+        load,
+    )
+}
+
+impl Service {
+    fn summary(&self, f: impl Fn(&BTreeMap<&'static str, Run>) -> Option<f64>) -> Summary {
+        Summary::of(self.rounds.iter().filter_map(f))
+    }
+
+    pub fn print(&self) {
+        println!();
+        println!(
+            "{}; median [min..max] over {} rounds:",
+            self.title,
+            self.rounds.len()
+        );
+        print!("{:<12}", "config");
+        for test in &self.tests {
+            print!(
+                " {:>24} {:>20}",
+                format!("{test} requests/s"),
+                format!("{test} p99 us")
+            );
+        }
+        for test in &self.tests {
+            print!(" {:>18}", format!("{test} vs untraced"));
+        }
+        println!(" {:>20}", "detach s");
+        for config in CONFIGS {
+            print!("{:<12}", config.name);
+            for &test in &self.tests {
+                let rps = self.summary(|r| Some(r.get(config.name)?.tests.get(test)?.0));
+                let p99 = self.summary(|r| Some(r.get(config.name)?.tests.get(test)?.1));
+                print!(" {:>24} {:>20}", rps.show(0), p99.show(0));
+            }
+            for &test in &self.tests {
+                let relative = self.summary(|r| {
+                    Some(
+                        r.get(config.name)?.tests.get(test)?.0
+                            / r.get(UNTRACED.name)?.tests.get(test)?.0,
+                    )
+                });
+                print!(" {:>18}", relative.show(2));
+            }
+            let detach = self.summary(|r| r.get(config.name)?.detach_s);
+            println!(" {:>20}", detach.show(2));
+        }
+        for config in CONFIGS.iter().filter(|c| c.name != UNTRACED.name) {
+            let detach: Vec<String> = self
+                .rounds
+                .iter()
+                .filter_map(|r| r.get(config.name)?.detach_s)
+                .map(|s| format!("{s:.2}"))
+                .collect();
+            let lost: u64 = self
+                .rounds
+                .iter()
+                .filter_map(|r| Some(r.get(config.name)?.lost_events))
+                .sum();
+            let events: u64 = self
+                .rounds
+                .iter()
+                .filter_map(|r| Some(r.get(config.name)?.events))
+                .sum();
+            let cpu = self.summary(|r| r.get(config.name)?.leaktrace_cpu);
+            println!(
+                "  {:<11} detach per round (SIGINT to exit, final report included): {} s; lost {lost} of {events} events; leaktrace's own CPU {} s per s of load",
+                config.name,
+                detach.join(" "),
+                cpu.show(2)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_benchmark_csv() {
+        let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\
+                   \"SET\",\"129870.13\",\"0.085\",\"0.024\",\"0.079\",\"0.135\",\"0.207\",\"1.071\"\n\
+                   \"GET\",\"131578.95\",\"0.082\",\"0.024\",\"0.079\",\"0.127\",\"0.191\",\"0.423\"\n";
+        let tests = parse_redis_csv(csv).unwrap();
+        assert_eq!(tests["SET"], (129870.13, 207.0));
+        assert_eq!(tests["GET"], (131578.95, 191.0));
+        assert!(parse_redis_csv("").is_err());
+        assert!(parse_redis_csv("\"test\",\"rps\"\n\"SET\",\"1\"\n").is_err());
+        assert!(parse_redis_csv(&csv.replace("129870.13", "fast")).is_err());
+    }
+}
