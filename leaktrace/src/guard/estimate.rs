@@ -8,8 +8,10 @@
 //! on (`bpf_prog_info.run_time_ns`, `run_cnt`). Both run in the target's context, on its CPU
 //! time. So, over a window:
 //!
-//!     probe time = sum over programs of (run_time_ns + run_cnt x trap cost of its probes)
-//!     overhead   = probe time / the target's CPU time (all its threads)
+//! ```text
+//! probe time = sum over programs of (run_time_ns + run_cnt x trap cost of its probes)
+//! overhead   = probe time / the target's CPU time (all its threads)
+//! ```
 //!
 //! The kernel counts runs per program, not per probe, and one program runs at several entry
 //! points (`malloc_entry` at malloc, valloc and pvalloc). A program is charged, for every run,
@@ -60,11 +62,16 @@ impl TrapCosts {
         }
     }
 
-    /// The dearest hit: what a program whose probes are unknown is charged.
-    fn dearest(&self) -> f64 {
-        self.entry_emulated_ns
-            .max(self.entry_single_stepped_ns)
-            .max(self.return_ns)
+    /// The dearer of two kinds.
+    fn dearer(&self, a: ProbeKind, b: ProbeKind) -> ProbeKind {
+        if self.of(b) > self.of(a) { b } else { a }
+    }
+
+    /// The dearest kind: what a program whose probes are unknown is charged.
+    fn dearest(&self) -> ProbeKind {
+        [ProbeKind::EntrySingleStepped, ProbeKind::Return]
+            .into_iter()
+            .fold(ProbeKind::EntryEmulated, |a, b| self.dearer(a, b))
     }
 }
 
@@ -83,42 +90,48 @@ pub struct Probe<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProgramTraps {
     costs: TrapCosts,
-    per_run_ns: BTreeMap<String, f64>,
+    charged: BTreeMap<String, ProbeKind>,
 }
 
 impl ProgramTraps {
     pub fn new<'a>(costs: TrapCosts, probes: impl IntoIterator<Item = Probe<'a>>) -> Self {
         // Per program: (dearest hot, dearest of all).
-        let mut dearest = BTreeMap::<String, (Option<f64>, f64)>::new();
+        let mut dearest = BTreeMap::<String, (Option<ProbeKind>, ProbeKind)>::new();
         for probe in probes {
-            let cost = costs.of(probe.kind);
             let (hot, all) = dearest
                 .entry(probe.program.to_owned())
-                .or_insert((None, cost));
-            *all = all.max(cost);
+                .or_insert((None, probe.kind));
+            *all = costs.dearer(*all, probe.kind);
             if probe.hot {
-                *hot = Some(hot.map_or(cost, |h| h.max(cost)));
+                *hot = Some(hot.map_or(probe.kind, |h| costs.dearer(h, probe.kind)));
             }
         }
-        let per_run_ns = dearest
+        let charged = dearest
             .into_iter()
             .map(|(program, (hot, all))| (program, hot.unwrap_or(all)))
             .collect();
-        Self { costs, per_run_ns }
+        Self { costs, charged }
     }
 
-    /// The trap cost charged per run of `program` (the dearest kind for a program attached at
-    /// no probe it knows of).
-    pub fn per_run_ns(&self, program: &str) -> f64 {
-        self.per_run_ns
+    /// The kind charged for each run of `program`: the dearest of all for a program attached
+    /// at no probe it knows of.
+    pub fn kind(&self, program: &str) -> ProbeKind {
+        self.charged
             .get(program)
             .copied()
             .unwrap_or_else(|| self.costs.dearest())
     }
 
+    /// The trap cost charged per run of `program`.
+    pub fn per_run_ns(&self, program: &str) -> f64 {
+        self.costs.of(self.kind(program))
+    }
+
     /// Each program it was told of, with the trap cost charged per run.
     pub fn programs(&self) -> impl Iterator<Item = (&str, f64)> {
-        self.per_run_ns.iter().map(|(p, &ns)| (p.as_str(), ns))
+        self.charged
+            .iter()
+            .map(|(p, &kind)| (p.as_str(), self.costs.of(kind)))
     }
 }
 
@@ -140,15 +153,38 @@ impl ProgramRuns {
     }
 }
 
-/// The target's CPU time that the probes took, in ns, over a window in which each program ran
-/// as `runs` says.
-pub fn probe_time_ns<'a>(
+/// The target's CPU time that the probes took over a window, in ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProbeTime {
+    /// Inside the BPF programs (the kernel's statistics).
+    pub programs_ns: f64,
+    /// In the traps (runs x the trap cost charged).
+    pub traps_ns: f64,
+    /// Of `traps_ns`, in traps charged as single steps.
+    pub single_steps_ns: f64,
+}
+
+impl ProbeTime {
+    pub fn total_ns(&self) -> f64 {
+        self.programs_ns + self.traps_ns
+    }
+}
+
+/// The probes' time over a window in which each program ran as `runs` says.
+pub fn probe_time<'a>(
     traps: &ProgramTraps,
     runs: impl IntoIterator<Item = (&'a str, ProgramRuns)>,
-) -> f64 {
-    runs.into_iter()
-        .map(|(program, r)| r.run_time_ns as f64 + r.runs as f64 * traps.per_run_ns(program))
-        .sum()
+) -> ProbeTime {
+    let mut time = ProbeTime::default();
+    for (program, r) in runs {
+        let trap_ns = r.runs as f64 * traps.per_run_ns(program);
+        time.programs_ns += r.run_time_ns as f64;
+        time.traps_ns += trap_ns;
+        if traps.kind(program) == ProbeKind::EntrySingleStepped {
+            time.single_steps_ns += trap_ns;
+        }
+    }
+    time
 }
 
 /// Below this much CPU time in a window (1% of a CPU over a second), a target is not judged:
@@ -209,8 +245,11 @@ mod tests {
             "the dearer hot one"
         );
         assert_eq!(traps.per_run_ns("aligned_alloc_entry"), 4000.0);
+        assert_eq!(traps.kind("malloc_entry"), ProbeKind::EntryEmulated);
+        assert_eq!(traps.kind("jemalloc_entry"), ProbeKind::EntrySingleStepped);
         // Attached nowhere it was told of: the dearest of all.
         assert_eq!(traps.per_run_ns("mystery"), 4000.0);
+        assert_eq!(traps.kind("mystery"), ProbeKind::EntrySingleStepped);
         assert_eq!(traps.programs().count(), 5);
     }
 
@@ -218,16 +257,25 @@ mod tests {
     fn probe_time_is_run_time_plus_a_trap_per_run() {
         let runs = |runs, run_time_ns| ProgramRuns { runs, run_time_ns };
         // 1000 malloc+free pairs: entries, returns and frees.
-        let ns = probe_time_ns(
+        let time = probe_time(
             &traps(),
             [
                 ("malloc_entry", runs(1000, 200_000)),
                 ("alloc_return", runs(1000, 1_000_000)),
                 ("free_entry", runs(1000, 400_000)),
+                ("jemalloc_entry", runs(10, 5000)),
             ],
         );
-        assert_eq!(ns, 1_600_000.0 + 1000.0 * (1000.0 + 1500.0 + 1000.0));
-        assert_eq!(probe_time_ns(&traps(), []), 0.0);
+        assert_eq!(
+            time,
+            ProbeTime {
+                programs_ns: 1_605_000.0,
+                traps_ns: 1000.0 * (1000.0 + 1500.0 + 1000.0) + 10.0 * 4000.0,
+                single_steps_ns: 10.0 * 4000.0,
+            }
+        );
+        assert_eq!(time.total_ns(), 1_605_000.0 + 3_540_000.0);
+        assert_eq!(probe_time(&traps(), []), ProbeTime::default());
     }
 
     #[test]

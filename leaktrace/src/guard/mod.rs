@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use leaktrace_common::names::program;
 
 use self::estimate::{
-    Probe, ProbeKind, ProgramRuns, ProgramTraps, overhead_percent, probe_time_ns,
+    Probe, ProbeKind, ProbeTime, ProgramRuns, ProgramTraps, overhead_percent, probe_time,
 };
 use crate::{
     attach::{allocator::Allocator, probe_point, probes::AttachOptions},
@@ -44,16 +44,31 @@ pub struct Guard {
     highest_percent: Option<f64>,
 }
 
-/// Why the guard stopped the trace.
+/// Why the guard stopped the trace, and what to try instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OverBudget(pub String);
+pub struct OverBudget {
+    pub why: String,
+    pub advice: String,
+}
 
-/// The line that says the guard stopped the trace of `pids`, why (`OverBudget`), and what to
-/// try instead.
-pub fn over_budget_line(why: &str, pids: &str, exit_status: u8) -> String {
+/// The line that says the guard stopped the trace of `pids`, why, and what to try instead.
+pub fn over_budget_line(over: &OverBudget, pids: &str, exit_status: u8) -> String {
     format!(
-        "leaktrace: over the overhead budget: {why}: stopped tracing, detached from pid {pids} (exit status {exit_status}); the final report covers the trace until then. To trace at a lower cost, try --sample-bytes {SUGGESTED_SAMPLE_BYTES} (a sample of the blocks, reported as estimates)"
+        "leaktrace: over the overhead budget: {}: stopped tracing, detached from pid {pids} (exit status {exit_status}); the final report covers the trace until then. {}",
+        over.why, over.advice
     )
+}
+
+/// What to try, given where the probes' time went.
+fn advice(time: &ProbeTime) -> String {
+    if time.single_steps_ns * 2.0 > time.total_ns() {
+        // Sampling skips the programs' work, not the traps: every call still traps.
+        "Most of it is the kernel single-stepping probed instructions (see how many probes are single-stepped when leaktrace attaches), which every allocator call pays whatever is traced: --sample-bytes cannot avoid it; trace a less busy instance, or for a shorter time".to_owned()
+    } else {
+        format!(
+            "To trace at a lower cost, try --sample-bytes {SUGGESTED_SAMPLE_BYTES} (a sample of the blocks, reported as estimates)"
+        )
+    }
 }
 
 impl Guard {
@@ -84,16 +99,20 @@ impl Guard {
         program_stats: &[(String, u64, u64)],
         pids: impl Iterator<Item = u32>,
     ) -> Option<OverBudget> {
-        let (probe_ns, cpu_ns) = self.window(program_stats, pids);
-        let percent = overhead_percent(probe_ns, cpu_ns)?;
+        let (time, cpu_ns) = self.window(program_stats, pids);
+        let percent = overhead_percent(time.total_ns(), cpu_ns)?;
         self.highest_percent = Some(self.highest_percent.map_or(percent, |h| h.max(percent)));
-        (percent > self.budget_percent).then(|| {
-            OverBudget(format!(
-                "the probes took an estimated {percent:.1}% of the traced CPU time over the last second ({:.1} of {:.1} ms), more than --max-overhead {}%",
-                probe_ns / 1e6,
+        (percent > self.budget_percent).then(|| OverBudget {
+            why: format!(
+                "the probes took an estimated {percent:.1}% of the traced CPU time over the last second ({:.1} of {:.1} ms: {:.1} ms in traps, {:.1} of them single-stepping, {:.1} ms in BPF programs), more than --max-overhead {}%",
+                time.total_ns() / 1e6,
                 cpu_ns as f64 / 1e6,
+                time.traps_ns / 1e6,
+                time.single_steps_ns / 1e6,
+                time.programs_ns / 1e6,
                 self.budget_percent
-            ))
+            ),
+            advice: advice(&time),
         })
     }
 
@@ -112,14 +131,14 @@ impl Guard {
         &mut self,
         program_stats: &[(String, u64, u64)],
         pids: impl Iterator<Item = u32>,
-    ) -> (f64, u64) {
+    ) -> (ProbeTime, u64) {
         let runs = runs_of(program_stats);
         let cpu = cpu_of(pids);
         let window = runs.iter().map(|(program, now)| {
             let before = self.last_runs.get(program).copied().unwrap_or_default();
             (program.as_str(), now.since(before))
         });
-        let probe_ns = probe_time_ns(&self.traps, window);
+        let time = probe_time(&self.traps, window);
         // Only processes seen at both ends: one attached meanwhile (a followed child) counts
         // from its next window, one that exited is gone with its time.
         let cpu_ns: u64 = cpu
@@ -128,9 +147,9 @@ impl Guard {
             .sum();
         self.last_runs = runs;
         self.last_cpu_ns = cpu;
-        self.total_probe_ns += probe_ns;
+        self.total_probe_ns += time.total_ns();
         self.total_cpu_ns += cpu_ns;
-        (probe_ns, cpu_ns)
+        (time, cpu_ns)
     }
 
     /// What the probes cost over the whole trace, for stderr at the end:
@@ -393,11 +412,25 @@ mod tests {
             .check(&stats(100_000, 1_000_000), [me].into_iter())
             .expect("over budget");
         assert!(
-            trip.0.ends_with("more than --max-overhead 1%"),
+            trip.why.ends_with("more than --max-overhead 1%"),
             "{}",
-            trip.0
+            trip.why
         );
-        let line = over_budget_line(&trip.0, "42", 4);
+        assert!(
+            trip.why.contains("401.0 of ")
+                && trip.why.contains(
+                    " ms: 400.0 ms in traps, 400.0 of them single-stepping, 1.0 ms in BPF programs)"
+                ),
+            "{}",
+            trip.why
+        );
+        // Single steps were nearly all of it: sampling would not help.
+        assert!(
+            trip.advice.contains("--sample-bytes cannot avoid it"),
+            "{}",
+            trip.advice
+        );
+        let line = over_budget_line(&trip, "42", 4);
         assert!(
             line.starts_with("leaktrace: over the overhead budget: the probes took an estimated "),
             "{line}"
@@ -408,7 +441,6 @@ mod tests {
             ),
             "{line}"
         );
-        assert!(line.contains("try --sample-bytes 512K"), "{line}");
         assert!(!line.contains('\n'));
         assert_eq!(g.total_probe_ns, 1_000_000.0 + 100_000.0 * 4000.0);
         assert!(
@@ -417,6 +449,23 @@ mod tests {
             "{}",
             g.summary()
         );
+    }
+
+    #[test]
+    fn the_advice_follows_where_the_time_went() {
+        let time = |traps_ns, single_steps_ns, programs_ns| ProbeTime {
+            programs_ns,
+            traps_ns,
+            single_steps_ns,
+        };
+        let sample = "try --sample-bytes 512K";
+        assert!(advice(&time(3e6, 0.0, 2e6)).contains(sample));
+        assert!(
+            advice(&time(3e6, 2.5e6, 2e6)).contains(sample),
+            "half or less"
+        );
+        assert!(advice(&time(9e6, 8e6, 1e6)).contains("--sample-bytes cannot avoid it"));
+        assert!(advice(&ProbeTime::default()).contains(sample));
     }
 
     #[test]

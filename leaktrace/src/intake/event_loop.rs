@@ -51,8 +51,8 @@ pub enum Stop {
     Count,
     /// Every traced process exited.
     TargetExited,
-    /// The probes cost the target more than `--max-overhead` allows: the line that says so.
-    OverBudget(String),
+    /// The probes cost the target more than `--max-overhead` allows.
+    OverBudget(crate::guard::OverBudget),
     /// Reports could no longer be delivered (see `output::Failure`): the trace stops at once
     /// rather than trace with nowhere to report.
     Output(crate::report::output::Failure),
@@ -313,7 +313,7 @@ pub async fn run(
                 if let Some(guard) = guard.as_mut()
                     && let Some(over) = guard.check(&probes.program_stats(), live.keys().copied())
                 {
-                    break Stop::OverBudget(over.0);
+                    break Stop::OverBudget(over);
                 }
             }
             Ok(()) = failures.changed() => {
