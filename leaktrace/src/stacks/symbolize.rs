@@ -56,31 +56,32 @@ pub struct SymbolizedStacks {
     /// The frames of every distinct location, one location after the other.
     frames: Vec<Frame>,
     /// Where each location's frames end in `frames` (they start where the previous end).
-    location_ends: Vec<u32>,
+    location_ends: Vec<usize>,
     /// The locations of every stack, one stack after the other.
     stack_locations: Vec<u32>,
     /// Where each stack's locations end in `stack_locations`.
-    stack_ends: Vec<u32>,
+    stack_ends: Vec<usize>,
 }
 
 impl SymbolizedStacks {
     /// Adds the frames of a location; returns its index.
     fn push_location(&mut self, frames: impl IntoIterator<Item = Frame>) -> u32 {
         self.frames.extend(frames);
-        self.location_ends.push(index(self.frames.len()));
-        index(self.location_ends.len() - 1)
+        self.location_ends.push(self.frames.len());
+        // Each is a distinct return address that the heap model holds: far fewer than 2^32.
+        u32::try_from(self.location_ends.len() - 1).expect("fewer than 2^32 distinct locations")
     }
 
     /// Adds a stack of these locations (indices that [`Self::push_location`] returned).
     fn push_stack(&mut self, locations: impl IntoIterator<Item = u32>) {
         self.stack_locations.extend(locations);
-        self.stack_ends.push(index(self.stack_locations.len()));
+        self.stack_ends.push(self.stack_locations.len());
     }
 
     fn location(&self, location: u32) -> &[Frame] {
         let i = location as usize;
         let start = if i == 0 { 0 } else { self.location_ends[i - 1] };
-        &self.frames[start as usize..self.location_ends[i] as usize]
+        &self.frames[start..self.location_ends[i]]
     }
 
     /// Stacks held.
@@ -97,7 +98,7 @@ impl SymbolizedStacks {
         let start = if i == 0 { 0 } else { self.stack_ends[i - 1] };
         StackFrames {
             table: self,
-            locations: &self.stack_locations[start as usize..self.stack_ends[i] as usize],
+            locations: &self.stack_locations[start..self.stack_ends[i]],
         }
     }
 
@@ -120,12 +121,6 @@ impl From<Vec<Vec<Frame>>> for SymbolizedStacks {
         }
         table
     }
-}
-
-/// Indices are u32: a report's frames number far fewer than 2^32 (each is a return address of
-/// the target's, and a stack has at most a few hundred).
-fn index(i: usize) -> u32 {
-    u32::try_from(i).expect("fewer than 2^32 frames in a report")
 }
 
 /// The frames of one stack of a [`SymbolizedStacks`], innermost first.
