@@ -111,12 +111,14 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
     for (target, allocator) in targets {
         let attached = probes.attach(target.pid, &allocator)?;
         announcements.push(format!(
-            "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
+            "leaktrace: tracing pid {} ({}) through {} ({}); a report every {}s, Ctrl-C to stop",
             target.pid,
             target.command,
             allocator.describe(),
+            attached.describe(),
             config.trace.interval.as_secs_f64()
         ));
+        announcements.extend(attached.warnings());
         let output = output.for_pid(target.pid);
         sessions.push(session(
             target,
@@ -143,8 +145,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<bool> {
         let allocator = allocator::of_target(&target)?;
         let attached = probes.attach(child, &allocator)?;
         status!(
-            "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
-            target.command
+            "leaktrace: following a fork: tracing pid {child} ({}) ({})",
+            target.command,
+            attached.describe()
         );
         session(
             target,

@@ -8,6 +8,7 @@ mod hostile;
 mod http;
 mod lifecycle;
 mod metrics;
+mod probes;
 mod processes;
 mod prometheus;
 mod protobuf;

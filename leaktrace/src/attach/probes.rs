@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use leaktrace_common::{
@@ -17,7 +17,10 @@ use leaktrace_common::{
     stat,
 };
 
-use super::allocator::{Allocator, EntryPoint};
+use super::{
+    allocator::{Allocator, EntryPoint},
+    probe_point::Trap,
+};
 use crate::proc::process;
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
@@ -26,6 +29,8 @@ pub struct Probes {
     /// Each process's probes, so that those of a process that exits can be detached without
     /// waiting for the end of the trace (a forking server's children come and go).
     links: HashMap<u32, Vec<UProbeLink>>,
+    /// What is attached, per process.
+    summaries: HashMap<u32, AttachSummary>,
     /// Threads detaching the probes of processes that exited. They must finish before
     /// leaktrace exits: a thread killed by the exit in the middle of an unregister makes the
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
@@ -43,9 +48,9 @@ pub struct AttachOptions {
     /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
     /// ones, at exactly the same points: the cost of the traps alone.
     pub noop_programs: bool,
-    /// Probe free-like functions at their entry rather than at a later instruction that the
-    /// kernel emulates (see `probe_point`).
-    pub free_at_entry: bool,
+    /// Probe every function at its entry rather than at a later instruction that the kernel
+    /// emulates (see `probe_point`), to measure what the choice saves.
+    pub at_entry: bool,
     /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
     /// run, so only for benchmarks).
     pub program_stats: bool,
@@ -70,6 +75,7 @@ impl Probes {
         Ok(Self {
             attached: 0,
             links: HashMap::new(),
+            summaries: HashMap::new(),
             detaching: Vec::new(),
             ebpf,
             options,
@@ -94,19 +100,43 @@ impl Probes {
     }
 
     /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
-    /// how many probes that took.
-    pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<usize> {
+    /// what that attached.
+    pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<AttachSummary> {
         let links = self.links.entry(pid).or_default();
         let before = links.len();
-        let result = attach_to(&mut self.ebpf, pid, allocator, links, self.options);
-        let added = links.len() - before;
-        self.attached += added;
+        let mut added = AttachSummary::default();
+        let result = attach_to(
+            &mut self.ebpf,
+            pid,
+            allocator,
+            links,
+            &mut added,
+            self.options,
+        );
+        self.attached += links.len() - before;
+        self.summaries
+            .entry(pid)
+            .or_default()
+            .probes
+            .extend(added.probes.iter().cloned());
         result.map(|()| added)
+    }
+
+    /// Every probe attached now, over all processes.
+    pub fn summary(&self) -> AttachSummary {
+        AttachSummary {
+            probes: self
+                .summaries
+                .values()
+                .flat_map(|s| s.probes.iter().cloned())
+                .collect(),
+        }
     }
 
     /// Detaches the probes of a process that exited, on a thread of their own: the kernel
     /// takes ~85 ms per probe, which the event loop must not wait for.
     pub fn detach(&mut self, pid: u32) {
+        self.summaries.remove(&pid);
         if let Some(links) = self.links.remove(&pid) {
             self.attached -= links.len();
             self.detaching.retain(|thread| !thread.is_finished());
@@ -315,6 +345,92 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     Ok((ebpf, maps))
 }
 
+/// What kind of trap a probe costs the target on every hit: what `--max-overhead` needs to
+/// estimate the time leaktrace takes from it (the programs' own run time comes from the
+/// kernel's statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// An entry probe on an instruction the kernel emulates: one trap per call (~1 us here).
+    Emulated,
+    /// An entry probe on an instruction the kernel single-steps out of line: two traps per
+    /// call (~5 us on glibc, ~30 us measured on jemalloc under redis).
+    SingleStepped,
+    /// A return probe: a trap at the return, through the kernel's uretprobe trampoline.
+    Return,
+}
+
+/// One probe attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedProbe {
+    pub pid: u32,
+    /// The function probed ("malloc", "_ZdlPv", ...), and its module as the target names it.
+    pub symbol: String,
+    pub module: String,
+    /// The BPF program that runs there (`leaktrace_common::names::program`).
+    pub program: &'static str,
+    pub kind: ProbeKind,
+}
+
+impl AttachedProbe {
+    /// Whether it is on a path that allocating code takes all the time: malloc, free and
+    /// their aliases (`operator new`, `sdallocx`, ...).
+    pub fn is_hot(&self) -> bool {
+        self.kind != ProbeKind::Return
+            && matches!(self.program, program::MALLOC_ENTRY | program::FREE_ENTRY)
+            && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
+    }
+}
+
+/// The probes of one attach, or of all (`Probes::summary`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachSummary {
+    pub probes: Vec<AttachedProbe>,
+}
+
+impl AttachSummary {
+    pub fn count(&self, kind: ProbeKind) -> usize {
+        self.probes.iter().filter(|p| p.kind == kind).count()
+    }
+
+    /// "23 probes: 19 entries emulated, 2 single-stepped (munmap, mremap), 2 on returns".
+    pub fn describe(&self) -> String {
+        let single: Vec<&str> = self
+            .probes
+            .iter()
+            .filter(|p| p.kind == ProbeKind::SingleStepped)
+            .map(|p| p.symbol.as_str())
+            .collect();
+        let list = if single.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", single.join(", "))
+        };
+        format!(
+            "{} probes: {} entries emulated, {} single-stepped{list}, {} on returns",
+            self.probes.len(),
+            self.count(ProbeKind::Emulated),
+            single.len(),
+            self.count(ProbeKind::Return)
+        )
+    }
+
+    /// One line per hot entry point that must be single-stepped, saying what it costs.
+    pub fn warnings(&self) -> Vec<String> {
+        self.probes
+            .iter()
+            .filter(|p| p.is_hot() && p.kind == ProbeKind::SingleStepped)
+            .map(|p| {
+                format!(
+                    "leaktrace: warning: {} in {} begins with no instruction the kernel can emulate: \
+                     its probe is single-stepped, ~5-30 us per call (under 1 us emulated); \
+                     a service calling it often slows down",
+                    p.symbol, p.module
+                )
+            })
+            .collect()
+    }
+}
+
 /// Attaches to the target's allocator, frees first, then the returns, then the other entries
 /// in `allocator`'s order (munmap, mremap and realloc before the calls that only allocate): a
 /// release seen without its allocation is counted as unmatched, while an allocation seen
@@ -322,14 +438,15 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
 /// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
 /// runs at the return of every one but the free-like ones.
 ///
-/// A free-like entry (no uretprobe) is probed at the first instruction the kernel emulates
-/// when a straight-line prefix leads to one (`probe_point`); the others must stay on the entry,
-/// where their uretprobe already traps.
+/// Each entry point is probed where `probe_point` chose, the first instruction the kernel
+/// emulates when a straight-line prefix leads to one, its return probe at the same place
+/// (`%rsp` is unchanged there, so the return address is still at `[%rsp]`).
 fn attach_to(
     ebpf: &mut Ebpf,
     pid: u32,
     allocator: &Allocator,
     links: &mut Vec<UProbeLink>,
+    summary: &mut AttachSummary,
     options: AttachOptions,
 ) -> anyhow::Result<()> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
@@ -338,49 +455,63 @@ fn attach_to(
         (true, program::ALLOC_RETURN) => program::NOOP_RETURN,
         (true, _) => program::NOOP_ENTRY,
     };
-    let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint, offset: u64| -> anyhow::Result<()> {
-            let probe: &mut UProbe = ebpf
-                .program_mut(program)
-                .with_context(|| format!("no program {program} in the BPF object"))?
-                .try_into()?;
-            if probe.fd().is_err() {
-                probe
-                    .load()
-                    .with_context(|| format!("loading BPF program {program}"))?;
-            }
-            let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
-                if process::is_alive(pid) {
-                    anyhow!(err).context(format!(
-                        "attaching {program} to {} in {}",
-                        entry.symbol, entry.module
-                    ))
-                } else {
-                    anyhow!("process {pid} exited while leaktrace was attaching")
-                }
-            })?;
-            links.push(probe.take_link(link)?);
-            Ok(())
+    let mut attach_one = |ebpf: &mut Ebpf,
+                          program: &'static str,
+                          entry: &EntryPoint,
+                          is_return: bool|
+     -> anyhow::Result<()> {
+        let point = if options.at_entry {
+            entry.entry
+        } else {
+            entry.probe
         };
+        let probe: &mut UProbe = ebpf
+            .program_mut(program)
+            .with_context(|| format!("no program {program} in the BPF object"))?
+            .try_into()?;
+        if probe.fd().is_err() {
+            probe
+                .load()
+                .with_context(|| format!("loading BPF program {program}"))?;
+        }
+        let at = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+            // A return program reads no argument; 0 is "where the ABI puts them".
+            cookie: Some(if is_return { 0 } else { point.cookie }),
+        };
+        let link = probe.attach(at, &entry.path, scope).map_err(|err| {
+            if process::is_alive(pid) {
+                anyhow!(err).context(format!(
+                    "attaching {program} to {} in {}",
+                    entry.symbol, entry.module
+                ))
+            } else {
+                anyhow!("process {pid} exited while leaktrace was attaching")
+            }
+        })?;
+        links.push(probe.take_link(link)?);
+        summary.probes.push(AttachedProbe {
+            pid,
+            symbol: entry.symbol.clone(),
+            module: entry.module.clone(),
+            program,
+            kind: match (is_return, point.trap) {
+                (true, _) => ProbeKind::Return,
+                (false, Trap::Emulated) => ProbeKind::Emulated,
+                (false, Trap::SingleStepped) => ProbeKind::SingleStepped,
+            },
+        });
+        Ok(())
+    };
     let entries = &allocator.entry_points;
     for entry in entries.iter().filter(|e| !e.allocates()) {
-        let offset = if options.free_at_entry {
-            entry.file_offset
-        } else {
-            entry.probe_offset
-        };
-        attach_one(ebpf, program_for(entry.program), entry, offset)?;
+        attach_one(ebpf, program_for(entry.program), entry, false)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(
-            ebpf,
-            program_for(program::ALLOC_RETURN),
-            entry,
-            entry.file_offset,
-        )?;
+        attach_one(ebpf, program_for(program::ALLOC_RETURN), entry, true)?;
     }
     for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
+        attach_one(ebpf, program_for(entry.program), entry, false)?;
     }
     Ok(())
 }

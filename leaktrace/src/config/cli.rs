@@ -149,10 +149,10 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub noop_programs: bool,
 
-    /// Benchmarks only: probe `free` at its first instruction even when a later one would be
-    /// cheaper to trap, to measure what the choice saves.
-    #[arg(long, hide = true)]
-    pub free_at_entry: bool,
+    /// Benchmarks only: probe every allocator function at its first instruction even when a
+    /// later one would be cheaper to trap, to measure what the choice saves.
+    #[arg(long, hide = true, alias = "free-at-entry")]
+    pub probes_at_entry: bool,
 
     /// Benchmarks only: print the BPF programs' counters to stderr at exit
     /// (`leaktrace: bpf stats NAME=N ...`).

@@ -93,7 +93,7 @@ impl Trace {
             },
             attach: AttachOptions {
                 noop_programs: cli.noop_programs,
-                free_at_entry: cli.free_at_entry,
+                at_entry: cli.probes_at_entry,
                 program_stats: cli.print_program_times,
             },
             trace: event_loop::Settings {
