@@ -173,15 +173,30 @@ fn detaching_leaves_no_breakpoint_in_the_target_s_code() {
         .expect("the fixture maps glibc");
     let libc = Path::new(&libc);
     assert_eq!(patched_bytes(pid, libc), 0, "no probe before attaching");
-    let trace = Leaktrace::attach(pid, &[]);
-    fixture.round();
-    // Every probe is one int3 byte in the code (entry and return probes share a byte).
-    let attached = patched_bytes(pid, libc);
-    assert!(attached >= 10, "{attached} bytes patched while attached");
-    let outcome = trace.stop();
-    assert!(outcome.status.success(), "{:?}", outcome.stderr);
-    // At the instant leaktrace has exited, every breakpoint is gone.
-    assert_eq!(patched_bytes(pid, libc), 0, "{:?}", outcome.stderr);
-    fixture.round();
+    // uprobe_multi links, then one perf-event uprobe per probe (older kernels' way).
+    for how in [&[][..], &["--probes-one-at-a-time"]] {
+        let trace = Leaktrace::attach(pid, how);
+        fixture.round();
+        // Every probe is one int3 byte in the code (entry and return probes share a byte).
+        let attached = patched_bytes(pid, libc);
+        assert!(
+            attached >= 10,
+            "{how:?}: {attached} bytes patched while attached"
+        );
+        let outcome = trace.stop();
+        assert!(outcome.status.success(), "{:?}", outcome.stderr);
+        assert_eq!(
+            outcome
+                .stderr
+                .iter()
+                .any(|l| l.starts_with("leaktrace: attaching one probe at a time")),
+            !how.is_empty(),
+            "{:?}",
+            outcome.stderr
+        );
+        // At the instant leaktrace has exited, every breakpoint is gone.
+        assert_eq!(patched_bytes(pid, libc), 0, "{how:?}: {:?}", outcome.stderr);
+        fixture.round();
+    }
     fixture.finish();
 }

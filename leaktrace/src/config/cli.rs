@@ -154,6 +154,11 @@ pub struct Cli {
     #[arg(long, hide = true, alias = "free-at-entry")]
     pub probes_at_entry: bool,
 
+    /// Benchmarks only: attach one perf-event uprobe per probe, as on kernels without
+    /// uprobe_multi links (before 6.6), to measure what the links save.
+    #[arg(long, hide = true)]
+    pub probes_one_at_a_time: bool,
+
     /// Benchmarks only: print the BPF programs' counters to stderr at exit
     /// (`leaktrace: bpf stats NAME=N ...`).
     #[arg(long, hide = true)]

@@ -94,6 +94,7 @@ impl Trace {
             attach: AttachOptions {
                 noop_programs: cli.noop_programs,
                 at_entry: cli.probes_at_entry,
+                one_at_a_time: cli.probes_one_at_a_time,
                 program_stats: cli.print_program_times,
             },
             trace: event_loop::Settings {
