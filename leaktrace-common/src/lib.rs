@@ -8,6 +8,7 @@
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
 
+pub mod args;
 pub mod fp_code;
 pub mod names;
 pub mod python;

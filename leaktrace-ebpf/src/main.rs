@@ -17,7 +17,9 @@ mod thread;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     macros::{map, uprobe, uretprobe},
     maps::{PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
@@ -122,9 +124,49 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
     0
 }
 
+/// Argument `n` of the traced call, from the register that holds it at the probe point: the
+/// attach cookie says which when the probe was moved past instructions that moved it
+/// (`leaktrace_common::args`).
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+    use aya_ebpf::EbpfContext as _;
+    use leaktrace_common::args::{location, reg};
+    // SAFETY: the helper only reads the probe's own attach cookie (0 when it has none).
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let regs = ctx.as_ptr().cast::<aya_ebpf::bindings::pt_regs>();
+    // Every register is read at its constant offset, then one is picked: a load through an
+    // offset chosen at run time would dereference a modified context pointer, which the
+    // verifier refuses (and the compiler merges per-register loads into such a load).
+    // SAFETY: the context of a probe program is the user's pt_regs; volatile keeps each load.
+    let read = |field: *const u64| unsafe { core::ptr::read_volatile(field) };
+    // SAFETY: fields of the context, as above.
+    let values = unsafe {
+        [
+            read(&raw const (*regs).rdi),
+            read(&raw const (*regs).rsi),
+            read(&raw const (*regs).rdx),
+            read(&raw const (*regs).rcx),
+            read(&raw const (*regs).r8),
+            read(&raw const (*regs).r9),
+            read(&raw const (*regs).rax),
+            read(&raw const (*regs).rbx),
+            read(&raw const (*regs).rbp),
+            read(&raw const (*regs).r10),
+            read(&raw const (*regs).r11),
+            read(&raw const (*regs).r12),
+            read(&raw const (*regs).r13),
+            read(&raw const (*regs).r14),
+            read(&raw const (*regs).r15),
+        ]
+    };
+    let at = location(cookie, n);
+    let mut value = 0;
+    for (number, &v) in (reg::RDI..).zip(&values) {
+        if number == at {
+            value = v;
+        }
+    }
+    value
 }
 
 /// `malloc(size)`, and `valloc(size)` and `pvalloc(size)`, which take the same argument.

@@ -283,14 +283,14 @@ mod elf {
         #[test]
         fn an_allocator_from_a_damaged_file_never_panics(data in mutated(elf().to_vec(), 6), entry in any::<u64>()) {
             let _ = allocator::fuzz_resolve(data.clone());
-            let _ = probe_point::in_elf(&data, entry % (data.len() as u64 + 16));
+            let _ = probe_point::ModuleCode::of_elf(&data).choose(entry % (data.len() as u64 + 16), &[0, 1]);
         }
 
         /// Probe points chosen in arbitrary code.
         #[test]
         fn probe_points_in_any_code_never_panic(code in proptest::collection::vec(any::<u8>(), 0..256), file_offset in any::<u64>(), entry in 0u64..300) {
             let segment = probe_point::Segment { bytes: &code, file_offset };
-            let at = probe_point::emulated_probe_point(&[segment], file_offset.wrapping_add(entry));
+            let at = probe_point::choose(&[segment], file_offset.wrapping_add(entry), &[0, 1, 2]).file_offset;
             prop_assert!(at == file_offset.wrapping_add(entry) || (at > file_offset.wrapping_add(entry) && at - file_offset < code.len() as u64));
         }
     }

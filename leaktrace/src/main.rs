@@ -131,15 +131,17 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         }
         let attached = probes.attach(target.pid, &allocator)?;
         if config.trace.max_overhead_percent.is_some() {
-            probe_kinds.extend(guard::probe_kinds(&allocator, config.attach));
+            probe_kinds.extend(guard::probes_of(&attached));
         }
         announcements.push(format!(
-            "leaktrace: tracing pid {} ({}) through {} ({attached} probes); a report every {}s, Ctrl-C to stop",
+            "leaktrace: tracing pid {} ({}) through {} ({}); a report every {}s, Ctrl-C to stop",
             target.pid,
             target.command,
             allocator.describe(),
+            attached.describe(),
             config.trace.interval.as_secs_f64()
         ));
+        announcements.extend(attached.warnings());
         let output = output.for_pid(target.pid);
         sessions.push(session(
             target,
@@ -154,7 +156,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let guard = config.trace.max_overhead_percent.map(|budget| {
         let single_stepped = probe_kinds
             .iter()
-            .filter(|probe| probe.kind == ProbeKind::EntrySingleStepped)
+            .filter(|probe| probe.kind == ProbeKind::SingleStepped)
             .count();
         announcements.push(format!(
             "leaktrace: overhead guard: stopping if the probes take more than {budget}% of the traced CPU time in a second ({single_stepped} of {} probes single-stepped)",
@@ -184,8 +186,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
             probes.set_python(child, &py.interpreter().offsets.walk)?;
         }
         status!(
-            "leaktrace: following a fork: tracing pid {child} ({}) ({attached} probes)",
-            target.command
+            "leaktrace: following a fork: tracing pid {child} ({}) ({})",
+            target.command,
+            attached.describe()
         );
         session(
             target,

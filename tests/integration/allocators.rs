@@ -61,6 +61,7 @@ fn allocators_fixture_is_exact(fixture: &mut Fixture, allocator: &str, module: &
     let want = expected(&fixture.round());
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    hot_entries_are_emulated(&outcome.stderr);
     let report = outcome.last();
     assert_eq!(report["allocator"], allocator, "{:?}", outcome.stderr);
     // The memory map names a library by its real path, not by its soname link.
@@ -76,6 +77,31 @@ fn allocators_fixture_is_exact(fixture: &mut Fixture, allocator: &str, module: &
     assert_eq!(
         totals["unmatched_frees"], 0,
         "a free counted twice shows as a free of an unknown block"
+    );
+}
+
+/// malloc, free and their aliases are probed on instructions the kernel emulates (a
+/// single-stepped probe costs a service ~30x its throughput): the announcement lists the
+/// single-stepped entry points, and leaktrace warns of a hot one.
+fn hot_entries_are_emulated(stderr: &[String]) {
+    let line = stderr
+        .iter()
+        .find(|l| l.starts_with("leaktrace: tracing pid"))
+        .expect("the announcement");
+    assert!(line.contains(" entries emulated, "), "{line}");
+    let single = line
+        .split_once("single-stepped (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map_or("", |(list, _)| list);
+    for symbol in single.split(", ") {
+        assert!(
+            !symbol.contains("malloc") && !symbol.contains("free") && !symbol.starts_with("_Z"),
+            "{symbol} is single-stepped: {line}"
+        );
+    }
+    assert!(
+        !stderr.iter().any(|l| l.starts_with("leaktrace: warning:")),
+        "{stderr:?}"
     );
 }
 
@@ -212,6 +238,7 @@ fn leaky_fixture_is_exact(fixture: &mut Fixture, pid: u32) -> Value {
     fixture.round();
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    hot_entries_are_emulated(&outcome.stderr);
     let report = outcome.last().clone();
     let leak = stack_of(&report, "leak_site")
         .unwrap_or_else(|| panic!("leak_site named: {report}; {:?}", outcome.stderr));
@@ -348,6 +375,7 @@ fn a_rust_binary_with_a_prefixed_static_jemalloc_is_exact() {
     let want = expected(&fixture.round());
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    hot_entries_are_emulated(&outcome.stderr);
     let report = outcome.last();
     assert_eq!(report["allocator"], "jemalloc (_rjem_)");
     assert_eq!(report["allocator_module"], binary.path.to_str().unwrap());

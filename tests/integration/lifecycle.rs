@@ -124,13 +124,15 @@ fn bad_input_gets_one_clear_line_and_a_failure_status() {
 }
 
 /// The probes of `leaktrace` and of the bench's floor (`--noop-programs`), from the announcement
-/// "... (N probes); ...".
-fn probes_announced(stderr: &[String]) -> u64 {
+/// "... (N probes: E entries emulated, S single-stepped, R on returns); ...".
+fn probes_announced(stderr: &[String]) -> String {
     stderr
         .iter()
         .find_map(|line| {
-            let (head, _) = line.split_once(" probes)")?;
-            head.rsplit_once('(')?.1.parse().ok()
+            let count = line.find(" probes: ")?;
+            let start = line[..count].rfind('(')? + 1;
+            let end = line.find("); a report")?;
+            Some(line.get(start..end)?.to_owned())
         })
         .unwrap_or_else(|| panic!("no probe count in {stderr:?}"))
 }

@@ -9,6 +9,7 @@ mod http;
 mod lifecycle;
 mod metrics;
 mod overhead;
+mod probes;
 mod processes;
 mod prometheus;
 mod protobuf;

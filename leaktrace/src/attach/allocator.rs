@@ -14,13 +14,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
+use leaktrace_common::args;
 use leaktrace_common::names::program::{
     ALIGNED_ALLOC_ENTRY, CALLOC_ENTRY, FREE_ENTRY, MALLOC_ENTRY, MMAP_ENTRY, MREMAP_ENTRY,
     MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, PY_FREE_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY,
     XALLOCX_ENTRY,
 };
 
-use super::probe_point;
+use super::probe_point::{ModuleCode, ProbePoint};
 use crate::{
     proc::{
         files::{self, TargetFile},
@@ -197,9 +198,12 @@ pub struct EntryPoint {
     pub path: PathBuf,
     pub file: Arc<files::Opened>,
     pub file_offset: u64,
-    /// Where to probe its entry: `file_offset`, or for a free-like function (no uretprobe) a
-    /// later instruction that the kernel emulates rather than single-steps (`probe_point`).
-    pub probe_offset: u64,
+    /// Where to probe it (its entry program, and its return program at the same place): the
+    /// entry, or a later instruction that the kernel emulates rather than single-steps
+    /// (`probe_point`).
+    pub probe: ProbePoint,
+    /// The entry itself as a probe point (`AttachOptions::at_entry`).
+    pub entry: ProbePoint,
 }
 
 impl EntryPoint {
@@ -400,6 +404,10 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         }
     }
 
+    let code: Vec<ModuleCode<'_>> = modules
+        .iter()
+        .map(|m| ModuleCode::of_elf(&m.data))
+        .collect();
     let mut seen = HashSet::new();
     let entry_points = candidates
         .into_iter()
@@ -407,11 +415,8 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         .filter(|(k, _)| !wrappers.contains(k))
         .filter(|(_, c)| seen.insert((c.0, c.3.vaddr)))
         .map(|(_, (i, symbol, program, sym))| EntryPoint {
-            probe_offset: if program == FREE_ENTRY || program == PY_FREE_ENTRY {
-                probe_point::in_elf(&modules[i].data, sym.file_offset)
-            } else {
-                sym.file_offset
-            },
+            probe: code[i].choose(sym.file_offset, args::read_by(program)),
+            entry: code[i].at_entry(sym.file_offset),
             symbol,
             program,
             module: modules[i].name.clone(),

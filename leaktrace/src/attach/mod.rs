@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod elf_symbols;
 pub mod forks;
+pub mod multi;
 pub mod probe_point;
 pub mod probes;
 pub mod python;

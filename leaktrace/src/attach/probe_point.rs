@@ -2,41 +2,57 @@
 //! single-stepping it.
 //!
 //! A uprobe replaces one instruction with `int3`. On a hit the kernel runs the BPF program, then
-//! either emulates the original instruction (on x86-64: near branches and `push reg`) or copies it
-//! to a page of the process and single-steps it there, which costs a second trap. Measured here:
-//! ~0.9 us per hit when emulated, ~4.3 us when single-stepped. glibc's `free` begins with
-//! `test %rdi,%rdi` (single-stepped) followed by `je` (emulated); probing the `je` sees the same
-//! argument registers and stack pointer, on every path through the function.
+//! either emulates the original instruction or copies it to a page of the process and
+//! single-steps it there, which costs a second trap. Measured: ~0.9 us per hit when emulated,
+//! ~4.3 us single-stepped on glibc, ~30 us on jemalloc under redis. On x86-64 (Linux 6.18,
+//! arch/x86/kernel/uprobes.c) the emulated ones are near relative branches (`jmp`, `jcc`, `call
+//! rel32`; `branch_setup_xol_ops`, which refuses a 0x66 prefix), `push reg` (`push_setup_xol_ops`)
+//! and the canonical nops (`x86_nops[len]`, since 6.16); each form relied on here is tested on
+//! the running kernel (tests/integration/probes.rs). `mov`, `test` and `cmp`, which begin most
+//! allocators, are single-stepped.
 //!
-//! The rule, decoded rather than hard-coded (builds of glibc and other allocators differ): skip a
-//! short straight-line prefix of instructions that write no argument register, no `%rsp` and no
-//! memory, up to the first instruction the kernel emulates, provided that no branch anywhere in
-//! the module's code lands inside the skipped range (a second hit per call would count a free
-//! twice). Anything unexpected falls back to the entry itself, which is always correct.
-//!
-//! Only for functions whose entry carries no uretprobe: a uretprobe must sit on the entry, and a
-//! uprobe there shares its trap for free.
+//! The rule, decoded rather than hard-coded (builds of allocators differ): skip a straight-line
+//! prefix of instructions that write no memory, not `%rsp` (every entry program reads it, and a
+//! return probe hijacks the return address at `[%rsp]`) and no register holding an argument the
+//! entry's program reads, up to the first instruction the kernel emulates, provided that no
+//! branch anywhere in the module's code lands inside the skipped range (a second hit per call
+//! would count a call twice). A register-to-register `mov` copies an argument rather than losing
+//! it: the probe's cookie then tells the program which register holds it
+//! (`leaktrace_common::args`). Anything unexpected falls back to the entry itself, which is
+//! always correct.
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
-    Register,
+    OpKind, Register,
 };
+use leaktrace_common::args::{self, reg};
 
 use super::elf_symbols::executable_ranges;
 
-/// Instructions skipped at most: a prologue's test of the argument comes first or not at all.
-const MAX_SKIPPED: usize = 4;
+/// Instructions skipped at most: an allocator's fast path checks its argument and loads its
+/// thread's state in a few instructions (jemalloc's `free` takes 11 to its first branch).
+const MAX_SKIPPED: usize = 16;
 
-/// Registers an entry program may read: the six integer arguments and the stack pointer.
-const PROTECTED: [Register; 7] = [
-    Register::RDI,
-    Register::RSI,
-    Register::RDX,
-    Register::RCX,
-    Register::R8,
-    Register::R9,
-    Register::RSP,
-];
+/// How the kernel handles a trap at a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trap {
+    /// The probed instruction is emulated in the trap handler: one trap per hit.
+    Emulated,
+    /// The probed instruction is single-stepped out of line: a second trap per hit, and the
+    /// dominant cost of a probe (~5 to 30 us).
+    SingleStepped,
+}
+
+/// Where to probe a function, and what the program there needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbePoint {
+    /// File offset of the probed instruction: the entry, or a later one.
+    pub file_offset: u64,
+    /// The attach cookie: where the arguments are at that point (`leaktrace_common::args`);
+    /// 0 when they are where the ABI puts them.
+    pub cookie: u64,
+    pub trap: Trap,
+}
 
 /// Executable code of an ELF file, as file offsets: relative branches within one segment have
 /// the same displacement in the file as in memory, so decoding at file offsets gives their
@@ -49,60 +65,115 @@ pub struct Segment<'a> {
     pub file_offset: u64,
 }
 
-/// The file offset at which to probe the function that starts at `entry`: `entry` itself, or a
-/// later instruction that the kernel emulates and every call reaches with the arguments intact.
-pub fn emulated_probe_point(code: &[Segment<'_>], entry: u64) -> u64 {
-    let Some(segment) = code
-        .iter()
-        .find(|c| entry >= c.file_offset && entry - c.file_offset < c.bytes.len() as u64)
-    else {
-        return entry;
-    };
-    let Some(candidate) = first_emulated(segment, entry) else {
-        return entry;
-    };
-    if candidate == entry || code.iter().any(|c| lands_in(c, entry, candidate)) {
-        return entry;
+/// The executable code of one module, with the targets of its relative branches (found once:
+/// a sweep of glibc's code takes milliseconds, and every entry point of the module needs it).
+pub struct ModuleCode<'a> {
+    segments: Vec<Segment<'a>>,
+    targets: std::cell::OnceCell<Vec<u64>>,
+}
+
+impl<'a> ModuleCode<'a> {
+    pub fn new(segments: Vec<Segment<'a>>) -> Self {
+        Self {
+            segments,
+            targets: std::cell::OnceCell::new(),
+        }
     }
-    candidate
-}
 
-/// `emulated_probe_point` for the function at file offset `entry` of the ELF file `data`;
-/// `entry` itself when the file cannot be parsed.
-pub fn in_elf(data: &[u8], entry: u64) -> u64 {
-    let Ok(ranges) = executable_ranges(data) else {
-        return entry;
-    };
-    // A segment that claims bytes past the end of the file (a corrupt or hostile ELF) is
-    // left out.
-    let segments: Vec<Segment<'_>> = ranges
-        .iter()
-        .filter_map(|&(offset, size)| {
-            let start = usize::try_from(offset).ok()?;
-            let end = start.checked_add(usize::try_from(size).ok()?)?;
-            Some(Segment {
-                bytes: data.get(start..end)?,
-                file_offset: offset,
+    /// The code of the ELF file `data`; none when it cannot be parsed (every probe then stays
+    /// on its entry, taken as single-stepped).
+    pub fn of_elf(data: &'a [u8]) -> Self {
+        let ranges = executable_ranges(data).unwrap_or_default();
+        // A segment that claims bytes past the end of the file (a corrupt or hostile ELF) is
+        // left out.
+        let segments = ranges
+            .iter()
+            .filter_map(|&(offset, size)| {
+                let start = usize::try_from(offset).ok()?;
+                let end = start.checked_add(usize::try_from(size).ok()?)?;
+                Some(Segment {
+                    bytes: data.get(start..end)?,
+                    file_offset: offset,
+                })
             })
-        })
-        .collect();
-    emulated_probe_point(&segments, entry)
+            .collect();
+        Self::new(segments)
+    }
+
+    /// Where to probe the function that starts at file offset `entry`, for a program that
+    /// reads the arguments `reads` (0-based, `leaktrace_common::args::read_by`): `entry` itself,
+    /// or a later instruction that the kernel emulates and every call reaches with those
+    /// arguments intact.
+    pub fn choose(&self, entry: u64, reads: &[usize]) -> ProbePoint {
+        let segment = self.segment_of(entry);
+        let at_entry = self.at_entry(entry);
+        let Some((candidate, cookie)) = segment.and_then(|s| first_emulated(s, entry, reads))
+        else {
+            return at_entry;
+        };
+        if candidate != entry && self.lands_in(entry, candidate) {
+            return at_entry;
+        }
+        ProbePoint {
+            file_offset: candidate,
+            cookie,
+            trap: Trap::Emulated,
+        }
+    }
+
+    /// The entry itself as a probe point.
+    pub fn at_entry(&self, entry: u64) -> ProbePoint {
+        ProbePoint {
+            file_offset: entry,
+            cookie: 0,
+            trap: match self.segment_of(entry).and_then(|s| decode_at(s, entry)) {
+                Some(instruction) if is_emulated(&instruction) => Trap::Emulated,
+                _ => Trap::SingleStepped,
+            },
+        }
+    }
+
+    fn segment_of(&self, at: u64) -> Option<&Segment<'a>> {
+        self.segments
+            .iter()
+            .find(|c| at >= c.file_offset && at - c.file_offset < c.bytes.len() as u64)
+    }
+
+    /// Whether a relative branch or call of the module lands in `(entry, candidate]`.
+    fn lands_in(&self, entry: u64, candidate: u64) -> bool {
+        let targets = self.targets.get_or_init(|| {
+            let mut targets: Vec<u64> = self.segments.iter().flat_map(branch_targets).collect();
+            targets.sort_unstable();
+            targets.dedup();
+            targets
+        });
+        let first_after = targets.partition_point(|&t| t <= entry);
+        targets.get(first_after).is_some_and(|&t| t <= candidate)
+    }
 }
 
-/// Whether the kernel emulates the instruction at file offset `offset` of the ELF file `data`
-/// (else a probe there is single-stepped); false when no instruction decodes there.
-pub fn is_emulated_in_elf(data: &[u8], offset: u64) -> bool {
-    let Some(code) = usize::try_from(offset).ok().and_then(|at| data.get(at..)) else {
-        return false;
-    };
-    let mut decoder = Decoder::with_ip(64, code, offset, DecoderOptions::NONE);
-    let instruction = decoder.decode();
-    !instruction.is_invalid() && is_emulated(&instruction)
+/// `ModuleCode::choose` on a module made of `code`.
+pub fn choose(code: &[Segment<'_>], entry: u64, reads: &[usize]) -> ProbePoint {
+    ModuleCode::new(code.to_vec()).choose(entry, reads)
 }
+
+fn decode_at(segment: &Segment<'_>, at: u64) -> Option<Instruction> {
+    let mut decoder =
+        Decoder::with_ip(64, segment.bytes, segment.file_offset, DecoderOptions::NONE);
+    decoder
+        .set_position(usize::try_from(at.checked_sub(segment.file_offset)?).ok()?)
+        .ok()?;
+    decoder.set_ip(at);
+    let instruction = decoder.decode();
+    (!instruction.is_invalid()).then_some(instruction)
+}
+
+/// Registers as bits, by `leaktrace_common::args::reg` number.
+type Registers = u16;
 
 /// The first instruction from `entry` that the kernel emulates, if only skippable instructions
-/// come before it.
-fn first_emulated(segment: &Segment<'_>, entry: u64) -> Option<u64> {
+/// come before it, with the cookie that says where the arguments `reads` are there.
+fn first_emulated(segment: &Segment<'_>, entry: u64, reads: &[usize]) -> Option<(u64, u64)> {
     let mut decoder =
         Decoder::with_ip(64, segment.bytes, segment.file_offset, DecoderOptions::NONE);
     decoder
@@ -111,6 +182,8 @@ fn first_emulated(segment: &Segment<'_>, entry: u64) -> Option<u64> {
     decoder.set_ip(entry);
     let mut info = InstructionInfoFactory::new();
     let mut instruction = Instruction::default();
+    // Per argument, the registers that hold its value; only those in `reads` must keep one.
+    let mut holders: [Registers; 6] = core::array::from_fn(|n| 1 << args::ABI_ARGS[n]);
     for _ in 0..=MAX_SKIPPED {
         if !decoder.can_decode() {
             return None;
@@ -120,18 +193,32 @@ fn first_emulated(segment: &Segment<'_>, entry: u64) -> Option<u64> {
             return None;
         }
         if is_emulated(&instruction) {
-            return Some(instruction.ip());
+            let locations: Vec<u64> = (0..6)
+                .map(|n| {
+                    let held = holders[n];
+                    if held & (1 << args::ABI_ARGS[n]) != 0 || !reads.contains(&n) {
+                        args::ABI_ARGS[n]
+                    } else {
+                        u64::from(held.trailing_zeros())
+                    }
+                })
+                .collect();
+            return Some((instruction.ip(), args::cookie(&locations)));
         }
-        if !is_skippable(&instruction, &mut info) {
+        skip(&instruction, &mut info, &mut holders)?;
+        if reads
+            .iter()
+            .any(|&n| holders.get(n).is_none_or(|&h| h == 0))
+        {
             return None;
         }
     }
     None
 }
 
-/// Whether the x86-64 kernel emulates it (arch/x86/kernel/uprobes.c: `branch_setup_xol_ops`,
-/// `push_setup_xol_ops`). Only the plain encodings: the kernel refuses branches with an
-/// operand-size prefix, and a prefix shows as a longer instruction.
+/// Whether the x86-64 kernel emulates it (arch/x86/kernel/uprobes.c, 6.18). Only the plain
+/// encodings: the kernel refuses branches with an operand-size prefix, and a prefix shows as a
+/// longer instruction.
 fn is_emulated(instruction: &Instruction) -> bool {
     let len = instruction.len();
     if instruction.is_jcc_short() || instruction.is_jmp_short() {
@@ -140,18 +227,31 @@ fn is_emulated(instruction: &Instruction) -> bool {
     if instruction.is_jcc_near() {
         return len == 6;
     }
-    if instruction.is_jmp_near() {
-        return len == 5;
+    if instruction.is_jmp_near() || instruction.is_call_near() {
+        return len == 5 && instruction.op0_kind() == OpKind::NearBranch64;
     }
-    // `push %rbx` is one byte, `push %r12` two (REX.B).
-    instruction.code() == Code::Push_r64 && len <= 2
+    // `push %rbx` is one byte, `push %r12` two (REX.B, the only prefix the kernel takes).
+    if instruction.code() == Code::Push_r64 {
+        return len == 1 || (len == 2 && instruction.op0_register().number() >= 8);
+    }
+    false
 }
 
-/// Straight-line code that leaves an entry program's view alone: it runs before the probe now,
-/// so it must not change what the program reads.
-fn is_skippable(instruction: &Instruction, info: &mut InstructionInfoFactory) -> bool {
-    if instruction.flow_control() != FlowControl::Next || instruction.has_lock_prefix() {
-        return false;
+/// Runs a straight-line instruction over `holders` (which registers hold each argument), or
+/// None when it cannot be skipped: it branches, writes memory or `%rsp`, or is a system call.
+fn skip(
+    instruction: &Instruction,
+    info: &mut InstructionInfoFactory,
+    holders: &mut [Registers; 6],
+) -> Option<()> {
+    if instruction.flow_control() != FlowControl::Next
+        || instruction.has_lock_prefix()
+        || matches!(
+            instruction.code(),
+            Code::Syscall | Code::Sysenter | Code::Int3 | Code::Int_imm8
+        )
+    {
+        return None;
     }
     let info = info.info(instruction);
     let writes = |access: OpAccess| {
@@ -160,164 +260,328 @@ fn is_skippable(instruction: &Instruction, info: &mut InstructionInfoFactory) ->
             OpAccess::None | OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
         )
     };
-    let writes_argument = info
-        .used_registers()
-        .iter()
-        .any(|used| writes(used.access()) && PROTECTED.contains(&used.register().full_register()));
-    let writes_memory = info.used_memory().iter().any(|used| writes(used.access()));
-    !writes_argument && !writes_memory
+    if info.used_memory().iter().any(|used| writes(used.access())) {
+        return None;
+    }
+    // A 64-bit register-to-register copy: the destination now holds what the source held.
+    if matches!(instruction.code(), Code::Mov_rm64_r64 | Code::Mov_r64_rm64)
+        && instruction.op0_kind() == OpKind::Register
+        && instruction.op1_kind() == OpKind::Register
+    {
+        let to = number(instruction.op0_register())?;
+        let from = number(instruction.op1_register())?;
+        for held in holders.iter_mut() {
+            if *held & (1 << from) != 0 {
+                *held |= 1 << to;
+            } else {
+                *held &= !(1 << to);
+            }
+        }
+        return Some(());
+    }
+    for used in info.used_registers() {
+        if !writes(used.access()) {
+            continue;
+        }
+        let register = used.register().full_register();
+        if register == Register::RSP {
+            return None;
+        }
+        if let Some(written) = number(register) {
+            for held in holders.iter_mut() {
+                *held &= !(1 << written);
+            }
+        }
+    }
+    Some(())
 }
 
-/// Whether a relative branch or call in `segment` lands in `(entry, candidate]`. A linear sweep:
-/// compilers put no data in x86-64 code, and a misdecoded byte can only add a target, which
-/// makes the answer more careful, not less.
-fn lands_in(segment: &Segment<'_>, entry: u64, candidate: u64) -> bool {
+/// The `leaktrace_common::args::reg` number of a general-purpose register (any width), None
+/// for `%rsp` and the others.
+fn number(register: Register) -> Option<u64> {
+    Some(match register.full_register() {
+        Register::RDI => reg::RDI,
+        Register::RSI => reg::RSI,
+        Register::RDX => reg::RDX,
+        Register::RCX => reg::RCX,
+        Register::R8 => reg::R8,
+        Register::R9 => reg::R9,
+        Register::RAX => reg::RAX,
+        Register::RBX => reg::RBX,
+        Register::RBP => reg::RBP,
+        Register::R10 => reg::R10,
+        Register::R11 => reg::R11,
+        Register::R12 => reg::R12,
+        Register::R13 => reg::R13,
+        Register::R14 => reg::R14,
+        Register::R15 => reg::R15,
+        _ => return None,
+    })
+}
+
+/// The targets of the relative branches and calls in `segment`. A linear sweep: compilers put
+/// no data in x86-64 code, and a misdecoded byte can only add a target, which makes the choice
+/// more careful, not less.
+fn branch_targets(segment: &Segment<'_>) -> Vec<u64> {
     let mut decoder =
         Decoder::with_ip(64, segment.bytes, segment.file_offset, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
+    let mut targets = Vec::new();
     while decoder.can_decode() {
         decoder.decode_out(&mut instruction);
         let target = instruction.near_branch_target();
-        if target > entry && target <= candidate {
-            return true;
+        if target != 0 {
+            targets.push(target);
         }
     }
-    false
+    targets
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `bytes` as one segment at file offset 0x1000; the function under test starts at 0x1000.
-    fn probe_point(bytes: &[u8]) -> u64 {
-        emulated_probe_point(
+    /// `bytes` as one segment at file offset 0x1000; the function under test starts there.
+    /// Returns the probe's offset from the entry and its cookie.
+    fn point(bytes: &[u8], reads: &[usize]) -> (u64, u64) {
+        let p = choose(
             &[Segment {
                 bytes,
                 file_offset: 0x1000,
             }],
             0x1000,
-        ) - 0x1000
+            reads,
+        );
+        (p.file_offset - 0x1000, p.cookie)
+    }
+
+    fn offset(bytes: &[u8], reads: &[usize]) -> u64 {
+        point(bytes, reads).0
     }
 
     const TEST_RDI: [u8; 3] = [0x48, 0x85, 0xff];
     const JE_REL32: [u8; 6] = [0x0f, 0x84, 0x10, 0, 0, 0];
     const RET: u8 = 0xc3;
+    const MALLOC: &[usize] = &[0];
 
     #[test]
     fn glibc_free_s_test_is_skipped_for_its_branch() {
         // glibc 2.36's free: test %rdi,%rdi; je ...; push %rbp
         let code = [&TEST_RDI[..], &JE_REL32, &[0x55, RET]].concat();
-        assert_eq!(probe_point(&code), 3);
+        assert_eq!(point(&code, MALLOC), (3, 0));
     }
 
     #[test]
-    fn an_emulated_first_instruction_stays() {
-        // push %r12, as glibc's malloc begins.
-        assert_eq!(probe_point(&[0x41, 0x54, RET]), 0);
-        assert_eq!(probe_point(&[0x74, 0x02, RET]), 0);
+    fn jemalloc_s_malloc_is_probed_at_its_ja() {
+        // cmp $0x1000,%rdi; ja rel32
+        let code = [
+            &[0x48, 0x81, 0xff, 0x00, 0x10, 0, 0][..],
+            &[0x0f, 0x87, 0x93, 0, 0, 0],
+            &[RET],
+        ]
+        .concat();
+        assert_eq!(point(&code, MALLOC), (7, 0));
     }
 
     #[test]
-    fn a_write_to_an_argument_or_the_stack_stops_the_skip() {
-        // xor %edi,%edi writes the pointer free would read.
-        assert_eq!(
-            probe_point(&[&[0x31, 0xff][..], &JE_REL32, &[RET]].concat()),
-            0
+    fn an_argument_copied_to_another_register_is_followed_there() {
+        // mimalloc's malloc: mov 0x0(%rip),%rax; mov %rdi,%rsi; mov %fs:(%rax),%rdi;
+        // cmp $0x400,%rsi; ja rel8. The size is in %rsi at the ja.
+        let code = [
+            &[0x48, 0x8b, 0x05, 0, 0, 0, 0][..],
+            &[0x48, 0x89, 0xfe],
+            &[0x64, 0x48, 0x8b, 0x38],
+            &[0x48, 0x81, 0xfe, 0x00, 0x04, 0, 0],
+            &[0x77, 0x10, RET],
+        ]
+        .concat();
+        let (at, cookie) = point(&code, MALLOC);
+        assert_eq!(at, 21);
+        assert_eq!(args::location(cookie, 0), reg::RSI);
+        // mimalloc's realloc: both arguments moved, then a tail jump (emulated).
+        // mov %rsi,%rdx; mov %rdi,%rsi; mov %fs:(%rax),%rax; mov %rax,%rdi; jmp rel32
+        let code = [
+            &[0x48, 0x89, 0xf2][..],
+            &[0x48, 0x89, 0xfe],
+            &[0x64, 0x48, 0x8b, 0x00],
+            &[0x48, 0x89, 0xc7],
+            &[0xe9, 0x10, 0, 0, 0, RET],
+        ]
+        .concat();
+        let (at, cookie) = point(&code, &[0, 1]);
+        assert_eq!(at, 13);
+        assert_eq!(args::location(cookie, 0), reg::RSI);
+        assert_eq!(args::location(cookie, 1), reg::RDX);
+        // A 32-bit copy is no copy of a pointer: mov %edi,%esi; xor %edi,%edi; je
+        let code = [&[0x89, 0xfe, 0x31, 0xff][..], &JE_REL32, &[RET]].concat();
+        assert_eq!(offset(&code, MALLOC), 0);
+    }
+
+    #[test]
+    fn an_emulated_first_instruction_stays_and_says_so() {
+        // push %r12, as glibc's malloc begins; push %rbx; je rel8; call rel32.
+        for code in [
+            &[0x41, 0x54, RET][..],
+            &[0x53, RET],
+            &[0x74, 0x02, RET],
+            &[0xe8, 0, 0, 0, 0, RET],
+        ] {
+            let p = choose(
+                &[Segment {
+                    bytes: code,
+                    file_offset: 0,
+                }],
+                0,
+                MALLOC,
+            );
+            assert_eq!((p.file_offset, p.trap), (0, Trap::Emulated), "{code:x?}");
+        }
+        // A REX.W push (48 50) is not one the kernel takes.
+        let p = choose(
+            &[Segment {
+                bytes: &[0x48, 0x50, RET],
+                file_offset: 0,
+            }],
+            0,
+            MALLOC,
         );
+        assert_eq!(p.trap, Trap::SingleStepped);
+    }
+
+    #[test]
+    fn only_the_arguments_a_program_reads_stop_the_skip() {
+        // xor %edi,%edi writes the pointer free would read, not aligned_alloc's size.
+        let code = [&[0x31, 0xff][..], &JE_REL32, &[RET]].concat();
+        assert_eq!(offset(&code, MALLOC), 0);
+        assert_eq!(offset(&code, &[1]), 2);
+        // glibc's mmap: mov %ecx,%r10d; test $0xfff,%r9d; jne: it reads the length and flags.
+        let code = [
+            &[0x41, 0x89, 0xca][..],
+            &[0x41, 0xf7, 0xc1, 0xff, 0x0f, 0, 0],
+            &[0x75, 0x10, RET],
+        ]
+        .concat();
+        assert_eq!(point(&code, &[1, 3]), (10, 0));
+    }
+
+    #[test]
+    fn a_write_to_the_stack_pointer_or_memory_stops_the_skip() {
         // sub $0x18,%rsp moves the stack pointer.
         assert_eq!(
-            probe_point(&[&[0x48, 0x83, 0xec, 0x18][..], &JE_REL32, &[RET]].concat()),
+            offset(
+                &[&[0x48, 0x83, 0xec, 0x18][..], &JE_REL32, &[RET]].concat(),
+                &[]
+            ),
             0
         );
         // mov %rax,(%rbx) writes memory.
         assert_eq!(
-            probe_point(&[&[0x48, 0x89, 0x03][..], &JE_REL32, &[RET]].concat()),
+            offset(&[&[0x48, 0x89, 0x03][..], &JE_REL32, &[RET]].concat(), &[]),
+            0
+        );
+        // glibc's munmap: mov $0xb,%eax; syscall.
+        assert_eq!(
+            offset(
+                &[&[0xb8, 0x0b, 0, 0, 0, 0x0f, 0x05][..], &JE_REL32].concat(),
+                &[]
+            ),
             0
         );
         // test %rdi,%rdi; ret: nothing emulated before the function leaves.
-        assert_eq!(probe_point(&[&TEST_RDI[..], &[RET]].concat()), 0);
+        assert_eq!(offset(&[&TEST_RDI[..], &[RET]].concat(), MALLOC), 0);
     }
 
     #[test]
     fn a_branch_into_the_skipped_range_keeps_the_entry() {
         // test; je; ret; jmp back to the je (rel8 -9 from 0x0a lands on 0x03).
         let code = [&TEST_RDI[..], &JE_REL32, &[RET, 0xeb, 0xf6]].concat();
-        assert_eq!(probe_point(&code), 0);
+        assert_eq!(offset(&code, MALLOC), 0);
         // The same jump to the entry itself is harmless: the entry is not skipped.
         let code = [&TEST_RDI[..], &JE_REL32, &[RET, 0xeb, 0xf3]].concat();
-        assert_eq!(probe_point(&code), 3);
+        assert_eq!(offset(&code, MALLOC), 3);
+        // A branch in another segment of the module counts too.
+        let code = [&TEST_RDI[..], &JE_REL32, &[RET]].concat();
+        let other = [0xe9, 0xfe, 0x0f, 0, 0]; // jmp from 0x0 to 0x1003
+        let p = choose(
+            &[
+                Segment {
+                    bytes: &other,
+                    file_offset: 0,
+                },
+                Segment {
+                    bytes: &code,
+                    file_offset: 0x1000,
+                },
+            ],
+            0x1000,
+            MALLOC,
+        );
+        assert_eq!((p.file_offset, p.trap), (0x1000, Trap::SingleStepped));
     }
 
     #[test]
     fn a_prefixed_branch_or_a_long_prefix_is_not_trusted() {
         // 66-prefixed jcc: the kernel refuses to emulate it.
         let code = [&TEST_RDI[..], &[0x66, 0x0f, 0x84, 0x10, 0], &[RET]].concat();
-        assert_eq!(probe_point(&code), 0);
-        // Five skippable instructions before the branch: too far.
-        let code = [&TEST_RDI[..]; 5].concat();
-        assert_eq!(probe_point(&[&code[..], &JE_REL32, &[RET]].concat()), 0);
+        assert_eq!(offset(&code, MALLOC), 0);
+        // More skippable instructions before the branch than MAX_SKIPPED: too far.
+        let code = [&TEST_RDI[..]; MAX_SKIPPED + 1].concat();
+        assert_eq!(offset(&[&code[..], &JE_REL32, &[RET]].concat(), MALLOC), 0);
+        let code = [&TEST_RDI[..]; MAX_SKIPPED].concat();
+        assert_eq!(
+            offset(&[&code[..], &JE_REL32, &[RET]].concat(), MALLOC),
+            3 * MAX_SKIPPED as u64
+        );
     }
 
     #[test]
-    fn glibc_s_free_on_this_machine_is_probed_after_its_test() {
+    fn glibc_s_malloc_and_free_on_this_machine_are_probed_on_emulated_instructions() {
         let pid = std::process::id();
         let maps = crate::proc::maps::ProcMaps::read(pid).unwrap();
         let allocator = crate::attach::allocator::discover(pid, &maps).unwrap();
-        let free = allocator
-            .entry_points
-            .iter()
-            .find(|e| e.symbol == "free")
-            .expect("glibc's free");
-        let code = free.file.read_all().unwrap();
-        let at = in_elf(&code, free.file_offset);
-        assert_eq!(free.probe_offset, at);
-        // Whatever the build, the probe point is the entry or within its first few bytes.
-        assert!(
-            (free.file_offset..free.file_offset + 16).contains(&at),
-            "free at {:#x}, probed at {at:#x}",
-            free.file_offset
-        );
-        // Debian's glibc (2.36 on these machines) begins free with `test %rdi,%rdi` and a
-        // conditional jump, which nothing else jumps into: the jump is the probe point.
-        let entry = &code[free.file_offset as usize..free.file_offset as usize + 5];
-        let is_jcc = |b: &[u8]| {
-            (0x70..=0x7f).contains(&b[0]) || (b[0] == 0x0f && (0x80..=0x8f).contains(&b[1]))
-        };
-        if entry[..3] == [0x48, 0x85, 0xff] && is_jcc(&entry[3..]) {
-            assert_eq!(at, free.file_offset + 3);
+        for symbol in ["malloc", "free"] {
+            let entry = allocator
+                .entry_points
+                .iter()
+                .find(|e| e.symbol == symbol)
+                .expect("glibc's malloc and free");
+            let code = entry.file.read_all().unwrap();
+            let module = ModuleCode::of_elf(&code);
+            let at = module.choose(entry.file_offset, args::read_by(entry.program));
+            assert_eq!(entry.probe, at);
+            assert_eq!(
+                at.trap,
+                Trap::Emulated,
+                "{symbol} at {:#x}",
+                entry.file_offset
+            );
+            // Whatever the build, the probe point is within the function's first bytes.
+            assert!(
+                (entry.file_offset..entry.file_offset + 64).contains(&at.file_offset),
+                "{symbol} at {:#x}, probed at {:#x}",
+                entry.file_offset,
+                at.file_offset
+            );
         }
-        assert_eq!(in_elf(b"not an ELF file", 0x1234), 0x1234);
-    }
-
-    #[test]
-    fn tells_an_emulated_instruction_from_one_that_is_single_stepped() {
-        let code = [&TEST_RDI[..], &JE_REL32, &[0x41, 0x54, RET]].concat();
-        assert!(!is_emulated_in_elf(&code, 0), "test %rdi,%rdi");
-        assert!(is_emulated_in_elf(&code, 3), "je rel32");
-        assert!(is_emulated_in_elf(&code, 9), "push %r12");
-        assert!(!is_emulated_in_elf(&code, 11), "ret");
-        assert!(!is_emulated_in_elf(&code, 12), "past the end");
-        assert!(!is_emulated_in_elf(&code, u64::MAX));
-        assert!(!is_emulated_in_elf(&[0x0f], 0), "cut short");
     }
 
     #[test]
     fn malformed_code_keeps_the_entry() {
-        assert_eq!(probe_point(&[]), 0);
-        assert_eq!(probe_point(&[0x48]), 0);
-        assert_eq!(probe_point(&[0x0f, 0x0b]), 0); // ud2
-        assert_eq!(probe_point(&TEST_RDI), 0); // code ends before any branch
+        assert_eq!(point(&[], MALLOC), (0, 0));
+        assert_eq!(offset(&[0x48], MALLOC), 0);
+        assert_eq!(offset(&[0x0f, 0x0b], MALLOC), 0); // ud2
+        assert_eq!(offset(&TEST_RDI, MALLOC), 0); // code ends before any branch
         // An entry outside every segment.
-        assert_eq!(
-            emulated_probe_point(
-                &[Segment {
-                    bytes: &[0x74, 0],
-                    file_offset: 0
-                }],
-                0x5000
-            ),
-            0x5000
+        let p = choose(
+            &[Segment {
+                bytes: &[0x74, 0],
+                file_offset: 0,
+            }],
+            0x5000,
+            MALLOC,
         );
+        assert_eq!((p.file_offset, p.trap), (0x5000, Trap::SingleStepped));
+        let p = ModuleCode::of_elf(b"not an ELF file").choose(0x1234, MALLOC);
+        assert_eq!((p.file_offset, p.trap), (0x1234, Trap::SingleStepped));
     }
 }

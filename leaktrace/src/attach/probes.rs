@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use leaktrace_common::{
@@ -18,15 +18,27 @@ use leaktrace_common::{
     stat,
 };
 
-use super::allocator::{Allocator, EntryPoint};
+use super::{
+    allocator::{Allocator, EntryPoint},
+    multi::{self, MultiLink, MultiPrograms},
+    probe_point::Trap,
+};
 use crate::proc::process;
+use crate::status;
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
     attached: usize,
     /// Each process's probes, so that those of a process that exits can be detached without
     /// waiting for the end of the trace (a forking server's children come and go).
-    links: HashMap<u32, Vec<UProbeLink>>,
+    links: HashMap<u32, Vec<Link>>,
+    /// Probes per process (a uprobe_multi link holds many).
+    probe_counts: HashMap<u32, usize>,
+    /// The programs loaded for uprobe_multi links: None until the first attach, then Err (with
+    /// why) on a kernel without them, where probes are attached one at a time.
+    multi: Option<Result<MultiPrograms, String>>,
+    /// What is attached, per process.
+    summaries: HashMap<u32, AttachSummary>,
     /// Threads detaching the probes of processes that exited. They must finish before
     /// leaktrace exits: a thread killed by the exit in the middle of an unregister makes the
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
@@ -44,9 +56,12 @@ pub struct AttachOptions {
     /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
     /// ones, at exactly the same points: the cost of the traps alone.
     pub noop_programs: bool,
-    /// Probe free-like functions at their entry rather than at a later instruction that the
-    /// kernel emulates (see `probe_point`).
-    pub free_at_entry: bool,
+    /// Probe every function at its entry rather than at a later instruction that the kernel
+    /// emulates (see `probe_point`), to measure what the choice saves.
+    pub at_entry: bool,
+    /// Attach one perf-event uprobe per probe even where uprobe_multi links work, to measure
+    /// what they save.
+    pub one_at_a_time: bool,
     /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
     /// run, so only for benchmarks).
     pub program_stats: bool,
@@ -71,6 +86,9 @@ impl Probes {
         Ok(Self {
             attached: 0,
             links: HashMap::new(),
+            probe_counts: HashMap::new(),
+            multi: None,
+            summaries: HashMap::new(),
             detaching: Vec::new(),
             ebpf,
             options,
@@ -95,13 +113,41 @@ impl Probes {
     }
 
     /// Attaches to one more process's allocator (another `--pid`, a followed child); returns
-    /// how many probes that took.
-    pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<usize> {
+    /// what that attached.
+    pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<AttachSummary> {
+        if self.multi.is_none() {
+            let loaded = if self.options.one_at_a_time {
+                Err(anyhow!("--probes-one-at-a-time"))
+            } else {
+                load_multi(&mut self.ebpf, self.options)
+            };
+            self.multi = Some(loaded.map_err(|err| {
+                let why = format!("{err:#}");
+                status!(
+                    "leaktrace: attaching one probe at a time ({why}; uprobe_multi links need Linux 6.6+): detaching will take ~85 ms per probe"
+                );
+                why
+            }));
+        }
+        let multi = self.multi.as_ref().and_then(|m| m.as_ref().ok());
         let links = self.links.entry(pid).or_default();
-        let before = links.len();
-        let result = attach_to(&mut self.ebpf, pid, allocator, links, self.options);
-        let added = links.len() - before;
-        self.attached += added;
+        let mut added = AttachSummary::default();
+        let result = attach_to(
+            &mut self.ebpf,
+            multi,
+            pid,
+            allocator,
+            links,
+            &mut added,
+            self.options,
+        );
+        self.attached += added.probes.len();
+        *self.probe_counts.entry(pid).or_default() += added.probes.len();
+        self.summaries
+            .entry(pid)
+            .or_default()
+            .probes
+            .extend(added.probes.iter().cloned());
         result.map(|()| added)
     }
 
@@ -119,6 +165,17 @@ impl Probes {
         Ok(())
     }
 
+    /// Every probe attached now, over all processes.
+    pub fn summary(&self) -> AttachSummary {
+        AttachSummary {
+            probes: self
+                .summaries
+                .values()
+                .flat_map(|s| s.probes.iter().cloned())
+                .collect(),
+        }
+    }
+
     /// Detaches the probes of a process that exited, on a thread of their own: the kernel
     /// takes ~85 ms per probe, which the event loop must not wait for.
     pub fn detach(&mut self, pid: u32) {
@@ -128,14 +185,15 @@ impl Probes {
         {
             let _ = layouts.remove(&pid);
         }
+        self.summaries.remove(&pid);
+        self.attached -= self.probe_counts.remove(&pid).unwrap_or(0);
         if let Some(links) = self.links.remove(&pid) {
-            self.attached -= links.len();
             self.detaching.retain(|thread| !thread.is_finished());
             // Without a thread, the closure (and so the links) is dropped here: detached
             // at once, the event loop waiting.
             if let Ok(thread) = std::thread::Builder::new()
                 .name("detach".into())
-                .spawn(move || drop(links))
+                .spawn(move || detach_all(links))
             {
                 self.detaching.push(thread);
             }
@@ -146,7 +204,7 @@ impl Probes {
 impl Drop for Probes {
     fn drop(&mut self) {
         // Detach the rest here, then wait for the threads detaching the others.
-        self.links.clear();
+        detach_all(self.links.drain().flat_map(|(_, links)| links).collect());
         for thread in self.detaching.drain(..) {
             let _ = thread.join();
         }
@@ -336,6 +394,166 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     Ok((ebpf, maps))
 }
 
+/// What kind of trap a probe costs the target on every hit: what `--max-overhead` needs to
+/// estimate the time leaktrace takes from it (the programs' own run time comes from the
+/// kernel's statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// An entry probe on an instruction the kernel emulates: one trap per call (~1 us here).
+    Emulated,
+    /// An entry probe on an instruction the kernel single-steps out of line: two traps per
+    /// call (~5 us on glibc, ~30 us measured on jemalloc under redis).
+    SingleStepped,
+    /// A return probe: a trap at the return, through the kernel's uretprobe trampoline.
+    Return,
+}
+
+/// One probe attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedProbe {
+    pub pid: u32,
+    /// The function probed ("malloc", "_ZdlPv", ...), and its module as the target names it.
+    pub symbol: String,
+    pub module: String,
+    /// The BPF program that runs there (`leaktrace_common::names::program`).
+    pub program: &'static str,
+    pub kind: ProbeKind,
+}
+
+impl AttachedProbe {
+    /// Whether it is on a path that allocating code takes all the time: malloc, free and
+    /// their aliases (`operator new`, `sdallocx`, ...).
+    pub fn is_hot(&self) -> bool {
+        self.kind != ProbeKind::Return
+            && matches!(self.program, program::MALLOC_ENTRY | program::FREE_ENTRY)
+            && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
+    }
+}
+
+/// The probes of one attach, or of all (`Probes::summary`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachSummary {
+    pub probes: Vec<AttachedProbe>,
+}
+
+impl AttachSummary {
+    pub fn count(&self, kind: ProbeKind) -> usize {
+        self.probes.iter().filter(|p| p.kind == kind).count()
+    }
+
+    /// "23 probes: 19 entries emulated, 2 single-stepped (munmap, mremap), 2 on returns".
+    pub fn describe(&self) -> String {
+        let single: Vec<&str> = self
+            .probes
+            .iter()
+            .filter(|p| p.kind == ProbeKind::SingleStepped)
+            .map(|p| p.symbol.as_str())
+            .collect();
+        let list = if single.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", single.join(", "))
+        };
+        format!(
+            "{} probes: {} entries emulated, {} single-stepped{list}, {} on returns",
+            self.probes.len(),
+            self.count(ProbeKind::Emulated),
+            single.len(),
+            self.count(ProbeKind::Return)
+        )
+    }
+
+    /// One line per hot entry point that must be single-stepped, saying what it costs.
+    pub fn warnings(&self) -> Vec<String> {
+        self.probes
+            .iter()
+            .filter(|p| p.is_hot() && p.kind == ProbeKind::SingleStepped)
+            .map(|p| {
+                format!(
+                    "leaktrace: warning: {} in {} begins with no instruction the kernel can emulate: \
+                     its probe is single-stepped, ~5-30 us per call (under 1 us emulated); \
+                     a service calling it often slows down",
+                    p.symbol, p.module
+                )
+            })
+            .collect()
+    }
+}
+
+/// A link that holds probes: one perf-event uprobe, or a uprobe_multi link of many.
+enum Link {
+    One(#[expect(dead_code, reason = "held for its drop")] UProbeLink),
+    Multi(#[expect(dead_code, reason = "held for its drop")] MultiLink),
+}
+
+/// Detaches `links`, all at once: a uprobe_multi link waits for the kernel's grace periods on
+/// release, and links released together share them. Returns when every probe is gone, so that
+/// no breakpoint outlives leaktrace.
+fn detach_all(mut links: Vec<Link>) {
+    let multi: Vec<Link> = links
+        .extract_if(.., |l| matches!(l, Link::Multi(_)))
+        .collect();
+    std::thread::scope(|scope| {
+        for link in multi {
+            // Without a thread, the link is dropped here, one after another.
+            let _ = std::thread::Builder::new()
+                .name("detach".into())
+                .spawn_scoped(scope, move || drop(link));
+        }
+        // Perf-event uprobes detach one at a time under a kernel mutex whatever we do.
+        drop(links);
+    });
+}
+
+/// Loads the programs a second time for uprobe_multi links, sharing the maps of those aya
+/// loaded (see `multi`).
+fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPrograms> {
+    let names: Vec<&str> = if options.noop_programs {
+        vec![program::NOOP_ENTRY, program::NOOP_RETURN]
+    } else {
+        program::ALL
+            .into_iter()
+            .filter(|p| !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN))
+            .collect()
+    };
+    let mut map_ids = Vec::new();
+    for name in &names {
+        let probe: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the BPF object"))?
+            .try_into()?;
+        if probe.fd().is_err() {
+            probe
+                .load()
+                .with_context(|| format!("loading BPF program {name}"))?;
+        }
+        map_ids.extend(probe.info()?.map_ids()?.unwrap_or_default());
+    }
+    map_ids.sort_unstable();
+    map_ids.dedup();
+    MultiPrograms::load(BPF_OBJECT, &names, &map_ids)
+}
+
+/// `entries` grouped by the program that runs there, in order of first appearance, each group in
+/// `entries`' order.
+fn by_program<'a>(
+    entries: impl Iterator<Item = &'a EntryPoint>,
+    options: AttachOptions,
+) -> Vec<(&'static str, Vec<&'a EntryPoint>)> {
+    let mut groups: Vec<(&'static str, Vec<&'a EntryPoint>)> = Vec::new();
+    for entry in entries {
+        let program = match (options.noop_programs, entry.program) {
+            (false, program) => program,
+            (true, _) => program::NOOP_ENTRY,
+        };
+        match groups.iter_mut().find(|(p, _)| *p == program) {
+            Some((_, group)) => group.push(entry),
+            None => groups.push((program, vec![entry])),
+        }
+    }
+    groups
+}
+
 /// Attaches to the target's allocator, frees first, then the returns, then the other entries
 /// in `allocator`'s order (munmap, mremap and realloc before the calls that only allocate): a
 /// release seen without its allocation is counted as unmatched, while an allocation seen
@@ -343,14 +561,17 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
 /// Which program runs at which entry point is `allocator::discover`'s choice; `alloc_return`
 /// runs at the return of every one but the free-like ones.
 ///
-/// A free-like entry (no uretprobe) is probed at the first instruction the kernel emulates
-/// when a straight-line prefix leads to one (`probe_point`); the others must stay on the entry,
-/// where their uretprobe already traps.
+/// Each entry point is probed where `probe_point` chose, the first instruction the kernel
+/// emulates when a straight-line prefix leads to one, its return probe at the same place
+/// (`%rsp` is unchanged there, so the return address is still at `[%rsp]`). With `multi`, the
+/// probes of one program in one module are one uprobe_multi link.
 fn attach_to(
     ebpf: &mut Ebpf,
+    multi: Option<&MultiPrograms>,
     pid: u32,
     allocator: &Allocator,
-    links: &mut Vec<UProbeLink>,
+    links: &mut Vec<Link>,
+    summary: &mut AttachSummary,
     options: AttachOptions,
 ) -> anyhow::Result<()> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
@@ -359,49 +580,98 @@ fn attach_to(
         (true, program::ALLOC_RETURN) => program::NOOP_RETURN,
         (true, _) => program::NOOP_ENTRY,
     };
-    let mut attach_one =
-        |ebpf: &mut Ebpf, program: &str, entry: &EntryPoint, offset: u64| -> anyhow::Result<()> {
-            let probe: &mut UProbe = ebpf
-                .program_mut(program)
-                .with_context(|| format!("no program {program} in the BPF object"))?
-                .try_into()?;
-            if probe.fd().is_err() {
-                probe
-                    .load()
-                    .with_context(|| format!("loading BPF program {program}"))?;
-            }
-            let link = probe.attach(offset, &entry.path, scope).map_err(|err| {
-                if process::is_alive(pid) {
-                    anyhow!(err).context(format!(
-                        "attaching {program} to {} in {}",
-                        entry.symbol, entry.module
-                    ))
-                } else {
-                    anyhow!("process {pid} exited while leaktrace was attaching")
-                }
-            })?;
-            links.push(probe.take_link(link)?);
-            Ok(())
-        };
-    let entries = &allocator.entry_points;
-    for entry in entries.iter().filter(|e| !e.allocates()) {
-        let offset = if options.free_at_entry {
-            entry.file_offset
+    let point_of = |entry: &EntryPoint| {
+        if options.at_entry {
+            entry.entry
         } else {
-            entry.probe_offset
-        };
-        attach_one(ebpf, program_for(entry.program), entry, offset)?;
+            entry.probe
+        }
+    };
+    let failed = |err: anyhow::Error, program: &str, entry: &EntryPoint| {
+        if process::is_alive(pid) {
+            err.context(format!(
+                "attaching {program} to {} in {}",
+                entry.symbol, entry.module
+            ))
+        } else {
+            anyhow!("process {pid} exited while leaktrace was attaching")
+        }
+    };
+    // One step of the order above: entries that share a program, attached together.
+    let mut attach_group = |ebpf: &mut Ebpf,
+                            program: &'static str,
+                            group: &[&EntryPoint],
+                            is_return: bool|
+     -> anyhow::Result<()> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        if let Some(fd) = multi.and_then(|m| m.get(program)) {
+            // One link per module (the group's entries may alternate between modules).
+            let mut modules: Vec<&Path> = Vec::new();
+            for entry in group {
+                if !modules.contains(&entry.path.as_path()) {
+                    modules.push(&entry.path);
+                }
+            }
+            for path in modules {
+                let entries: Vec<&EntryPoint> =
+                    group.iter().copied().filter(|e| e.path == path).collect();
+                let offsets: Vec<u64> = entries.iter().map(|e| point_of(e).file_offset).collect();
+                // A return program reads no argument; 0 is "where the ABI puts them".
+                let cookies: Vec<u64> = entries
+                    .iter()
+                    .map(|e| if is_return { 0 } else { point_of(e).cookie })
+                    .collect();
+                let link = multi::attach(fd, path, &offsets, &cookies, pid, is_return)
+                    .map_err(|err| failed(err, program, entries[0]))?;
+                links.push(Link::Multi(link));
+            }
+        } else {
+            for &entry in group {
+                let probe: &mut UProbe = ebpf
+                    .program_mut(program)
+                    .with_context(|| format!("no program {program} in the BPF object"))?
+                    .try_into()?;
+                if probe.fd().is_err() {
+                    probe
+                        .load()
+                        .with_context(|| format!("loading BPF program {program}"))?;
+                }
+                let point = point_of(entry);
+                let at = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+                    cookie: Some(if is_return { 0 } else { point.cookie }),
+                };
+                let link = probe
+                    .attach(at, &entry.path, scope)
+                    .map_err(|err| failed(anyhow!(err), program, entry))?;
+                links.push(Link::One(probe.take_link(link)?));
+            }
+        }
+        for &entry in group {
+            summary.probes.push(AttachedProbe {
+                pid,
+                symbol: entry.symbol.clone(),
+                module: entry.module.clone(),
+                program,
+                kind: match (is_return, point_of(entry).trap) {
+                    (true, _) => ProbeKind::Return,
+                    (false, Trap::Emulated) => ProbeKind::Emulated,
+                    (false, Trap::SingleStepped) => ProbeKind::SingleStepped,
+                },
+            });
+        }
+        Ok(())
+    };
+    let entries = &allocator.entry_points;
+    for (program, group) in by_program(entries.iter().filter(|e| !e.allocates()), options) {
+        attach_group(ebpf, program, &group, false)?;
     }
-    for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(
-            ebpf,
-            program_for(program::ALLOC_RETURN),
-            entry,
-            entry.file_offset,
-        )?;
-    }
-    for entry in entries.iter().filter(|e| e.allocates()) {
-        attach_one(ebpf, program_for(entry.program), entry, entry.file_offset)?;
+    let allocating: Vec<&EntryPoint> = entries.iter().filter(|e| e.allocates()).collect();
+    attach_group(ebpf, program_for(program::ALLOC_RETURN), &allocating, true)?;
+    for (program, group) in by_program(allocating.into_iter(), options) {
+        attach_group(ebpf, program, &group, false)?;
     }
     Ok(())
 }

@@ -155,10 +155,15 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub noop_programs: bool,
 
-    /// Benchmarks only: probe `free` at its first instruction even when a later one would be
-    /// cheaper to trap, to measure what the choice saves.
+    /// Benchmarks only: probe every allocator function at its first instruction even when a
+    /// later one would be cheaper to trap, to measure what the choice saves.
+    #[arg(long, hide = true, alias = "free-at-entry")]
+    pub probes_at_entry: bool,
+
+    /// Benchmarks only: attach one perf-event uprobe per probe, as on kernels without
+    /// uprobe_multi links (before 6.6), to measure what the links save.
     #[arg(long, hide = true)]
-    pub free_at_entry: bool,
+    pub probes_one_at_a_time: bool,
 
     /// Benchmarks only: print the BPF programs' counters to stderr at exit
     /// (`leaktrace: bpf stats NAME=N ...`).

@@ -93,7 +93,8 @@ impl Trace {
             },
             attach: AttachOptions {
                 noop_programs: cli.noop_programs,
-                free_at_entry: cli.free_at_entry,
+                at_entry: cli.probes_at_entry,
+                one_at_a_time: cli.probes_one_at_a_time,
                 // The guard's estimate starts from the kernel's run-time statistics.
                 program_stats: cli.print_program_times || cli.max_overhead.is_some(),
             },

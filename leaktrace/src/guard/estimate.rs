@@ -23,16 +23,9 @@
 
 use std::collections::BTreeMap;
 
-/// The kinds of probe hit, each with its own trap cost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ProbeKind {
-    /// An entry probe on an instruction the kernel emulates (a branch, `push reg`).
-    EntryEmulated,
-    /// An entry probe on any other instruction: copied out of line and single-stepped.
-    EntrySingleStepped,
-    /// A return probe (the uretprobe's trampoline).
-    Return,
-}
+/// The kinds of probe hit, each with its own trap cost: what attaching found
+/// (`attach::probes::AttachSummary`).
+pub use crate::attach::probes::ProbeKind;
 
 /// What one hit of each kind costs the target beyond its BPF program, in ns.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -56,8 +49,8 @@ pub const MEASURED: TrapCosts = TrapCosts {
 impl TrapCosts {
     pub fn of(&self, kind: ProbeKind) -> f64 {
         match kind {
-            ProbeKind::EntryEmulated => self.entry_emulated_ns,
-            ProbeKind::EntrySingleStepped => self.entry_single_stepped_ns,
+            ProbeKind::Emulated => self.entry_emulated_ns,
+            ProbeKind::SingleStepped => self.entry_single_stepped_ns,
             ProbeKind::Return => self.return_ns,
         }
     }
@@ -69,9 +62,9 @@ impl TrapCosts {
 
     /// The dearest kind: what a program whose probes are unknown is charged.
     fn dearest(&self) -> ProbeKind {
-        [ProbeKind::EntrySingleStepped, ProbeKind::Return]
+        [ProbeKind::SingleStepped, ProbeKind::Return]
             .into_iter()
-            .fold(ProbeKind::EntryEmulated, |a, b| self.dearer(a, b))
+            .fold(ProbeKind::Emulated, |a, b| self.dearer(a, b))
     }
 }
 
@@ -180,7 +173,7 @@ pub fn probe_time<'a>(
         let trap_ns = r.runs as f64 * traps.per_run_ns(program);
         time.programs_ns += r.run_time_ns as f64;
         time.traps_ns += trap_ns;
-        if traps.kind(program) == ProbeKind::EntrySingleStepped {
+        if traps.kind(program) == ProbeKind::SingleStepped {
             time.single_steps_ns += trap_ns;
         }
     }
@@ -217,18 +210,18 @@ mod tests {
         ProgramTraps::new(
             COSTS,
             [
-                probe("malloc_entry", ProbeKind::EntryEmulated, true),
+                probe("malloc_entry", ProbeKind::Emulated, true),
                 probe("alloc_return", ProbeKind::Return, true),
-                probe("malloc_entry", ProbeKind::EntrySingleStepped, false),
+                probe("malloc_entry", ProbeKind::SingleStepped, false),
                 probe("alloc_return", ProbeKind::Return, false),
-                probe("free_entry", ProbeKind::EntryEmulated, true),
-                probe("free_entry", ProbeKind::EntryEmulated, false),
+                probe("free_entry", ProbeKind::Emulated, true),
+                probe("free_entry", ProbeKind::Emulated, false),
                 // jemalloc's malloc+0 (`cmp`), and its sdallocx moved to a branch.
-                probe("jemalloc_entry", ProbeKind::EntrySingleStepped, true),
-                probe("jemalloc_entry", ProbeKind::EntryEmulated, true),
+                probe("jemalloc_entry", ProbeKind::SingleStepped, true),
+                probe("jemalloc_entry", ProbeKind::Emulated, true),
                 // Only rare entry points: the dearest of them.
-                probe("aligned_alloc_entry", ProbeKind::EntryEmulated, false),
-                probe("aligned_alloc_entry", ProbeKind::EntrySingleStepped, false),
+                probe("aligned_alloc_entry", ProbeKind::Emulated, false),
+                probe("aligned_alloc_entry", ProbeKind::SingleStepped, false),
             ],
         )
     }
@@ -245,11 +238,11 @@ mod tests {
             "the dearer hot one"
         );
         assert_eq!(traps.per_run_ns("aligned_alloc_entry"), 4000.0);
-        assert_eq!(traps.kind("malloc_entry"), ProbeKind::EntryEmulated);
-        assert_eq!(traps.kind("jemalloc_entry"), ProbeKind::EntrySingleStepped);
+        assert_eq!(traps.kind("malloc_entry"), ProbeKind::Emulated);
+        assert_eq!(traps.kind("jemalloc_entry"), ProbeKind::SingleStepped);
         // Attached nowhere it was told of: the dearest of all.
         assert_eq!(traps.per_run_ns("mystery"), 4000.0);
-        assert_eq!(traps.kind("mystery"), ProbeKind::EntrySingleStepped);
+        assert_eq!(traps.kind("mystery"), ProbeKind::SingleStepped);
         assert_eq!(traps.programs().count(), 5);
     }
 
@@ -315,8 +308,8 @@ mod tests {
 
     #[test]
     fn each_kind_has_its_cost() {
-        assert_eq!(COSTS.of(ProbeKind::EntryEmulated), 1000.0);
-        assert_eq!(COSTS.of(ProbeKind::EntrySingleStepped), 4000.0);
+        assert_eq!(COSTS.of(ProbeKind::Emulated), 1000.0);
+        assert_eq!(COSTS.of(ProbeKind::SingleStepped), 4000.0);
         assert_eq!(COSTS.of(ProbeKind::Return), 1500.0);
         const { assert!(MEASURED.entry_single_stepped_ns > MEASURED.entry_emulated_ns) };
     }

@@ -12,17 +12,10 @@
 
 pub mod estimate;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use leaktrace_common::names::program;
-
-use self::estimate::{
-    Probe, ProbeKind, ProbeTime, ProgramRuns, ProgramTraps, overhead_percent, probe_time,
-};
-use crate::{
-    attach::{allocator::Allocator, probe_point, probes::AttachOptions},
-    proc::process,
-};
+use self::estimate::{Probe, ProbeTime, ProgramRuns, ProgramTraps, overhead_percent, probe_time};
+use crate::{attach::probes::AttachSummary, proc::process};
 
 /// How often the guard judges: the window of each estimate.
 pub const PERIOD: Duration = Duration::from_secs(1);
@@ -195,110 +188,24 @@ fn cpu_of(pids: impl Iterator<Item = u32>) -> BTreeMap<u32, u64> {
         .collect()
 }
 
-/// The functions that programs call all the time, by the names allocators export them under
-/// (`_rjem_` stripped): their probes set what a program's runs are charged (see `estimate`).
-const HOT: &[&str] = &[
-    "malloc",
-    "free",
-    "calloc",
-    "realloc",
-    // jemalloc
-    "mallocx",
-    "rallocx",
-    "sdallocx",
-    "dallocx",
-    // tcmalloc
-    "tc_malloc",
-    "tc_free",
-    "tc_calloc",
-    "tc_realloc",
-    "tc_new",
-    "tc_newarray",
-    "tc_delete",
-    "tc_deletearray",
-    "tc_delete_sized",
-    "tc_deletearray_sized",
-    // mimalloc
-    "mi_malloc",
-    "mi_malloc_small",
-    "mi_zalloc_small",
-    "mi_calloc",
-    "mi_realloc",
-    "mi_new",
-    "mi_free",
-    "mi_free_size",
-    // C++: new, new[], delete, delete[], sized delete
-    "_Znwm",
-    "_Znam",
-    "_ZdlPv",
-    "_ZdaPv",
-    "_ZdlPvm",
-    "_ZdaPvm",
-];
-
-fn is_hot(symbol: &str) -> bool {
-    HOT.contains(&symbol.strip_prefix("_rjem_").unwrap_or(symbol))
-}
-
-/// Each probe that `probes::attach` puts on `allocator`, as the program that runs there and the
-/// kind of its trap: the same points as `attach_to` (free-like entries at their probe point,
-/// the others at their entry with `alloc_return` at their return), each decoded to tell an
-/// emulated instruction from one that is single-stepped.
-pub fn probe_kinds(allocator: &Allocator, options: AttachOptions) -> Vec<Probe<'static>> {
-    let program_for = |name: &'static str| match (options.noop_programs, name) {
-        (false, _) => name,
-        (true, program::ALLOC_RETURN) => program::NOOP_RETURN,
-        (true, _) => program::NOOP_ENTRY,
-    };
-    // Each module's bytes once (libc holds a dozen entry points).
-    let mut code: Vec<(Arc<crate::proc::files::Opened>, Option<Vec<u8>>)> = Vec::new();
-    let mut kinds = Vec::new();
-    for entry in &allocator.entry_points {
-        let offset = if entry.allocates() || options.free_at_entry {
-            entry.file_offset
-        } else {
-            entry.probe_offset
-        };
-        let index = match code
-            .iter()
-            .position(|(file, _)| Arc::ptr_eq(file, &entry.file))
-        {
-            Some(index) => index,
-            None => {
-                code.push((entry.file.clone(), entry.file.read_all().ok()));
-                code.len() - 1
-            }
-        };
-        // A module that cannot be read again counts as single-stepped: the dearer guess.
-        let emulated = code[index]
-            .1
-            .as_deref()
-            .is_some_and(|data| probe_point::is_emulated_in_elf(data, offset));
-        let kind = if emulated {
-            ProbeKind::EntryEmulated
-        } else {
-            ProbeKind::EntrySingleStepped
-        };
-        let hot = is_hot(&entry.symbol);
-        kinds.push(Probe {
-            program: program_for(entry.program),
-            kind,
-            hot,
-        });
-        if entry.allocates() {
-            kinds.push(Probe {
-                program: program_for(program::ALLOC_RETURN),
-                kind: ProbeKind::Return,
-                hot,
-            });
-        }
-    }
-    kinds
+/// The probes of an attach as the estimate sees them: each program with the kind of its trap,
+/// and whether it sits on a function that allocating code calls all the time.
+pub fn probes_of(attached: &AttachSummary) -> impl Iterator<Item = Probe<'static>> + '_ {
+    attached.probes.iter().map(|probe| Probe {
+        program: probe.program,
+        kind: probe.kind,
+        hot: probe.is_hot(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{estimate::TrapCosts, *};
+    use leaktrace_common::names::program;
+
+    use super::{
+        estimate::{ProbeKind, TrapCosts},
+        *,
+    };
 
     const COSTS: TrapCosts = TrapCosts {
         entry_emulated_ns: 1000.0,
@@ -309,84 +216,41 @@ mod tests {
     fn guard(budget: f64) -> Guard {
         let free = Probe {
             program: "free_entry",
-            kind: ProbeKind::EntrySingleStepped,
+            kind: ProbeKind::SingleStepped,
             hot: true,
         };
         Guard::new(budget, ProgramTraps::new(COSTS, [free]))
     }
 
     #[test]
-    fn hot_entry_points_by_every_allocator_s_names() {
-        for hot in [
-            "malloc",
-            "free",
-            "_rjem_malloc",
-            "_rjem_sdallocx",
-            "tc_new",
-            "_ZdlPvm",
-        ] {
-            assert!(is_hot(hot), "{hot}");
-        }
-        for rare in [
-            "valloc",
-            "pvalloc",
-            "cfree",
-            "memalign",
-            "_rjem_valloc",
-            "mmap",
-            "rjem_malloc",
-        ] {
-            assert!(!is_hot(rare), "{rare}");
-        }
-    }
-
-    #[test]
-    fn glibc_s_malloc_and_free_here_are_emulated_and_hot() {
-        let pid = std::process::id();
-        let maps = crate::proc::maps::ProcMaps::read(pid).unwrap();
-        let allocator = crate::attach::allocator::discover(pid, &maps).unwrap();
-        let probes = probe_kinds(&allocator, AttachOptions::default());
-        // Every allocating entry point has its return probe.
-        let allocating = allocator
-            .entry_points
-            .iter()
-            .filter(|e| e.allocates())
-            .count();
-        assert_eq!(probes.len(), allocator.entry_points.len() + allocating);
-        assert!(
-            probes
-                .iter()
-                .any(|p| p.program == program::ALLOC_RETURN && p.kind == ProbeKind::Return)
-        );
-        // Debian's glibc: malloc begins with `push %r12`, free is probed at its `je`.
-        let traps = ProgramTraps::new(estimate::MEASURED, probes.iter().copied());
+    fn a_program_is_charged_the_trap_of_its_hot_probes() {
+        use crate::attach::probes::AttachedProbe;
+        let probe = |symbol: &str, program, kind| AttachedProbe {
+            pid: 1,
+            symbol: symbol.to_owned(),
+            module: "libc.so.6".to_owned(),
+            program,
+            kind,
+        };
+        // Debian's glibc: malloc emulated, valloc (same program, rarely called) single-stepped.
+        let attached = AttachSummary {
+            probes: vec![
+                probe("malloc", program::MALLOC_ENTRY, ProbeKind::Emulated),
+                probe("malloc", program::ALLOC_RETURN, ProbeKind::Return),
+                probe("valloc", program::MALLOC_ENTRY, ProbeKind::SingleStepped),
+                probe("valloc", program::ALLOC_RETURN, ProbeKind::Return),
+                probe("munmap", program::MUNMAP_ENTRY, ProbeKind::SingleStepped),
+            ],
+        };
+        let traps = ProgramTraps::new(COSTS, probes_of(&attached));
         assert_eq!(
             traps.per_run_ns(program::MALLOC_ENTRY),
-            estimate::MEASURED.entry_emulated_ns
+            COSTS.entry_emulated_ns
         );
+        assert_eq!(traps.per_run_ns(program::ALLOC_RETURN), COSTS.return_ns);
         assert_eq!(
-            traps.per_run_ns(program::FREE_ENTRY),
-            estimate::MEASURED.entry_emulated_ns
-        );
-        // With free probed at its entry, free's runs are single-stepped.
-        let at_entry = AttachOptions {
-            free_at_entry: true,
-            ..AttachOptions::default()
-        };
-        let traps = ProgramTraps::new(estimate::MEASURED, probe_kinds(&allocator, at_entry));
-        assert_eq!(
-            traps.per_run_ns(program::FREE_ENTRY),
-            estimate::MEASURED.entry_single_stepped_ns
-        );
-        // The floor's programs are charged the same traps.
-        let noop = AttachOptions {
-            noop_programs: true,
-            ..AttachOptions::default()
-        };
-        let traps = ProgramTraps::new(estimate::MEASURED, probe_kinds(&allocator, noop));
-        assert_eq!(
-            traps.per_run_ns(program::NOOP_RETURN),
-            estimate::MEASURED.return_ns
+            traps.per_run_ns(program::MUNMAP_ENTRY),
+            COSTS.entry_single_stepped_ns
         );
     }
 
