@@ -10,12 +10,14 @@ pub mod map {
     pub const STATS: &str = "STATS";
     /// Code known to keep frame pointers ([`MAX_FP_RANGES`](crate::MAX_FP_RANGES)).
     pub const FP_CODE: &str = "FP_CODE";
+    /// Unwinding rows built from `.eh_frame` ([`unwind_rows`](crate::unwind_rows)).
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// The drawn blocks that are live (`--sample-bytes`).
     pub const SAMPLED: &str = "SAMPLED";
     /// Per-thread state (task storage).
     pub const THREADS: &str = "THREADS";
 
-    pub const ALL: [&str; 5] = [EVENTS, STATS, FP_CODE, SAMPLED, THREADS];
+    pub const ALL: [&str; 6] = [EVENTS, STATS, FP_CODE, UNWIND_ROWS, SAMPLED, THREADS];
 }
 
 /// Globals that user space sets before loading.
