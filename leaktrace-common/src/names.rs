@@ -12,12 +12,22 @@ pub mod map {
     pub const FP_CODE: &str = "FP_CODE";
     /// Unwinding rows built from `.eh_frame` ([`unwind_rows`](crate::unwind_rows)).
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// The rows that cover each page of code, for `UNWIND_ROWS`'s search.
+    pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
     /// The drawn blocks that are live (`--sample-bytes`).
     pub const SAMPLED: &str = "SAMPLED";
     /// Per-thread state (task storage).
     pub const THREADS: &str = "THREADS";
 
-    pub const ALL: [&str; 6] = [EVENTS, STATS, FP_CODE, UNWIND_ROWS, SAMPLED, THREADS];
+    pub const ALL: [&str; 7] = [
+        EVENTS,
+        STATS,
+        FP_CODE,
+        UNWIND_ROWS,
+        UNWIND_PAGES,
+        SAMPLED,
+        THREADS,
+    ];
 }
 
 /// Globals that user space sets before loading.

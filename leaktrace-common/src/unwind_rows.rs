@@ -31,6 +31,21 @@ pub mod kind {
 /// copied instead.
 pub const MAX_UNWIND_ROWS: u32 = 1 << 18;
 
+/// log2 of the bytes of code per entry of the `UNWIND_PAGES` hash map: a page's entry says
+/// which rows cover it, so that a search halves a few dozen rows rather than the whole table.
+pub const PAGE_SHIFT: u32 = 12;
+/// Pages of code `UNWIND_PAGES` indexes at most: 256 MiB of code.
+pub const MAX_UNWIND_PAGES: u32 = 1 << 16;
+
+/// An `UNWIND_PAGES` value: rows `first..end` cover the page; `first` is the row in force at
+/// the page's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRows {
+    pub first: u32,
+    pub end: u32,
+}
+
 /// Halvings that find a row among [`MAX_UNWIND_ROWS`]: log2 of it, plus one.
 pub const SEARCH_STEPS: u32 = 19;
 
@@ -79,7 +94,7 @@ pub fn find(pc: u64, count: u32, get: impl Fn(u32) -> Option<UnwindRow>) -> Opti
             break;
         }
     }
-    search.found(&get)
+    search.found(pc, &get)
 }
 
 /// A binary search for the last row at or below a pc, one halving at a time: the BPF side
@@ -107,6 +122,21 @@ impl Search {
         }
     }
 
+    /// A search among the rows of a page (`UNWIND_PAGES`), of `count` rows in all: it finds
+    /// nothing when the page's entry does not fit the rows.
+    #[inline(always)]
+    pub fn within(page: PageRows, count: u32) -> Self {
+        let count = count & (MAX_UNWIND_ROWS - 1);
+        if page.first == 0 || page.first >= page.end || page.end > count + 1 {
+            return Self { lo: 0, hi: 0 };
+        }
+        // Row `first` starts at or below every pc of the page.
+        Self {
+            lo: page.first + 1,
+            hi: page.end,
+        }
+    }
+
     /// One halving; false when the search is over.
     #[inline(always)]
     pub fn halve(&mut self, pc: u64, get: impl Fn(u32) -> Option<UnwindRow>) -> bool {
@@ -126,14 +156,15 @@ impl Search {
         true
     }
 
-    /// The row found, once the search is over.
+    /// The row found for `pc`, once the search is over.
     #[inline(always)]
-    pub fn found(&self, get: impl Fn(u32) -> Option<UnwindRow>) -> Option<UnwindRow> {
+    pub fn found(&self, pc: u64, get: impl Fn(u32) -> Option<UnwindRow>) -> Option<UnwindRow> {
         if self.lo <= 1 || self.lo > MAX_UNWIND_ROWS {
             return None;
         }
         let row = get(self.lo - 1)?;
-        (row.kind != kind::NONE).then_some(row)
+        // A search within a page starts at the page's first row, which may start past pc.
+        (row.kind != kind::NONE && row.pc <= pc).then_some(row)
     }
 }
 
@@ -254,6 +285,60 @@ mod tests {
             }
             assert_eq!(find(0xfff, count, get), None, "before the first row");
             assert_eq!(find(0, count, get), None);
+        }
+    }
+
+    #[test]
+    fn a_search_within_a_page_finds_what_the_whole_search_finds() {
+        let rows = [
+            row(0x1000, kind::CFA_SP, 8, 0),
+            row(0x1004, kind::CFA_SP, 16, -16),
+            row(0x1ff0, kind::NONE, 0, 0),
+            row(0x2010, kind::CFA_BP, 16, -16),
+            row(0x2020, kind::NONE, 0, 0),
+        ];
+        let map = map(&rows);
+        let get = |i: u32| map.get(i as usize).copied();
+        let count = rows.len() as u32;
+        // Page 0x1000: rows 1..4; page 0x2000: rows 3..6 (row 3 in force at its start).
+        for (page, pcs) in [
+            (
+                PageRows { first: 1, end: 4 },
+                [0x1000, 0x1003, 0x1004, 0x1fef, 0x1ff0, 0x1fff],
+            ),
+            (
+                PageRows { first: 3, end: 6 },
+                [0x2000, 0x200f, 0x2010, 0x201f, 0x2020, 0x2fff],
+            ),
+        ] {
+            for pc in pcs {
+                let mut search = Search::within(page, count);
+                while search.halve(pc, get) {}
+                assert_eq!(search.found(pc, get), find(pc, count, get), "at {pc:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_entry_that_does_not_fit_the_rows_finds_nothing() {
+        let map = map(&[
+            row(0x1000, kind::CFA_SP, 8, 0),
+            row(0x1010, kind::NONE, 0, 0),
+        ]);
+        let get = |i: u32| map.get(i as usize).copied();
+        for page in [
+            PageRows { first: 0, end: 2 },
+            PageRows { first: 2, end: 2 },
+            PageRows { first: 2, end: 1 },
+            PageRows { first: 1, end: 4 },
+            PageRows {
+                first: u32::MAX,
+                end: u32::MAX,
+            },
+        ] {
+            let mut search = Search::within(page, 2);
+            while search.halve(0x1000, get) {}
+            assert_eq!(search.found(0x1000, get), None, "{page:?}");
         }
     }
 

@@ -15,7 +15,7 @@ use leaktrace_common::{
     MAX_FP_RANGES, fp_code,
     names::{global, map, program},
     stat,
-    unwind_rows::{MAX_UNWIND_ROWS, UnwindRow},
+    unwind_rows::{MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PageRows, UnwindRow},
 };
 
 use super::allocator::{Allocator, EntryPoint};
@@ -181,8 +181,18 @@ impl FramePointerCode {
 /// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`).
 pub struct UnwindRows {
     map: Array<MapData, MapRow>,
+    pages: aya::maps::HashMap<MapData, u64, MapPage>,
     current: Vec<UnwindRow>,
+    current_pages: Vec<u64>,
 }
+
+/// A [`PageRows`] as aya reads and writes map values.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct MapPage(PageRows);
+
+// SAFETY: PageRows is #[repr(C)], two u32, valid for any bytes.
+unsafe impl aya::Pod for MapPage {}
 
 /// An [`UnwindRow`] as aya reads and writes map values.
 #[derive(Clone, Copy)]
@@ -215,8 +225,21 @@ impl UnwindRows {
         for (i, row) in (1..).zip(rows) {
             self.map.set(i, MapRow(*row), 0)?;
         }
+        let pages = crate::target::address_space::page_index(rows, MAX_UNWIND_PAGES as usize);
+        let keep: std::collections::HashSet<u64> = pages.iter().map(|&(page, _)| page).collect();
+        for page in self
+            .current_pages
+            .iter()
+            .filter(|page| !keep.contains(page))
+        {
+            self.pages.remove(page)?;
+        }
+        for &(page, entry) in &pages {
+            self.pages.insert(page, MapPage(entry), 0)?;
+        }
         self.map.set(0, header(rows.len()), 0)?;
         self.current = rows.to_vec();
+        self.current_pages = pages.into_iter().map(|(page, _)| page).collect();
         Ok(())
     }
 }
@@ -350,6 +373,7 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     let stats = take_map(map::STATS)?;
     let fp_code = take_map(map::FP_CODE)?;
     let unwind_rows = take_map(map::UNWIND_ROWS)?;
+    let unwind_pages = take_map(map::UNWIND_PAGES)?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
@@ -359,7 +383,10 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
         },
         unwind_rows: UnwindRows {
             map: Array::try_from(unwind_rows).context("UNWIND_ROWS is not an array")?,
+            pages: aya::maps::HashMap::try_from(unwind_pages)
+                .context("UNWIND_PAGES is not a hash map")?,
             current: Vec::new(),
+            current_pages: Vec::new(),
         },
     };
     Ok((ebpf, maps))
