@@ -1,7 +1,7 @@
 //! The contract between leaktrace's BPF programs and its user space: the records and map
 //! values they exchange, the names of the maps, programs and globals ([`names`]), and the pure
 //! logic both sides rely on (the sampling draw, [`sample`]; the layout and search of `FP_CODE`,
-//! [`fp_code`]), tested on the host. With the `user` feature, [`record`] encodes records as the
+//! [`fp_code`]; unwinding from `.eh_frame` tables, [`unwind_rows`]), tested on the host. With the `user` feature, [`record`] encodes records as the
 //! BPF side writes them, for user space's tests and benchmarks.
 //!
 //! Every type here crosses the kernel boundary byte for byte: `#[repr(C)]`, no implicit padding
@@ -15,6 +15,7 @@ pub mod python;
 #[cfg(feature = "user")]
 pub mod record;
 pub mod sample;
+pub mod unwind_rows;
 
 /// Frames captured per allocation at most: the kernel's default `perf_event_max_stack`, as
 /// deep as the kernel's own user-stack walk goes.
@@ -43,8 +44,9 @@ pub mod unwind {
     pub const FP: u32 = 0;
     /// Frame pointers, and a copy of the user stack with every allocation.
     pub const DWARF: u32 = 1;
-    /// Frame pointers, and a copy of the user stack when the frame-pointer walk went through
-    /// code outside the `FP_CODE` map (code not known to keep frame pointers).
+    /// Frame pointers where code keeps them (the `FP_CODE` map), tables built from `.eh_frame`
+    /// elsewhere ([`unwind_rows`](crate::unwind_rows)), and a copy of the user stack for a
+    /// frame that neither covers.
     pub const AUTO: u32 = 2;
 }
 

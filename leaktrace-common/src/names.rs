@@ -10,6 +10,10 @@ pub mod map {
     pub const STATS: &str = "STATS";
     /// Code known to keep frame pointers ([`MAX_FP_RANGES`](crate::MAX_FP_RANGES)).
     pub const FP_CODE: &str = "FP_CODE";
+    /// Unwinding rows built from `.eh_frame` ([`unwind_rows`](crate::unwind_rows)).
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// The rows that cover each page of code, for `UNWIND_ROWS`'s search.
+    pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
     /// The drawn blocks that are live (`--sample-bytes`).
     pub const SAMPLED: &str = "SAMPLED";
     /// Per-thread state (task storage).
@@ -19,8 +23,16 @@ pub mod map {
     /// The `PyThreadState` found for each thread (a cache, checked at each use).
     pub const PY_TSTATES: &str = "PY_TSTATES";
 
-    pub const ALL: [&str; 7] = [
-        EVENTS, STATS, FP_CODE, SAMPLED, THREADS, PY_LAYOUTS, PY_TSTATES,
+    pub const ALL: [&str; 9] = [
+        EVENTS,
+        STATS,
+        FP_CODE,
+        UNWIND_ROWS,
+        UNWIND_PAGES,
+        SAMPLED,
+        THREADS,
+        PY_LAYOUTS,
+        PY_TSTATES,
     ];
 }
 

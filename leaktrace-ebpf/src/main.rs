@@ -366,25 +366,28 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     event.old_addr = released;
     event.old_size_bytes = old_size_bytes;
     event.entry_ts_ns = entry_ts_ns;
-    stack::walk_frame_pointers(ctx, event, &mut state.window);
     if addr != 0 {
         python::send_stack(&mut state.py_stack, key, event.ts_ns);
     }
-
     let mode = stack::mode();
+    if mode == unwind::AUTO {
+        if stack::walk_tables(ctx, event, &mut state.window) {
+            return submit(event);
+        }
+        if stack::submit_copy_of(ctx, event) {
+            return Ok(0);
+        }
+        // Sent without the copy, with the frames walked so far.
+        count(stat::STACK_COPY_FAILED);
+        return submit(event);
+    }
+    stack::walk_frame_pointers(ctx, event, &mut state.window);
     if mode == unwind::DWARF {
         if stack::submit_copy_of(ctx, event) {
             return Ok(0);
         }
         count(stat::RINGBUF_FULL);
         return Err(0);
-    }
-    if mode == unwind::AUTO && stack::walk_left_frame_pointer_code(event) {
-        if stack::submit_copy_of(ctx, event) {
-            return Ok(0);
-        }
-        // Sent without the copy, with its frame-pointer stack.
-        count(stat::STACK_COPY_FAILED);
     }
     submit(event)
 }

@@ -1,26 +1,37 @@
-//! Stack capture at the allocator's return: the frame-pointer walk, and for
-//! `--unwind dwarf|auto` a copy of the caller's registers and of the user stack above its stack
-//! pointer, which user space unwinds with the call-frame information of each module
-//! (`.eh_frame`/`.debug_frame`), as `perf record --call-graph dwarf` does.
+//! Stack capture at the allocator's return: the frame-pointer walk (`--unwind fp`); for
+//! `--unwind auto` a walk that follows frame pointers where code keeps them and rows built
+//! from `.eh_frame` elsewhere (`leaktrace_common::unwind_rows`); and for `--unwind dwarf`, or
+//! a frame that `auto` finds no rule for (a library loaded since the tables were written, JIT
+//! code), a copy of the caller's registers and of the user stack above its stack pointer,
+//! which user space unwinds with the modules' call-frame information, as `perf record
+//! --call-graph dwarf` does.
 //!
-//! Why a copy rather than unwinding here: the copy costs one helper call per page, and every
-//! instruction of the unwinding (table lookups, CFA rules) runs in user space, off the
-//! target's path, where tables are parsed lazily for whichever module shows up, dlopen'd or not.
+//! Why tables rather than copies, where they can: measured on malloc/free pairs 8 calls deep
+//! in code without frame pointers, an 8 KiB copy costs the target ~3.4 us per allocation (two
+//! page reads and a large ring buffer record that user space must unwind), the tables' walk a
+//! fraction of that (docs/BENCHMARKS.md).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
+    cty::c_void,
     helpers::{
         bpf_probe_read_user,
-        generated::{bpf_probe_read_kernel as read_kernel, bpf_probe_read_user as read_user},
+        generated::{
+            bpf_loop, bpf_probe_read_kernel as read_kernel, bpf_probe_read_user as read_user,
+        },
     },
     macros::map,
-    maps::Array,
+    maps::{Array, HashMap},
     programs::RetProbeContext,
 };
 use leaktrace_common::{
     AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_FP_RANGES,
     MAX_STACK_DEPTH, UserRegs, fp_code, stat, unwind,
+    unwind_rows::{
+        self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, Regs, SEARCH_STEPS, Search,
+        Step, UnwindRow,
+    },
 };
 
 use crate::{EVENTS, count, thread::WINDOW_WORDS, wakeup_flags};
@@ -38,6 +49,16 @@ static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 /// in it yet (a library just loaded, JIT code) counts as code without frame pointers.
 #[map]
 static FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_FP_RANGES, 0);
+
+/// Unwinding rows for code without frame pointers (layout in leaktrace-common's
+/// `unwind_rows`), for the same address space as `FP_CODE`, rewritten with it.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 0);
+
+/// The rows that cover each page of code (layout in leaktrace-common's `unwind_rows`),
+/// written with `UNWIND_ROWS`.
+#[map]
+static UNWIND_PAGES: HashMap<u64, PageRows> = HashMap::with_max_entries(MAX_UNWIND_PAGES, 0);
 
 const PAGE: usize = 4096;
 const WINDOW_BYTES: u64 = (WINDOW_WORDS * 8) as u64;
@@ -239,37 +260,205 @@ unsafe fn copy_user_stack<const N: usize>(dst: *mut u8, sp: u64) -> u32 {
     copied as u32
 }
 
-/// For `--unwind auto`: whether the frame-pointer walk went through code not known to keep
-/// frame pointers, so that it may have skipped or invented frames. Frame 0 (the allocator's
-/// caller) always counts; the walk's outermost frame does not when there are others: a walk
-/// ends where it meets a frame pointer it cannot follow, which on glibc is the stack's root
-/// (`__libc_start_call_main`, `start_thread`), built without frame pointers. A walk that got
-/// no frames at all gets a copy too.
+/// The user stack's words that the walk reads, a window of up to 1 KiB at a time (never past
+/// the page of the word asked for): the frames of a call chain mostly lie in the window of
+/// the frame below, and one helper call then serves several frames.
+struct StackReader<'a> {
+    window: &'a mut [u64; WINDOW_WORDS + 1],
+    /// The user addresses `window` holds: [base, base + filled).
+    base: u64,
+    filled: u64,
+}
+
+impl StackReader<'_> {
+    /// The word at `at` into `word`; false when it cannot be read.
+    #[inline(always)]
+    fn read(&mut self, at: u64, word: &mut u64) -> bool {
+        let offset = at.wrapping_sub(self.base);
+        if self.filled >= 8 && offset <= self.filled - 8 && offset % 8 == 0 {
+            let index = (offset / 8) as usize;
+            // Never true (offset <= filled - 8); it bounds the index for the verifier.
+            if index >= WINDOW_WORDS {
+                return false;
+            }
+            *word = self.window[index];
+            return true;
+        }
+        let to_page_end = PAGE as u64 - (at & (PAGE as u64 - 1));
+        let len = to_page_end.min(WINDOW_BYTES);
+        if len < 8 || at % 8 != 0 {
+            // SAFETY: a user pointer, read through the helper that faults safely, into a word.
+            return unsafe { read_user(core::ptr::from_mut(word).cast(), 8, at as *const _) } == 0;
+        }
+        // SAFETY: len <= WINDOW_BYTES, the size of `window` less one word; the helper faults
+        // safely.
+        if unsafe { read_user(self.window.as_mut_ptr().cast(), len as u32, at as *const _) } != 0 {
+            return false;
+        }
+        self.base = at;
+        self.filled = len;
+        *word = self.window[0];
+        true
+    }
+}
+
+/// The state of `walk_tables` between frames, for `bpf_loop`'s callback.
+struct Walk<'a> {
+    event: *mut AllocEvent,
+    reader: StackReader<'a>,
+    /// The registers of the frame whose caller comes next.
+    at: Regs,
+    /// Frames in `event.frames`.
+    frames: usize,
+    /// Frames to capture at most.
+    capture: usize,
+    /// Rows in `UNWIND_ROWS`.
+    rows: u32,
+    /// Set when a step failed: the stack needs a copy.
+    failed: bool,
+}
+
+/// For `--unwind auto`: unwinds into `event.frames` (innermost first, as
+/// `walk_frame_pointers`) by frame pointers in code that keeps them (`FP_CODE`) and by the
+/// rows of `UNWIND_ROWS` elsewhere, and sets `stack_bytes` and `stack_truncated`. Returns
+/// false when a frame had no rule or a step failed: the stack needs a copy then.
+///
+/// One frame per call of a `bpf_loop` callback: the verifier checks the callback once, where
+/// a bounded loop of 127 frames, each with a binary search of 19 steps, is checked frame by
+/// frame, path by path, past its limit of a million instructions.
 #[inline(always)]
-pub fn walk_left_frame_pointer_code(event: &AllocEvent) -> bool {
-    let depth = stack_bytes(event) as usize / 8;
-    if depth == 0 {
-        return true;
-    }
-    let ranges = match FP_CODE.get(fp_code::COUNT) {
-        Some(&n) if n > 0 => n.min(u64::from(MAX_FP_RANGES)) as u32,
-        _ => return true,
+pub fn walk_tables(
+    ctx: &RetProbeContext,
+    event: &mut AllocEvent,
+    window: &mut [u64; WINDOW_WORDS + 1],
+) -> bool {
+    // SAFETY: a plain read of a global that user space sets before load.
+    let depth = unsafe { core::ptr::read_volatile(&raw const crate::STACK_DEPTH) }
+        .clamp(1, MAX_STACK_DEPTH as u32) as usize;
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: the context of a return probe is the user's pt_regs.
+    let at = unsafe {
+        Regs {
+            pc: (*regs).rip,
+            sp: (*regs).rsp,
+            bp: (*regs).rbp,
+        }
     };
-    // Frames of one call chain mostly lie in one module: the range of the previous frame is
-    // tried before searching.
-    let mut last = (0u64, 0u64);
-    for i in 0..MAX_STACK_DEPTH {
-        if i >= depth || (i > 0 && i + 1 == depth) {
-            break;
+    event.frames[0] = at.pc;
+    let mut walk = Walk {
+        event: core::ptr::from_mut(event),
+        reader: StackReader {
+            window,
+            base: 0,
+            filled: 0,
+        },
+        at,
+        frames: 1,
+        // One frame more than kept tells a stack of exactly `depth` frames from a longer one.
+        capture: (depth + 1).min(MAX_STACK_DEPTH),
+        rows: UNWIND_ROWS.get(0).map_or(0, |header| header.pc as u32),
+        failed: false,
+    };
+    // SAFETY: `walk_frame` has the callback's signature and `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32 - 1,
+            walk_frame as *mut c_void,
+            core::ptr::from_mut(&mut walk).cast(),
+            0,
+        );
+    }
+    let frames = walk.frames;
+    let failed = walk.failed;
+    let got = frames.min(depth);
+    event.stack_bytes = (got * 8) as u32;
+    // At the full depth nothing tells whether more frames existed: "truncated" then means
+    // "may be".
+    event.stack_truncated = u32::from(frames > depth || (frames == depth && depth == walk.capture));
+    !failed
+}
+
+/// Element `i` of `FP_CODE`, for `fp_code::find`. An element that cannot be read (past the
+/// map's end) starts past every pc. Never `None`: the payload of a `None` is undefined, and
+/// LLVM compares it all the same before it tests for `None`, which the verifier rejects (a
+/// register read before any write).
+#[inline(always)]
+fn fp_code_element(i: u32) -> Option<u64> {
+    Some(FP_CODE.get(i).map_or(u64::MAX, |&v| v))
+}
+
+/// Row `i` of `UNWIND_ROWS`, for `unwind_rows::find`; as `fp_code_element`, a row that
+/// cannot be read starts past every pc (and has no rule).
+#[inline(always)]
+fn unwind_row(i: u32) -> Option<UnwindRow> {
+    Some(UNWIND_ROWS.get(i).map_or(
+        UnwindRow {
+            pc: u64::MAX,
+            ..UnwindRow::default()
+        },
+        |&row| row,
+    ))
+}
+
+/// The row of `pc` among the `rows` of `UNWIND_ROWS`: among the rows of its page
+/// (`UNWIND_PAGES`), a halving per call of a `bpf_loop` callback. The page index was measured
+/// worth it: a search of the whole table (~60k rows for libc and libstdc++, 16 halvings)
+/// cost ~300 ns per frame, most of the walk.
+#[inline(always)]
+fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
+    // SAFETY: the value is plain data that user space writes whole.
+    let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
+    let mut search = (pc, Search::within(*page, rows));
+    // SAFETY: `halve_rows` has the callback's signature and `search` outlives the call.
+    unsafe {
+        bpf_loop(
+            SEARCH_STEPS,
+            halve_rows as *mut c_void,
+            core::ptr::from_mut(&mut search).cast(),
+            0,
+        );
+    }
+    search.1.found(pc, unwind_row)
+}
+
+#[inline(never)]
+extern "C" fn halve_rows(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the search that `find_row` handed to bpf_loop.
+    let (pc, search) = unsafe { &mut *ctx.cast::<(u64, Search)>() };
+    i64::from(!search.halve(*pc, unwind_row))
+}
+
+/// `bpf_loop`'s callback: the caller of frame `index` into frame `index + 1`. Returns 1 to
+/// stop.
+#[inline(never)]
+extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Walk` that `walk_tables` handed to bpf_loop.
+    let walk = unsafe { &mut *ctx.cast::<Walk<'_>>() };
+    let i = index as usize + 1;
+    if i >= walk.capture || i >= MAX_STACK_DEPTH {
+        return 1;
+    }
+    // Every pc here is a return address, which may be the first byte after its function (a
+    // call that does not return): the call is the byte before.
+    let pc = walk.at.pc.wrapping_sub(1);
+    let reader = &mut walk.reader;
+    let read = |at: u64, word: &mut u64| reader.read(at, word);
+    let step = match find_row(pc, walk.rows) {
+        Some(row) => unwind_rows::step(&row, walk.at, read),
+        None => Step::Failed,
+    };
+    match step {
+        Step::Caller(caller) => {
+            // SAFETY: the event that `walk_tables` was handed, i < MAX_STACK_DEPTH.
+            unsafe { (*walk.event).frames[i] = caller.pc };
+            walk.frames = i + 1;
+            walk.at = caller;
+            0
         }
-        let pc = event.frames[i];
-        if last.0 <= pc && pc < last.1 {
-            continue;
-        }
-        match fp_code::find(pc, ranges, |i| FP_CODE.get(i).copied()) {
-            Some(range) => last = range,
-            None => return true,
+        Step::End => 1,
+        Step::Failed => {
+            walk.failed = true;
+            1
         }
     }
-    false
 }

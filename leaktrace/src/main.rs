@@ -8,7 +8,7 @@ use clap::Parser as _;
 use leaktrace::{
     attach::{
         allocator::{self, Allocator},
-        probes::{self, Unwind},
+        probes::{self, Unwind, UnwindRows},
         python, spawn,
     },
     config::{
@@ -116,9 +116,13 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     if config.trace.unwind == Unwind::Auto {
         // Before attaching: the first allocations already need to know where frame pointers
         // can be trusted. The map holds one address space: the first traced process's.
+        let space = &mut targets[0].0.space;
         maps.fp_code
-            .set(&targets[0].0.space.code_with_frame_pointers())
+            .set(&space.code_with_frame_pointers())
             .context("filling the BPF map of code with frame pointers")?;
+        maps.unwind_rows
+            .set(&space.unwind_rows(UnwindRows::MAX))
+            .context("filling the BPF map of unwinding rows")?;
     }
     let mut probes = probes::Probes::new(ebpf, config.attach)?;
     let mut sessions = Vec::new();

@@ -155,8 +155,8 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
         return;
     }
     let binary = compile("deep", &[]);
-    // Stacks of 4, 8, 9 and 44 return addresses (L + 4 for L levels), 1000 + L bytes each.
-    let mut fixture = Fixture::start(&binary, &["0", "4", "5", "40"]);
+    // Stacks of 6, 8, 9 and 46 return addresses (L + 6 for L levels), 1000 + L bytes each.
+    let mut fixture = Fixture::start(&binary, &["0", "2", "3", "40"]);
     let outcome = Leaktrace::one_round(&mut fixture, &["--max-depth", "8"]);
     let report = outcome.last();
 
@@ -165,7 +165,13 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
         let stack = stack_holding(report, bytes);
         (symbols(stack), stack["truncated"].as_bool().unwrap())
     };
-    let start = ["main", "__libc_start_call_main"];
+    // The C runtime's frames, which keep no frame pointers, unwound from glibc's .eh_frame.
+    let start = [
+        "main",
+        "__libc_start_call_main",
+        "__libc_start_main_impl",
+        "_start",
+    ];
     assert_eq!(
         shape(1000),
         (
@@ -179,11 +185,11 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
     );
     // Exactly 8 frames: all of them, not truncated.
     assert_eq!(
-        shape(1004),
+        shape(1002),
         (
             ["bottom"]
                 .into_iter()
-                .chain(descend(5))
+                .chain(descend(3))
                 .chain(start)
                 .collect(),
             false
@@ -191,12 +197,12 @@ fn max_depth_keeps_exactly_n_frames_and_marks_only_deeper_stacks_truncated() {
     );
     // One frame more than the limit: cut to 8, truncated.
     assert_eq!(
-        shape(1005),
+        shape(1003),
         (
             ["bottom"]
                 .into_iter()
-                .chain(descend(6))
-                .chain(["main"])
+                .chain(descend(4))
+                .chain(start[..3].iter().copied())
                 .collect(),
             true
         )
@@ -309,9 +315,17 @@ fn the_default_depth_keeps_the_127_frames_the_kernel_gives() {
 
     let whole = stack_holding(report, 1100);
     let names = symbols(whole);
-    assert_eq!(names.len(), 104);
+    assert_eq!(names.len(), 106);
     assert_eq!(names[..2], ["bottom", "descend"]);
-    assert_eq!(names[102..], ["main", "__libc_start_call_main"]);
+    assert_eq!(
+        names[102..],
+        [
+            "main",
+            "__libc_start_call_main",
+            "__libc_start_main_impl",
+            "_start"
+        ]
+    );
     assert_eq!(whole["truncated"], false);
 
     let cut = stack_holding(report, 1200);

@@ -236,14 +236,15 @@ fn stack_copies_that_do_not_fit_the_ring_buffer_are_counted_as_lost() {
 }
 
 #[test]
-fn auto_copies_no_stack_where_frame_pointers_are_kept_and_every_stack_where_not() {
+fn auto_unwinds_with_and_without_frame_pointers_in_bpf_and_dwarf_copies_every_stack() {
     if !require_root() {
         return;
     }
-    // The stderr line that counts stack copies, for `binary` run one round under `--unwind auto`.
-    let copies_line = |binary: &Binary, args: &[&str]| {
+    // The stderr line that counts stack copies, for `binary` run one round under `--unwind
+    // mode`.
+    let copies_line = |binary: &Binary, args: &[&str], mode: &str| {
         let mut fixture = Fixture::start(binary, args);
-        let outcome = Leaktrace::one_round(&mut fixture, &[]);
+        let outcome = Leaktrace::one_round(&mut fixture, &["--unwind", mode]);
         fixture.finish();
         outcome
             .stderr
@@ -253,17 +254,25 @@ fn auto_copies_no_stack_where_frame_pointers_are_kept_and_every_stack_where_not(
             .clone()
     };
     // Built with frame pointers (the default of `compile`), calling malloc directly: the walk
-    // stays in code that keeps them, up to glibc's stack root.
+    // follows them, and glibc's start frames (no frame pointers) by its .eh_frame rows.
     let with_fp = compile("leaky", &[]);
-    let line = copies_line(&with_fp, &["100", "4096", "1000"]);
+    let line = copies_line(&with_fp, &["100", "4096", "1000"], "auto");
     assert!(
         line.starts_with("leaktrace: pid ")
             && line.contains(": 0 of 1100 allocations came with a stack copy"),
         "{line}"
     );
-    // Without: frame 0 is in code that does not keep them, every time.
+    // Without: every frame is unwound from the rows, none copied (and the tests above show
+    // the stacks complete).
     let without_fp = compile("nofp_libc", &NO_FRAME_POINTERS);
-    let line = copies_line(&without_fp, &["100"]);
+    let line = copies_line(&without_fp, &["100"], "auto");
+    assert!(
+        line.starts_with("leaktrace: pid ")
+            && line.contains(": 0 of 203 allocations came with a stack copy"),
+        "{line}"
+    );
+    // `--unwind dwarf` copies every stack.
+    let line = copies_line(&without_fp, &["100"], "dwarf");
     assert!(
         line.starts_with("leaktrace: pid ")
             && line.contains(": 203 of 203 allocations came with a stack copy"),

@@ -16,6 +16,7 @@ use leaktrace_common::{
     names::{global, map, program},
     python::{PY_LAYOUT_WORDS, PyLayout},
     stat,
+    unwind_rows::{MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PageRows, UnwindRow},
 };
 
 use super::{
@@ -217,6 +218,7 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
     pub fp_code: FramePointerCode,
+    pub unwind_rows: UnwindRows,
 }
 
 /// The ranges of code that keeps frame pointers, where `--unwind auto` trusts the
@@ -251,6 +253,72 @@ impl FramePointerCode {
         }
         self.map.set(fp_code::COUNT, count, 0)?;
         self.current = ranges;
+        Ok(())
+    }
+}
+
+/// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`).
+pub struct UnwindRows {
+    map: Array<MapData, MapRow>,
+    pages: aya::maps::HashMap<MapData, u64, MapPage>,
+    current: Vec<UnwindRow>,
+    current_pages: Vec<u64>,
+}
+
+/// A [`PageRows`] as aya reads and writes map values.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct MapPage(PageRows);
+
+// SAFETY: PageRows is #[repr(C)], two u32, valid for any bytes.
+unsafe impl aya::Pod for MapPage {}
+
+/// An [`UnwindRow`] as aya reads and writes map values.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct MapRow(UnwindRow);
+
+// SAFETY: UnwindRow is #[repr(C)] plain data without padding (leaktrace-common tests its
+// layout), valid for any bytes.
+unsafe impl aya::Pod for MapRow {}
+
+impl UnwindRows {
+    /// Rows the map holds at most.
+    pub const MAX: usize = MAX_UNWIND_ROWS as usize - 1;
+
+    /// Replaces the rows (sorted by pc, at most [`Self::MAX`]).
+    pub fn set(&mut self, rows: &[UnwindRow]) -> anyhow::Result<()> {
+        let rows = &rows[..rows.len().min(Self::MAX)];
+        if rows == self.current {
+            return Ok(());
+        }
+        let header = |count: usize| {
+            MapRow(UnwindRow {
+                pc: count as u64,
+                ..UnwindRow::default()
+            })
+        };
+        // No rows while they are rewritten: a stack unwound meanwhile is copied instead of
+        // mixing the old rows with the new.
+        self.map.set(0, header(0), 0)?;
+        for (i, row) in (1..).zip(rows) {
+            self.map.set(i, MapRow(*row), 0)?;
+        }
+        let pages = crate::target::address_space::page_index(rows, MAX_UNWIND_PAGES as usize);
+        let keep: std::collections::HashSet<u64> = pages.iter().map(|&(page, _)| page).collect();
+        for page in self
+            .current_pages
+            .iter()
+            .filter(|page| !keep.contains(page))
+        {
+            self.pages.remove(page)?;
+        }
+        for &(page, entry) in &pages {
+            self.pages.insert(page, MapPage(entry), 0)?;
+        }
+        self.map.set(0, header(rows.len()), 0)?;
+        self.current = rows.to_vec();
+        self.current_pages = pages.into_iter().map(|(page, _)| page).collect();
         Ok(())
     }
 }
@@ -383,12 +451,21 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     let events = take_map(map::EVENTS)?;
     let stats = take_map(map::STATS)?;
     let fp_code = take_map(map::FP_CODE)?;
+    let unwind_rows = take_map(map::UNWIND_ROWS)?;
+    let unwind_pages = take_map(map::UNWIND_PAGES)?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
         fp_code: FramePointerCode {
             map: Array::try_from(fp_code).context("FP_CODE is not an array")?,
             current: Vec::new(),
+        },
+        unwind_rows: UnwindRows {
+            map: Array::try_from(unwind_rows).context("UNWIND_ROWS is not an array")?,
+            pages: aya::maps::HashMap::try_from(unwind_pages)
+                .context("UNWIND_PAGES is not a hash map")?,
+            current: Vec::new(),
+            current_pages: Vec::new(),
         },
     };
     Ok((ebpf, maps))

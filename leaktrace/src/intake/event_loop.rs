@@ -17,7 +17,7 @@ use super::decode::{DecodeError, decode, pid_tgid_of, tgid_of, user_stack};
 use crate::{
     attach::{
         forks::{ProcEvent, ProcEvents},
-        probes::{FramePointerCode, Maps, Probes, Unwind},
+        probes::{FramePointerCode, Maps, Probes, Unwind, UnwindRows},
     },
     guard::{self, Guard},
     model::{
@@ -140,6 +140,7 @@ pub async fn run(
         events,
         stats,
         mut fp_code,
+        mut unwind_rows,
     } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
     // AsyncFd that owns it.
@@ -234,7 +235,7 @@ pub async fn run(
             _ = poll.tick() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 if settings.unwind == Unwind::Auto {
-                    update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
+                    update_unwinding(&mut fp_code, &mut unwind_rows, &mut live, &mut fp_code_from)?;
                 }
                 // Without the kernel's process events, children are found here: one that
                 // lives shorter than a poll may never be seen, which the reports say.
@@ -274,7 +275,7 @@ pub async fn run(
                     }
                 }
                 if settings.unwind == Unwind::Auto {
-                    update_fp_code(&mut fp_code, &mut live, &mut fp_code_from)?;
+                    update_unwinding(&mut fp_code, &mut unwind_rows, &mut live, &mut fp_code_from)?;
                 }
             }
             Some(pid) = exit_rx.recv() => {
@@ -397,14 +398,15 @@ pub async fn run(
 }
 
 /// How much unwinding from stack copies cost, on stderr.
-/// `--unwind auto`: tells the BPF side which code keeps frame pointers, when the first traced
-/// process (FP_CODE holds one address space) is another than when it last did (the first one
-/// exited), or its memory map changed since. A
-/// spawned command's map changes at its exec, a service's at a dlopen: until FP_CODE knows
-/// the new code, every stack through it is copied and unwound with CFI (and differs from the
-/// frame-pointer stacks of the same site that follow).
-fn update_fp_code(
+/// `--unwind auto`: tells the BPF side which code keeps frame pointers (FP_CODE) and how to
+/// unwind the rest (UNWIND_ROWS), when the first traced process (the maps hold one address
+/// space) is another than when it last did (the first one exited), or its memory map changed
+/// since. A spawned command's map changes at its exec, a service's at a dlopen: until the
+/// maps know the new code, every stack through it is copied and unwound with CFI in user
+/// space.
+fn update_unwinding(
     fp_code: &mut FramePointerCode,
+    unwind_rows: &mut UnwindRows,
     live: &mut BTreeMap<u32, Traced>,
     from: &mut Option<(u32, u64)>,
 ) -> anyhow::Result<()> {
@@ -419,6 +421,9 @@ fn update_fp_code(
     fp_code
         .set(&space.code_with_frame_pointers())
         .context("updating the BPF map of code with frame pointers")?;
+    unwind_rows
+        .set(&space.unwind_rows(UnwindRows::MAX))
+        .context("updating the BPF map of unwinding rows")?;
     *from = Some(now);
     Ok(())
 }

@@ -7,6 +7,8 @@ use std::{
     sync::{Arc, mpsc},
 };
 
+use leaktrace_common::unwind_rows::{PAGE_SHIFT, PageRows, UnwindRow, kind};
+
 use super::modules::{Module, Modules};
 use crate::{
     model::location::{Locate, Location, ModuleId},
@@ -160,6 +162,127 @@ impl AddressSpace {
         }
         ranges
     }
+
+    /// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`), at the
+    /// addresses the executable mappings are mapped at, sorted, at most `max` of them: one
+    /// `FRAME_POINTER` row for a mapping of a module that keeps frame pointers, the module's
+    /// CFI rows for the others. Each mapping's rows end with a `NONE` row at its end; rows
+    /// past `max` are left out (frames there are copied). Parses every module's CFI.
+    pub fn unwind_rows(&mut self, max: usize) -> Vec<UnwindRow> {
+        let mut rows: Vec<UnwindRow> = Vec::new();
+        for index in 0..self.maps.mappings.len() {
+            let mapping = &self.maps.mappings[index];
+            if !(mapping.is_executable() && mapping.is_file()) {
+                continue;
+            }
+            let (start, end, file_offset) = (mapping.start, mapping.end, mapping.file_offset);
+            let id = self.module_of(index);
+            let module = self.modules.get(id);
+            if module.keeps_frame_pointers() {
+                let row = |pc, kind| UnwindRow {
+                    pc,
+                    kind,
+                    ..UnwindRow::default()
+                };
+                if rows.len() + 2 > max {
+                    break;
+                }
+                if rows.last().is_some_and(|last| last.pc == start) {
+                    rows.pop();
+                }
+                if rows
+                    .last()
+                    .is_none_or(|last| last.kind != kind::FRAME_POINTER)
+                {
+                    rows.push(row(start, kind::FRAME_POINTER));
+                }
+                rows.push(row(end, kind::NONE));
+                continue;
+            }
+            let Some(vaddr) = module.cfi().and_then(|cfi| cfi.vaddr_of(file_offset)) else {
+                continue;
+            };
+            let vaddr_end = vaddr.wrapping_add(end - start);
+            let module_rows = module.unwind_rows();
+            // The rule in force at the mapping's start, then the rows inside it.
+            let first = module_rows.partition_point(|r| r.pc <= vaddr);
+            let covering = first.checked_sub(1).map(|i| module_rows[i]);
+            let mut mapped: Vec<UnwindRow> = Vec::new();
+            for row in covering
+                .map(|r| UnwindRow { pc: vaddr, ..r })
+                .into_iter()
+                .chain(module_rows[first..].iter().copied())
+                .take_while(|r| r.pc < vaddr_end)
+            {
+                mapped.push(UnwindRow {
+                    pc: row.pc - vaddr + start,
+                    ..row
+                });
+            }
+            mapped.push(UnwindRow {
+                pc: end,
+                ..UnwindRow::default()
+            });
+            if rows.len() + mapped.len() > max {
+                break;
+            }
+            // Mappings come sorted by address, and do not overlap: the previous one's end row
+            // gives way to this one's first.
+            if rows.last().is_some_and(|last| last.pc == start) && mapped[0].pc == start {
+                rows.pop();
+            }
+            rows.extend(mapped);
+        }
+        rows
+    }
+}
+
+/// The `UNWIND_PAGES` entries of `rows` (sorted by pc, at map index 1 on): for each page of
+/// code that a row with a rule covers, the rows that cover it. Pages covered by `NONE` rows
+/// alone get none (a frame there is copied). At most `max` pages: past them, frames are
+/// copied.
+pub fn page_index(rows: &[UnwindRow], max: usize) -> Vec<(u64, PageRows)> {
+    let mut pages: Vec<(u64, PageRows)> = Vec::new();
+    for (i, pair) in rows.windows(2).enumerate() {
+        let (row, next) = (pair[0], pair[1]);
+        if row.kind == kind::NONE || next.pc <= row.pc {
+            continue;
+        }
+        let index = i as u32 + 1;
+        for page in (row.pc >> PAGE_SHIFT)..=((next.pc - 1) >> PAGE_SHIFT) {
+            match pages.last_mut() {
+                Some((last, rows)) if *last == page => rows.end = index + 1,
+                _ => {
+                    if pages.len() == max {
+                        return pages;
+                    }
+                    // The page's first row is the one in force at its start, which may be a
+                    // NONE row (or none: then pcs before the first row find nothing).
+                    let start = page << PAGE_SHIFT;
+                    let mut first = index;
+                    while first > 1 && rows[first as usize - 1].pc > start {
+                        first -= 1;
+                    }
+                    pages.push((
+                        page,
+                        PageRows {
+                            first,
+                            end: index + 1,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    // A page's rows run on to the first row at or after its end: a NONE row inside the page
+    // ends the rule before it.
+    for (page, entry) in &mut pages {
+        let page_end = (*page + 1) << PAGE_SHIFT;
+        while (entry.end as usize) <= rows.len() && rows[entry.end as usize - 1].pc < page_end {
+            entry.end += 1;
+        }
+    }
+    pages
 }
 
 impl Locate for AddressSpace {
@@ -187,5 +310,67 @@ impl Locate for AddressSpace {
             module: Some(self.module_of(index)),
             offset,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use leaktrace_common::unwind_rows::{Search, find};
+
+    use super::*;
+
+    fn row(pc: u64, kind: u8) -> UnwindRow {
+        UnwindRow {
+            pc,
+            cfa_offset_bytes: pc as i32 & 0xff,
+            kind,
+            ..UnwindRow::default()
+        }
+    }
+
+    #[test]
+    fn a_search_within_each_page_finds_what_the_whole_table_search_finds() {
+        // Functions of all sizes, gaps, a NONE row inside a page, a frame-pointer mapping
+        // of several pages.
+        let rows = vec![
+            row(0x1000, kind::CFA_SP),
+            row(0x1010, kind::CFA_SP),
+            row(0x1800, kind::NONE),
+            row(0x1820, kind::CFA_BP),
+            row(0x4321, kind::CFA_SP),
+            row(0x4400, kind::NONE),
+            row(0x10000, kind::FRAME_POINTER),
+            row(0x14000, kind::NONE),
+            row(0x14000 + 0x10, kind::OUTERMOST),
+            row(0x14000 + 0x20, kind::NONE),
+        ];
+        let pages = page_index(&rows, 1000);
+        let mut map = vec![UnwindRow {
+            pc: rows.len() as u64,
+            ..UnwindRow::default()
+        }];
+        map.extend_from_slice(&rows);
+        let get = |i: u32| map.get(i as usize).copied();
+        let count = rows.len() as u32;
+        assert!(pages.windows(2).all(|w| w[0].0 < w[1].0));
+        for pc in (0..0x16000u64)
+            .step_by(7)
+            .chain([0x1000, 0x17ff, 0x1800, 0x13fff, 0x14000])
+        {
+            let want = find(pc, count, get);
+            let got = match pages.binary_search_by_key(&(pc >> PAGE_SHIFT), |p| p.0) {
+                Ok(i) => {
+                    let mut search = Search::within(pages[i].1, count);
+                    while search.halve(pc, get) {}
+                    search.found(pc, get)
+                }
+                Err(_) => None,
+            };
+            assert_eq!(got, want, "at {pc:#x}");
+        }
+        // No page for code covered by NONE rows alone.
+        assert!(pages.iter().all(|&(page, _)| !(0x5..0x10).contains(&page)));
+        assert_eq!(page_index(&rows, 3).len(), 3);
+        assert!(page_index(&[], 10).is_empty());
     }
 }

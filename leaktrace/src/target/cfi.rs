@@ -5,6 +5,7 @@ use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, DebugFrameOffset, EhFrame, EhFrameOffset,
     EndianSlice, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
+use leaktrace_common::unwind_rows::{UnwindRow, kind};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
 /// How to find the caller's frame from a frame whose pc is known.
@@ -150,6 +151,79 @@ impl ModuleCfi {
             .map(|&(offset, _, vaddr)| (file_offset - offset).wrapping_add(vaddr))
     }
 
+    /// The module's CFI as rows for the BPF side's unwinder (`leaktrace_common::unwind_rows`),
+    /// at ELF virtual addresses, sorted, a rule that repeats the one before it left out: each
+    /// FDE's rows, then a [`kind::NONE`] row where it ends, unless the next one starts there.
+    /// gimli evaluates the CFA programs (a well-kept parser, already the user-space
+    /// unwinder's); an FDE it cannot evaluate is left out, so frames in it are copied.
+    pub fn unwind_rows(&self) -> Vec<UnwindRow> {
+        let mut rows: Vec<UnwindRow> = Vec::new();
+        let mut ctx = UnwindContext::new();
+        for fde in &self.fdes {
+            let start = rows.len();
+            let complete = if fde.in_eh_frame {
+                self.eh_frame.as_ref().is_some_and(|eh| {
+                    let section = EhFrame::new(&eh.data, LittleEndian);
+                    let bases = self.bases(eh);
+                    section
+                        .fde_from_offset(
+                            &bases,
+                            EhFrameOffset(fde.offset),
+                            EhFrame::cie_from_offset,
+                        )
+                        .and_then(|f| {
+                            let mut table = f.rows(&section, &bases, &mut ctx)?;
+                            while let Some(row) = table.next_row()? {
+                                push_row(
+                                    &mut rows,
+                                    row.start_address(),
+                                    row_of(
+                                        row.cfa(),
+                                        row.register(X86_64::RA),
+                                        row.register(X86_64::RBP),
+                                    ),
+                                );
+                            }
+                            Ok(())
+                        })
+                        .is_ok()
+                })
+            } else {
+                self.debug_frame.as_ref().is_some_and(|debug| {
+                    let section = DebugFrame::new(&debug.data, LittleEndian);
+                    let bases = BaseAddresses::default();
+                    section
+                        .fde_from_offset(
+                            &bases,
+                            DebugFrameOffset(fde.offset),
+                            DebugFrame::cie_from_offset,
+                        )
+                        .and_then(|f| {
+                            let mut table = f.rows(&section, &bases, &mut ctx)?;
+                            while let Some(row) = table.next_row()? {
+                                push_row(
+                                    &mut rows,
+                                    row.start_address(),
+                                    row_of(
+                                        row.cfa(),
+                                        row.register(X86_64::RA),
+                                        row.register(X86_64::RBP),
+                                    ),
+                                );
+                            }
+                            Ok(())
+                        })
+                        .is_ok()
+                })
+            };
+            if !complete {
+                rows.truncate(start);
+            }
+            push_row(&mut rows, fde.end, UnwindRow::default());
+        }
+        rows
+    }
+
     /// The unwinding rule at virtual address `vaddr`.
     pub fn step_at(&self, vaddr: u64, ctx: &mut UnwindContext<usize>) -> Step {
         let index = self.fdes.partition_point(|f| f.start <= vaddr);
@@ -242,6 +316,70 @@ fn index<'a, S: UnwindSection<EndianSlice<'a, LittleEndian>>>(
     }
 }
 
+/// Appends a row at `pc` to `rows` (sorted): one at the same pc as the last replaces it (an
+/// FDE's end where the next one starts), one that repeats the last rule is left out.
+fn push_row(rows: &mut Vec<UnwindRow>, pc: u64, rule: UnwindRow) {
+    let row = UnwindRow { pc, ..rule };
+    if let Some(last) = rows.last_mut()
+        && last.pc >= pc
+    {
+        *last = row;
+    } else {
+        rows.push(row);
+    }
+    let n = rows.len();
+    if n >= 2 && same_rule(&rows[n - 2], &rows[n - 1]) {
+        rows.pop();
+    }
+}
+
+fn same_rule(a: &UnwindRow, b: &UnwindRow) -> bool {
+    UnwindRow { pc: 0, ..*a } == UnwindRow { pc: 0, ..*b }
+}
+
+/// A CFI row as the BPF side's rule: [`kind::NONE`] for what it cannot evaluate (a CFA from
+/// another register or an expression, a return address elsewhere than just below the CFA,
+/// `rbp` restored from anything but a slot near the CFA).
+fn row_of<T: gimli::ReaderOffset>(
+    cfa: &CfaRule<T>,
+    ra: Option<RegisterRule<T>>,
+    bp: Option<RegisterRule<T>>,
+) -> UnwindRow {
+    let none = UnwindRow::default();
+    let (kind, cfa_offset) = match *cfa {
+        CfaRule::RegisterAndOffset { register, offset } if register == X86_64::RSP => {
+            (kind::CFA_SP, offset)
+        }
+        CfaRule::RegisterAndOffset { register, offset } if register == X86_64::RBP => {
+            (kind::CFA_BP, offset)
+        }
+        _ => return none,
+    };
+    let kind = match ra {
+        Some(RegisterRule::Offset(-8)) => kind,
+        Some(RegisterRule::Undefined) => kind::OUTERMOST,
+        _ => return none,
+    };
+    let rbp_offset = match bp {
+        None | Some(RegisterRule::SameValue | RegisterRule::Undefined) => 0,
+        Some(RegisterRule::Offset(offset)) if offset != 0 => match i16::try_from(offset) {
+            Ok(offset) => offset,
+            Err(_) => return none,
+        },
+        _ => return none,
+    };
+    let Ok(cfa_offset) = i32::try_from(cfa_offset) else {
+        return none;
+    };
+    UnwindRow {
+        pc: 0,
+        cfa_offset_bytes: cfa_offset,
+        rbp_offset_bytes: rbp_offset,
+        kind,
+        _pad: 0,
+    }
+}
+
 fn step_of<T: gimli::ReaderOffset>(
     cfa: &CfaRule<T>,
     ra: Option<RegisterRule<T>>,
@@ -305,6 +443,122 @@ mod tests {
         }
         // Outside every FDE there is no CFI.
         assert_eq!(module.step_at(0, &mut ctx), Step::FramePointer);
+    }
+
+    #[test]
+    fn unwind_rows_of_a_real_binary_agree_with_its_cfi() {
+        let module = own_module();
+        let rows = module.unwind_rows();
+        assert!(rows.len() > module.fdes.len(), "{} rows", rows.len());
+        assert!(
+            rows.windows(2).all(|w| w[0].pc < w[1].pc),
+            "sorted, one row per pc"
+        );
+        assert!(
+            rows.windows(2).all(|w| !same_rule(&w[0], &w[1])),
+            "no row repeats the rule before it"
+        );
+        let mut ctx = UnwindContext::new();
+        let mut checked = 0;
+        for fde in module.fdes.iter().step_by(97) {
+            for vaddr in [
+                fde.start,
+                fde.start + 1,
+                fde.start + (fde.end - fde.start) / 2,
+            ] {
+                let row = rows[rows.partition_point(|r| r.pc <= vaddr) - 1];
+                let want = match module.step_at(vaddr, &mut ctx) {
+                    Step::Cfi {
+                        cfa_from_bp,
+                        cfa_offset,
+                        ra_offset: -8,
+                        bp_offset,
+                    } => (
+                        if cfa_from_bp {
+                            kind::CFA_BP
+                        } else {
+                            kind::CFA_SP
+                        },
+                        cfa_offset as i32,
+                        bp_offset.unwrap_or(0) as i16,
+                    ),
+                    Step::Outermost => {
+                        (kind::OUTERMOST, row.cfa_offset_bytes, row.rbp_offset_bytes)
+                    }
+                    _ => (kind::NONE, row.cfa_offset_bytes, row.rbp_offset_bytes),
+                };
+                assert_eq!(
+                    (row.kind, row.cfa_offset_bytes, row.rbp_offset_bytes),
+                    want,
+                    "at {vaddr:#x}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 30);
+        // Past the last function there is no rule.
+        assert_eq!(rows.last().unwrap().kind, kind::NONE);
+    }
+
+    #[test]
+    fn rows_that_bpf_cannot_evaluate_are_none() {
+        type R = CfaRule<usize>;
+        let sp8: R = CfaRule::RegisterAndOffset {
+            register: X86_64::RSP,
+            offset: 8,
+        };
+        let ra = || Some(RegisterRule::Offset(-8));
+        assert_eq!(row_of(&sp8, ra(), None).kind, kind::CFA_SP);
+        let expression: R = CfaRule::Expression(gimli::UnwindExpression {
+            offset: 0,
+            length: 0,
+        });
+        assert_eq!(row_of(&expression, ra(), None).kind, kind::NONE);
+        assert_eq!(
+            row_of(&sp8, Some(RegisterRule::Offset(-16)), None).kind,
+            kind::NONE
+        );
+        assert_eq!(row_of(&sp8, None, None).kind, kind::NONE);
+        assert_eq!(
+            row_of(&sp8, ra(), Some(RegisterRule::Offset(1 << 20))).kind,
+            kind::NONE,
+            "an rbp slot too far for the row"
+        );
+        assert_eq!(
+            row_of(&sp8, ra(), Some(RegisterRule::Register(X86_64::RAX))).kind,
+            kind::NONE
+        );
+        let huge: R = CfaRule::RegisterAndOffset {
+            register: X86_64::RSP,
+            offset: 1 << 40,
+        };
+        assert_eq!(row_of(&huge, ra(), None).kind, kind::NONE);
+        assert_eq!(
+            row_of(&sp8, Some(RegisterRule::Undefined), None).kind,
+            kind::OUTERMOST
+        );
+    }
+
+    #[test]
+    #[ignore = "prints the size of the tables of this machine's libraries"]
+    fn row_counts_of_system_libraries() {
+        for path in [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+            "/usr/bin/python3",
+        ] {
+            let Ok(file) = std::fs::File::open(path) else {
+                continue;
+            };
+            let module = ModuleCfi::parse(&object::ReadCache::new(file)).unwrap();
+            let rows = module.unwind_rows();
+            let none = rows.iter().filter(|r| r.kind == kind::NONE).count();
+            eprintln!(
+                "{path}: {} FDEs, {} rows ({none} NONE)",
+                module.fdes.len(),
+                rows.len()
+            );
+        }
     }
 
     #[test]

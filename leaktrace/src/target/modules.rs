@@ -9,6 +9,8 @@ use std::{
     sync::{Arc, OnceLock, RwLock},
 };
 
+use leaktrace_common::unwind_rows::UnwindRow;
+
 use super::cfi::ModuleCfi;
 use crate::{
     model::location::ModuleId,
@@ -30,6 +32,9 @@ pub struct Module {
     file: Option<File>,
     /// Parsed the first time a stack is unwound through it or frame pointers are looked for.
     cfi: OnceLock<Option<ModuleCfi>>,
+    /// Its CFI as the BPF side's unwinding rows (see [`ModuleCfi::unwind_rows`]), built the
+    /// first time the module is mapped where frame pointers cannot be trusted.
+    unwind_rows: OnceLock<Vec<UnwindRow>>,
 }
 
 impl Module {
@@ -47,6 +52,12 @@ impl Module {
                 ModuleCfi::parse(&object::ReadCache::new(file)).ok()
             })
             .as_ref()
+    }
+
+    /// Its unwinding rows, at ELF virtual addresses; none without CFI.
+    pub fn unwind_rows(&self) -> &[UnwindRow] {
+        self.unwind_rows
+            .get_or_init(|| self.cfi().map(ModuleCfi::unwind_rows).unwrap_or_default())
     }
 
     /// It keeps frame pointers: see [`ModuleCfi::keeps_frame_pointers`]; a module without
@@ -121,6 +132,7 @@ impl Modules {
             path: mapping.path.clone(),
             file,
             cfi: OnceLock::new(),
+            unwind_rows: OnceLock::new(),
         }));
         table.ids.insert(key, id);
         id
