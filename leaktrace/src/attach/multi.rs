@@ -9,6 +9,10 @@
 //! the maps aya created (found through the map ids of the programs aya loaded): both copies share
 //! every map. On a kernel without uprobe_multi, loading or linking fails and the caller falls back
 //! to aya's perf-event uprobes.
+//!
+//! The copies carry the BTF that aya loaded (found through the same programs) and their function
+//! and line information, as aya's own loads do: the verifier requires function information of a
+//! program whose subprograms are callbacks (`bpf_loop`, which the unwinder uses).
 
 use std::{
     collections::HashMap,
@@ -25,6 +29,7 @@ use aya::maps::MapData;
 
 /// `bpf(2)` commands and constants of the uapi (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
@@ -55,8 +60,20 @@ pub struct MultiPrograms {
 
 impl MultiPrograms {
     /// Loads `names` from the BPF object `object` for uprobe_multi links, on the maps of the
-    /// programs that aya loaded (`loaded`, their map ids).
-    pub fn load(object: &[u8], names: &[&str], map_ids: &[u32]) -> anyhow::Result<Self> {
+    /// programs that aya loaded (their map ids), with the BTF aya loaded for them (its id).
+    pub fn load(
+        object: &[u8],
+        names: &[&str],
+        map_ids: &[u32],
+        btf_id: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let btf = btf_id
+            .map(|id| {
+                let mut attr = [0u8; ATTR_BYTES];
+                put(&mut attr, 0, id.to_ne_bytes());
+                bpf(BPF_BTF_GET_FD_BY_ID, &mut attr).with_context(|| format!("BTF id {id}"))
+            })
+            .transpose()?;
         // The maps aya created, by the name the kernel knows them by (at most 15 bytes).
         let mut maps: HashMap<String, MapData> = HashMap::new();
         for &id in map_ids {
@@ -112,6 +129,8 @@ impl MultiPrograms {
                 .get(&program.function_key())
                 .with_context(|| format!("no code for {name}"))?;
             let insns = &function.instructions;
+            let func_info = function.func_info.func_info_bytes();
+            let line_info = function.line_info.line_info_bytes();
             let mut prog_name = [0u8; 16];
             for (to, from) in prog_name.iter_mut().zip(name.bytes().take(15)) {
                 *to = from;
@@ -132,6 +151,31 @@ impl MultiPrograms {
                 }
                 put(&mut attr, 48, prog_name);
                 put(&mut attr, 68, BPF_TRACE_UPROBE_MULTI.to_ne_bytes());
+                if let Some(btf) = &btf {
+                    put(&mut attr, 72, (btf.as_raw_fd() as u32).to_ne_bytes());
+                    put(
+                        &mut attr,
+                        76,
+                        (function.func_info_rec_size as u32).to_ne_bytes(),
+                    );
+                    put(&mut attr, 80, (func_info.as_ptr() as u64).to_ne_bytes());
+                    put(
+                        &mut attr,
+                        88,
+                        (function.func_info.len() as u32).to_ne_bytes(),
+                    );
+                    put(
+                        &mut attr,
+                        92,
+                        (function.line_info_rec_size as u32).to_ne_bytes(),
+                    );
+                    put(&mut attr, 96, (line_info.as_ptr() as u64).to_ne_bytes());
+                    put(
+                        &mut attr,
+                        104,
+                        (function.line_info.len() as u32).to_ne_bytes(),
+                    );
+                }
                 bpf(BPF_PROG_LOAD, &mut attr)
             };
             let fd = load(None).map_err(|err| {

@@ -594,6 +594,7 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
             .collect()
     };
     let mut map_ids = Vec::new();
+    let mut btf_id = None;
     for name in &names {
         let probe: &mut UProbe = ebpf
             .program_mut(name)
@@ -604,11 +605,13 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
                 .load()
                 .with_context(|| format!("loading BPF program {name}"))?;
         }
-        map_ids.extend(probe.info()?.map_ids()?.unwrap_or_default());
+        let info = probe.info()?;
+        map_ids.extend(info.map_ids()?.unwrap_or_default());
+        btf_id = btf_id.or(info.btf_id());
     }
     map_ids.sort_unstable();
     map_ids.dedup();
-    MultiPrograms::load(BPF_OBJECT, &names, &map_ids)
+    MultiPrograms::load(BPF_OBJECT, &names, &map_ids, btf_id)
 }
 
 /// `entries` grouped by the program that runs there, in order of first appearance, each group in
