@@ -5,6 +5,7 @@
 //! min and max over rounds. Ratios are taken within a round, then summarized the same way.
 
 mod load;
+mod python;
 mod stats;
 mod tracer;
 
@@ -47,6 +48,7 @@ enum Part {
     Server,
     Loss,
     Aggregator,
+    Python,
 }
 
 /// Where the bench keeps its binaries, scripts and leaktrace's reports.
@@ -88,6 +90,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
         .then(|| loss(&malloc_bench))
         .transpose()?;
     let aggregator = wanted(Part::Aggregator).then(aggregator).transpose()?;
+    let python = wanted(Part::Python)
+        .then(|| python::python(args))
+        .transpose()?;
 
     println!();
     println!(
@@ -107,6 +112,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(aggregator) = aggregator {
         aggregator.print();
+    }
+    if let Some(python) = python {
+        python.print();
     }
     Ok(())
 }
@@ -138,11 +146,15 @@ struct Fixture {
 
 impl Fixture {
     fn start(binary: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
+        Self::start_command(&mut Command::new(binary))
+    }
+
+    fn start_command(command: &mut Command) -> anyhow::Result<Self> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .with_context(|| format!("starting {:?}", command.get_program()))?;
         let stdin = child.stdin.take().context("fixture stdin")?;
         let stdout = child.stdout.take().context("fixture stdout")?;
         Ok(Self {
