@@ -79,6 +79,8 @@ const PACKAGES: [&str; 15] = [
     "redis-server",
     "redis-tools",
     "util-linux",
+    // Debian's python3 (3.11): the Python tests (tests/integration/python.rs) trace it.
+    "python3",
     "prometheus",
 ];
 /// Of `PACKAGES`, those installed without their recommended packages: Prometheus recommends
