@@ -48,7 +48,10 @@ pub struct PyLayout {
     /// A 4-aligned offset in `_PyInterpreterFrame` whose 4 bytes are sent as
     /// [`PyFrame::flags`] (`is_entry` and `owner`).
     pub frame_flags: u64,
-    pub _reserved: u64,
+    /// `PyCodeObject.co_linetable`: sent with each frame, so that a code object freed and
+    /// another made at its address (module code after an import, `exec`, `compile`) is told
+    /// apart by user space, which names code objects once.
+    pub code_linetable: u64,
 }
 
 /// Words of a [`PyLayout`]: the size of a `PY_LAYOUTS` value.
@@ -73,7 +76,7 @@ impl PyLayout {
             self.frame_code,
             self.frame_instr,
             self.frame_flags,
-            self._reserved,
+            self.code_linetable,
         ]
     }
 
@@ -100,6 +103,9 @@ pub struct PyFrame {
     /// The 4 bytes at `PyLayout::frame_flags`.
     pub flags: u32,
     pub _pad: u32,
+    /// The code object's `co_linetable` pointer, 0 when unreadable (see
+    /// `PyLayout::code_linetable`).
+    pub linetable_addr: u64,
 }
 
 /// The Python frames of the thread that made the allocation sent next with the same
@@ -132,9 +138,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PyLayout>(), 8 * PY_LAYOUT_WORDS);
-        assert_eq!(size_of::<PyFrame>(), 24);
+        assert_eq!(size_of::<PyFrame>(), 32);
         assert_eq!(PY_STACK_HEADER_BYTES, 32);
-        assert_eq!(size_of::<PyStackEvent>(), 32 + 24 * MAX_PY_FRAMES);
+        assert_eq!(size_of::<PyStackEvent>(), 32 + 32 * MAX_PY_FRAMES);
     }
 
     #[test]

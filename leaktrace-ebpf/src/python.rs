@@ -163,6 +163,7 @@ fn walk(layout: &PyLayout, pid_tgid: u64, event: &mut PyStackEvent) -> Result<bo
             instr_addr: instr,
             flags: (flags >> flags_shift) as u32,
             _pad: 0,
+            linetable_addr: read_u64(code.wrapping_add(layout.code_linetable)).unwrap_or(0),
         };
         n = i + 1;
         frame = previous;

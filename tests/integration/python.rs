@@ -112,6 +112,20 @@ fn assert_sites(truth: &Value, report: &Value, sites: &[&str]) {
     }
 }
 
+/// Every Python frame of the report is named (function and file).
+fn assert_named(report: &Value) {
+    for stack in report["stacks"].as_array().unwrap() {
+        for frame in stack["frames"].as_array().unwrap() {
+            if frame["runtime"] == "python" {
+                assert!(
+                    frame["symbol"].is_string() && frame["file"].is_string(),
+                    "an unnamed Python frame: {stack}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn debian_python3_with_malloc_names_every_leak_at_its_line_exactly() {
     if !require_root() {
@@ -120,6 +134,7 @@ fn debian_python3_with_malloc_names_every_leak_at_its_line_exactly() {
     let (truth, report) = trace(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
     assert_eq!(truth["python"], "3.11");
     assert_sites(&truth, &report, &["remember", "record"]);
+    assert_named(&report);
 }
 
 #[test]
@@ -130,6 +145,7 @@ fn debian_python3_with_pymalloc_names_large_objects_at_their_line_exactly() {
     // bytes(1000) is above pymalloc's 512 bytes: PyObject_Malloc hands it to malloc.
     let (truth, report) = trace(DEBIAN_PYTHON, &[]);
     assert_sites(&truth, &report, &["remember"]);
+    assert_named(&report);
 }
 
 /// pyenv's builds, where the machine has them (CI's fresh machine may not): each test says so
@@ -155,6 +171,7 @@ fn pyenv_python_with_malloc(version: &str, minor: &str) {
     let (truth, report) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
     assert_eq!(truth["python"], minor);
     assert_sites(&truth, &report, &["remember", "record"]);
+    assert_named(&report);
 }
 
 #[test]
@@ -206,4 +223,39 @@ fn python_3_10_is_traced_with_native_frames_and_one_warning() {
             .all(|s| python_frames(s).is_empty())
     );
     assert!(report["totals"]["outstanding_bytes"].as_u64().unwrap() > 2_000_000);
+}
+
+#[test]
+fn spawn_mode_finds_the_interpreter_after_exec_and_names_every_leak() {
+    if !require_root() {
+        return;
+    }
+    let script = script();
+    let trace = Leaktrace::start(&[
+        "--format",
+        "json",
+        "--interval",
+        "0.5",
+        "--duration",
+        "4",
+        "--top",
+        "1000",
+        "--",
+        DEBIAN_PYTHON,
+        &script,
+        OBJECTS,
+        "hold",
+    ]);
+    let outcome = trace.wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    // The command shares leaktrace's stdout: its truth is the line that has sites.
+    let truth = outcome
+        .reports
+        .iter()
+        .find(|r| r.get("sites").is_some())
+        .expect("the script printed its truth")
+        .clone();
+    // Startup imports free module code objects whose addresses later code reuses: every
+    // frame must still be named as what runs there now.
+    assert_sites(&truth, outcome.last(), &["remember"]);
 }

@@ -5,6 +5,7 @@
 //! min and max over rounds. Ratios are taken within a round, then summarized the same way.
 
 mod load;
+mod python;
 mod services;
 mod stats;
 mod tracer;
@@ -55,6 +56,7 @@ enum Part {
     Loss,
     Aggregator,
     Traps,
+    Python,
 }
 
 /// Where the bench keeps its binaries, scripts and leaktrace's reports.
@@ -113,6 +115,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     let traps = wanted(Part::Traps)
         .then(|| traps::traps(args, &malloc_bench))
         .transpose()?;
+    let python = wanted(Part::Python)
+        .then(|| python::python(args))
+        .transpose()?;
 
     println!();
     println!(
@@ -135,6 +140,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(traps) = traps {
         traps.print();
+    }
+    if let Some(python) = python {
+        python.print();
     }
     Ok(())
 }
@@ -178,11 +186,15 @@ struct Fixture {
 
 impl Fixture {
     fn start(binary: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
+        Self::start_command(&mut Command::new(binary))
+    }
+
+    fn start_command(command: &mut Command) -> anyhow::Result<Self> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .with_context(|| format!("starting {:?}", command.get_program()))?;
         let stdin = child.stdin.take().context("fixture stdin")?;
         let stdout = child.stdout.take().context("fixture stdout")?;
         Ok(Self {

@@ -152,13 +152,13 @@ pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProc
     match discover(pid, maps) {
         Found::None => None,
         Found::Unknown(warning) => {
-            eprintln!("{warning}");
+            crate::status!("{warning}");
             None
         }
         Found::Known(interp) => match process::memory(pid) {
             Ok(memory) => Some(PyProcess::new(*interp, memory, modules.python_names())),
             Err(err) => {
-                eprintln!(
+                crate::status!(
                     "leaktrace: warning: cannot read the memory of pid {pid} ({err}): Python allocations are shown with native frames only"
                 );
                 None

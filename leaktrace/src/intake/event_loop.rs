@@ -18,6 +18,7 @@ use crate::{
     attach::{
         forks::{ProcEvent, ProcEvents},
         probes::{FramePointerCode, Maps, Probes, Unwind, UnwindRows},
+        python::Found,
     },
     guard::{self, Guard},
     model::{
@@ -118,6 +119,9 @@ struct Traced {
     /// (or could not be attached) before leaktrace attached.
     children: u64,
     children_missed: u64,
+    /// The count of changes of its memory map when it was last searched for a CPython
+    /// interpreter (`None`: found, or found to be one leaktrace cannot read).
+    python_searched_at: Option<u64>,
 }
 
 /// Runs the trace; every probe is detached and every report written when it returns.
@@ -234,6 +238,7 @@ pub async fn run(
             }
             _ = poll.tick() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                find_python(&mut live, &mut probes)?;
                 if settings.unwind == Unwind::Auto {
                     update_unwinding(&mut fp_code, &mut unwind_rows, &mut live, &mut fp_code_from)?;
                 }
@@ -428,6 +433,42 @@ fn update_unwinding(
     Ok(())
 }
 
+/// Looks for a CPython interpreter in spawn mode's command once its memory map changed: held
+/// before its `exec`, it runs `python3` only after. Its allocations before it is found (the
+/// interpreter's start) show native frames only.
+fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow::Result<()> {
+    for (&pid, traced) in live.iter_mut() {
+        let Some(searched_at) = traced.python_searched_at else {
+            continue;
+        };
+        let space = &traced.target.space;
+        if space.changes() == searched_at {
+            continue;
+        }
+        traced.python_searched_at = Some(space.changes());
+        match crate::attach::python::discover(pid, space.maps()) {
+            Found::None => {}
+            Found::Unknown(warning) => {
+                crate::status!("{warning}");
+                traced.python_searched_at = None;
+            }
+            Found::Known(interp) => {
+                traced.python_searched_at = None;
+                let Ok(memory) = process::memory(pid) else {
+                    continue;
+                };
+                probes.set_python(pid, &interp.offsets.walk)?;
+                traced.target.python = Some(PyProcess::new(
+                    *interp,
+                    memory,
+                    space.modules().python_names(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn report_unwinding(pid: u32, traced: &Traced) {
     let unwound = traced.unwinder.stats();
     let busy_s = unwound.busy.as_secs_f64();
@@ -448,7 +489,14 @@ fn report_unwinding(pid: u32, traced: &Traced) {
 
 impl Traced {
     fn new(session: Session, settings: &Settings) -> Self {
+        // Searched at attach when the process ran already; spawn mode's command is searched
+        // once it runs (its memory map is empty until its exec).
+        let space = &session.target.space;
+        let python_searched_at = (session.target.python.is_none()
+            && space.maps().mappings.is_empty())
+        .then(|| space.changes());
         Self {
+            python_searched_at,
             exe: process::exe_id(session.target.pid),
             target: session.target,
             reporter: session.reporter,

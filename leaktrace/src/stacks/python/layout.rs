@@ -57,7 +57,7 @@ impl Version {
                     frame_instr: 56,
                     // is_entry at 68, owner at 69.
                     frame_flags: 68,
-                    _reserved: 0,
+                    code_linetable: 136,
                 },
                 marker: Marker::IsEntry { byte: 0 },
                 owner_byte: 1,
@@ -86,7 +86,7 @@ impl Version {
                     frame_instr: 56,
                     // owner at 70.
                     frame_flags: 68,
-                    _reserved: 0,
+                    code_linetable: 136,
                 },
                 marker: Marker::CStackOwner,
                 owner_byte: 2,
@@ -115,7 +115,7 @@ impl Version {
                     frame_instr: 56,
                     // owner at 70.
                     frame_flags: 68,
-                    _reserved: 0,
+                    code_linetable: 136,
                 },
                 marker: Marker::CStackOwner,
                 owner_byte: 2,

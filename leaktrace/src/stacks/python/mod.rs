@@ -111,10 +111,12 @@ pub struct PyProcess<M = std::fs::File> {
     names: Arc<PyNames>,
     /// The latest Python frames per thread (`pid_tgid`), until its allocation comes.
     pending: HashMap<u64, Pending>,
-    codes: HashMap<u64, Option<Code>>,
-    /// The address standing for each (code object, instruction) seen; `None` for an incomplete
-    /// frame (not shown).
-    frames: HashMap<(u64, u64), Option<u64>>,
+    /// By address and `co_linetable` pointer: another code object made where one was freed
+    /// has another line table.
+    codes: HashMap<(u64, u64), Option<Code>>,
+    /// The address standing for each (code object, line table, instruction) seen; `None` for
+    /// an incomplete frame (not shown).
+    frames: HashMap<(u64, u64, u64), Option<u64>>,
     groups: Vec<Vec<u64>>,
 }
 
@@ -173,6 +175,7 @@ impl<M: Memory> PyProcess<M> {
                     instr_addr: u64_at(at + 8).unwrap_or(0),
                     flags: u32_at(at + 16).unwrap_or(0),
                     _pad: 0,
+                    linetable_addr: u64_at(at + 24).unwrap_or(0),
                 }
             })
             .collect();
@@ -226,7 +229,7 @@ impl<M: Memory> PyProcess<M> {
                 next_group(&mut groups, &mut n);
                 continue;
             }
-            if let Some(address) = self.frame(frame.code_addr, frame.instr_addr) {
+            if let Some(address) = self.frame(frame) {
                 groups[n - 1].push(address);
             }
             if let Marker::IsEntry { byte: at } = self.interp.offsets.marker
@@ -241,15 +244,16 @@ impl<M: Memory> PyProcess<M> {
 
     /// The address that stands for the frame running `instr` of the code object at `code`;
     /// `None` for a frame that has not started (not shown).
-    fn frame(&mut self, code: u64, instr: u64) -> Option<u64> {
-        if let Some(&known) = self.frames.get(&(code, instr)) {
+    fn frame(&mut self, frame: &PyFrame) -> Option<u64> {
+        let (code, instr, linetable) = (frame.code_addr, frame.instr_addr, frame.linetable_addr);
+        if let Some(&known) = self.frames.get(&(code, linetable, instr)) {
             return known;
         }
         let (memory, offsets, code_type) =
             (&self.memory, &self.interp.offsets, self.interp.code_type);
         let parsed = self
             .codes
-            .entry(code)
+            .entry((code, linetable))
             .or_insert_with(|| Code::read(memory, offsets, code, code_type));
         let address = match parsed {
             Some(parsed) => parsed.lasti(instr).map(|lasti| {
@@ -266,7 +270,7 @@ impl<M: Memory> PyProcess<M> {
                 line: None,
             })),
         };
-        self.frames.insert((code, instr), address);
+        self.frames.insert((code, linetable, instr), address);
         address
     }
 }
@@ -314,6 +318,7 @@ mod tests {
             r.extend(f.instr_addr.to_ne_bytes());
             r.extend(f.flags.to_ne_bytes());
             r.extend([0; 4]);
+            r.extend(f.linetable_addr.to_ne_bytes());
         }
         r
     }
@@ -324,6 +329,7 @@ mod tests {
             instr_addr: code + offsets.code.code_adaptive + 2,
             flags,
             _pad: 0,
+            linetable_addr: code + 0x3000,
         }
     }
 
@@ -376,6 +382,7 @@ mod tests {
             instr_addr: 0,
             flags: u32::from(OWNED_BY_CSTACK) << 16,
             _pad: 0,
+            linetable_addr: 0,
         };
         let frames = [
             at_line_3(0x10_0000, &o, 0),
@@ -415,12 +422,14 @@ mod tests {
             instr_addr: 0x10_0000 + o.code.code_adaptive - 2,
             flags: 0,
             _pad: 0,
+            linetable_addr: 0x10_3000,
         };
         let garbage = PyFrame {
             code_addr: 0xdead_0000,
             instr_addr: 1,
             flags: 1,
             _pad: 0,
+            linetable_addr: 0,
         };
         py.take(&record(1, 1, &[incomplete, garbage])).unwrap();
         let mut out = Vec::new();
@@ -434,6 +443,31 @@ mod tests {
                 line: None
             })
         );
+    }
+
+    #[test]
+    fn code_made_where_other_code_was_freed_is_named_for_what_it_is() {
+        let (mut py, names) = process(Version::V3_11);
+        let o = py.interpreter().offsets;
+        let frame = at_line_3(0x10_0000, &o, 1);
+        py.take(&record(1, 1, &[frame])).unwrap();
+        let mut out = Vec::new();
+        py.mix(1, 1, &[EVAL.0 + 1], &mut out);
+        assert_eq!(named(&names, &out), ["leak:3"]);
+        // `leak`'s code object freed; `other`'s made at its address, with its own line table.
+        py.memory
+            .put_code(&o, 0x10_0000, ("other", "/app/y.py", 2, TABLE));
+        py.memory.put_u64(0x10_0000 + o.code.linetable, 0x10_5000);
+        py.memory
+            .put_u64(0x10_5000 + layout::OB_SIZE, TABLE.len() as u64);
+        py.memory.put(0x10_5000 + layout::BYTES_DATA, TABLE);
+        let moved = PyFrame {
+            linetable_addr: 0x10_5000,
+            ..frame
+        };
+        py.take(&record(1, 2, &[moved])).unwrap();
+        py.mix(1, 2, &[EVAL.0 + 1], &mut out);
+        assert_eq!(named(&names, &out), ["other:3"]);
     }
 
     #[test]
