@@ -237,7 +237,7 @@ fn spawn_mode_finds_the_interpreter_after_exec_and_names_every_leak() {
         "--interval",
         "0.5",
         "--duration",
-        "4",
+        "6",
         "--top",
         "1000",
         "--",

@@ -29,6 +29,7 @@ use aya::maps::MapData;
 
 /// `bpf(2)` commands and constants of the uapi (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
@@ -195,6 +196,43 @@ impl MultiPrograms {
     pub fn get(&self, name: &str) -> Option<BorrowedFd<'_>> {
         self.programs.get(name).map(|fd| fd.as_fd())
     }
+
+    /// Per program: its name, its runs and its run time in ns (the kernel's statistics, zero
+    /// while they are off), as `Probes::program_stats` gives them for aya's copies.
+    pub fn run_stats(&self) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
+        self.programs.iter().filter_map(|(name, fd)| {
+            let (runs, run_time_ns) = run_stats(fd.as_fd()).ok()?;
+            Some((name.as_str(), runs, run_time_ns))
+        })
+    }
+}
+
+/// `bpf_prog_info`'s `run_time_ns` and `run_cnt` of a program (include/uapi/linux/bpf.h): the
+/// info is read up to `run_cnt`, the kernel fills what it has and zeroes nothing past it.
+fn run_stats(program: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
+    const RUN_TIME_NS: usize = 192;
+    const RUN_CNT: usize = 200;
+    let mut info = [0u8; RUN_CNT + 8];
+    let mut attr = [0u8; ATTR_BYTES];
+    put(&mut attr, 0, (program.as_raw_fd() as u32).to_ne_bytes());
+    put(&mut attr, 4, (info.len() as u32).to_ne_bytes());
+    put(&mut attr, 8, (info.as_mut_ptr() as u64).to_ne_bytes());
+    // The command returns 0, not a descriptor.
+    let status = unsafe {
+        // SAFETY: `attr` is a bpf_attr of the size passed; `info` outlives the call and is as
+        // long as `attr` says.
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            ATTR_BYTES,
+        )
+    };
+    if status < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let word = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().unwrap_or_default());
+    Ok((word(RUN_CNT), word(RUN_TIME_NS)))
 }
 
 /// A uprobe_multi link; dropping it detaches all its probes.

@@ -1,6 +1,10 @@
 //! Loading the BPF programs and attaching them to the target's allocator.
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU32,
+    path::Path,
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -103,13 +107,27 @@ impl Probes {
         if self.run_time_stats.is_none() {
             return Vec::new();
         }
-        self.ebpf
-            .programs()
-            .filter_map(|(name, program)| {
-                let info = program.info().ok()?;
-                let runs = info.run_count();
-                (runs > 0).then(|| (name.to_owned(), runs, info.run_time().as_nanos() as u64))
-            })
+        // A program attached through uprobe_multi links runs as its second copy (`multi`):
+        // the runs of both copies add up.
+        let mut stats: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let aya = self.ebpf.programs().filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some((name, info.run_count(), info.run_time().as_nanos() as u64))
+        });
+        let multi = self
+            .multi
+            .iter()
+            .flatten()
+            .flat_map(|multi| multi.run_stats());
+        for (name, runs, run_time_ns) in aya.chain(multi) {
+            let sum = stats.entry(name.to_owned()).or_default();
+            sum.0 += runs;
+            sum.1 += run_time_ns;
+        }
+        stats
+            .into_iter()
+            .filter(|(_, (runs, _))| *runs > 0)
+            .map(|(name, (runs, run_time_ns))| (name, runs, run_time_ns))
             .collect()
     }
 
