@@ -164,56 +164,13 @@ impl ModuleCfi {
             let complete = if fde.in_eh_frame {
                 self.eh_frame.as_ref().is_some_and(|eh| {
                     let section = EhFrame::new(&eh.data, LittleEndian);
-                    let bases = self.bases(eh);
-                    section
-                        .fde_from_offset(
-                            &bases,
-                            EhFrameOffset(fde.offset),
-                            EhFrame::cie_from_offset,
-                        )
-                        .and_then(|f| {
-                            let mut table = f.rows(&section, &bases, &mut ctx)?;
-                            while let Some(row) = table.next_row()? {
-                                push_row(
-                                    &mut rows,
-                                    row.start_address(),
-                                    row_of(
-                                        row.cfa(),
-                                        row.register(X86_64::RA),
-                                        row.register(X86_64::RBP),
-                                    ),
-                                );
-                            }
-                            Ok(())
-                        })
-                        .is_ok()
+                    push_fde_rows(&section, &self.bases(eh), fde.offset, &mut ctx, &mut rows)
                 })
             } else {
                 self.debug_frame.as_ref().is_some_and(|debug| {
                     let section = DebugFrame::new(&debug.data, LittleEndian);
                     let bases = BaseAddresses::default();
-                    section
-                        .fde_from_offset(
-                            &bases,
-                            DebugFrameOffset(fde.offset),
-                            DebugFrame::cie_from_offset,
-                        )
-                        .and_then(|f| {
-                            let mut table = f.rows(&section, &bases, &mut ctx)?;
-                            while let Some(row) = table.next_row()? {
-                                push_row(
-                                    &mut rows,
-                                    row.start_address(),
-                                    row_of(
-                                        row.cfa(),
-                                        row.register(X86_64::RA),
-                                        row.register(X86_64::RBP),
-                                    ),
-                                );
-                            }
-                            Ok(())
-                        })
-                        .is_ok()
+                    push_fde_rows(&section, &bases, fde.offset, &mut ctx, &mut rows)
                 })
             };
             if !complete {
@@ -318,6 +275,39 @@ fn index<'a, S: UnwindSection<EndianSlice<'a, LittleEndian>>>(
 
 /// Appends a row at `pc` to `rows` (sorted): one at the same pc as the last replaces it (an
 /// FDE's end where the next one starts), one that repeats the last rule is left out.
+/// Appends the rows of the FDE at `offset` of `section` (`.eh_frame` or `.debug_frame`); false
+/// when gimli cannot evaluate it.
+fn push_fde_rows<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    offset: usize,
+    ctx: &mut UnwindContext<usize>,
+    rows: &mut Vec<UnwindRow>,
+) -> bool
+where
+    S: UnwindSection<EndianSlice<'a, LittleEndian>>,
+    S::Offset: From<usize>,
+{
+    section
+        .fde_from_offset(bases, offset.into(), S::cie_from_offset)
+        .and_then(|f| {
+            let mut table = f.rows(section, bases, ctx)?;
+            while let Some(row) = table.next_row()? {
+                push_row(
+                    rows,
+                    row.start_address(),
+                    row_of(
+                        row.cfa(),
+                        row.register(X86_64::RA),
+                        row.register(X86_64::RBP),
+                    ),
+                );
+            }
+            Ok(())
+        })
+        .is_ok()
+}
+
 fn push_row(rows: &mut Vec<UnwindRow>, pc: u64, rule: UnwindRow) {
     let row = UnwindRow { pc, ..rule };
     if let Some(last) = rows.last_mut()
