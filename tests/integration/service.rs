@@ -2,23 +2,13 @@
 //! libjemalloc2), under a loopback load from redis-benchmark, traced with no flag beyond `-p`.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::support::{Leaktrace, have_commands, installed, require_root};
-
-/// Kills the server when dropped, whatever happens in between.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{Leaktrace, Service, have_commands, installed, require_root};
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -77,7 +67,7 @@ fn redis_on_jemalloc_agrees_with_its_own_memory_accounting() {
         .local_addr()
         .unwrap()
         .port();
-    let server = Server(
+    let server = Service(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])

@@ -194,6 +194,17 @@ impl Drop for Fixture {
     }
 }
 
+/// A process that runs by itself (a service, the demo): killed when dropped, whatever happens
+/// in between.
+pub struct Service(pub Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn line_reader(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {

@@ -1,8 +1,11 @@
 //! What reports make of a trace over time, on the `patterns` fixture (a leak, a cache that
 //! fills and holds, a burst that is freed): leak, stable and shrinking stacks, --fail-on-leak on
-//! a plateau, and the stacks a report selects (--count, --min-size, --max-size, --sort).
+//! a plateau, and the stacks a report selects (--count, --min-size, --max-size, --sort); and on
+//! the demo's service, traced as `cargo xtask demo` traces it.
 
-use crate::support::{self, Fixture, Leaktrace, compile, require_root, stack_of};
+use std::process::{Command, Stdio};
+
+use crate::support::{self, Fixture, Leaktrace, Service, compile, require_root, stack_of};
 
 /// Starts `patterns` (see tests/fixtures/patterns.c) and traces it: for `secs` while it runs
 /// (then its cache goes quiet and leaktrace is stopped while the leak goes on), or, with `None`,
@@ -141,4 +144,69 @@ fn sort_by_count_puts_the_many_small_cache_entries_first() {
     let (by_bytes, report) = order("bytes");
     assert_eq!(by_bytes[0], "leak_site", "{report}");
     assert_eq!(by_bytes[1], "cache_put", "{report}");
+}
+
+#[test]
+fn the_demo_shows_its_leak_as_a_leak_its_cache_as_stable_and_no_churn() {
+    if !require_root() {
+        return;
+    }
+    // What `cargo xtask demo` does (xtask/src/main.rs): the service runs for 0.3 s, so its
+    // session cache is full of blocks from before attach, then is traced for 7 s, a report
+    // every 2 s, blocks younger than 10 ms left out.
+    let binary = compile("leaky_service", &[]);
+    let service = Service(
+        Command::new(&binary.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the demo service starts"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = service.0.id().to_string();
+    let outcome = Leaktrace::start(&[
+        "-p",
+        &pid,
+        "--interval",
+        "2",
+        "--duration",
+        "7",
+        "--min-age",
+        "0.01",
+        "--top",
+        "3",
+        "--format",
+        "json",
+    ])
+    .wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    assert_eq!(report["complete"], true, "{report}");
+    // The scratch buffer of each request is freed at once: no stack but these two.
+    assert_eq!(report["stack_count"], 2, "{report}");
+    assert!(stack_of(report, "parse_request").is_none(), "{report}");
+
+    // A request takes at least the 1 ms it sleeps: at most 11 of them in the last 10 ms.
+    let in_flight = 11;
+    let leak = stack_of(report, "remember_request").expect("the leak is reported");
+    assert_eq!(leak["kind"], "leak", "{leak}");
+    let count = leak["outstanding_allocations"].as_u64().unwrap();
+    let allocations = leak["allocations"].as_u64().unwrap();
+    assert_eq!(leak["outstanding_bytes"], count * 512, "{leak}");
+    assert_eq!(leak["allocated_bytes"], allocations * 512, "{leak}");
+    assert!(
+        count + in_flight >= allocations && count > 1000,
+        "every record since attach is held: {leak}"
+    );
+
+    // 256 blocks of 1024 bytes, each replaced every 256 requests: all of them younger than
+    // a report interval, the newest few left out.
+    let cache = stack_of(report, "session_cache_put").expect("the cache is reported");
+    assert_eq!(cache["kind"], "stable", "{cache}");
+    let count = cache["outstanding_allocations"].as_u64().unwrap();
+    assert!((256 - in_flight..=256).contains(&count), "{cache}");
+    assert_eq!(cache["outstanding_bytes"], count * 1024, "{cache}");
+    // A put and a record a request (the snapshot may fall between the two).
+    let puts = cache["allocations"].as_u64().unwrap();
+    assert!((allocations..=allocations + 1).contains(&puts), "{cache}");
+    assert!(cache["oldest_age_s"].as_f64().unwrap() < 2.0, "{cache}");
 }

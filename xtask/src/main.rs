@@ -321,7 +321,7 @@ fn demo() -> anyhow::Result<()> {
         bail!("leaktrace failed ({status})");
     }
     step(
-        "the top stack is the leak (remember_request); the per-request scratch buffers are absent",
+        "the top stack is the leak (remember_request), the session cache below it is stable; the per-request scratch buffers are absent",
     );
     Ok(())
 }

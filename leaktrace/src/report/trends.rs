@@ -13,7 +13,8 @@ pub enum Kind {
     Leak,
     /// Grew over the window, but too briefly or too unevenly to call it a leak.
     Growing,
-    /// Flat (within 1%) over the last samples: high usage, not a leak.
+    /// Flat (within 1%) over the last samples, or within 5% while below its earlier peak or
+    /// while every block it holds came after the first of them: high usage, not a leak.
     Stable,
     /// Fell over the window.
     Shrinking,
@@ -134,9 +135,16 @@ impl Trends {
         // --min-age): within 5%, and no higher than the peak it reached before the last
         // samples, it holds, while a leak makes a new high every few samples.
         let earlier_peak = bytes[..bytes.len() - recent.len()].iter().max().copied();
-        let below_peak = recent.len() >= MIN_LEAK_SAMPLES
-            && (high - low) as f64 <= 0.05 * high as f64
-            && earlier_peak.is_some_and(|peak| high as f64 <= 1.01 * peak as f64);
+        let jitters = recent.len() >= MIN_LEAK_SAMPLES && (high - low) as f64 <= 0.05 * high as f64;
+        let below_peak =
+            jitters && earlier_peak.is_some_and(|peak| high as f64 <= 1.01 * peak as f64);
+        // Every block it holds is younger than the first of the last samples: all it held then
+        // was freed since, so its level is entries coming and going (a full cache that churns),
+        // and a level that jitters within 5% is not accumulation, even above an earlier peak
+        // that was a single sample of the same jitter.
+        let turned_over = series
+            .get(series.len().saturating_sub(MIN_LEAK_SAMPLES))
+            .is_some_and(|&(t, _)| oldest_age_s < self.latest_s - t);
         let never_fell = bytes.windows(2).all(|w| w[1] >= w[0]);
         let still_rising = recent.windows(2).all(|w| w[1] > w[0]);
         // Old allocations never reclaimed: one made before the window's second sample is
@@ -146,7 +154,7 @@ impl Trends {
             .is_some_and(|&(t, _)| oldest_age_s >= self.latest_s - t);
         let kind = if bytes.len() > MIN_LEAK_SAMPLES && never_fell && still_rising && holds_old {
             Kind::Leak
-        } else if flat || below_peak {
+        } else if flat || below_peak || (jitters && turned_over) {
             Kind::Stable
         } else if last > first {
             Kind::Growing
