@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use crate::support::{self, Fixture, Leaktrace, Service, compile, require_root, stack_of};
 
+include!("../fixtures/leaky_service_trace.rs");
+
 /// Starts `patterns` (see tests/fixtures/patterns.c) and traces it: for `secs` while it runs
 /// (then its cache goes quiet and leaktrace is stopped while the leak goes on), or, with `None`,
 /// until leaktrace ends by itself.
@@ -151,9 +153,8 @@ fn the_demo_shows_its_leak_as_a_leak_its_cache_as_stable_and_no_churn() {
     if !require_root() {
         return;
     }
-    // What `cargo xtask demo` does (xtask/src/main.rs): the service runs for 0.3 s, so its
-    // session cache is full of blocks from before attach, then is traced for 7 s, a report
-    // every 2 s, blocks younger than 10 ms left out.
+    // What `cargo xtask demo` does: the service runs for a moment, so its session cache is full
+    // of blocks from before attach, then is traced with the demo's flags.
     let binary = compile("leaky_service", &[]);
     let service = Service(
         Command::new(&binary.path)
@@ -161,23 +162,11 @@ fn the_demo_shows_its_leak_as_a_leak_its_cache_as_stable_and_no_churn() {
             .spawn()
             .expect("the demo service starts"),
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(DEMO_HEAD_START_MS));
     let pid = service.0.id().to_string();
-    let outcome = Leaktrace::start(&[
-        "-p",
-        &pid,
-        "--interval",
-        "2",
-        "--duration",
-        "7",
-        "--min-age",
-        "0.01",
-        "--top",
-        "3",
-        "--format",
-        "json",
-    ])
-    .wait();
+    let mut args = vec!["-p", &pid, "--format", "json"];
+    args.extend(DEMO_FLAGS);
+    let outcome = Leaktrace::start(&args).wait();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
     assert_eq!(report["complete"], true, "{report}");

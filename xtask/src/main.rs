@@ -249,6 +249,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// Cases per property test in `cargo xtask test`.
 const FUZZ_CASES: &str = "10000";
 
+include!("../../tests/fixtures/leaky_service_trace.rs");
+
 /// Kills the demo service when dropped, whatever happens in between.
 struct Child(std::process::Child);
 
@@ -297,23 +299,13 @@ fn demo() -> anyhow::Result<()> {
             .context("starting the demo service")?,
     );
     let pid = child.0.id().to_string();
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_millis(DEMO_HEAD_START_MS));
     step(&format!(
         "tracing the demo service (pid {pid}) for 7 s: a report every 2 s, blocks younger than 10 ms (requests in flight) left out"
     ));
     let status = Command::new(root.join("target/release/leaktrace"))
-        .args([
-            "-p",
-            &pid,
-            "--interval",
-            "2",
-            "--duration",
-            "7",
-            "--min-age",
-            "0.01",
-            "--top",
-            "3",
-        ])
+        .args(["-p", &pid])
+        .args(DEMO_FLAGS)
         .status()
         .context("running leaktrace")?;
     drop(child);

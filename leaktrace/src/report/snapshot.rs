@@ -420,42 +420,29 @@ mod tests {
         // under --min-age 0.01 the requests of the last 10 ms are left out, 5 to 9 of them, so
         // its level jitters by 1.6% around a plateau whose first sample was its only earlier
         // peak. Its oldest block is 0.3 s old: everything it held 3 s ago has been freed.
-        let cache = [
-            (2.0, 252_928),
-            (4.0, 257_024),
-            (6.0, 252_928),
-            (7.0, 252_928),
-        ];
-        assert_eq!(kind_at(&cache, 0.3), Kind::Stable);
-        let cache = [
-            (2.0, 248_832),
-            (4.0, 252_928),
-            (6.0, 250_880),
-            (7.0, 257_024),
-        ];
-        assert_eq!(kind_at(&cache, 0.4), Kind::Stable);
+        let at_reports = |bytes: &[u64], oldest_age_s: f64| {
+            let samples: Vec<(f64, u64)> = [2.0, 4.0, 6.0, 7.0]
+                .into_iter()
+                .zip(bytes.iter().copied())
+                .collect();
+            kind_at(&samples, oldest_age_s)
+        };
+        let cache = [252_928, 257_024, 252_928, 252_928];
+        assert_eq!(at_reports(&cache, 0.3), Kind::Stable);
+        let cache = [248_832, 252_928, 250_880, 257_024];
+        assert_eq!(at_reports(&cache, 0.4), Kind::Stable);
         // The same levels kept by blocks that are never freed: above the earlier peak by
         // more than 1%, that is growth.
-        assert_eq!(kind_at(&cache, 7.0), Kind::Growing);
+        assert_eq!(at_reports(&cache, 7.0), Kind::Growing);
         // A stack whose blocks all come and go but that grows by more than 5% (a backlog):
         // growing, not stable.
-        let backlog = [
-            (2.0, 240_000),
-            (4.0, 250_000),
-            (6.0, 260_000),
-            (7.0, 265_000),
-        ];
-        assert_eq!(kind_at(&backlog, 0.3), Kind::Growing);
+        let backlog = [240_000, 250_000, 260_000, 265_000];
+        assert_eq!(at_reports(&backlog, 0.3), Kind::Growing);
         // Before its third report the cache has gone from nothing to full: too early to say.
-        assert_eq!(kind_at(&cache[..2], 0.3), Kind::Growing);
+        assert_eq!(at_reports(&cache[..2], 0.3), Kind::Growing);
         // The audit list: 512 bytes a request, never freed.
-        let leak = [
-            (2.0, 820_736),
-            (4.0, 1_648_128),
-            (6.0, 2_465_792),
-            (7.0, 2_881_536),
-        ];
-        assert_eq!(kind_at(&leak, 7.0), Kind::Leak);
+        let leak = [820_736, 1_648_128, 2_465_792, 2_881_536];
+        assert_eq!(at_reports(&leak, 7.0), Kind::Leak);
     }
 
     #[test]
