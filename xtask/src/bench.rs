@@ -235,6 +235,22 @@ impl Fixture {
     }
 }
 
+/// How long attaching may take: leaktrace loads and attaches in well under a second, but the
+/// machine may be busy.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until leaktrace, whose stderr's lines these are, says that every probe is attached.
+pub(crate) fn until_attached(stderr: &mpsc::Receiver<String>) -> anyhow::Result<()> {
+    loop {
+        match stderr.recv_timeout(ATTACH_TIMEOUT) {
+            Ok(line) if line.starts_with("leaktrace: tracing pid") => return Ok(()),
+            Ok(line) if line.starts_with("leaktrace: error") => bail!("{line}"),
+            Ok(_) => {}
+            Err(_) => bail!("leaktrace did not attach within {ATTACH_TIMEOUT:?}"),
+        }
+    }
+}
+
 /// Lines of a child's output, read on a thread so that waiting for one can time out.
 pub(crate) fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -305,27 +321,26 @@ fn rotated<T: Copy>(items: &[T], round: usize) -> Vec<T> {
     v
 }
 
-/// `[round][config] -> workload -> ns per pair`
-struct Micro {
-    rounds: Vec<BTreeMap<&'static str, BTreeMap<String, f64>>>,
-    /// Events leaktrace lost in its microbenchmark runs, and the events it saw.
-    lost_events: u64,
-    events: u64,
-    return_without_entry: u64,
-}
+/// Per round: config -> workload -> ns per call (or pair).
+type Rounds = Vec<BTreeMap<&'static str, BTreeMap<String, f64>>>;
 
-fn micro(args: &Args, binary: &Path) -> anyhow::Result<Micro> {
-    let mut micro = Micro {
-        rounds: Vec::new(),
-        lost_events: 0,
-        events: 0,
-        return_without_entry: 0,
-    };
+/// Runs malloc_bench once per configuration and round, configurations in an order that
+/// rotates from round to round: `command` is what the fixture runs (`run SECS`, `traps SECS`),
+/// and `traced` sees what each tracer said.
+fn fixture_rounds(
+    args: &Args,
+    binary: &Path,
+    what: &str,
+    configs: &[Config],
+    command: &str,
+    mut traced: impl FnMut(&Config, Option<tracer::Outcome>) -> anyhow::Result<()>,
+) -> anyhow::Result<Rounds> {
+    let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let mut results = BTreeMap::new();
-        for config in rotated(&MICRO_CONFIGS, round) {
+        for config in rotated(configs, round) {
             step(&format!(
-                "microbenchmark round {}/{}: {}",
+                "{what} round {}/{}: {}",
                 round + 1,
                 args.rounds,
                 config.name
@@ -333,24 +348,53 @@ fn micro(args: &Args, binary: &Path) -> anyhow::Result<Micro> {
             let mut fixture = Fixture::start(binary)?;
             expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
             let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
-            fixture.send(&format!("run {}", args.seconds))?;
+            fixture.send(command)?;
             let ns = fixture.results(Duration::from_secs_f64(args.seconds * 20.0 + 30.0))?;
-            let outcome = tracing.stop()?;
+            traced(&config, tracing.stop()?)?;
+            fixture.send("quit")?;
+            results.insert(config.name, ns);
+        }
+        rounds.push(results);
+    }
+    Ok(rounds)
+}
+
+/// `[round][config] -> workload -> ns per pair`
+struct Micro {
+    rounds: Rounds,
+    /// Events leaktrace lost in its microbenchmark runs, and the events it saw.
+    lost_events: u64,
+    events: u64,
+    return_without_entry: u64,
+}
+
+fn micro(args: &Args, binary: &Path) -> anyhow::Result<Micro> {
+    let (mut lost_events, mut events, mut return_without_entry) = (0, 0, 0);
+    let rounds = fixture_rounds(
+        args,
+        binary,
+        "microbenchmark",
+        &MICRO_CONFIGS,
+        &format!("run {}", args.seconds),
+        |config, outcome| {
             if config.name == LEAKTRACE.name {
                 let outcome = outcome.context("leaktrace wrote no report")?;
                 if outcome.allocations == 0 {
                     bail!("leaktrace saw no allocation: it did not trace the fixture");
                 }
-                micro.lost_events += outcome.lost_events;
-                micro.events += outcome.allocations + outcome.frees;
-                micro.return_without_entry += outcome.return_without_entry;
+                lost_events += outcome.lost_events;
+                events += outcome.allocations + outcome.frees;
+                return_without_entry += outcome.return_without_entry;
             }
-            fixture.send("quit")?;
-            results.insert(config.name, ns);
-        }
-        micro.rounds.push(results);
-    }
-    Ok(micro)
+            Ok(())
+        },
+    )?;
+    Ok(Micro {
+        rounds,
+        lost_events,
+        events,
+        return_without_entry,
+    })
 }
 
 fn expect(line: &str, want: &str) -> anyhow::Result<()> {

@@ -22,8 +22,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{
-    Child, bench::lines_of, bench_watch::status_kib, build_release, fixture, require_root, run,
-    setup, step, workspace,
+    Child,
+    bench::{lines_of, until_attached},
+    bench_watch::status_kib,
+    fixture, leaktrace_binary, require_root, run, setup, step, workspace,
 };
 
 #[derive(clap::Args)]
@@ -57,14 +59,7 @@ pub fn bench_memory(args: &Args) -> anyhow::Result<()> {
     setup()?;
     require_root("bench-memory (it traces real processes)")?;
     let root = workspace();
-    let leaktrace = match &args.leaktrace {
-        Some(path) => path.clone(),
-        None => {
-            step("building leaktrace (release)");
-            build_release(&[])?;
-            root.join("target/release/leaktrace")
-        }
-    };
+    let leaktrace = leaktrace_binary(args.leaktrace.as_deref())?;
     let dir = root.join(format!("target/bench-memory/{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = parts(args, &leaktrace, &dir);
@@ -141,14 +136,7 @@ impl Tracer {
         );
         let err = lines_of(child.0.stderr.take().context("leaktrace's stderr")?);
         let out = lines_of(child.0.stdout.take().context("leaktrace's stdout")?);
-        loop {
-            let line = err
-                .recv_timeout(Duration::from_secs(60))
-                .context("leaktrace did not attach")?;
-            if line.starts_with("leaktrace: tracing pid") {
-                break;
-            }
-        }
+        until_attached(&err)?;
         // Its later messages are not needed; the thread drains them.
         Ok(Self {
             child,

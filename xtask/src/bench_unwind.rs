@@ -8,17 +8,20 @@
 //! ns per pair, the cost added by tracing, and that cost relative to frame pointers.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::Path,
     process::{ChildStdin, Command, Stdio},
     sync::mpsc,
-    thread,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::{Child, build_release, require_root, run, setup, step, workspace};
+use crate::{
+    Child,
+    bench::{lines_of, until_attached},
+    leaktrace_binary, require_root, run, setup, step, workspace,
+};
 
 /// One way of running the fixture.
 struct Config {
@@ -73,8 +76,7 @@ fn configs() -> Vec<Config> {
 pub fn bench_unwind(pairs: u64, runs: usize) -> anyhow::Result<()> {
     setup()?;
     require_root("bench-unwind")?;
-    step("building leaktrace (release)");
-    build_release(&[])?;
+    let leaktrace = leaktrace_binary(None)?;
     let root = workspace();
     let dir = root.join("target/bench-unwind");
     std::fs::create_dir_all(&dir)?;
@@ -90,7 +92,6 @@ pub fn bench_unwind(pairs: u64, runs: usize) -> anyhow::Result<()> {
             .arg(binary)
             .arg(&source))?;
     }
-    let leaktrace = root.join("target/release/leaktrace");
     let configs = configs();
     let mut samples: Vec<Samples> = configs.iter().map(|_| Samples::default()).collect();
     for run in 1..=runs {
@@ -128,7 +129,7 @@ fn measure(
             .context("starting the fixture")?,
     );
     let mut stdin = fixture.0.stdin.take().context("fixture stdin")?;
-    let out = lines(fixture.0.stdout.take().context("fixture stdout")?);
+    let out = lines_of(fixture.0.stdout.take().context("fixture stdout")?);
     expect(&out, "ready")?;
     let report = dir.join("report.json");
     let mut tracer = None;
@@ -145,15 +146,8 @@ fn measure(
                 .spawn()
                 .context("starting leaktrace")?,
         );
-        let err = lines(child.0.stderr.take().context("leaktrace stderr")?);
-        loop {
-            let line = err
-                .recv_timeout(Duration::from_secs(60))
-                .context("leaktrace did not attach")?;
-            if line.starts_with("leaktrace: tracing pid") {
-                break;
-            }
-        }
+        let err = lines_of(child.0.stderr.take().context("leaktrace stderr")?);
+        until_attached(&err)?;
         tracer = Some(child);
         tracer_err = Some(err);
     }
@@ -189,19 +183,6 @@ fn measure(
     }
     drop(stdin);
     Ok(())
-}
-
-fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn expect(out: &mpsc::Receiver<String>, want: &str) -> anyhow::Result<String> {

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Child, build_release, fixture, require_root, run, setup, step, workspace};
+use crate::{Child, fixture, leaktrace_binary, require_root, run, setup, step, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,14 +43,7 @@ pub fn bench_watch(args: &Args) -> anyhow::Result<()> {
     setup()?;
     require_root("bench-watch")?;
     let root = workspace();
-    let leaktrace = match &args.leaktrace {
-        Some(path) => path.clone(),
-        None => {
-            step("building leaktrace (release)");
-            build_release(&[])?;
-            root.join("target/release/leaktrace")
-        }
-    };
+    let leaktrace = leaktrace_binary(args.leaktrace.as_deref())?;
     let dir = root.join("target/bench-watch");
     std::fs::create_dir_all(&dir)?;
     let service = dir.join(format!("watch-churn-{}", std::process::id()));

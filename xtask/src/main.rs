@@ -278,11 +278,26 @@ fn build_release(examples: &[&str]) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// The workspace's leaktrace binary, as `build_release` builds it.
+fn release_leaktrace() -> PathBuf {
+    workspace().join("target/release/leaktrace")
+}
+
+/// The leaktrace binary to run: `given` (a bench's `--leaktrace`, to compare builds side by
+/// side), or else the workspace's, built in release mode first.
+fn leaktrace_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_owned());
+    }
+    step("building leaktrace (release)");
+    build_release(&[])?;
+    Ok(release_leaktrace())
+}
+
 fn demo() -> anyhow::Result<()> {
     setup()?;
     require_root("the demo")?;
-    step("building leaktrace");
-    build_release(&[])?;
+    let leaktrace = leaktrace_binary(None)?;
     let root = workspace();
     let demo_dir = root.join("target/demo");
     std::fs::create_dir_all(&demo_dir)?;
@@ -303,7 +318,7 @@ fn demo() -> anyhow::Result<()> {
     step(&format!(
         "tracing the demo service (pid {pid}) for 7 s: a report every 2 s, blocks younger than 10 ms (requests in flight) left out"
     ));
-    let status = Command::new(root.join("target/release/leaktrace"))
+    let status = Command::new(leaktrace)
         .args(["-p", &pid])
         .args(DEMO_FLAGS)
         .status()

@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::lines_of;
-use crate::{Child, workspace};
+use super::{ATTACH_TIMEOUT, lines_of, until_attached};
+use crate::{Child, release_leaktrace};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Tracer {
@@ -57,10 +57,6 @@ pub struct Tracing {
     /// Its output, read on a thread so that the tracer never blocks on a full pipe.
     lines: Option<mpsc::Receiver<String>>,
 }
-
-/// How long attaching may take: leaktrace loads and attaches in well under a second, but the
-/// machine may be busy.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Tracing {
     pub fn start(tracer: Tracer, pid: u32, dir: &Path) -> anyhow::Result<Self> {
@@ -144,7 +140,7 @@ impl Tracing {
 fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     let report = dir.join("leaktrace.json");
     let mut child = Child(
-        Command::new(workspace().join("target/release/leaktrace"))
+        Command::new(release_leaktrace())
             .args([
                 "-p",
                 &pid.to_string(),
@@ -164,15 +160,7 @@ fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
             .context("starting leaktrace")?,
     );
     let lines = lines_of(child.0.stderr.take().context("leaktrace stderr")?);
-    // It says so once every probe is attached.
-    loop {
-        match lines.recv_timeout(ATTACH_TIMEOUT) {
-            Ok(line) if line.starts_with("leaktrace: tracing pid") => break,
-            Ok(line) if line.starts_with("leaktrace: error") => bail!("{line}"),
-            Ok(_) => {}
-            Err(_) => bail!("leaktrace did not attach within {ATTACH_TIMEOUT:?}"),
-        }
-    }
+    until_attached(&lines)?;
     Ok(Tracing {
         child: Some(child),
         report: Some(report),

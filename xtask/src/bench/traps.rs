@@ -9,44 +9,29 @@
 //! its thread's CPU time (the traps run in its context), which is also what the guard divides
 //! by, and which leaves out the time a busy machine keeps it waiting for a CPU.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::path::Path;
 
 use super::{
-    Args, Config, FLOOR, FLOOR_FREE_AT_ENTRY, Fixture, UNTRACED, bench_dir, expect, rotated,
-    stats::Summary, tracer::Tracing,
+    Args, Config, FLOOR, FLOOR_FREE_AT_ENTRY, Rounds, UNTRACED, fixture_rounds, stats::Summary,
 };
-use crate::step;
 
 const CONFIGS: [Config; 3] = [UNTRACED, FLOOR, FLOOR_FREE_AT_ENTRY];
 
-/// Per round: config -> workload -> ns per call (or pair).
+/// What each configuration's runs of the fixture measured, round by round.
 pub struct Traps {
-    rounds: Vec<BTreeMap<&'static str, BTreeMap<String, f64>>>,
+    rounds: Rounds,
 }
 
 pub fn traps(args: &Args, binary: &Path) -> anyhow::Result<Traps> {
-    let mut traps = Traps { rounds: Vec::new() };
-    for round in 0..args.rounds {
-        let mut results = BTreeMap::new();
-        for config in rotated(&CONFIGS, round) {
-            step(&format!(
-                "trap costs round {}/{}: {}",
-                round + 1,
-                args.rounds,
-                config.name
-            ));
-            let mut fixture = Fixture::start(binary)?;
-            expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
-            let tracing = Tracing::start(config.tracer, fixture.pid(), &bench_dir())?;
-            fixture.send(&format!("traps {}", args.seconds))?;
-            let ns = fixture.results(Duration::from_secs_f64(args.seconds * 20.0 + 30.0))?;
-            tracing.stop()?;
-            fixture.send("quit")?;
-            results.insert(config.name, ns);
-        }
-        traps.rounds.push(results);
-    }
-    Ok(traps)
+    let rounds = fixture_rounds(
+        args,
+        binary,
+        "trap costs",
+        &CONFIGS,
+        &format!("traps {}", args.seconds),
+        |_, _| Ok(()),
+    )?;
+    Ok(Traps { rounds })
 }
 
 impl Traps {
