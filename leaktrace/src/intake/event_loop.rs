@@ -705,68 +705,24 @@ pub fn apply(
         return Ok(());
     }
     let user = user_stack(record)?;
-    let event = decode(record, &mut scratch.frames)?;
+    let mut event = decode(record, &mut scratch.frames)?;
+    let Some((frames, truncated)) = event.stack() else {
+        heap.apply(&event, space);
+        return Ok(());
+    };
     let Scratch { unwound, mixed, .. } = scratch;
-    let (event, unwound_frames) = match (user, event) {
-        (
-            Some(user),
-            Event::Alloc {
-                ts_ns,
-                addr,
-                size_bytes,
-                old_addr,
-                entry_ts_ns,
-                frames,
-                truncated,
-            },
-        ) if addr != 0 => {
+    let (native, truncated): (&[u64], bool) = match user {
+        // A stack copy: unwound here, into frames that replace the record's. A call that
+        // returned no block has no stack to keep.
+        Some(user) if !matches!(event, Event::Alloc { addr: 0, .. }) => {
             let truncated = unwinder.unwind(space, &user, frames, truncated, unwound);
-            (
-                Event::Alloc {
-                    ts_ns,
-                    addr,
-                    size_bytes,
-                    old_addr,
-                    entry_ts_ns,
-                    frames: &[],
-                    truncated,
-                },
-                true,
-            )
+            (unwound, truncated)
         }
-        (
-            Some(user),
-            Event::Map {
-                ts_ns,
-                addr,
-                size_bytes,
-                source,
-                frames,
-                truncated,
-            },
-        ) => {
-            let truncated = unwinder.unwind(space, &user, frames, truncated, unwound);
-            (
-                Event::Map {
-                    ts_ns,
-                    addr,
-                    size_bytes,
-                    source,
-                    frames: &[],
-                    truncated,
-                },
-                true,
-            )
-        }
-        (_, event) => (event, false),
+        _ => (frames, truncated),
     };
-    let native: &[u64] = match &event {
-        Event::Alloc { frames, .. } | Event::Map { frames, .. } if !unwound_frames => frames,
-        _ => unwound,
-    };
-    let allocation = match &event {
-        Event::Alloc { ts_ns, addr, .. } | Event::Map { ts_ns, addr, .. } if *addr != 0 => {
-            Some(*ts_ns)
+    let allocation = match event {
+        Event::Alloc { ts_ns, addr, .. } | Event::Map { ts_ns, addr, .. } if addr != 0 => {
+            Some(ts_ns)
         }
         _ => None,
     };
@@ -775,41 +731,7 @@ pub fn apply(
         _ => false,
     };
     let frames: &[u64] = if mixed_in { mixed } else { native };
-    let event = match event {
-        Event::Alloc {
-            ts_ns,
-            addr,
-            size_bytes,
-            old_addr,
-            entry_ts_ns,
-            truncated,
-            ..
-        } => Event::Alloc {
-            ts_ns,
-            addr,
-            size_bytes,
-            old_addr,
-            entry_ts_ns,
-            frames,
-            truncated,
-        },
-        Event::Map {
-            ts_ns,
-            addr,
-            size_bytes,
-            source,
-            truncated,
-            ..
-        } => Event::Map {
-            ts_ns,
-            addr,
-            size_bytes,
-            source,
-            frames,
-            truncated,
-        },
-        event => event,
-    };
+    event.set_stack(frames, truncated);
     heap.apply(&event, space);
     Ok(())
 }

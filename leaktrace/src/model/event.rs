@@ -43,6 +43,35 @@ pub enum Event<'a> {
     },
 }
 
+impl<'a> Event<'a> {
+    /// The call stack of an allocation or a mapping: its frames and whether they were cut short.
+    pub fn stack(&self) -> Option<(&'a [u64], bool)> {
+        match *self {
+            Self::Alloc {
+                frames, truncated, ..
+            }
+            | Self::Map {
+                frames, truncated, ..
+            } => Some((frames, truncated)),
+            Self::Free { .. } | Self::Unmap { .. } => None,
+        }
+    }
+
+    /// Gives an allocation or a mapping another call stack (one unwound from a stack copy, or
+    /// with the interpreter's frames mixed in); an event without a stack stays as it is.
+    pub fn set_stack(&mut self, stack: &'a [u64], cut_short: bool) {
+        match self {
+            Self::Alloc {
+                frames, truncated, ..
+            }
+            | Self::Map {
+                frames, truncated, ..
+            } => (*frames, *truncated) = (stack, cut_short),
+            Self::Free { .. } | Self::Unmap { .. } => {}
+        }
+    }
+}
+
 /// Where a mapped range comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapSource {
