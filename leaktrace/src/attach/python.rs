@@ -15,7 +15,10 @@ use crate::{
         maps::{Mapping, ProcMaps},
         process,
     },
-    stacks::python::{Interpreter, PyProcess, layout::Version},
+    stacks::python::{
+        Interpreter, PyProcess,
+        layout::{Offsets, Version},
+    },
     target::modules::Modules,
 };
 
@@ -113,6 +116,29 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
             "leaktrace: warning: {path} is CPython {which}, whose frames leaktrace cannot read (3.11, 3.12 and 3.13 it can): Python allocations are shown with native frames only"
         ));
     };
+    let runtime_addr = runtime.wrapping_add(bias);
+    // 3.13 describes its own layout in the first bytes of `_PyRuntime`, as its build wrote
+    // them into the file (the interpreter never changes them).
+    let offsets = if known.has_debug_offsets() {
+        let bytes = file_offset(runtime)
+            .and_then(|at| data.get(usize::try_from(at).ok()?..))
+            .unwrap_or_default();
+        let hex = version.unwrap_or_default();
+        match Offsets::from_debug_offsets(bytes, hex, runtime_addr) {
+            Ok(offsets) => offsets,
+            Err(why) => {
+                return Found::Unknown(format!(
+                    "leaktrace: warning: {path} is CPython {}, but {why}: Python allocations are shown with native frames only",
+                    known.name()
+                ));
+            }
+        }
+    } else {
+        match known.header_tables(runtime_addr) {
+            Some(offsets) => offsets,
+            None => return Found::None,
+        }
+    };
     let eval_ranges = symbol("_PyEval_EvalFrameDefault")
         .map(|(vaddr, size)| {
             let start = vaddr.wrapping_add(bias);
@@ -121,7 +147,7 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
         .unwrap_or_default();
     Found::Known(Box::new(Interpreter {
         version: known,
-        offsets: known.offsets(runtime.wrapping_add(bias)),
+        offsets,
         eval_ranges,
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),

@@ -290,7 +290,7 @@ mod tests {
     const EVAL: (u64, u64) = (0x40_0000, 0x40_8000);
 
     fn process(version: Version) -> (PyProcess<FakeMemory>, Arc<PyNames>) {
-        let offsets = version.offsets(0);
+        let offsets = version.header_tables(0).unwrap();
         let mut mem = FakeMemory::default();
         mem.put_code(&offsets, 0x10_0000, ("leak", "/app/x.py", 2, TABLE));
         mem.put_code(&offsets, 0x20_0000, ("main", "/app/x.py", 2, TABLE));
