@@ -174,6 +174,35 @@ fn pyenv_python_with_malloc(version: &str, minor: &str) {
     assert_named(&report);
 }
 
+/// Built without link-time optimization, pyenv's CPython calls `PyObject_Malloc` and
+/// `PyObject_Free` as functions: with pymalloc, its small objects are seen one by one.
+fn pyenv_python_with_pymalloc(version: &str) {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv(version) else {
+        return;
+    };
+    let (truth, report) = trace(&python, &[]);
+    assert_sites(&truth, &report, &["remember", "record"]);
+    assert_named(&report);
+}
+
+#[test]
+fn pyenv_python_3_11_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.11.7");
+}
+
+#[test]
+fn pyenv_python_3_12_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.12.1");
+}
+
+#[test]
+fn pyenv_python_3_13_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.13.0");
+}
+
 #[test]
 fn pyenv_python_3_11_in_libpython_names_every_leak_exactly() {
     pyenv_python_with_malloc("3.11.7", "3.11");
