@@ -135,6 +135,26 @@ fn debian_python3_with_malloc_names_every_leak_at_its_line_exactly() {
     assert_eq!(truth["python"], "3.11");
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+    assert_eq!(
+        pymalloc_reasons(&report),
+        0,
+        "{}",
+        report["incomplete_reasons"]
+    );
+}
+
+/// The reasons a report gives for being incomplete that say pymalloc hides objects.
+fn pymalloc_reasons(report: &Value) -> usize {
+    report["incomplete_reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r.as_str()
+                .unwrap()
+                .contains("has pymalloc compiled into its callers")
+        })
+        .count()
 }
 
 #[test]
@@ -146,6 +166,15 @@ fn debian_python3_with_pymalloc_names_large_objects_at_their_line_exactly() {
     let (truth, report) = trace(DEBIAN_PYTHON, &[]);
     assert_sites(&truth, &report, &["remember"]);
     assert_named(&report);
+    // Debian's build inlines pymalloc into its callers: the small objects (the history's
+    // bytearrays) are not seen, and the report says so.
+    assert_eq!(report["complete"], false);
+    assert_eq!(
+        pymalloc_reasons(&report),
+        1,
+        "{}",
+        report["incomplete_reasons"]
+    );
 }
 
 /// pyenv's builds, where the machine has them (CI's fresh machine may not): each test says so
@@ -172,6 +201,41 @@ fn pyenv_python_with_malloc(version: &str, minor: &str) {
     assert_eq!(truth["python"], minor);
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+}
+
+/// Built without link-time optimization, pyenv's CPython calls `PyObject_Malloc` and
+/// `PyObject_Free` as functions: with pymalloc, its small objects are seen one by one.
+fn pyenv_python_with_pymalloc(version: &str) {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv(version) else {
+        return;
+    };
+    let (truth, report) = trace(&python, &[]);
+    assert_sites(&truth, &report, &["remember", "record"]);
+    assert_named(&report);
+    assert_eq!(
+        pymalloc_reasons(&report),
+        0,
+        "{}",
+        report["incomplete_reasons"]
+    );
+}
+
+#[test]
+fn pyenv_python_3_11_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.11.7");
+}
+
+#[test]
+fn pyenv_python_3_12_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.12.1");
+}
+
+#[test]
+fn pyenv_python_3_13_with_pymalloc_names_small_objects_exactly() {
+    pyenv_python_with_pymalloc("3.13.0");
 }
 
 #[test]

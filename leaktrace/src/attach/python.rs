@@ -15,7 +15,11 @@ use crate::{
         maps::{Mapping, ProcMaps},
         process,
     },
-    stacks::python::{Interpreter, PyProcess, layout::Version},
+    stacks::python::{
+        Interpreter, PyProcess,
+        code::Memory,
+        layout::{Offsets, Version},
+    },
     target::modules::Modules,
 };
 
@@ -113,19 +117,148 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
             "leaktrace: warning: {path} is CPython {which}, whose frames leaktrace cannot read (3.11, 3.12 and 3.13 it can): Python allocations are shown with native frames only"
         ));
     };
+    let runtime_addr = runtime.wrapping_add(bias);
+    // 3.13 describes its own layout in the first bytes of `_PyRuntime`, as its build wrote
+    // them into the file (the interpreter never changes them).
+    let offsets = if known.has_debug_offsets() {
+        let bytes = file_offset(runtime)
+            .and_then(|at| data.get(usize::try_from(at).ok()?..))
+            .unwrap_or_default();
+        let hex = version.unwrap_or_default();
+        match Offsets::from_debug_offsets(bytes, hex, runtime_addr) {
+            Ok(offsets) => offsets,
+            Err(why) => {
+                return Found::Unknown(format!(
+                    "leaktrace: warning: {path} is CPython {}, but {why}: Python allocations are shown with native frames only",
+                    known.name()
+                ));
+            }
+        }
+    } else {
+        match known.header_tables(runtime_addr) {
+            Some(offsets) => offsets,
+            None => return Found::None,
+        }
+    };
     let eval_ranges = symbol("_PyEval_EvalFrameDefault")
         .map(|(vaddr, size)| {
             let start = vaddr.wrapping_add(bias);
             vec![(start, start + size)]
         })
         .unwrap_or_default();
+    // Where the exported function's code is in the file, for the decoder.
+    let speculated_malloc = symbol("PyObject_Malloc")
+        .and_then(|(vaddr, size)| {
+            let at = usize::try_from(file_offset(vaddr)?).ok()?;
+            let len = usize::try_from(size.clamp(1, 256)).ok()?;
+            speculated_allocator(data.get(at..at + len)?, vaddr)
+        })
+        .map(|(slot, function)| (slot.wrapping_add(bias), function.wrapping_add(bias)));
     Found::Known(Box::new(Interpreter {
         version: known,
-        offsets: known.offsets(runtime.wrapping_add(bias)),
+        offsets,
         eval_ranges,
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
+        speculated_malloc,
+        unseen: None,
     }))
+}
+
+/// The object allocator table's `malloc` slot and the function that `PyObject_Malloc`'s
+/// `code` (at address `ip`) compares it with before calling through it, if it does.
+///
+/// A build with link-time optimization (Debian's python3.11) devirtualizes the table's calls
+/// speculatively: `if (_PyObject.malloc == _PyObject_Malloc) { pymalloc, inlined } else
+/// _PyObject.malloc(...)`, in `PyObject_Malloc` and in every function that `PyObject_Malloc`
+/// was inlined into (194 places in Debian's 3.11.2, against 23 calls to `_PyObject_Malloc`;
+/// `PyObject_Free` likewise). While the table holds that function (pymalloc, the default),
+/// neither the exported functions nor the table's are called for most objects: no probe can
+/// see them. Decoded: a load of a rip-relative slot into a register (`mov slot(%rip), %reg`),
+/// then `cmp $function, %reg`, `cmp %reg, %reg2` after `lea function(%rip), %reg2`, or
+/// `cmpq $function, slot(%rip)`, before any jump, call or return.
+pub fn speculated_allocator(code: &[u8], ip: u64) -> Option<(u64, u64)> {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, OpKind, Register};
+
+    #[derive(Clone, Copy)]
+    enum Held {
+        Slot(u64),
+        Address(u64),
+    }
+    let mut held: Vec<(Register, Held)> = Vec::new();
+    let get = |held: &[(Register, Held)], r: Register| {
+        held.iter().rev().find(|(h, _)| *h == r).map(|&(_, v)| v)
+    };
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    for _ in 0..24 {
+        if !decoder.can_decode() {
+            break;
+        }
+        let i = decoder.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        let rip_relative = i.is_ip_rel_memory_operand();
+        match i.code() {
+            Code::Mov_r64_rm64 if rip_relative => {
+                held.push((i.op0_register(), Held::Slot(i.ip_rel_memory_address())));
+                continue;
+            }
+            Code::Lea_r64_m if rip_relative => {
+                held.push((i.op0_register(), Held::Address(i.ip_rel_memory_address())));
+                continue;
+            }
+            Code::Cmp_rm64_imm32 if rip_relative => {
+                return Some((i.ip_rel_memory_address(), i.immediate32to64() as u64));
+            }
+            Code::Cmp_rm64_imm32 | Code::Cmp_RAX_imm32 if i.op0_kind() == OpKind::Register => {
+                if let Some(Held::Slot(slot)) = get(&held, i.op0_register()) {
+                    return Some((slot, i.immediate32to64() as u64));
+                }
+            }
+            Code::Cmp_rm64_r64 | Code::Cmp_r64_rm64
+                if i.op0_kind() == OpKind::Register && i.op1_kind() == OpKind::Register =>
+            {
+                match (get(&held, i.op0_register()), get(&held, i.op1_register())) {
+                    (Some(Held::Slot(slot)), Some(Held::Address(function)))
+                    | (Some(Held::Address(function)), Some(Held::Slot(slot))) => {
+                        return Some((slot, function));
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        match i.flow_control() {
+            FlowControl::Next | FlowControl::ConditionalBranch => {}
+            _ => return None,
+        }
+        // Anything else that writes a register forgets what it held.
+        if i.op_count() > 0 && i.op0_kind() == OpKind::Register {
+            let written = i.op0_register().full_register();
+            held.retain(|(r, _)| r.full_register() != written);
+        }
+    }
+    None
+}
+
+/// Says, once and in the reports, when the probes cannot see this interpreter's small objects:
+/// its object allocator is pymalloc, compiled into its callers (`speculated_allocator`).
+/// `memory` is the target's.
+pub fn check_objects_seen(pid: u32, interp: &mut Interpreter, memory: &impl Memory) {
+    let Some((slot, function)) = interp.speculated_malloc else {
+        return;
+    };
+    if memory.u64_at(slot) != Some(function) {
+        // Another allocator (PYTHONMALLOC=malloc, debug): every call goes through the table.
+        return;
+    }
+    let unseen = format!(
+        "{} has pymalloc compiled into its callers (link-time optimization): Python objects of up to 512 bytes are not seen one by one (PYTHONMALLOC=malloc, set when the service starts, shows them)",
+        interp.module
+    );
+    crate::status!("leaktrace: warning: pid {pid}: {unseen}");
+    interp.unseen = Some(unseen);
 }
 
 /// `3.10` in `/usr/lib/libpython3.10.so.1.0`.
@@ -155,8 +288,11 @@ pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProc
             crate::status!("{warning}");
             None
         }
-        Found::Known(interp) => match process::memory(pid) {
-            Ok(memory) => Some(PyProcess::new(*interp, memory, modules.python_names())),
+        Found::Known(mut interp) => match process::memory(pid) {
+            Ok(memory) => {
+                check_objects_seen(pid, &mut interp, &memory);
+                Some(PyProcess::new(*interp, memory, modules.python_names()))
+            }
             Err(err) => {
                 crate::status!(
                     "leaktrace: warning: cannot read the memory of pid {pid} ({err}): Python allocations are shown with native frames only"
@@ -194,6 +330,60 @@ mod tests {
         assert_eq!(version_in_name("/usr/bin/pythonx.y").as_deref(), None);
     }
 
+    #[test]
+    fn a_speculated_allocator_call_is_decoded_in_each_of_its_forms() {
+        // Debian's 3.11: push; test; mov slot(%rip),%rax; cmp $function,%rax; jne.
+        let debian = [
+            0x53, 0x48, 0x85, 0xff, 0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0x48, 0x3d, 0x50, 0xb4, 0x4f,
+            0, 0x75, 0x10,
+        ];
+        assert_eq!(
+            speculated_allocator(&debian, 0x1000),
+            Some((0x100b + 0x10, 0x4f_b450))
+        );
+        // Position-independent: mov slot(%rip),%rax; lea function(%rip),%rdx; cmp %rdx,%rax.
+        let pic = [
+            0x48, 0x8b, 0x05, 0, 1, 0, 0, 0x48, 0x8d, 0x15, 0, 2, 0, 0, 0x48, 0x39, 0xd0,
+        ];
+        assert_eq!(
+            speculated_allocator(&pic, 0x1000),
+            Some((0x1007 + 0x100, 0x100e + 0x200))
+        );
+        // cmpq $function, slot(%rip).
+        let memory = [0x48, 0x81, 0x3d, 0x20, 0, 0, 0, 0x50, 0xb4, 0x4f, 0];
+        assert_eq!(
+            speculated_allocator(&memory, 0x1000),
+            Some((0x100b + 0x20, 0x4f_b450))
+        );
+    }
+
+    #[test]
+    fn allocators_called_without_a_test_or_garbage_give_none() {
+        // pyenv's builds: mov %rdi,%rsi; test; js; mov slot(%rip),%rdi; jmp *slot+8(%rip).
+        let pyenv = [
+            0x48, 0x89, 0xfe, 0x48, 0x85, 0xff, 0x78, 0x0e, 0x48, 0x8b, 0x3d, 0x10, 0, 0, 0, 0xff,
+            0x25, 0x12, 0, 0, 0, 0x48, 0x3d, 0x50, 0xb4, 0x4f, 0,
+        ];
+        assert_eq!(speculated_allocator(&pyenv, 0x1000), None);
+        // The register loaded from the slot is overwritten before the test.
+        let clobbered = [
+            0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0x48, 0x31, 0xc0, 0x48, 0x3d, 0x50, 0xb4, 0x4f, 0,
+        ];
+        assert_eq!(speculated_allocator(&clobbered, 0x1000), None);
+        // A compare with a register that holds no address.
+        let unknown = [0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0x48, 0x39, 0xd0];
+        assert_eq!(speculated_allocator(&unknown, 0x1000), None);
+        for garbage in [
+            &[][..],
+            &[0x48],
+            &[0x48, 0x8b, 0x05, 0x10],
+            &[0xff; 64],
+            &[0; 300],
+        ] {
+            assert_eq!(speculated_allocator(garbage, 0), None);
+        }
+    }
+
     /// Debian's python3 is 3.11 and never missing where the tests run.
     #[test]
     fn debian_s_python3_is_found_with_its_version_and_evaluation_loop() {
@@ -219,5 +409,17 @@ mod tests {
         assert_eq!(interp.version, Version::V3_11);
         assert_eq!(interp.eval_ranges.len(), 1);
         assert!(interp.code_type.is_some());
+        // Built with link-time optimization: PyObject_Malloc tests the table's pointer
+        // against a function of the executable's code before calling it.
+        let (slot, function) = interp.speculated_malloc.expect("a speculated call");
+        let in_mapping = |addr: u64, exec: bool| {
+            maps.mappings.iter().any(|m| {
+                m.path == "/usr/bin/python3.11"
+                    && m.start <= addr
+                    && addr < m.end
+                    && m.is_executable() == exec
+            })
+        };
+        assert!(in_mapping(function, true) && in_mapping(slot, false));
     }
 }

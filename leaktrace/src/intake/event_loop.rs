@@ -452,17 +452,22 @@ fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow:
                 crate::status!("{warning}");
                 traced.python_searched_at = None;
             }
-            Found::Known(interp) => {
+            Found::Known(mut interp) => {
                 traced.python_searched_at = None;
                 let Ok(memory) = process::memory(pid) else {
                     continue;
                 };
+                crate::attach::python::check_objects_seen(pid, &mut interp, &memory);
+                let unseen = interp.unseen.clone();
                 probes.set_python(pid, &interp.offsets.walk)?;
                 traced.target.python = Some(PyProcess::new(
                     *interp,
                     memory,
                     space.modules().python_names(),
                 ));
+                if let Some(unseen) = unseen {
+                    traced.add_gap(unseen);
+                }
             }
         }
     }
@@ -495,6 +500,13 @@ impl Traced {
         let python_searched_at = (session.target.python.is_none()
             && space.maps().mappings.is_empty())
         .then(|| space.changes());
+        let gaps = session
+            .target
+            .python
+            .as_ref()
+            .and_then(|py| py.interpreter().unseen.clone())
+            .into_iter()
+            .collect();
         Self {
             python_searched_at,
             exe: process::exe_id(session.target.pid),
@@ -503,7 +515,7 @@ impl Traced {
             unwinder: Unwinder::new(settings.max_depth),
             heap: HeapModel::new(settings.sampling),
             trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
-            gaps: Vec::new(),
+            gaps,
             children: 0,
             children_missed: 0,
         }

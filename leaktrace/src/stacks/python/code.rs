@@ -217,7 +217,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_code_object_names_its_function_file_and_lines() {
-        let offsets = Version::V3_11.offsets(0);
+        let offsets = Version::V3_11.header_tables(0).unwrap();
         let mut mem = FakeMemory::default();
         mem.put_code(&offsets, 0x10_0000, ("Cache.put", "/srv/app.py", 2, TABLE));
         let code = Code::read(&mem, &offsets, 0x10_0000, Some(0xc0de)).unwrap();
@@ -236,7 +236,7 @@ pub(crate) mod tests {
 
     #[test]
     fn damaged_code_objects_are_not_named_and_never_panic() {
-        let offsets = Version::V3_12.offsets(0);
+        let offsets = Version::V3_12.header_tables(0).unwrap();
         let mut mem = FakeMemory::default();
         // Nothing there.
         assert_eq!(Code::read(&mem, &offsets, 0x5000, None), None);

@@ -1,7 +1,12 @@
 //! Where each CPython version keeps what leaktrace reads: the offsets the BPF frame walk needs
 //! ([`PyLayout`]) and those user space needs to name a code object.
 //!
-//! Source of every number below: `offsetof`/`sizeof` compiled against each version's own
+//! 3.13 describes itself: `_PyRuntime` begins with `_Py_DebugOffsets` (cookie `xdebugpy`, the
+//! version, then sections of offsets, written by the interpreter's own build for out-of-process
+//! debuggers), read by [`Offsets::from_debug_offsets`]. 3.11 and 3.12 do not: for them the
+//! tables of [`Version::header_tables`] are the fallback.
+//!
+//! Source of every number in those tables: `offsetof`/`sizeof` compiled against each version's own
 //! headers with `Py_BUILD_CORE` (`Include/internal/pycore_runtime.h`, `pycore_interp.h`,
 //! `pycore_frame.h`, `Include/cpython/code.h`, `cpython/pystate.h`, `cpython/unicodeobject.h`,
 //! `cpython/bytesobject.h`): `tests/fixtures/python_offsets.c`, which the integration tests
@@ -40,9 +45,16 @@ impl Version {
         }
     }
 
-    /// The offsets of this version, with `_PyRuntime` at `runtime_addr`.
-    pub fn offsets(self, runtime_addr: u64) -> Offsets {
-        match self {
+    /// Whether the interpreter describes its own layout in `_Py_DebugOffsets`.
+    pub fn has_debug_offsets(self) -> bool {
+        self == Self::V3_13
+    }
+
+    /// The offsets of this version from the tables compiled against its headers, with
+    /// `_PyRuntime` at `runtime_addr`; `None` for a version that describes itself (3.13: see
+    /// [`Offsets::from_debug_offsets`]).
+    pub fn header_tables(self, runtime_addr: u64) -> Option<Offsets> {
+        Some(match self {
             Self::V3_11 => Offsets {
                 walk: PyLayout {
                     runtime_addr,
@@ -101,36 +113,124 @@ impl Version {
                 ascii_bytes: 40,
                 compact_unicode_bytes: 56,
             },
-            Self::V3_13 => Offsets {
-                walk: PyLayout {
-                    runtime_addr,
-                    runtime_interpreters_head: 632,
-                    interp_threads_head: 7344,
-                    tstate_next: 8,
-                    tstate_native_thread_id: 160,
-                    tstate_frame: 72,
-                    cframe_current_frame: NO_CFRAME,
-                    frame_previous: 8,
-                    frame_code: 0,
-                    frame_instr: 56,
-                    // owner at 70.
-                    frame_flags: 68,
-                    code_linetable: 136,
-                },
-                marker: Marker::CStackOwner,
-                owner_byte: 2,
-                code: CodeOffsets {
-                    filename: 112,
-                    qualname: 128,
-                    linetable: 136,
-                    firstlineno: 68,
-                    firsttraceable: 184,
-                    code_adaptive: 200,
-                },
-                ascii_bytes: 40,
-                compact_unicode_bytes: 56,
-            },
+            Self::V3_13 => return None,
+        })
+    }
+}
+
+/// The bytes of 3.13's `_Py_DebugOffsets` (`Include/internal/pycore_runtime.h`): the cookie, then
+/// 72 `uint64_t`s. Its layout changes between minor versions (3.14 added sections), so it is
+/// read only for the version whose layout this is.
+pub const DEBUG_OFFSETS_BYTES: usize = 8 + 72 * 8;
+/// `_Py_Debug_Cookie`.
+pub const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
+
+/// Why `_Py_DebugOffsets` cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DebugOffsetsError {
+    #[error("its _Py_DebugOffsets is missing or cut short")]
+    Short,
+    #[error("its _PyRuntime does not begin with the cookie \"xdebugpy\"")]
+    Cookie,
+    #[error("its _Py_DebugOffsets is of version {found:#x}, not Py_Version {want:#x}")]
+    Version { found: u64, want: u64 },
+    #[error("it is a free-threaded build, whose frames leaktrace cannot walk")]
+    FreeThreaded,
+    #[error("its _Py_DebugOffsets gives offsets beyond what the frame walk reads")]
+    Unfit,
+}
+
+impl Offsets {
+    /// The offsets a 3.13 interpreter gives of itself in `bytes`, the start of its `_PyRuntime`
+    /// (`_Py_DebugOffsets`), with `_PyRuntime` at `runtime_addr`; `py_version` is its
+    /// `Py_Version`, which the offsets must be of.
+    pub fn from_debug_offsets(
+        bytes: &[u8],
+        py_version: u64,
+        runtime_addr: u64,
+    ) -> Result<Self, DebugOffsetsError> {
+        let bytes = bytes
+            .get(..DEBUG_OFFSETS_BYTES)
+            .ok_or(DebugOffsetsError::Short)?;
+        if &bytes[..8] != DEBUG_COOKIE {
+            return Err(DebugOffsetsError::Cookie);
         }
+        // Field `i` of the struct after the cookie.
+        let field = |i: usize| {
+            let at = 8 + i * 8;
+            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
+        };
+        let version = field(0);
+        // The release level and serial (the low 16 bits) may differ: the layout is the
+        // minor version's.
+        if version >> 16 != py_version >> 16 {
+            return Err(DebugOffsetsError::Version {
+                found: version,
+                want: py_version,
+            });
+        }
+        if field(1) != 0 {
+            return Err(DebugOffsetsError::FreeThreaded);
+        }
+        // Indices of the fields used, in the order of the header's sections: runtime_state
+        // (size, finalizing, interpreters_head), interpreter_state (size, id, next,
+        // threads_head, ...), thread_state (size, prev, next, interp, current_frame,
+        // thread_id, native_thread_id, ...), interpreter_frame (size, previous, executable,
+        // instr_ptr, localsplus, owner), code_object (size, filename, name, qualname,
+        // linetable, firstlineno, argcount, localsplusnames, localspluskinds,
+        // co_code_adaptive), ..., unicode_object (size, state, length, asciiobject_size).
+        let owner = field(32);
+        let code_adaptive = field(42);
+        let ascii_bytes = field(69);
+        let offsets = Self {
+            walk: PyLayout {
+                runtime_addr,
+                runtime_interpreters_head: field(4),
+                interp_threads_head: field(8),
+                tstate_next: field(20),
+                tstate_native_thread_id: field(24),
+                tstate_frame: field(22),
+                cframe_current_frame: NO_CFRAME,
+                frame_previous: field(28),
+                frame_code: field(29),
+                frame_instr: field(30),
+                // The 4-byte word that holds `owner`, which the BPF walk reads whole.
+                frame_flags: owner & !3,
+                code_linetable: field(37),
+            },
+            marker: Marker::CStackOwner,
+            owner_byte: (owner & 3) as u8,
+            code: CodeOffsets {
+                filename: field(34),
+                qualname: field(36),
+                linetable: field(37),
+                firstlineno: field(38),
+                // Not described: in 3.13's `PyCodeObject`, `int _co_firsttraceable` and
+                // `void *co_extra` come right before `co_code_adaptive`.
+                firsttraceable: code_adaptive.wrapping_sub(16),
+                code_adaptive,
+            },
+            ascii_bytes,
+            // Not described: `PyCompactUnicodeObject` is `PyASCIIObject`, `utf8_length`
+            // and `utf8`.
+            compact_unicode_bytes: ascii_bytes.wrapping_add(16),
+        };
+        // Anything a code object or a string is read at stays within a page of its start.
+        let sane = |v: u64| v < 4096;
+        let named = [
+            offsets.code.filename,
+            offsets.code.qualname,
+            offsets.code.linetable,
+            offsets.code.firstlineno,
+            offsets.code.firsttraceable,
+            offsets.code.code_adaptive,
+            offsets.ascii_bytes,
+            offsets.compact_unicode_bytes,
+        ];
+        if !offsets.walk.frame_offsets_fit() || !named.into_iter().all(sane) {
+            return Err(DebugOffsetsError::Unfit);
+        }
+        Ok(offsets)
     }
 }
 
@@ -200,8 +300,176 @@ mod tests {
 
     #[test]
     fn every_table_fits_the_bpf_walk() {
-        for v in [Version::V3_11, Version::V3_12, Version::V3_13] {
-            assert!(v.offsets(0).walk.frame_offsets_fit(), "{v:?}");
+        for v in [Version::V3_11, Version::V3_12] {
+            assert!(
+                v.header_tables(0).unwrap().walk.frame_offsets_fit(),
+                "{v:?}"
+            );
+            assert!(!v.has_debug_offsets());
         }
+        assert!(Version::V3_13.header_tables(0).is_none());
+        assert!(Version::V3_13.has_debug_offsets());
+    }
+
+    /// `_Py_DebugOffsets` as pyenv's 3.13.0 (`libpython3.13.so.1.0`) has it at `_PyRuntime`.
+    const PY_3_13_0: [u64; 72] = [
+        0x030d_00f0,
+        0,
+        283_320,
+        608,
+        632,
+        194_968,
+        7272,
+        7264,
+        7344,
+        7400,
+        7656,
+        7640,
+        7648,
+        16,
+        7752,
+        0,
+        7768,
+        7760,
+        304,
+        0,
+        8,
+        16,
+        72,
+        152,
+        160,
+        232,
+        32,
+        80,
+        8,
+        0,
+        56,
+        72,
+        70,
+        208,
+        112,
+        120,
+        128,
+        136,
+        68,
+        52,
+        96,
+        104,
+        200,
+        16,
+        8,
+        416,
+        24,
+        88,
+        168,
+        32,
+        24,
+        16,
+        40,
+        24,
+        16,
+        48,
+        32,
+        40,
+        24,
+        16,
+        32,
+        16,
+        24,
+        40,
+        16,
+        32,
+        64,
+        32,
+        16,
+        40,
+        240,
+        200,
+    ];
+
+    fn debug_offsets(fields: &[u64; 72]) -> Vec<u8> {
+        let mut bytes = DEBUG_COOKIE.to_vec();
+        bytes.extend(fields.iter().flat_map(|f| f.to_le_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn python_3_13_describes_the_layout_its_headers_give() {
+        let bytes = debug_offsets(&PY_3_13_0);
+        let offsets = Offsets::from_debug_offsets(&bytes, 0x030d_00f0, 0x1234).unwrap();
+        // What `offsetof`/`sizeof` against pyenv's 3.13.0 headers gave
+        // (tests/fixtures/python_offsets.c).
+        let headers = Offsets {
+            walk: PyLayout {
+                runtime_addr: 0x1234,
+                runtime_interpreters_head: 632,
+                interp_threads_head: 7344,
+                tstate_next: 8,
+                tstate_native_thread_id: 160,
+                tstate_frame: 72,
+                cframe_current_frame: NO_CFRAME,
+                frame_previous: 8,
+                frame_code: 0,
+                frame_instr: 56,
+                frame_flags: 68,
+                code_linetable: 136,
+            },
+            marker: Marker::CStackOwner,
+            owner_byte: 2,
+            code: CodeOffsets {
+                filename: 112,
+                qualname: 128,
+                linetable: 136,
+                firstlineno: 68,
+                firsttraceable: 184,
+                code_adaptive: 200,
+            },
+            ascii_bytes: 40,
+            compact_unicode_bytes: 56,
+        };
+        assert_eq!(offsets, headers);
+        // A later patch release of the same minor version has the same layout.
+        assert!(Offsets::from_debug_offsets(&bytes, 0x030d_05f0, 0).is_ok());
+    }
+
+    #[test]
+    fn damaged_or_foreign_debug_offsets_are_refused() {
+        let good = debug_offsets(&PY_3_13_0);
+        let refused = |bytes: &[u8]| Offsets::from_debug_offsets(bytes, 0x030d_00f0, 0);
+        assert_eq!(refused(&[]), Err(DebugOffsetsError::Short));
+        assert_eq!(
+            refused(&good[..good.len() - 1]),
+            Err(DebugOffsetsError::Short)
+        );
+        let mut cookie = good.clone();
+        cookie[0] = b'y';
+        assert_eq!(refused(&cookie), Err(DebugOffsetsError::Cookie));
+        let mut fields = PY_3_13_0;
+        fields[0] = 0x030e_00f0;
+        assert!(matches!(
+            refused(&debug_offsets(&fields)),
+            Err(DebugOffsetsError::Version { .. })
+        ));
+        let mut fields = PY_3_13_0;
+        fields[1] = 1;
+        assert_eq!(
+            refused(&debug_offsets(&fields)),
+            Err(DebugOffsetsError::FreeThreaded)
+        );
+        // An owner byte beyond the part of a frame the BPF walk reads, an instruction
+        // pointer that is not a word, a code object field far outside the object.
+        for (i, bad) in [(32, 4094), (30, 57), (34, u64::MAX), (42, 3)] {
+            let mut fields = PY_3_13_0;
+            fields[i] = bad;
+            assert_eq!(
+                refused(&debug_offsets(&fields)),
+                Err(DebugOffsetsError::Unfit),
+                "field {i} = {bad}"
+            );
+        }
+        // Longer is fine: `_PyRuntime` goes on after it.
+        let mut longer = good;
+        longer.extend([0xff; 64]);
+        assert!(refused(&longer).is_ok());
     }
 }

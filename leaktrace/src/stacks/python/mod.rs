@@ -96,6 +96,13 @@ pub struct Interpreter {
     pub code_type: Option<u64>,
     /// The module that holds the interpreter, as the target names it.
     pub module: String,
+    /// When the exported `PyObject_Malloc` tests the object allocator table's `malloc`
+    /// against one function before calling it (`attach::python::speculated_allocator`): the
+    /// table slot's address and that function's, in the target.
+    pub speculated_malloc: Option<(u64, u64)>,
+    /// What the probes miss of this interpreter's allocations, when they miss something:
+    /// one sentence for the reports' `incomplete_reasons`.
+    pub unseen: Option<String>,
 }
 
 /// Python frames of an allocation that has not been seen yet.
@@ -290,7 +297,7 @@ mod tests {
     const EVAL: (u64, u64) = (0x40_0000, 0x40_8000);
 
     fn process(version: Version) -> (PyProcess<FakeMemory>, Arc<PyNames>) {
-        let offsets = version.offsets(0);
+        let offsets = version.header_tables(0).unwrap();
         let mut mem = FakeMemory::default();
         mem.put_code(&offsets, 0x10_0000, ("leak", "/app/x.py", 2, TABLE));
         mem.put_code(&offsets, 0x20_0000, ("main", "/app/x.py", 2, TABLE));
@@ -302,6 +309,8 @@ mod tests {
             eval_ranges: vec![EVAL],
             code_type: Some(0xc0de),
             module: "/usr/bin/python3.11".into(),
+            speculated_malloc: None,
+            unseen: None,
         };
         (PyProcess::new(interp, mem, names.clone()), names)
     }
