@@ -400,32 +400,22 @@ fn unwind_row(i: u32) -> Option<UnwindRow> {
     ))
 }
 
-/// The row of `pc` among the `rows` of `UNWIND_ROWS`: among the rows of its page
-/// (`UNWIND_PAGES`), a halving per call of a `bpf_loop` callback. The page index was measured
-/// worth it: a search of the whole table (~60k rows for libc and libstdc++, 16 halvings)
-/// cost ~300 ns per frame, most of the walk.
+/// The row of `pc` among the `rows` of `UNWIND_ROWS`: a binary search among the rows of its
+/// page (`UNWIND_PAGES`). The page index was measured worth it: a search of the whole table
+/// (~60k rows for libc and libstdc++, 16 halvings) cost ~300 ns per frame, most of the walk.
+/// The halvings run in a bounded loop inside the frame's callback, which the verifier accepts:
+/// a `bpf_loop` callback per halving cost far more (measured, docs/BENCHMARKS.md).
 #[inline(always)]
 fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
     // SAFETY: the value is plain data that user space writes whole.
     let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
-    let mut search = (pc, Search::within(*page, rows));
-    // SAFETY: `halve_rows` has the callback's signature and `search` outlives the call.
-    unsafe {
-        bpf_loop(
-            SEARCH_STEPS,
-            halve_rows as *mut c_void,
-            core::ptr::from_mut(&mut search).cast(),
-            0,
-        );
+    let mut search = Search::within(*page, rows);
+    for _ in 0..SEARCH_STEPS {
+        if !search.halve(pc, unwind_row) {
+            break;
+        }
     }
-    search.1.found(pc, unwind_row)
-}
-
-#[inline(never)]
-extern "C" fn halve_rows(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the search that `find_row` handed to bpf_loop.
-    let (pc, search) = unsafe { &mut *ctx.cast::<(u64, Search)>() };
-    i64::from(!search.halve(*pc, unwind_row))
+    search.found(pc, unwind_row)
 }
 
 /// `bpf_loop`'s callback: the caller of frame `index` into frame `index + 1`. Returns 1 to
