@@ -10,6 +10,7 @@ mod services;
 mod stats;
 mod tracer;
 mod traps;
+mod unwind;
 
 use std::{
     collections::BTreeMap,
@@ -57,6 +58,8 @@ enum Part {
     Aggregator,
     Traps,
     Python,
+    /// BPF time per allocation: frame pointers against `--unwind auto` without them.
+    Unwind,
 }
 
 /// Where the bench keeps its binaries, scripts and leaktrace's reports.
@@ -118,6 +121,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     let python = wanted(Part::Python)
         .then(|| python::python(args))
         .transpose()?;
+    let unwind = wanted(Part::Unwind)
+        .then(|| unwind::unwind(args))
+        .transpose()?;
 
     println!();
     println!(
@@ -143,6 +149,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(python) = python {
         python.print();
+    }
+    if let Some(unwind) = unwind {
+        unwind.print();
     }
     Ok(())
 }
