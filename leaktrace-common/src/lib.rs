@@ -1,15 +1,14 @@
 //! The contract between leaktrace's BPF programs and its user space: the records and map
 //! values they exchange, the names of the maps, programs and globals ([`names`]), and the pure
-//! logic both sides rely on (the sampling draw, [`sample`]; the layout and search of `FP_CODE`,
-//! [`fp_code`]; unwinding from `.eh_frame` tables, [`unwind_rows`]), tested on the host. With the `user` feature, [`record`] encodes records as the
-//! BPF side writes them, for user space's tests and benchmarks.
+//! logic both sides rely on (the sampling draw, [`sample`]; unwinding from `.eh_frame` tables,
+//! [`unwind_rows`]), tested on the host. With the `user` feature, [`record`] encodes records as
+//! the BPF side writes them, for user space's tests and benchmarks.
 //!
 //! Every type here crosses the kernel boundary byte for byte: `#[repr(C)]`, no implicit padding
 //! (explicit `_pad` fields), `u32` flags rather than `bool`, units in field names.
 #![no_std]
 
 pub mod args;
-pub mod fp_code;
 pub mod names;
 pub mod python;
 #[cfg(feature = "user")]
@@ -44,8 +43,8 @@ pub mod unwind {
     pub const FP: u32 = 0;
     /// Frame pointers, and a copy of the user stack with every allocation.
     pub const DWARF: u32 = 1;
-    /// Frame pointers where code keeps them (the `FP_CODE` map), tables built from `.eh_frame`
-    /// elsewhere ([`unwind_rows`](crate::unwind_rows)), and a copy of the user stack for a
+    /// Frame pointers where code keeps them (a `FRAME_POINTER` row of `UNWIND_ROWS`), tables
+    /// built from `.eh_frame` elsewhere ([`unwind_rows`](crate::unwind_rows)), and a copy of the user stack for a
     /// frame that neither covers.
     pub const AUTO: u32 = 2;
 }
@@ -55,9 +54,6 @@ pub mod unwind {
 pub const STACK_COPY_SIZES: [u32; 4] = [4096, 8192, 16384, 32768];
 /// Default bytes of user stack copied per allocation (chosen by measurement: see README).
 pub const DEFAULT_STACK_COPY_BYTES: u32 = 8192;
-/// Ranges of code known to keep frame pointers in the `FP_CODE` array map: element 0 holds the
-/// count, elements `1 + 2i` and `2 + 2i` the start and end of range `i`, sorted by start.
-pub const MAX_FP_RANGES: u32 = 32;
 
 /// The allocator entry point a [`Pending`] call entered; also tells user space which call
 /// produced an [`AllocEvent`].

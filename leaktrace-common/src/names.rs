@@ -8,8 +8,6 @@ pub mod map {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU counters, indexed by [`stat`](crate::stat).
     pub const STATS: &str = "STATS";
-    /// Code known to keep frame pointers ([`MAX_FP_RANGES`](crate::MAX_FP_RANGES)).
-    pub const FP_CODE: &str = "FP_CODE";
     /// Unwinding rows built from `.eh_frame` ([`unwind_rows`](crate::unwind_rows)).
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// The rows that cover each page of code, for `UNWIND_ROWS`'s search.
@@ -23,10 +21,9 @@ pub mod map {
     /// The `PyThreadState` found for each thread (a cache, checked at each use).
     pub const PY_TSTATES: &str = "PY_TSTATES";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 8] = [
         EVENTS,
         STATS,
-        FP_CODE,
         UNWIND_ROWS,
         UNWIND_PAGES,
         SAMPLED,

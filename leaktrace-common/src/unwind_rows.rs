@@ -97,9 +97,8 @@ pub fn find(pc: u64, count: u32, get: impl Fn(u32) -> Option<UnwindRow>) -> Opti
     search.found(pc, &get)
 }
 
-/// A binary search for the last row at or below a pc, one halving at a time: the BPF side
-/// runs each halving in a `bpf_loop` callback, which its verifier checks once, where it would
-/// follow both ways out of each of the 19 halvings of a loop (2^19 paths).
+/// A binary search for the last row at or below a pc, one halving at a time (the BPF side runs
+/// them in a bounded loop, inside the `bpf_loop` callback of a frame).
 #[derive(Clone, Copy, Debug)]
 pub struct Search {
     /// Rows below `lo` start at or below the pc; rows from `hi` on start above it.

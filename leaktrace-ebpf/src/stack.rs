@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::RetProbeContext,
 };
 use leaktrace_common::{
-    AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_FP_RANGES,
-    MAX_STACK_DEPTH, UserRegs, fp_code, stat, unwind,
+    AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_STACK_DEPTH,
+    UserRegs, stat, unwind,
     unwind_rows::{
         self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, Regs, SEARCH_STEPS, Search,
         Step, UnwindRow,
@@ -44,14 +44,10 @@ static UNWIND_MODE: u32 = unwind::FP;
 #[unsafe(no_mangle)]
 static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 
-/// Code known to keep frame pointers, as sorted address ranges (layout in leaktrace-common's
-/// `fp_code`). User space rewrites it when the target maps new code (dlopen); code not
-/// in it yet (a library just loaded, JIT code) counts as code without frame pointers.
-#[map]
-static FP_CODE: Array<u64> = Array::with_max_entries(1 + 2 * MAX_FP_RANGES, 0);
-
-/// Unwinding rows for code without frame pointers (layout in leaktrace-common's
-/// `unwind_rows`), for the same address space as `FP_CODE`, rewritten with it.
+/// Unwinding rows (layout in leaktrace-common's `unwind_rows`): a `FRAME_POINTER` row for code
+/// that keeps frame pointers, rows built from `.eh_frame` for the rest. User space rewrites
+/// them when the target maps new code (dlopen); code without rows yet (a library just loaded,
+/// JIT code) is left to the stack copy.
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 0);
 
@@ -319,8 +315,8 @@ struct Walk<'a> {
 }
 
 /// For `--unwind auto`: unwinds into `event.frames` (innermost first, as
-/// `walk_frame_pointers`) by frame pointers in code that keeps them (`FP_CODE`) and by the
-/// rows of `UNWIND_ROWS` elsewhere, and sets `stack_bytes` and `stack_truncated`. Returns
+/// `walk_frame_pointers`) by the rows of `UNWIND_ROWS` (frame pointers in code that keeps
+/// them, its `.eh_frame` rules elsewhere), and sets `stack_bytes` and `stack_truncated`. Returns
 /// false when a frame had no rule or a step failed: the stack needs a copy then.
 ///
 /// One frame per call of a `bpf_loop` callback: the verifier checks the callback once, where
@@ -378,17 +374,10 @@ pub fn walk_tables(
     !failed
 }
 
-/// Element `i` of `FP_CODE`, for `fp_code::find`. An element that cannot be read (past the
-/// map's end) starts past every pc. Never `None`: the payload of a `None` is undefined, and
-/// LLVM compares it all the same before it tests for `None`, which the verifier rejects (a
+/// Row `i` of `UNWIND_ROWS`, for `Search`. A row that cannot be read (past the map's end)
+/// starts past every pc (and has no rule). Never `None`: the payload of a `None` is undefined,
+/// and LLVM compares it all the same before it tests for `None`, which the verifier rejects (a
 /// register read before any write).
-#[inline(always)]
-fn fp_code_element(i: u32) -> Option<u64> {
-    Some(FP_CODE.get(i).map_or(u64::MAX, |&v| v))
-}
-
-/// Row `i` of `UNWIND_ROWS`, for `unwind_rows::find`; as `fp_code_element`, a row that
-/// cannot be read starts past every pc (and has no rule).
 #[inline(always)]
 fn unwind_row(i: u32) -> Option<UnwindRow> {
     Some(UNWIND_ROWS.get(i).map_or(
@@ -400,32 +389,22 @@ fn unwind_row(i: u32) -> Option<UnwindRow> {
     ))
 }
 
-/// The row of `pc` among the `rows` of `UNWIND_ROWS`: among the rows of its page
-/// (`UNWIND_PAGES`), a halving per call of a `bpf_loop` callback. The page index was measured
-/// worth it: a search of the whole table (~60k rows for libc and libstdc++, 16 halvings)
-/// cost ~300 ns per frame, most of the walk.
+/// The row of `pc` among the `rows` of `UNWIND_ROWS`: a binary search among the rows of its
+/// page (`UNWIND_PAGES`). The page index was measured worth it: a search of the whole table
+/// (~60k rows for libc and libstdc++, 16 halvings) cost ~300 ns per frame, most of the walk.
+/// The halvings run in a bounded loop inside the frame's callback, which the verifier accepts:
+/// a `bpf_loop` callback per halving cost far more (measured, docs/BENCHMARKS.md).
 #[inline(always)]
 fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
     // SAFETY: the value is plain data that user space writes whole.
     let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
-    let mut search = (pc, Search::within(*page, rows));
-    // SAFETY: `halve_rows` has the callback's signature and `search` outlives the call.
-    unsafe {
-        bpf_loop(
-            SEARCH_STEPS,
-            halve_rows as *mut c_void,
-            core::ptr::from_mut(&mut search).cast(),
-            0,
-        );
+    let mut search = Search::within(*page, rows);
+    for _ in 0..SEARCH_STEPS {
+        if !search.halve(pc, unwind_row) {
+            break;
+        }
     }
-    search.1.found(pc, unwind_row)
-}
-
-#[inline(never)]
-extern "C" fn halve_rows(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the search that `find_row` handed to bpf_loop.
-    let (pc, search) = unsafe { &mut *ctx.cast::<(u64, Search)>() };
-    i64::from(!search.halve(*pc, unwind_row))
+    search.found(pc, unwind_row)
 }
 
 /// `bpf_loop`'s callback: the caller of frame `index` into frame `index + 1`. Returns 1 to

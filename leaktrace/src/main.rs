@@ -8,7 +8,7 @@ use clap::Parser as _;
 use leaktrace::{
     attach::{
         allocator::{self, Allocator},
-        probes::{self, Unwind, UnwindRows},
+        probes::{self, Unwind},
         python, spawn,
     },
     config::{
@@ -114,14 +114,11 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let output = Output::open(reports.destination.clone(), reports.format, pids[0])?;
     let (ebpf, mut maps) = probes::load(config.load)?;
     if config.trace.unwind == Unwind::Auto {
-        // Before attaching: the first allocations already need to know where frame pointers
-        // can be trusted. The map holds one address space: the first traced process's.
+        // Before attaching: the first allocations already need their rows. The map holds one
+        // address space: the first traced process's.
         let space = &mut targets[0].0.space;
-        maps.fp_code
-            .set(&space.code_with_frame_pointers())
-            .context("filling the BPF map of code with frame pointers")?;
         maps.unwind_rows
-            .set(&space.unwind_rows(UnwindRows::MAX))
+            .update(space)
             .context("filling the BPF map of unwinding rows")?;
     }
     let mut probes = probes::Probes::new(ebpf, config.attach)?;

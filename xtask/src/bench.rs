@@ -10,6 +10,7 @@ mod services;
 mod stats;
 mod tracer;
 mod traps;
+mod unwind;
 
 use std::{
     collections::BTreeMap,
@@ -57,6 +58,8 @@ enum Part {
     Aggregator,
     Traps,
     Python,
+    /// BPF time per allocation: frame pointers against `--unwind auto` without them.
+    Unwind,
 }
 
 /// Where the bench keeps its binaries, scripts and leaktrace's reports.
@@ -118,6 +121,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     let python = wanted(Part::Python)
         .then(|| python::python(args))
         .transpose()?;
+    let unwind = wanted(Part::Unwind)
+        .then(|| unwind::unwind(args))
+        .transpose()?;
 
     println!();
     println!(
@@ -143,6 +149,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(python) = python {
         python.print();
+    }
+    if let Some(unwind) = unwind {
+        unwind.print();
     }
     Ok(())
 }
@@ -239,13 +248,15 @@ impl Fixture {
 /// machine may be busy.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Waits until leaktrace, whose stderr's lines these are, says that every probe is attached.
-pub(crate) fn until_attached(stderr: &mpsc::Receiver<String>) -> anyhow::Result<()> {
+/// Waits until leaktrace, whose stderr's lines these are, says that every probe is attached;
+/// returns what it wrote before (the attach summary, warnings).
+pub(crate) fn until_attached(stderr: &mpsc::Receiver<String>) -> anyhow::Result<Vec<String>> {
+    let mut early = Vec::new();
     loop {
         match stderr.recv_timeout(ATTACH_TIMEOUT) {
-            Ok(line) if line.starts_with("leaktrace: tracing pid") => return Ok(()),
+            Ok(line) if line.starts_with("leaktrace: tracing pid") => return Ok(early),
             Ok(line) if line.starts_with("leaktrace: error") => bail!("{line}"),
-            Ok(_) => {}
+            Ok(line) => early.push(line),
             Err(_) => bail!("leaktrace did not attach within {ATTACH_TIMEOUT:?}"),
         }
     }

@@ -2,6 +2,7 @@
 //! allocator it uses, where to probe it, and the BPF programs loaded and attached there.
 
 pub mod allocator;
+pub mod bpf_syscall;
 pub mod elf_symbols;
 pub mod forks;
 pub mod multi;

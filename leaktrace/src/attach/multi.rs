@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     ffi::CString,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -26,6 +26,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::MapData;
+
+use super::bpf_syscall::{ATTR_BYTES, bpf, bpf_status, put};
 
 /// `bpf(2)` commands and constants of the uapi (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -35,24 +37,6 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
-
-/// Size of `union bpf_attr` passed: the kernel takes any size up to its own, zeroes the rest.
-const ATTR_BYTES: usize = 128;
-
-fn bpf(command: libc::c_long, attr: &mut [u8; ATTR_BYTES]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a bpf_attr of the size passed, whose pointers point to live buffers
-    // for the duration of the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), ATTR_BYTES) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn put<const N: usize>(attr: &mut [u8; ATTR_BYTES], at: usize, bytes: [u8; N]) {
-    attr[at..at + N].copy_from_slice(&bytes);
-}
 
 /// The programs loaded for uprobe_multi links, by name.
 pub struct MultiPrograms {
@@ -217,20 +201,8 @@ fn run_stats(program: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
     put(&mut attr, 0, (program.as_raw_fd() as u32).to_ne_bytes());
     put(&mut attr, 4, (info.len() as u32).to_ne_bytes());
     put(&mut attr, 8, (info.as_mut_ptr() as u64).to_ne_bytes());
-    // The command returns 0, not a descriptor.
-    let status = unsafe {
-        // SAFETY: `attr` is a bpf_attr of the size passed; `info` outlives the call and is as
-        // long as `attr` says.
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            ATTR_BYTES,
-        )
-    };
-    if status < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY (of bpf_status's call): `info` outlives the call and is as long as `attr` says.
+    bpf_status(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let word = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().unwrap_or_default());
     Ok((word(RUN_CNT), word(RUN_TIME_NS)))
 }

@@ -3,20 +3,20 @@
 use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
+    os::fd::AsFd as _,
     path::Path,
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, IterableMap as _, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use leaktrace_common::{
-    MAX_FP_RANGES, fp_code,
     names::{global, map, program},
     python::{PY_LAYOUT_WORDS, PyLayout},
     stat,
@@ -25,11 +25,13 @@ use leaktrace_common::{
 
 use super::{
     allocator::{Allocator, EntryPoint},
+    bpf_syscall::update_batch,
     multi::{self, MultiLink, MultiPrograms},
     probe_point::Trap,
 };
 use crate::proc::process;
 use crate::status;
+use crate::target::address_space::AddressSpace;
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -235,44 +237,7 @@ impl Drop for Probes {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
-    pub fp_code: FramePointerCode,
     pub unwind_rows: UnwindRows,
-}
-
-/// The ranges of code that keeps frame pointers, where `--unwind auto` trusts the
-/// frame-pointer walk (and copies the stack for everything else).
-pub struct FramePointerCode {
-    map: Array<MapData, u64>,
-    current: Vec<(u64, u64)>,
-}
-
-impl FramePointerCode {
-    /// Replaces the ranges (sorted by start, disjoint). Past `MAX_FP_RANGES`, the smallest
-    /// ones are left out: code left out costs stack copies, never a wrong stack.
-    pub fn set(&mut self, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
-        let mut ranges = ranges.to_vec();
-        if ranges.len() > MAX_FP_RANGES as usize {
-            ranges.sort_by_key(|&(start, end)| std::cmp::Reverse(end - start));
-            ranges.truncate(MAX_FP_RANGES as usize);
-            ranges.sort_unstable();
-        }
-        if ranges == self.current {
-            return Ok(());
-        }
-        // The count goes last when ranges are added and first when removed, so that the BPF
-        // side never reads a range that is not written yet.
-        let count = ranges.len() as u64;
-        if count < self.current.len() as u64 {
-            self.map.set(fp_code::COUNT, count, 0)?;
-        }
-        for (i, &(start, end)) in (0..).zip(&ranges) {
-            self.map.set(fp_code::start(i), start, 0)?;
-            self.map.set(fp_code::end(i), end, 0)?;
-        }
-        self.map.set(fp_code::COUNT, count, 0)?;
-        self.current = ranges;
-        Ok(())
-    }
 }
 
 /// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`).
@@ -281,6 +246,10 @@ pub struct UnwindRows {
     pages: aya::maps::HashMap<MapData, u64, MapPage>,
     current: Vec<UnwindRow>,
     current_pages: Vec<u64>,
+    /// Whether to write in `BPF_MAP_UPDATE_BATCH` commands (until the kernel refuses one).
+    batches: bool,
+    /// Say how long each write took (`--print-row-writes`).
+    print: bool,
 }
 
 /// A [`PageRows`] as aya reads and writes map values.
@@ -304,11 +273,31 @@ impl UnwindRows {
     /// Rows the map holds at most.
     pub const MAX: usize = MAX_UNWIND_ROWS as usize - 1;
 
-    /// Replaces the rows (sorted by pc, at most [`Self::MAX`]).
-    pub fn set(&mut self, rows: &[UnwindRow]) -> anyhow::Result<()> {
+    /// Replaces the rows with those of the address space `space` as it is now.
+    pub fn update(&mut self, space: &mut AddressSpace) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let rows = space.unwind_rows(Self::MAX);
+        let built = started.elapsed();
+        let pages = self.set(&rows)?;
+        if self.print
+            && let Some(pages) = pages
+        {
+            status!(
+                "leaktrace: wrote {} unwinding rows and {pages} pages in {:.1} ms (built in {:.1} ms)",
+                rows.len(),
+                (started.elapsed() - built).as_secs_f64() * 1e3,
+                built.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+
+    /// Replaces the rows (sorted by pc, at most [`Self::MAX`]); the count of pages written,
+    /// or `None` when the rows were those in the map already.
+    fn set(&mut self, rows: &[UnwindRow]) -> anyhow::Result<Option<usize>> {
         let rows = &rows[..rows.len().min(Self::MAX)];
         if rows == self.current {
-            return Ok(());
+            return Ok(None);
         }
         let header = |count: usize| {
             MapRow(UnwindRow {
@@ -319,8 +308,23 @@ impl UnwindRows {
         // No rows while they are rewritten: a stack unwound meanwhile is copied instead of
         // mixing the old rows with the new.
         self.map.set(0, header(0), 0)?;
-        for (i, row) in (1..).zip(rows) {
-            self.map.set(i, MapRow(*row), 0)?;
+        let indices: Vec<u32> = (1..=rows.len() as u32).collect();
+        let values: Vec<MapRow> = rows.iter().copied().map(MapRow).collect();
+        if self.batches {
+            // Written whole or not at all as far as the BPF side knows: the header says 0
+            // until the end.
+            if let Err(err) = update_batch(self.map.map().fd().as_fd(), &indices, &values) {
+                if err.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(err).context("writing the unwinding rows");
+                }
+                // A kernel without batches (before 5.6): an element at a time, from now on.
+                self.batches = false;
+            }
+        }
+        if !self.batches {
+            for (&i, row) in indices.iter().zip(&values) {
+                self.map.set(i, row, 0)?;
+            }
         }
         let pages = crate::target::address_space::page_index(rows, MAX_UNWIND_PAGES as usize);
         let keep: std::collections::HashSet<u64> = pages.iter().map(|&(page, _)| page).collect();
@@ -331,13 +335,21 @@ impl UnwindRows {
         {
             self.pages.remove(page)?;
         }
-        for &(page, entry) in &pages {
-            self.pages.insert(page, MapPage(entry), 0)?;
+        let (page_keys, page_values): (Vec<u64>, Vec<MapPage>) = pages
+            .iter()
+            .map(|&(page, entry)| (page, MapPage(entry)))
+            .unzip();
+        let batched = self.batches
+            && update_batch(self.pages.map().fd().as_fd(), &page_keys, &page_values).is_ok();
+        if !batched {
+            for (page, entry) in page_keys.iter().zip(&page_values) {
+                self.pages.insert(page, entry, 0)?;
+            }
         }
         self.map.set(0, header(rows.len()), 0)?;
         self.current = rows.to_vec();
-        self.current_pages = pages.into_iter().map(|(page, _)| page).collect();
-        Ok(())
+        self.current_pages = page_keys;
+        Ok(Some(self.current_pages.len()))
     }
 }
 
@@ -413,6 +425,16 @@ pub struct LoadOptions {
     pub capture: StackCapture,
     /// `--sample-bytes`, or 0 to trace every block.
     pub sample_bytes: u64,
+    pub rows: RowWrites,
+}
+
+/// How the unwinding rows are written (benchmarks).
+#[derive(Clone, Copy, Debug)]
+pub struct RowWrites {
+    /// In `BPF_MAP_UPDATE_BATCH` commands where the kernel takes them.
+    pub batched: bool,
+    /// Say how long each write took, on stderr.
+    pub print: bool,
 }
 
 /// The BPF programs, built by build.rs from leaktrace-ebpf.
@@ -440,6 +462,7 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
         ringbuf_bytes,
         capture,
         sample_bytes,
+        rows,
     } = options;
     require_kernel_btf(Path::new(KERNEL_BTF))?;
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the memory cgroup.
@@ -468,22 +491,19 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     };
     let events = take_map(map::EVENTS)?;
     let stats = take_map(map::STATS)?;
-    let fp_code = take_map(map::FP_CODE)?;
     let unwind_rows = take_map(map::UNWIND_ROWS)?;
     let unwind_pages = take_map(map::UNWIND_PAGES)?;
     let maps = Maps {
         events: RingBuf::try_from(events).context("EVENTS is not a ring buffer")?,
         stats: Stats(PerCpuArray::try_from(stats).context("STATS is not a per-CPU array")?),
-        fp_code: FramePointerCode {
-            map: Array::try_from(fp_code).context("FP_CODE is not an array")?,
-            current: Vec::new(),
-        },
         unwind_rows: UnwindRows {
             map: Array::try_from(unwind_rows).context("UNWIND_ROWS is not an array")?,
             pages: aya::maps::HashMap::try_from(unwind_pages)
                 .context("UNWIND_PAGES is not a hash map")?,
             current: Vec::new(),
             current_pages: Vec::new(),
+            batches: rows.batched,
+            print: rows.print,
         },
     };
     Ok((ebpf, maps))

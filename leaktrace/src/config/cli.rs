@@ -175,6 +175,17 @@ pub struct Cli {
     /// (`leaktrace: bpf program NAME runs=N run_time_ns=T`).
     #[arg(long, hide = true)]
     pub print_program_times: bool,
+
+    /// Benchmarks only: write the unwinding rows (`--unwind auto`) with one map update per
+    /// element, as on kernels without batched updates (before 5.6), to measure what batches
+    /// save.
+    #[arg(long, hide = true)]
+    pub rows_one_at_a_time: bool,
+
+    /// Benchmarks only: print how long each write of the unwinding rows took, to stderr
+    /// (`leaktrace: wrote N unwinding rows and P pages in T ms (built in B ms)`).
+    #[arg(long, hide = true)]
+    pub print_row_writes: bool,
 }
 
 /// A value of a domain enum on the command line: its name, and its help when it has one.

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::cli::{Cli, Command};
 use crate::{
-    attach::probes::{AttachOptions, LoadOptions, StackCapture},
+    attach::probes::{AttachOptions, LoadOptions, RowWrites, StackCapture},
     intake::event_loop,
     metrics::ListenAddr,
     model::heap::Sampling,
@@ -90,6 +90,10 @@ impl Trace {
                     max_depth: cli.max_depth,
                 },
                 sample_bytes: cli.sample_bytes.unwrap_or(0),
+                rows: RowWrites {
+                    batched: !cli.rows_one_at_a_time,
+                    print: cli.print_row_writes,
+                },
             },
             attach: AttachOptions {
                 noop_programs: cli.noop_programs,

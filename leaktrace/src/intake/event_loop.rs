@@ -17,7 +17,7 @@ use super::decode::{DecodeError, decode, pid_tgid_of, tgid_of, user_stack};
 use crate::{
     attach::{
         forks::{ProcEvent, ProcEvents},
-        probes::{FramePointerCode, Maps, Probes, Unwind, UnwindRows},
+        probes::{Maps, Probes, Unwind, UnwindRows},
         python::Found,
     },
     guard::{self, Guard},
@@ -143,7 +143,6 @@ pub async fn run(
     let Maps {
         events,
         stats,
-        mut fp_code,
         mut unwind_rows,
     } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
@@ -152,9 +151,9 @@ pub async fn run(
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
-    // The process and memory map FP_CODE was last computed from: main's, before attaching,
-    // from the first target as it was read then.
-    let mut fp_code_from = sessions.first().map(|s| (s.target.pid, 0));
+    // The process and memory map UNWIND_ROWS was last computed from: main's, before
+    // attaching, from the first target as it was read then.
+    let mut rows_from = sessions.first().map(|s| (s.target.pid, 0));
     let mut live = BTreeMap::new();
     for session in sessions {
         let pid = session.target.pid;
@@ -240,7 +239,7 @@ pub async fn run(
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 find_python(&mut live, &mut probes)?;
                 if settings.unwind == Unwind::Auto {
-                    update_unwinding(&mut fp_code, &mut unwind_rows, &mut live, &mut fp_code_from)?;
+                    update_unwinding(&mut unwind_rows, &mut live, &mut rows_from)?;
                 }
                 // Without the kernel's process events, children are found here: one that
                 // lives shorter than a poll may never be seen, which the reports say.
@@ -280,7 +279,7 @@ pub async fn run(
                     }
                 }
                 if settings.unwind == Unwind::Auto {
-                    update_unwinding(&mut fp_code, &mut unwind_rows, &mut live, &mut fp_code_from)?;
+                    update_unwinding(&mut unwind_rows, &mut live, &mut rows_from)?;
                 }
             }
             Some(pid) = exit_rx.recv() => {
@@ -403,14 +402,12 @@ pub async fn run(
 }
 
 /// How much unwinding from stack copies cost, on stderr.
-/// `--unwind auto`: tells the BPF side which code keeps frame pointers (FP_CODE) and how to
-/// unwind the rest (UNWIND_ROWS), when the first traced process (the maps hold one address
+/// `--unwind auto`: tells the BPF side how to unwind the code of the target (UNWIND_ROWS), when the first traced process (the maps hold one address
 /// space) is another than when it last did (the first one exited), or its memory map changed
 /// since. A spawned command's map changes at its exec, a service's at a dlopen: until the
 /// maps know the new code, every stack through it is copied and unwound with CFI in user
 /// space.
 fn update_unwinding(
-    fp_code: &mut FramePointerCode,
     unwind_rows: &mut UnwindRows,
     live: &mut BTreeMap<u32, Traced>,
     from: &mut Option<(u32, u64)>,
@@ -423,11 +420,8 @@ fn update_unwinding(
     if *from == Some(now) {
         return Ok(());
     }
-    fp_code
-        .set(&space.code_with_frame_pointers())
-        .context("updating the BPF map of code with frame pointers")?;
     unwind_rows
-        .set(&space.unwind_rows(UnwindRows::MAX))
+        .update(space)
         .context("updating the BPF map of unwinding rows")?;
     *from = Some(now);
     Ok(())

@@ -141,28 +141,6 @@ impl AddressSpace {
         Some((self.modules.get(location.module?), location.offset))
     }
 
-    /// The executable ranges of modules that keep frame pointers, sorted, adjacent ones
-    /// merged: where `--unwind auto` trusts the frame-pointer walk. Parses every module's CFI.
-    pub fn code_with_frame_pointers(&mut self) -> Vec<(u64, u64)> {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for index in 0..self.maps.mappings.len() {
-            let mapping = &self.maps.mappings[index];
-            if !(mapping.is_executable() && mapping.is_file()) {
-                continue;
-            }
-            let (start, end) = (mapping.start, mapping.end);
-            let module = self.module_of(index);
-            if !self.modules.get(module).keeps_frame_pointers() {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(last) if last.1 == start => last.1 = end,
-                _ => ranges.push((start, end)),
-            }
-        }
-        ranges
-    }
-
     /// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`), at the
     /// addresses the executable mappings are mapped at, sorted, at most `max` of them: one
     /// `FRAME_POINTER` row for a mapping of a module that keeps frame pointers, the module's

@@ -1,6 +1,6 @@
 //! One owner per traced process: its pid and command line, and its address space (the memory
 //! map with a count of its changes, the modules it maps, the code that keeps frame pointers).
-//! The unwinder, the stack table, the update of the BPF side's `FP_CODE` and spawn mode all
+//! The unwinder, the stack table, the update of the BPF side's `UNWIND_ROWS` and spawn mode all
 //! consult it; nothing else reads the target's memory map.
 
 pub mod address_space;

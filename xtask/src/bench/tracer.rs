@@ -37,6 +37,11 @@ pub struct Outcome {
     pub programs: Vec<(String, u64, u64)>,
     /// Seconds from SIGINT to leaktrace's exit: the final report, then detaching every probe.
     pub detach_s: f64,
+    /// Allocations that came with a stack copy (`--unwind auto` or `dwarf`), as leaktrace said
+    /// at its end.
+    pub stack_copies: Option<u64>,
+    /// Everything leaktrace wrote to stderr.
+    pub stderr: Vec<String>,
 }
 
 /// `leaktrace: bpf program NAME runs=N run_time_ns=T`
@@ -56,6 +61,8 @@ pub struct Tracing {
     report: Option<PathBuf>,
     /// Its output, read on a thread so that the tracer never blocks on a full pipe.
     lines: Option<mpsc::Receiver<String>>,
+    /// What it wrote until it attached.
+    early: Vec<String>,
 }
 
 impl Tracing {
@@ -65,6 +72,7 @@ impl Tracing {
                 child: None,
                 report: None,
                 lines: None,
+                early: Vec::new(),
             }),
             Tracer::Leaktrace(extra) => leaktrace(pid, extra, dir),
             Tracer::Bpftrace => bpftrace(pid, dir),
@@ -105,7 +113,7 @@ impl Tracing {
             serde_json::from_str(last).context("parsing leaktrace's report")?;
         let total = |name: &str| json["totals"][name].as_u64().unwrap_or(0);
         // The rest of its stderr, up to the end (the reader thread hangs up at EOF).
-        let mut rest = Vec::new();
+        let mut rest = std::mem::take(&mut self.early);
         if let Some(lines) = &self.lines {
             while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
                 rest.push(line);
@@ -125,6 +133,15 @@ impl Tracing {
                 .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
                 .unwrap_or(0)
         };
+        // `leaktrace: pid N: C of A allocations came with a stack copy, ...`
+        let stack_copies = rest.iter().find_map(|line| {
+            let (_, tail) = line.split_once(": pid ")?;
+            let (_, tail) = tail.split_once(": ")?;
+            let (copies, tail) = tail.split_once(" of ")?;
+            tail.contains("came with a stack copy")
+                .then(|| copies.parse().ok())
+                .flatten()
+        });
         Ok(Some(Outcome {
             lost_events: total("lost_events"),
             allocations: total("allocations"),
@@ -133,6 +150,8 @@ impl Tracing {
             cpu_s,
             programs,
             detach_s,
+            stack_copies,
+            stderr: rest,
         }))
     }
 }
@@ -160,11 +179,13 @@ fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
             .context("starting leaktrace")?,
     );
     let lines = lines_of(child.0.stderr.take().context("leaktrace stderr")?);
-    until_attached(&lines)?;
+    // It says so once every probe is attached.
+    let early = until_attached(&lines)?;
     Ok(Tracing {
         child: Some(child),
         report: Some(report),
         lines: Some(lines),
+        early,
     })
 }
 
@@ -270,6 +291,7 @@ fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
         child: Some(child),
         report: None,
         lines: Some(lines),
+        early: Vec::new(),
     })
 }
 
