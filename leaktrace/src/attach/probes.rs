@@ -25,7 +25,7 @@ use leaktrace_common::{
 
 use super::{
     allocator::{Allocator, EntryPoint},
-    multi::{self, MultiLink, MultiPrograms},
+    multi::{self, LinkKind, MultiLink, MultiPrograms},
     probe_point::Trap,
 };
 use crate::proc::process;
@@ -70,6 +70,9 @@ pub struct AttachOptions {
     /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
     /// run, so only for benchmarks).
     pub program_stats: bool,
+    /// Attach the malloc family through uprobe session programs where the kernel has them
+    /// (`--sample-bytes`): a call whose block is not drawn skips its return probe.
+    pub sessions: bool,
 }
 
 impl Probes {
@@ -606,14 +609,34 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
     let names: Vec<&str> = if options.noop_programs {
         vec![program::NOOP_ENTRY, program::NOOP_RETURN]
     } else {
-        program::ALL
-            .into_iter()
-            .filter(|p| !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN))
-            .collect()
+        real_programs().collect()
     };
+    let (map_ids, btf_id) = maps_of_loaded(ebpf, &names)?;
+    MultiPrograms::load(BPF_OBJECT, &names, LinkKind::Entry, &map_ids, btf_id)
+}
+
+/// The programs that trace, attached apart at entries and returns.
+fn real_programs() -> impl Iterator<Item = &'static str> {
+    program::ALL.into_iter().filter(|p| {
+        !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN) && !program::SESSIONS.contains(p)
+    })
+}
+
+/// The ids of the maps of every tracing program and `also`, and of their BTF, loading them
+/// through aya first where needed. Every program's maps, whichever are loaded again: aya-obj
+/// relocates every function of the object, and without the maps of the others the no-op
+/// programs of the floor (which use none) failed to load for links, so that the floor went one
+/// probe at a time and took seconds to detach.
+fn maps_of_loaded(ebpf: &mut Ebpf, also: &[&str]) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
     let mut map_ids = Vec::new();
     let mut btf_id = None;
-    for name in &names {
+    let mut names: Vec<&str> = real_programs().collect();
+    names.extend(
+        also.iter()
+            .filter(|name| !names.contains(name))
+            .collect::<Vec<_>>(),
+    );
+    for name in names {
         let probe: &mut UProbe = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name} in the BPF object"))?
@@ -629,7 +652,7 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
     }
     map_ids.sort_unstable();
     map_ids.dedup();
-    MultiPrograms::load(BPF_OBJECT, &names, &map_ids, btf_id)
+    Ok((map_ids, btf_id))
 }
 
 /// `entries` grouped by the program that runs there, in order of first appearance, each group in
@@ -721,7 +744,12 @@ fn attach_to(
                     .iter()
                     .map(|e| if is_return { 0 } else { point_of(e).cookie })
                     .collect();
-                let link = multi::attach(fd, path, &offsets, &cookies, pid, is_return)
+                let kind = if is_return {
+                    LinkKind::Return
+                } else {
+                    LinkKind::Entry
+                };
+                let link = multi::attach(fd, path, &offsets, &cookies, pid, kind)
                     .map_err(|err| failed(err, program, entries[0]))?;
                 links.push(Link::Multi(link));
             }
