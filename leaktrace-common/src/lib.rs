@@ -58,6 +58,9 @@ pub const DEFAULT_STACK_COPY_BYTES: u32 = 8192;
 /// The allocator entry point a [`Pending`] call entered; also tells user space which call
 /// produced an [`AllocEvent`].
 pub mod call {
+    /// A call nested in one whose return probe was skipped (an undrawn call under
+    /// `--sample-bytes`): it is hidden as any nested call is, and its return reports nothing.
+    pub const HIDDEN: u32 = 0;
     pub const MALLOC: u32 = 1;
     pub const CALLOC: u32 = 2;
     pub const REALLOC: u32 = 3;
@@ -222,7 +225,10 @@ pub struct Pending {
     /// With `--sample-bytes`: non-zero when the block at `old_addr` was sampled, so that its
     /// release is reported (the others were never seen).
     pub old_sampled: u32,
-    pub _pad: u32,
+    /// Non-zero when the block this call returns is traced: always without `--sample-bytes`,
+    /// else drawn at the entry (the size is known there, so an undrawn call can skip its
+    /// return).
+    pub drawn: u32,
 }
 
 /// The calls of the malloc family, which `--sample-bytes` samples; mappings are always traced

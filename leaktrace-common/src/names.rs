@@ -73,7 +73,43 @@ pub mod program {
     pub const NOOP_ENTRY: &str = "noop_entry";
     pub const NOOP_RETURN: &str = "noop_return";
 
-    pub const ALL: [&str; 15] = [
+    /// Uprobe session programs (Linux 6.13+, `--sample-bytes`): one program runs at the entry
+    /// of a call of the malloc family and, only when the entry drew its block (or it releases
+    /// a drawn one), at its return, as the entry program and `alloc_return` would.
+    pub const MALLOC_SESSION: &str = "malloc_session";
+    pub const CALLOC_SESSION: &str = "calloc_session";
+    pub const REALLOC_SESSION: &str = "realloc_session";
+    pub const REALLOCARRAY_SESSION: &str = "reallocarray_session";
+    pub const POSIX_MEMALIGN_SESSION: &str = "posix_memalign_session";
+    pub const ALIGNED_ALLOC_SESSION: &str = "aligned_alloc_session";
+    pub const XALLOCX_SESSION: &str = "xallocx_session";
+
+    /// The session program that does the work of the entry program `entry` and of
+    /// `alloc_return`, for the entry points of the malloc family.
+    pub fn session_of(entry: &str) -> Option<&'static str> {
+        Some(match entry {
+            MALLOC_ENTRY => MALLOC_SESSION,
+            CALLOC_ENTRY => CALLOC_SESSION,
+            REALLOC_ENTRY => REALLOC_SESSION,
+            REALLOCARRAY_ENTRY => REALLOCARRAY_SESSION,
+            POSIX_MEMALIGN_ENTRY => POSIX_MEMALIGN_SESSION,
+            ALIGNED_ALLOC_ENTRY => ALIGNED_ALLOC_SESSION,
+            XALLOCX_ENTRY => XALLOCX_SESSION,
+            _ => return None,
+        })
+    }
+
+    pub const SESSIONS: [&str; 7] = [
+        MALLOC_SESSION,
+        CALLOC_SESSION,
+        REALLOC_SESSION,
+        REALLOCARRAY_SESSION,
+        POSIX_MEMALIGN_SESSION,
+        ALIGNED_ALLOC_SESSION,
+        XALLOCX_SESSION,
+    ];
+
+    pub const ALL: [&str; 22] = [
         PY_FREE_ENTRY,
         MALLOC_ENTRY,
         CALLOC_ENTRY,
@@ -89,5 +125,12 @@ pub mod program {
         ALLOC_RETURN,
         NOOP_ENTRY,
         NOOP_RETURN,
+        MALLOC_SESSION,
+        CALLOC_SESSION,
+        REALLOC_SESSION,
+        REALLOCARRAY_SESSION,
+        POSIX_MEMALIGN_SESSION,
+        ALIGNED_ALLOC_SESSION,
+        XALLOCX_SESSION,
     ];
 }

@@ -16,9 +16,11 @@ mod stack;
 mod thread;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_func_ip,
     },
     macros::{map, uprobe, uretprobe},
     maps::{PerCpuArray, RingBuf},
@@ -76,31 +78,106 @@ fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
     unsafe { (*regs).rsp }
 }
 
+/// What an entry returns to cancel the return probe of its call: the kernel runs the return
+/// of a uprobe session program only for entries that returned 0.
+const SKIP_RETURN: u32 = 1;
+
+/// Reads a word of the thread's stack.
+#[inline(always)]
+fn user_word(addr: u64) -> Option<u64> {
+    // SAFETY: a user pointer, read through the helper that faults safely.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Whether an entry at `sp` runs inside the skipped call (see `Skipped`): deeper in the
+/// stack with the skipped call's frame live, or (a tail call) at the same stack pointer into
+/// another function. The same function entered again at the same place is a loop calling it
+/// again, not a nested call. `ip` is 0 when the probe does not know its function.
+#[inline(always)]
+fn inside_skipped(skipped: &thread::Skipped, sp: u64, ip: u64) -> bool {
+    let deeper = sp < skipped.sp || (sp == skipped.sp && ip != 0 && ip != skipped.ip);
+    deeper && user_word(skipped.sp) == Some(skipped.ret)
+}
+
 /// Records an allocator entry, unless it is nested inside another allocator call of the same
 /// thread (glibc's `realloc(NULL, n)` calls `malloc`, a large `malloc` calls `mmap`): those are
-/// counted once, as the outer call.
+/// counted once, as the outer call. A session program (`session`) returns [`SKIP_RETURN`]
+/// when its return has nothing to report: a nested call, or under sampling a block not drawn
+/// (decided here, from the size) that releases no drawn block.
 #[inline(always)]
-fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_ptr: u64) -> u32 {
+fn enter(
+    ctx: &ProbeContext,
+    call: u32,
+    size_bytes: u64,
+    old: (u64, u64),
+    out_ptr: u64,
+    session: bool,
+) -> u32 {
     let Some(state) = thread::get_or_create() else {
         count(stat::PENDING_FULL);
         return 0;
     };
     // SAFETY: the element belongs to this thread, which runs this program to its end before
     // it can enter the allocator again.
-    let pending = unsafe { &mut (*state).pending };
+    let state = unsafe { &mut *state };
+    let pending = &mut state.pending;
     let sp = stack_pointer(ctx);
     if pending.depth > 0 {
         // A nested call runs deeper in the stack (lower or, for a tail call, equal address).
         if sp <= pending.entry_sp {
+            if session {
+                return SKIP_RETURN;
+            }
             pending.depth += 1;
             return 0;
         }
         count(stat::STALE_ENTRY);
+        pending.depth = 0;
+    }
+    // Only session programs ask: bpf_get_func_ip needs Linux 5.15, and sessions 6.13.
+    let ip = if session {
+        // SAFETY: the helper reads the probe's own address.
+        unsafe { bpf_get_func_ip(ctx.as_ptr()) }
+    } else {
+        0
+    };
+    if state.skipped.sp != 0 {
+        if inside_skipped(&state.skipped, sp, ip) {
+            if session {
+                return SKIP_RETURN;
+            }
+            // Its return will come, and must report nothing.
+            *pending = Pending {
+                call: call::HIDDEN,
+                depth: 1,
+                entry_sp: sp,
+                size_bytes: 0,
+                old_addr: 0,
+                old_size_bytes: 0,
+                out_ptr: 0,
+                entry_ts_ns: 0,
+                old_sampled: 0,
+                drawn: 0,
+            };
+            return 0;
+        }
+        // The skipped call is over.
+        state.skipped.sp = 0;
     }
     // Under sampling, a block the call may release is forgotten now, before it is released:
     // another thread may get its address before this call returns.
-    let sampled_call = is_heap_call(call) && sample::sample_bytes() != 0;
+    let sample_bytes = sample::sample_bytes();
+    let sampled_call = is_heap_call(call) && sample_bytes != 0;
     let old_sampled = old.0 != 0 && sampled_call && sample::forget(old.0);
+    let drawn = !sampled_call || sample::draws(size_bytes, sample_bytes);
+    if session
+        && !drawn
+        && !old_sampled
+        && let Some(ret) = user_word(sp)
+    {
+        state.skipped = thread::Skipped { sp, ret, ip };
+        return SKIP_RETURN;
+    }
     // Only a release that will be reported needs the time (see `AllocEvent::entry_ts_ns`):
     // the clock is not free.
     let releases = old.0 != 0 && (!sampled_call || old_sampled);
@@ -119,7 +196,7 @@ fn enter(ctx: &ProbeContext, call: u32, size_bytes: u64, old: (u64, u64), out_pt
             0
         },
         old_sampled: u32::from(old_sampled),
-        _pad: 0,
+        drawn: u32::from(drawn),
     };
     0
 }
@@ -169,50 +246,133 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     value
 }
 
+/// Whether a session program runs at the return of its call: there the kernel has put the
+/// caller's return address in the instruction pointer (`handle_trampoline`, before the
+/// handlers run), while `bpf_get_func_ip` still gives the probed address, which is the
+/// instruction pointer at the entry (`handle_swbp` rewinds it to the breakpoint). No kfunc
+/// (`bpf_session_is_return`) needed.
+#[inline(always)]
+fn is_return(ctx: &ProbeContext) -> bool {
+    let regs = ctx.as_ptr().cast::<aya_ebpf::bindings::pt_regs>();
+    // SAFETY: the context of a probe program is the user's pt_regs; the helper reads the
+    // probe's own address.
+    unsafe { (*regs).rip != bpf_get_func_ip(ctx.as_ptr()) }
+}
+
+/// A uprobe session program (Linux 6.13+, loaded as such by user space): `$enter` at the entry
+/// of the call, `alloc_return` at its return, which the kernel runs only when the entry
+/// returned 0. Written out, not `#[uprobe]`: that macro returns 0 whatever the body returns.
+macro_rules! session {
+    ($name:ident, $enter:ident) => {
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "uprobe")]
+        pub fn $name(ctx: *mut core::ffi::c_void) -> u32 {
+            let ctx = ProbeContext::new(ctx);
+            if is_return(&ctx) {
+                match try_alloc_return(&RetProbeContext::new(ctx.as_ptr())) {
+                    Ok(v) | Err(v) => v,
+                }
+            } else {
+                $enter(&ctx, true)
+            }
+        }
+    };
+}
+
 /// `malloc(size)`, and `valloc(size)` and `pvalloc(size)`, which take the same argument.
+#[inline(always)]
+fn malloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    enter(ctx, call::MALLOC, arg(ctx, 0), (0, 0), 0, session)
+}
+
 #[uprobe]
 pub fn malloc_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, call::MALLOC, arg(&ctx, 0), (0, 0), 0)
+    malloc_enter(&ctx, false)
 }
+
+session!(malloc_session, malloc_enter);
 
 /// `calloc(n, size)`. An overflowing product fails in the allocator (it returns NULL), so the
 /// saturated size is never reported.
+#[inline(always)]
+fn calloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    let size = call::array_bytes(arg(ctx, 0), arg(ctx, 1));
+    enter(ctx, call::CALLOC, size, (0, 0), 0, session)
+}
+
 #[uprobe]
 pub fn calloc_entry(ctx: ProbeContext) -> u32 {
-    let size = call::array_bytes(arg(&ctx, 0), arg(&ctx, 1));
-    enter(&ctx, call::CALLOC, size, (0, 0), 0)
+    calloc_enter(&ctx, false)
 }
+
+session!(calloc_session, calloc_enter);
 
 /// `realloc(ptr, size)`.
-#[uprobe]
-pub fn realloc_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, call::REALLOC, arg(&ctx, 1), (arg(&ctx, 0), 0), 0)
-}
-
-/// `reallocarray(ptr, n, size)`.
-#[uprobe]
-pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
-    let size = call::array_bytes(arg(&ctx, 1), arg(&ctx, 2));
-    enter(&ctx, call::REALLOCARRAY, size, (arg(&ctx, 0), 0), 0)
-}
-
-/// `posix_memalign(&out, alignment, size)`: the block comes back through `out`.
-#[uprobe]
-pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn realloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
     enter(
-        &ctx,
-        call::POSIX_MEMALIGN,
-        arg(&ctx, 2),
-        (0, 0),
-        arg(&ctx, 0),
+        ctx,
+        call::REALLOC,
+        arg(ctx, 1),
+        (arg(ctx, 0), 0),
+        0,
+        session,
     )
 }
 
+#[uprobe]
+pub fn realloc_entry(ctx: ProbeContext) -> u32 {
+    realloc_enter(&ctx, false)
+}
+
+session!(realloc_session, realloc_enter);
+
+/// `reallocarray(ptr, n, size)`.
+#[inline(always)]
+fn reallocarray_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    let size = call::array_bytes(arg(ctx, 1), arg(ctx, 2));
+    enter(ctx, call::REALLOCARRAY, size, (arg(ctx, 0), 0), 0, session)
+}
+
+#[uprobe]
+pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
+    reallocarray_enter(&ctx, false)
+}
+
+session!(reallocarray_session, reallocarray_enter);
+
+/// `posix_memalign(&out, alignment, size)`: the block comes back through `out`.
+#[inline(always)]
+fn posix_memalign_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    enter(
+        ctx,
+        call::POSIX_MEMALIGN,
+        arg(ctx, 2),
+        (0, 0),
+        arg(ctx, 0),
+        session,
+    )
+}
+
+#[uprobe]
+pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
+    posix_memalign_enter(&ctx, false)
+}
+
+session!(posix_memalign_session, posix_memalign_enter);
+
 /// `aligned_alloc(alignment, size)` and `memalign(alignment, size)`.
+#[inline(always)]
+fn aligned_alloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    enter(ctx, call::ALIGNED_ALLOC, arg(ctx, 1), (0, 0), 0, session)
+}
+
 #[uprobe]
 pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, call::ALIGNED_ALLOC, arg(&ctx, 1), (0, 0), 0)
+    aligned_alloc_enter(&ctx, false)
 }
+
+session!(aligned_alloc_session, aligned_alloc_enter);
 
 const MAP_ANONYMOUS: u64 = 0x20;
 const MREMAP_DONTUNMAP: u64 = 4;
@@ -227,7 +387,7 @@ pub fn mmap_entry(ctx: ProbeContext) -> u32 {
     } else {
         call::MMAP_FILE
     };
-    enter(&ctx, call, arg(&ctx, 1), (0, 0), 0)
+    enter(&ctx, call, arg(&ctx, 1), (0, 0), 0, false)
 }
 
 /// `mremap(old_addr, old_size, new_size, flags, ...)`.
@@ -238,13 +398,27 @@ pub fn mremap_entry(ctx: ProbeContext) -> u32 {
     } else {
         call::MREMAP
     };
-    enter(&ctx, call, arg(&ctx, 2), (arg(&ctx, 0), arg(&ctx, 1)), 0)
+    enter(
+        &ctx,
+        call,
+        arg(&ctx, 2),
+        (arg(&ctx, 0), arg(&ctx, 1)),
+        0,
+        false,
+    )
 }
 
 /// `munmap(addr, length)`: reported at its return, and only when it succeeded.
 #[uprobe]
 pub fn munmap_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, call::MUNMAP, 0, (arg(&ctx, 0), arg(&ctx, 1)), 0)
+    enter(
+        &ctx,
+        call::MUNMAP,
+        0,
+        (arg(&ctx, 0), arg(&ctx, 1)),
+        0,
+        false,
+    )
 }
 
 /// The return of every allocating entry point above.
@@ -282,8 +456,12 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         entry_ts_ns,
         out_ptr,
         old_sampled,
+        drawn,
         ..
     } = *pending;
+    if call == call::HIDDEN {
+        return Ok(0);
+    }
     let key = bpf_get_current_pid_tgid();
 
     let ret: u64 = ctx.ret();
@@ -337,11 +515,11 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         call::XALLOCX => (old_addr, old_addr),
         _ => (ret, 0),
     };
-    // Under sampling, the new block is drawn, and the old one was reported only if drawn.
-    let sample_bytes = sample::sample_bytes();
-    let (addr, released) = if sample_bytes != 0 && is_heap_call(call) {
+    // Under sampling, the new block was drawn at the entry, and the old one was reported only
+    // if drawn.
+    let (addr, released) = if sample::sample_bytes() != 0 && is_heap_call(call) {
         (
-            if addr != 0 && sample::draw(addr, size_bytes, sample_bytes) {
+            if addr != 0 && drawn != 0 && sample::remember(addr) {
                 addr
             } else {
                 0
@@ -519,10 +697,24 @@ fn try_py_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
 
 /// jemalloc's `xallocx(ptr, size, extra, flags)`: the block stays at `ptr`; its return (in
 /// `alloc_return`) reports it resized to `size` when that succeeded.
+#[inline(always)]
+fn xallocx_enter(ctx: &ProbeContext, session: bool) -> u32 {
+    enter(
+        ctx,
+        call::XALLOCX,
+        arg(ctx, 1),
+        (arg(ctx, 0), 0),
+        0,
+        session,
+    )
+}
+
 #[uprobe]
 pub fn xallocx_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, call::XALLOCX, arg(&ctx, 1), (arg(&ctx, 0), 0), 0)
+    xallocx_enter(&ctx, false)
 }
+
+session!(xallocx_session, xallocx_enter);
 
 /// Does nothing. `--noop-programs` attaches it where the entry programs and `free_entry` go,
 /// so that a benchmark measures the cost of the uprobe traps alone: the floor under which no

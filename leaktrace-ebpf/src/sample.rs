@@ -51,14 +51,14 @@ pub fn sample_bytes() -> u64 {
     unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) }
 }
 
-/// Draws the new block at `addr` of `size` bytes (`sample::is_drawn`), and remembers it when
-/// drawn. A block that cannot be remembered is not reported (its release would go unseen) and
-/// counts as lost.
+/// Draws a block of `size` bytes (`sample::is_drawn`), at the entry of the call that will
+/// return it: a block not drawn needs no return. A drawn block is remembered at the return
+/// (`remember`), once its address is known.
 #[inline(always)]
-pub fn draw(addr: u64, size: u64, sample_bytes: u64) -> bool {
+pub fn draws(size: u64, sample_bytes: u64) -> bool {
     // SAFETY: no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
-    is_drawn(size, sample_bytes, random) && remember(addr)
+    is_drawn(size, sample_bytes, random)
 }
 
 /// Whether the block at `addr` was drawn; forgets it. Called before the block is released
@@ -75,7 +75,8 @@ pub fn forget(addr: u64) -> bool {
 }
 
 /// Remembers the drawn block at `addr`: a new one, or the block a failed realloc left as it
-/// was. False when the map is full (counted as lost).
+/// was. False when the map is full (counted as lost): such a block is not reported, as its
+/// release would go unseen.
 #[inline(always)]
 pub fn remember(addr: u64) -> bool {
     if SAMPLED.insert(Block::of_this_process(addr), 0, 0).is_err() {

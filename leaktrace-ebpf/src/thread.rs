@@ -38,6 +38,23 @@ pub struct ThreadState {
     /// again.
     pub py_free_addr: u64,
     pub py_free_sp: u64,
+    /// The last call whose return probe its entry cancelled (not drawn under
+    /// `--sample-bytes`), while it may still run: the allocator calls it makes are hidden.
+    pub skipped: Skipped,
+}
+
+/// A call that returns unseen: no return tells when it is over, so a later entry is taken for
+/// one of its nested calls only while its frame is live: deeper in the stack, with the call's
+/// return address still in its slot (once it returned, the next call its caller makes writes
+/// its own return address there).
+#[repr(C)]
+pub struct Skipped {
+    /// The stack pointer at its entry (where its return address is); 0 when there is none.
+    pub sp: u64,
+    /// Its return address.
+    pub ret: u64,
+    /// The probed address of the function called (`bpf_get_func_ip`).
+    pub ip: u64,
 }
 
 /// A BTF task storage map (`BPF_MAP_TYPE_TASK_STORAGE`): the fields are placeholders whose

@@ -115,3 +115,94 @@ fn mappings_stay_exact_under_sampling() {
     assert_eq!(report["totals"]["file_mappings"], 6);
     assert_eq!(report["totals"]["lost_events"], 0);
 }
+
+/// `leaktrace: bpf program NAME runs=N ...` of `--print-program-times`: N, or 0 when the
+/// program never ran.
+fn program_runs(stderr: &[String], program: &str) -> u64 {
+    let prefix = format!("leaktrace: bpf program {program} runs=");
+    stderr
+        .iter()
+        .find_map(|line| line.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_call_whose_block_is_not_drawn_skips_its_return_probe() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    // 200 leaks of 64 KiB (p = 1) and 2000 temporary 128-byte blocks (p = 1/512).
+    let (leaks, n, churn) = (200u64, 64u64 << 10, 2000u64);
+    let mut fixture = Fixture::start(&binary, &["200", "65536", "2000"]);
+    let args = ["--sample-bytes", "64K", "--print-program-times"];
+    let outcome = Leaktrace::one_round(&mut fixture, &args);
+    let report = outcome.last();
+    assert!(
+        outcome
+            .stderr
+            .iter()
+            .any(|line| line.contains("hit only by drawn calls: uprobe sessions")),
+        "{:?}",
+        outcome.stderr
+    );
+    let totals = &report["totals"];
+    assert_eq!(totals["outstanding_bytes"], leaks * n);
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unpaired_returns"], 0);
+    // Each drawn temporary block stands for 512 calls: what is not a leak is drawn temps.
+    let allocations = totals["allocations"].as_u64().unwrap();
+    assert_eq!((allocations - leaks) % 512, 0, "{allocations}");
+    let drawn = leaks + (allocations - leaks) / 512;
+    // One run at every entry, and one at the return of each drawn call only.
+    assert_eq!(
+        program_runs(&outcome.stderr, "malloc_session"),
+        leaks + churn + drawn,
+        "{:?}",
+        outcome.stderr
+    );
+    assert_eq!(program_runs(&outcome.stderr, "malloc_entry"), 0);
+    assert!(drawn < leaks + churn / 10, "{drawn}");
+
+    // Without sessions (as on a kernel before 6.13), every call traps at its return, and the
+    // numbers are as exact.
+    let args = [
+        "--sample-bytes",
+        "64K",
+        "--print-program-times",
+        "--probes-without-sessions",
+    ];
+    let outcome = Leaktrace::one_round(&mut fixture, &args);
+    let totals = &outcome.last()["totals"];
+    assert_eq!(totals["outstanding_bytes"], leaks * n);
+    assert_eq!(program_runs(&outcome.stderr, "malloc_entry"), leaks + churn);
+    assert_eq!(
+        program_runs(&outcome.stderr, "alloc_return"),
+        leaks + churn,
+        "{:?}",
+        outcome.stderr
+    );
+    assert_eq!(program_runs(&outcome.stderr, "malloc_session"), 0);
+    fixture.finish();
+}
+
+#[test]
+fn an_undrawn_malloc_still_hides_its_nested_mmap_and_direct_mmaps_stay_exact() {
+    if !require_root() {
+        return;
+    }
+    // 50 mallocs of 256 KiB per round, each mapped by a nested mmap, drawn with p = 1/4096;
+    // between them, 50 direct mmaps of 3 pages. Drawn or not, no malloc shows as a mapping.
+    let (outcome, expected) =
+        trace_two_rounds("undrawn", &["--top", "100", "--sample-bytes", "1G"]);
+    let report = outcome.last();
+    let mappings: Vec<Site> = reported_sites(report)
+        .into_iter()
+        .filter(|site| site.3 != "malloc")
+        .collect();
+    assert_eq!(mappings, expected);
+    let totals = &report["totals"];
+    assert_eq!(totals["mapped_bytes"], 2 * 50 * 3 * 4096);
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unpaired_returns"], 0);
+}

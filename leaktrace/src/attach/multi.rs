@@ -36,7 +36,27 @@ const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+/// Linux 6.13+: one program at the entry and, unless the entry returned non-zero, at the return.
+const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
+
+/// Where the probes of a link run its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Entry,
+    Return,
+    /// A uprobe session: at the entry, and at the return of the calls whose entry returned 0.
+    Session,
+}
+
+impl LinkKind {
+    fn attach_type(self) -> u32 {
+        match self {
+            Self::Entry | Self::Return => BPF_TRACE_UPROBE_MULTI,
+            Self::Session => BPF_TRACE_UPROBE_SESSION,
+        }
+    }
+}
 
 /// The programs loaded for uprobe_multi links, by name.
 pub struct MultiPrograms {
@@ -44,11 +64,13 @@ pub struct MultiPrograms {
 }
 
 impl MultiPrograms {
-    /// Loads `names` from the BPF object `object` for uprobe_multi links, on the maps of the
-    /// programs that aya loaded (their map ids), with the BTF aya loaded for them (its id).
+    /// Loads `names` from the BPF object `object` for uprobe_multi links (sessions when
+    /// `kind` is `Session`), on the maps of the programs that aya loaded (their map ids), with
+    /// the BTF aya loaded for them (its id).
     pub fn load(
         object: &[u8],
         names: &[&str],
+        kind: LinkKind,
         map_ids: &[u32],
         btf_id: Option<u32>,
     ) -> anyhow::Result<Self> {
@@ -135,7 +157,7 @@ impl MultiPrograms {
                     put(&mut attr, 32, (log.as_mut_ptr() as u64).to_ne_bytes());
                 }
                 put(&mut attr, 48, prog_name);
-                put(&mut attr, 68, BPF_TRACE_UPROBE_MULTI.to_ne_bytes());
+                put(&mut attr, 68, kind.attach_type().to_ne_bytes());
                 if let Some(btf) = &btf {
                     put(&mut attr, 72, (btf.as_raw_fd() as u32).to_ne_bytes());
                     put(
@@ -167,14 +189,16 @@ impl MultiPrograms {
                 let _ = load(Some(&mut log));
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
                 let tail = String::from_utf8_lossy(&log[end.saturating_sub(300)..end]).into_owned();
-                anyhow!(
-                    "loading {name} for uprobe_multi links: {err}: {}",
-                    tail.trim()
-                )
+                anyhow!("loading {name} for {kind:?} links: {err}: {}", tail.trim())
             })?;
             programs.insert(name.to_owned(), fd);
         }
         Ok(Self { programs })
+    }
+
+    /// Adds the programs of `other`.
+    pub fn extend(&mut self, other: Self) {
+        self.programs.extend(other.programs);
     }
 
     pub fn get(&self, name: &str) -> Option<BorrowedFd<'_>> {
@@ -211,14 +235,15 @@ fn run_stats(program: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
 pub struct MultiLink(#[expect(dead_code, reason = "held for its drop")] OwnedFd);
 
 /// Attaches `program` at `offsets` (file offsets, each with the cookie at the same index) of
-/// the file `path`, in process `pid` only; at their returns when `at_return`.
+/// the file `path`, in process `pid` only; `kind` says where it runs (a session program must
+/// have been loaded as one).
 pub fn attach(
     program: BorrowedFd<'_>,
     path: &Path,
     offsets: &[u64],
     cookies: &[u64],
     pid: u32,
-    at_return: bool,
+    kind: LinkKind,
 ) -> anyhow::Result<MultiLink> {
     if offsets.len() != cookies.len() || offsets.is_empty() {
         bail!("{} offsets and {} cookies", offsets.len(), cookies.len());
@@ -226,8 +251,8 @@ pub fn attach(
     let path = CString::new(path.as_os_str().as_bytes()).context("a path with a NUL byte")?;
     let mut attr = [0u8; ATTR_BYTES];
     put(&mut attr, 0, (program.as_raw_fd() as u32).to_ne_bytes());
-    put(&mut attr, 8, BPF_TRACE_UPROBE_MULTI.to_ne_bytes());
-    let flags = if at_return {
+    put(&mut attr, 8, kind.attach_type().to_ne_bytes());
+    let flags = if kind == LinkKind::Return {
         BPF_F_UPROBE_MULTI_RETURN
     } else {
         0
@@ -240,6 +265,12 @@ pub fn attach(
     put(&mut attr, 48, u32::try_from(offsets.len())?.to_ne_bytes());
     put(&mut attr, 52, flags.to_ne_bytes());
     put(&mut attr, 56, pid.to_ne_bytes());
-    let fd = bpf(BPF_LINK_CREATE, &mut attr).context("creating a uprobe_multi link")?;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr).with_context(|| {
+        if kind == LinkKind::Session {
+            "creating a uprobe session link"
+        } else {
+            "creating a uprobe_multi link"
+        }
+    })?;
     Ok(MultiLink(fd))
 }

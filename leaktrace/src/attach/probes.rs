@@ -26,7 +26,7 @@ use leaktrace_common::{
 use super::{
     allocator::{Allocator, EntryPoint},
     bpf_syscall::update_batch,
-    multi::{self, MultiLink, MultiPrograms},
+    multi::{self, LinkKind, MultiLink, MultiPrograms},
     probe_point::Trap,
 };
 use crate::proc::process;
@@ -46,6 +46,9 @@ pub struct Probes {
     multi: Option<Result<MultiPrograms, String>>,
     /// What is attached, per process.
     summaries: HashMap<u32, AttachSummary>,
+    /// The malloc family is attached through uprobe session programs: loaded, and no link
+    /// refused yet.
+    sessions: bool,
     /// Threads detaching the probes of processes that exited. They must finish before
     /// leaktrace exits: a thread killed by the exit in the middle of an unregister makes the
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
@@ -72,6 +75,9 @@ pub struct AttachOptions {
     /// Turn on the kernel's run-time statistics of BPF programs (two clock reads per program
     /// run, so only for benchmarks).
     pub program_stats: bool,
+    /// Attach the malloc family through uprobe session programs where the kernel has them
+    /// (`--sample-bytes`): a call whose block is not drawn skips its return probe.
+    pub sessions: bool,
 }
 
 impl Probes {
@@ -96,6 +102,7 @@ impl Probes {
             probe_counts: HashMap::new(),
             multi: None,
             summaries: HashMap::new(),
+            sessions: false,
             detaching: Vec::new(),
             ebpf,
             options,
@@ -142,13 +149,31 @@ impl Probes {
             } else {
                 load_multi(&mut self.ebpf, self.options)
             };
-            self.multi = Some(loaded.map_err(|err| {
-                let why = format!("{err:#}");
-                status!(
-                    "leaktrace: attaching one probe at a time ({why}; uprobe_multi links need Linux 6.6+): detaching will take ~85 ms per probe"
-                );
-                why
-            }));
+            let wants_sessions = self.options.sessions && !self.options.noop_programs;
+            self.multi = Some(match loaded {
+                Ok(mut multi) => {
+                    if wants_sessions {
+                        match load_sessions(&mut self.ebpf) {
+                            Ok(sessions) => {
+                                multi.extend(sessions);
+                                self.sessions = true;
+                            }
+                            Err(err) => status!("{}", sessions_unavailable(&format!("{err:#}"))),
+                        }
+                    }
+                    Ok(multi)
+                }
+                Err(err) => {
+                    let why = format!("{err:#}");
+                    status!(
+                        "leaktrace: attaching one probe at a time ({why}; uprobe_multi links need Linux 6.6+): detaching will take ~85 ms per probe"
+                    );
+                    if wants_sessions {
+                        status!("{}", sessions_unavailable("no uprobe_multi links"));
+                    }
+                    Err(why)
+                }
+            });
         }
         let multi = self.multi.as_ref().and_then(|m| m.as_ref().ok());
         let links = self.links.entry(pid).or_default();
@@ -161,6 +186,7 @@ impl Probes {
             links,
             &mut added,
             self.options,
+            &mut self.sessions,
         );
         self.attached += added.probes.len();
         *self.probe_counts.entry(pid).or_default() += added.probes.len();
@@ -540,7 +566,10 @@ impl AttachedProbe {
     /// their aliases (`operator new`, `sdallocx`, ...).
     pub fn is_hot(&self) -> bool {
         self.kind != ProbeKind::Return
-            && matches!(self.program, program::MALLOC_ENTRY | program::FREE_ENTRY)
+            && matches!(
+                self.program,
+                program::MALLOC_ENTRY | program::MALLOC_SESSION | program::FREE_ENTRY
+            )
             && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
     }
 }
@@ -569,8 +598,18 @@ impl AttachSummary {
         } else {
             format!(" ({})", single.join(", "))
         };
+        let in_sessions = self
+            .probes
+            .iter()
+            .filter(|p| p.kind == ProbeKind::Return && program::SESSIONS.contains(&p.program))
+            .count();
+        let sessions = if in_sessions == 0 {
+            String::new()
+        } else {
+            format!(" ({in_sessions} hit only by drawn calls: uprobe sessions)")
+        };
         format!(
-            "{} probes: {} entries emulated, {} single-stepped{list}, {} on returns",
+            "{} probes: {} entries emulated, {} single-stepped{list}, {} on returns{sessions}",
             self.probes.len(),
             self.count(ProbeKind::Emulated),
             single.len(),
@@ -626,14 +665,46 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
     let names: Vec<&str> = if options.noop_programs {
         vec![program::NOOP_ENTRY, program::NOOP_RETURN]
     } else {
-        program::ALL
-            .into_iter()
-            .filter(|p| !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN))
-            .collect()
+        real_programs().collect()
     };
+    let (map_ids, btf_id) = maps_of_loaded(ebpf, &names)?;
+    MultiPrograms::load(BPF_OBJECT, &names, LinkKind::Entry, &map_ids, btf_id)
+}
+
+/// Loads the session programs (Linux 6.13+) for session links, on the same maps.
+fn load_sessions(ebpf: &mut Ebpf) -> anyhow::Result<MultiPrograms> {
+    let (map_ids, btf_id) = maps_of_loaded(ebpf, &[])?;
+    MultiPrograms::load(
+        BPF_OBJECT,
+        &program::SESSIONS,
+        LinkKind::Session,
+        &map_ids,
+        btf_id,
+    )
+}
+
+/// The programs that trace, attached apart at entries and returns.
+fn real_programs() -> impl Iterator<Item = &'static str> {
+    program::ALL.into_iter().filter(|p| {
+        !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN) && !program::SESSIONS.contains(p)
+    })
+}
+
+/// The ids of the maps of every tracing program and `also`, and of their BTF, loading them
+/// through aya first where needed. Every program's maps, whichever are loaded again: aya-obj
+/// relocates every function of the object, and without the maps of the others the no-op
+/// programs of the floor (which use none) failed to load for links, so that the floor went one
+/// probe at a time and took seconds to detach.
+fn maps_of_loaded(ebpf: &mut Ebpf, also: &[&str]) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
     let mut map_ids = Vec::new();
     let mut btf_id = None;
-    for name in &names {
+    let mut names: Vec<&str> = real_programs().collect();
+    names.extend(
+        also.iter()
+            .filter(|name| !names.contains(name))
+            .collect::<Vec<_>>(),
+    );
+    for name in names {
         let probe: &mut UProbe = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name} in the BPF object"))?
@@ -649,7 +720,7 @@ fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPr
     }
     map_ids.sort_unstable();
     map_ids.dedup();
-    MultiPrograms::load(BPF_OBJECT, &names, &map_ids, btf_id)
+    Ok((map_ids, btf_id))
 }
 
 /// `entries` grouped by the program that runs there, in order of first appearance, each group in
@@ -691,6 +762,7 @@ fn attach_to(
     links: &mut Vec<Link>,
     summary: &mut AttachSummary,
     options: AttachOptions,
+    sessions: &mut bool,
 ) -> anyhow::Result<()> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
     let program_for = |program: &'static str| match (options.noop_programs, program) {
@@ -719,11 +791,19 @@ fn attach_to(
     let mut attach_group = |ebpf: &mut Ebpf,
                             program: &'static str,
                             group: &[&EntryPoint],
-                            is_return: bool|
+                            kind: LinkKind|
      -> anyhow::Result<()> {
         if group.is_empty() {
             return Ok(());
         }
+        // A return program reads no argument; 0 is "where the ABI puts them".
+        let cookie = |e: &EntryPoint| {
+            if kind == LinkKind::Return {
+                0
+            } else {
+                point_of(e).cookie
+            }
+        };
         if let Some(fd) = multi.and_then(|m| m.get(program)) {
             // One link per module (the group's entries may alternate between modules).
             let mut modules: Vec<&Path> = Vec::new();
@@ -736,12 +816,8 @@ fn attach_to(
                 let entries: Vec<&EntryPoint> =
                     group.iter().copied().filter(|e| e.path == path).collect();
                 let offsets: Vec<u64> = entries.iter().map(|e| point_of(e).file_offset).collect();
-                // A return program reads no argument; 0 is "where the ABI puts them".
-                let cookies: Vec<u64> = entries
-                    .iter()
-                    .map(|e| if is_return { 0 } else { point_of(e).cookie })
-                    .collect();
-                let link = multi::attach(fd, path, &offsets, &cookies, pid, is_return)
+                let cookies: Vec<u64> = entries.iter().map(|e| cookie(e)).collect();
+                let link = multi::attach(fd, path, &offsets, &cookies, pid, kind)
                     .map_err(|err| failed(err, program, entries[0]))?;
                 links.push(Link::Multi(link));
             }
@@ -759,7 +835,7 @@ fn attach_to(
                 let point = point_of(entry);
                 let at = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
-                    cookie: Some(if is_return { 0 } else { point.cookie }),
+                    cookie: Some(cookie(entry)),
                 };
                 let link = probe
                     .attach(at, &entry.path, scope)
@@ -768,30 +844,85 @@ fn attach_to(
             }
         }
         for &entry in group {
-            summary.probes.push(AttachedProbe {
-                pid,
-                symbol: entry.symbol.clone(),
-                module: entry.module.clone(),
-                program,
-                kind: match (is_return, point_of(entry).trap) {
-                    (true, _) => ProbeKind::Return,
-                    (false, Trap::Emulated) => ProbeKind::Emulated,
-                    (false, Trap::SingleStepped) => ProbeKind::SingleStepped,
-                },
-            });
+            let trap = match point_of(entry).trap {
+                Trap::Emulated => ProbeKind::Emulated,
+                Trap::SingleStepped => ProbeKind::SingleStepped,
+            };
+            let kinds: &[ProbeKind] = match kind {
+                LinkKind::Entry => &[trap],
+                LinkKind::Return => &[ProbeKind::Return],
+                // A session is an entry probe and a return probe (which only drawn calls hit).
+                LinkKind::Session => &[trap, ProbeKind::Return],
+            };
+            for &kind in kinds {
+                summary.probes.push(AttachedProbe {
+                    pid,
+                    symbol: entry.symbol.clone(),
+                    module: entry.module.clone(),
+                    program,
+                    kind,
+                });
+            }
         }
         Ok(())
     };
     let entries = &allocator.entry_points;
     for (program, group) in by_program(entries.iter().filter(|e| !e.allocates()), options) {
-        attach_group(ebpf, program, &group, false)?;
+        attach_group(ebpf, program, &group, LinkKind::Entry)?;
     }
-    let allocating: Vec<&EntryPoint> = entries.iter().filter(|e| e.allocates()).collect();
-    attach_group(ebpf, program_for(program::ALLOC_RETURN), &allocating, true)?;
-    for (program, group) in by_program(allocating.into_iter(), options) {
-        attach_group(ebpf, program, &group, false)?;
+    // The malloc family's entry points, through sessions where they can be.
+    let session_of = |entry: &EntryPoint| {
+        program::session_of(entry.program)
+            .filter(|&session| *sessions && multi.is_some_and(|m| m.get(session).is_some()))
+    };
+    let (in_sessions, apart): (Vec<&EntryPoint>, Vec<&EntryPoint>) = entries
+        .iter()
+        .filter(|e| e.allocates())
+        .partition(|e| !options.noop_programs && session_of(e).is_some());
+    attach_group(
+        ebpf,
+        program_for(program::ALLOC_RETURN),
+        &apart,
+        LinkKind::Return,
+    )?;
+    for (program, group) in by_program(apart.into_iter(), options) {
+        attach_group(ebpf, program, &group, LinkKind::Entry)?;
+    }
+    // A session per program and module, so that one the kernel refuses falls back to an
+    // entry and a return probe without attaching anything twice.
+    let mut groups: Vec<(&'static str, &Path, Vec<&EntryPoint>)> = Vec::new();
+    for entry in in_sessions {
+        let session = session_of(entry).unwrap_or(entry.program);
+        match groups
+            .iter_mut()
+            .find(|(p, path, _)| *p == session && *path == entry.path)
+        {
+            Some((_, _, group)) => group.push(entry),
+            None => groups.push((session, &entry.path, vec![entry])),
+        }
+    }
+    for (session, _, group) in groups {
+        if *sessions {
+            match attach_group(ebpf, session, &group, LinkKind::Session) {
+                Ok(()) => continue,
+                Err(err) if process::is_alive(pid) => {
+                    status!("{}", sessions_unavailable(&format!("{err:#}")));
+                    *sessions = false;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        attach_group(ebpf, program::ALLOC_RETURN, &group, LinkKind::Return)?;
+        attach_group(ebpf, group[0].program, &group, LinkKind::Entry)?;
     }
     Ok(())
+}
+
+/// The line that says why a sampled trace cannot skip the return probes of undrawn calls.
+fn sessions_unavailable(why: &str) -> String {
+    format!(
+        "leaktrace: every sampled call still traps at its return, drawn or not ({why}; uprobe session programs need Linux 6.13+)"
+    )
 }
 
 #[cfg(test)]

@@ -165,6 +165,12 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub probes_one_at_a_time: bool,
 
+    /// Benchmarks only: with `--sample-bytes`, attach the malloc family's entries and returns
+    /// apart, as on kernels without uprobe session programs (before 6.13), so that every call
+    /// traps at its return, drawn or not: to measure what sessions save.
+    #[arg(long, hide = true)]
+    pub probes_without_sessions: bool,
+
     /// Benchmarks only: print the BPF programs' counters to stderr at exit
     /// (`leaktrace: bpf stats NAME=N ...`).
     #[arg(long, hide = true)]

@@ -99,6 +99,7 @@ impl Trace {
                 noop_programs: cli.noop_programs,
                 at_entry: cli.probes_at_entry,
                 one_at_a_time: cli.probes_one_at_a_time,
+                sessions: cli.sample_bytes.is_some() && !cli.probes_without_sessions,
                 // The guard's estimate starts from the kernel's run-time statistics.
                 program_stats: cli.print_program_times || cli.max_overhead.is_some(),
             },
