@@ -118,7 +118,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         // address space: the first traced process's.
         let space = &mut targets[0].0.space;
         maps.unwind_rows
-            .update(space)
+            .update(&space.row_sources())
             .context("filling the BPF map of unwinding rows")?;
     }
     let mut probes = probes::Probes::new(ebpf, config.attach)?;

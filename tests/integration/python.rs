@@ -323,3 +323,55 @@ fn spawn_mode_finds_the_interpreter_after_exec_and_names_every_leak() {
     // frame must still be named as what runs there now.
     assert_sites(&truth, outcome.last(), &["remember"]);
 }
+
+#[test]
+fn spawn_mode_loses_nothing_of_a_start_up_that_allocates_at_once() {
+    if !require_root() {
+        return;
+    }
+    // Allocations made between the exec and the moment the unwinding rows of the new
+    // executable are in the BPF maps come with 8 KiB stack copies: written one map update at a
+    // time (~1 s for python3's rows), they filled the ring buffer while the event loop was
+    // busy writing, and events were lost.
+    let script = script();
+    let trace = Leaktrace::start(&[
+        "--format",
+        "json",
+        "--interval",
+        "0.5",
+        "--duration",
+        "5",
+        "--",
+        DEBIAN_PYTHON,
+        &script,
+        "20000",
+        "busy",
+    ]);
+    let outcome = trace.wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let truth = outcome
+        .reports
+        .iter()
+        .find(|r| r.get("sites").is_some())
+        .expect("the script printed its truth")
+        .clone();
+    let report = outcome.last();
+    assert_eq!(report["totals"]["lost_events"], 0, "{:?}", outcome.stderr);
+    assert_eq!(report["complete"], true);
+    // Its loop ran traced: every object it keeps was allocated after the exec.
+    let kept: u64 = truth["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|site| site["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(kept, 40_000);
+    assert!(
+        report["totals"]["outstanding_allocations"]
+            .as_u64()
+            .unwrap()
+            >= kept,
+        "{}",
+        report["totals"]
+    );
+}

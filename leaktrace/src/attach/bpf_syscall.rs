@@ -43,7 +43,13 @@ pub fn update_batch<K: Copy, V: Copy>(
     keys: &[K],
     values: &[V],
 ) -> std::io::Result<()> {
-    assert_eq!(keys.len(), values.len(), "a value per key");
+    if keys.len() != values.len() {
+        // The kernel would read `count` values past the end of the shorter slice.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a batch needs a value per key",
+        ));
+    }
     if keys.is_empty() {
         return Ok(());
     }
@@ -54,4 +60,20 @@ pub fn update_batch<K: Copy, V: Copy>(
     put(&mut attr, 32, (keys.len() as u32).to_ne_bytes());
     put(&mut attr, 36, (map.as_raw_fd() as u32).to_ne_bytes());
     bpf_status(BPF_MAP_UPDATE_BATCH, &mut attr).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    #[test]
+    fn a_batch_without_a_value_per_key_is_refused_before_the_kernel_sees_it() {
+        let stdin = std::io::stdin();
+        let err = update_batch(stdin.as_fd(), &[1u32, 2], &[7u64]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        // An empty batch writes nothing and asks nothing of the kernel (stdin is no map).
+        update_batch::<u32, u64>(stdin.as_fd(), &[], &[]).unwrap();
+    }
 }

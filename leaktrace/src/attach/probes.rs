@@ -31,7 +31,7 @@ use super::{
 };
 use crate::proc::process;
 use crate::status;
-use crate::target::address_space::AddressSpace;
+use crate::target::address_space::{RowSource, unwind_rows};
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -299,10 +299,10 @@ impl UnwindRows {
     /// Rows the map holds at most.
     pub const MAX: usize = MAX_UNWIND_ROWS as usize - 1;
 
-    /// Replaces the rows with those of the address space `space` as it is now.
-    pub fn update(&mut self, space: &mut AddressSpace) -> anyhow::Result<()> {
+    /// Replaces the rows with those of the mappings `sources` (`AddressSpace::row_sources`).
+    pub fn update(&mut self, sources: &[RowSource]) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let rows = space.unwind_rows(Self::MAX);
+        let rows = unwind_rows(sources, Self::MAX);
         let built = started.elapsed();
         let pages = self.set(&rows)?;
         if self.print

@@ -143,7 +143,7 @@ pub async fn run(
     let Maps {
         events,
         stats,
-        mut unwind_rows,
+        unwind_rows,
     } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
     // AsyncFd that owns it.
@@ -154,6 +154,10 @@ pub async fn run(
     // The process and memory map UNWIND_ROWS was last computed from: main's, before
     // attaching, from the first target as it was read then.
     let mut rows_from = sessions.first().map(|s| (s.target.pid, 0));
+    let mut row_writer = RowWriter {
+        idle: Some(unwind_rows),
+        writing: None,
+    };
     let mut live = BTreeMap::new();
     for session in sessions {
         let pid = session.target.pid;
@@ -239,7 +243,7 @@ pub async fn run(
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                 find_python(&mut live, &mut probes)?;
                 if settings.unwind == Unwind::Auto {
-                    update_unwinding(&mut unwind_rows, &mut live, &mut rows_from)?;
+                    update_unwinding(&mut row_writer, &mut live, &mut rows_from)?;
                 }
                 // Without the kernel's process events, children are found here: one that
                 // lives shorter than a poll may never be seen, which the reports say.
@@ -279,7 +283,7 @@ pub async fn run(
                     }
                 }
                 if settings.unwind == Unwind::Auto {
-                    update_unwinding(&mut unwind_rows, &mut live, &mut rows_from)?;
+                    update_unwinding(&mut row_writer, &mut live, &mut rows_from)?;
                 }
             }
             Some(pid) = exit_rx.recv() => {
@@ -331,6 +335,9 @@ pub async fn run(
             () = &mut deadline => break Stop::Duration,
         }
     };
+    // A write of the rows still at work ends with the trace; whether it failed no longer
+    // matters.
+    let _ = row_writer.collect(true);
     bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
     // Forks told but not handled when the trace stopped: children not followed, and said so.
     if let Some(events) = proc_events.as_mut() {
@@ -402,16 +409,41 @@ pub async fn run(
 }
 
 /// How much unwinding from stack copies cost, on stderr.
-/// `--unwind auto`: tells the BPF side how to unwind the code of the target (UNWIND_ROWS), when the first traced process (the maps hold one address
-/// space) is another than when it last did (the first one exited), or its memory map changed
-/// since. A spawned command's map changes at its exec, a service's at a dlopen: until the
-/// maps know the new code, every stack through it is copied and unwound with CFI in user
-/// space.
+/// `--unwind auto`: the map of unwinding rows, or the thread writing it. Building and writing
+/// the rows of a large executable takes a while (python3: ~105k rows, 0.1-0.3 s measured):
+/// on the event loop, it kept the ring buffer from being drained, and a start-up that
+/// allocated meanwhile, each allocation with a stack copy until the rows are in, lost events.
+struct RowWriter {
+    idle: Option<UnwindRows>,
+    writing: Option<std::thread::JoinHandle<(UnwindRows, anyhow::Result<()>)>>,
+}
+
+impl RowWriter {
+    /// Takes the map back from a write that finished.
+    fn collect(&mut self, wait: bool) -> anyhow::Result<()> {
+        let Some(handle) = self.writing.take_if(|handle| wait || handle.is_finished()) else {
+            return Ok(());
+        };
+        let (rows, result) = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread writing the unwinding rows panicked"))?;
+        self.idle = Some(rows);
+        result.context("updating the BPF map of unwinding rows")
+    }
+}
+
+/// `--unwind auto`: tells the BPF side how to unwind the code of the target (UNWIND_ROWS), when
+/// the first traced process (the maps hold one address space) is another than when it last did
+/// (the first one exited), or its memory map changed since. A spawned command's map changes at
+/// its exec, a service's at a dlopen: until the maps know the new code, every stack through it
+/// is copied and unwound with CFI in user space. The rows are built and written on a thread;
+/// a change seen while one is at work waits for the next call.
 fn update_unwinding(
-    unwind_rows: &mut UnwindRows,
+    writer: &mut RowWriter,
     live: &mut BTreeMap<u32, Traced>,
     from: &mut Option<(u32, u64)>,
 ) -> anyhow::Result<()> {
+    writer.collect(false)?;
     let Some((&pid, traced)) = live.iter_mut().next() else {
         return Ok(());
     };
@@ -420,10 +452,19 @@ fn update_unwinding(
     if *from == Some(now) {
         return Ok(());
     }
-    unwind_rows
-        .update(space)
-        .context("updating the BPF map of unwinding rows")?;
+    let Some(mut rows) = writer.idle.take() else {
+        return Ok(());
+    };
+    let sources = space.row_sources();
     *from = Some(now);
+    let handle = std::thread::Builder::new()
+        .name("leaktrace-rows".into())
+        .spawn(move || {
+            let result = rows.update(&sources);
+            (rows, result)
+        })
+        .context("starting the thread that writes the unwinding rows")?;
+    writer.writing = Some(handle);
     Ok(())
 }
 

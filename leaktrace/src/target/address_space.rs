@@ -141,13 +141,10 @@ impl AddressSpace {
         Some((self.modules.get(location.module?), location.offset))
     }
 
-    /// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`), at the
-    /// addresses the executable mappings are mapped at, sorted, at most `max` of them: one
-    /// `FRAME_POINTER` row for a mapping of a module that keeps frame pointers, the module's
-    /// CFI rows for the others. Each mapping's rows end with a `NONE` row at its end; rows
-    /// past `max` are left out (frames there are copied). Parses every module's CFI.
-    pub fn unwind_rows(&mut self, max: usize) -> Vec<UnwindRow> {
-        let mut rows: Vec<UnwindRow> = Vec::new();
+    /// The executable mappings of files with their modules, in address order: what
+    /// [`unwind_rows`] builds the rows of this address space from.
+    pub fn row_sources(&mut self) -> Vec<RowSource> {
+        let mut sources = Vec::new();
         for index in 0..self.maps.mappings.len() {
             let mapping = &self.maps.mappings[index];
             if !(mapping.is_executable() && mapping.is_file()) {
@@ -156,63 +153,92 @@ impl AddressSpace {
             let (start, end, file_offset) = (mapping.start, mapping.end, mapping.file_offset);
             let id = self.module_of(index);
             let module = self.modules.get(id);
-            if module.keeps_frame_pointers() {
-                let row = |pc, kind| UnwindRow {
-                    pc,
-                    kind,
-                    ..UnwindRow::default()
-                };
-                if rows.len() + 2 > max {
-                    break;
-                }
-                if rows.last().is_some_and(|last| last.pc == start) {
-                    rows.pop();
-                }
-                if rows
-                    .last()
-                    .is_none_or(|last| last.kind != kind::FRAME_POINTER)
-                {
-                    rows.push(row(start, kind::FRAME_POINTER));
-                }
-                rows.push(row(end, kind::NONE));
-                continue;
-            }
-            let Some(vaddr) = module.cfi().and_then(|cfi| cfi.vaddr_of(file_offset)) else {
-                continue;
-            };
-            let vaddr_end = vaddr.wrapping_add(end - start);
-            let module_rows = module.unwind_rows();
-            // The rule in force at the mapping's start, then the rows inside it.
-            let first = module_rows.partition_point(|r| r.pc <= vaddr);
-            let covering = first.checked_sub(1).map(|i| module_rows[i]);
-            let mut mapped: Vec<UnwindRow> = Vec::new();
-            for row in covering
-                .map(|r| UnwindRow { pc: vaddr, ..r })
-                .into_iter()
-                .chain(module_rows[first..].iter().copied())
-                .take_while(|r| r.pc < vaddr_end)
-            {
-                mapped.push(UnwindRow {
-                    pc: row.pc - vaddr + start,
-                    ..row
-                });
-            }
-            mapped.push(UnwindRow {
-                pc: end,
-                ..UnwindRow::default()
+            sources.push(RowSource {
+                start,
+                end,
+                file_offset,
+                module,
             });
-            if rows.len() + mapped.len() > max {
+        }
+        sources
+    }
+}
+
+/// An executable mapping of a file, and its module.
+pub struct RowSource {
+    start: u64,
+    end: u64,
+    file_offset: u64,
+    module: Arc<Module>,
+}
+
+/// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`), at the
+/// addresses the executable mappings are mapped at, sorted, at most `max` of them: one
+/// `FRAME_POINTER` row for a mapping of a module that keeps frame pointers, the module's
+/// CFI rows for the others. Each mapping's rows end with a `NONE` row at its end; rows
+/// past `max` are left out (frames there are copied). Parses every module's CFI (the first
+/// time), which takes a while: it runs off the event loop.
+pub fn unwind_rows(sources: &[RowSource], max: usize) -> Vec<UnwindRow> {
+    let mut rows: Vec<UnwindRow> = Vec::new();
+    for source in sources {
+        let (start, end, file_offset) = (source.start, source.end, source.file_offset);
+        let module = &source.module;
+        if module.keeps_frame_pointers() {
+            let row = |pc, kind| UnwindRow {
+                pc,
+                kind,
+                ..UnwindRow::default()
+            };
+            if rows.len() + 2 > max {
                 break;
             }
-            // Mappings come sorted by address, and do not overlap: the previous one's end row
-            // gives way to this one's first.
-            if rows.last().is_some_and(|last| last.pc == start) && mapped[0].pc == start {
+            if rows.last().is_some_and(|last| last.pc == start) {
                 rows.pop();
             }
-            rows.extend(mapped);
+            if rows
+                .last()
+                .is_none_or(|last| last.kind != kind::FRAME_POINTER)
+            {
+                rows.push(row(start, kind::FRAME_POINTER));
+            }
+            rows.push(row(end, kind::NONE));
+            continue;
         }
-        rows
+        let Some(vaddr) = module.cfi().and_then(|cfi| cfi.vaddr_of(file_offset)) else {
+            continue;
+        };
+        let vaddr_end = vaddr.wrapping_add(end - start);
+        let module_rows = module.unwind_rows();
+        // The rule in force at the mapping's start, then the rows inside it.
+        let first = module_rows.partition_point(|r| r.pc <= vaddr);
+        let covering = first.checked_sub(1).map(|i| module_rows[i]);
+        let mut mapped: Vec<UnwindRow> = Vec::new();
+        for row in covering
+            .map(|r| UnwindRow { pc: vaddr, ..r })
+            .into_iter()
+            .chain(module_rows[first..].iter().copied())
+            .take_while(|r| r.pc < vaddr_end)
+        {
+            mapped.push(UnwindRow {
+                pc: row.pc - vaddr + start,
+                ..row
+            });
+        }
+        mapped.push(UnwindRow {
+            pc: end,
+            ..UnwindRow::default()
+        });
+        if rows.len() + mapped.len() > max {
+            break;
+        }
+        // Mappings come sorted by address, and do not overlap: the previous one's end row
+        // gives way to this one's first.
+        if rows.last().is_some_and(|last| last.pc == start) && mapped[0].pc == start {
+            rows.pop();
+        }
+        rows.extend(mapped);
     }
+    rows
 }
 
 /// The `UNWIND_PAGES` entries of `rows` (sorted by pc, at map index 1 on): for each page of
