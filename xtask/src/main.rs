@@ -68,7 +68,7 @@ enum Task {
 /// bpf-linker, gcc and g++ for the test fixtures, the allocators the fixtures link with
 /// (jemalloc, tcmalloc, mimalloc), redis, a real service that runs on jemalloc, and Prometheus
 /// (2.42 in Debian 12: OpenMetrics scrapes, the HTTP API, promtool) to scrape `--metrics`.
-const PACKAGES: [&str; 16] = [
+const PACKAGES: [&str; 17] = [
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
@@ -85,6 +85,8 @@ const PACKAGES: [&str; 16] = [
     "util-linux",
     // Debian's python3 (3.11): the Python tests (tests/integration/python.rs) trace it.
     "python3",
+    // Its headers: a test compiles tests/fixtures/python_offsets.c against them.
+    "libpython3.11-dev",
     "prometheus",
 ];
 /// Of `PACKAGES`, those installed without their recommended packages: Prometheus recommends

@@ -9,10 +9,10 @@
 //! Source of every number in those tables: `offsetof`/`sizeof` compiled against each version's own
 //! headers with `Py_BUILD_CORE` (`Include/internal/pycore_runtime.h`, `pycore_interp.h`,
 //! `pycore_frame.h`, `Include/cpython/code.h`, `cpython/pystate.h`, `cpython/unicodeobject.h`,
-//! `cpython/bytesobject.h`): `tests/fixtures/python_offsets.c`, which the integration tests
-//! compile against the headers found on the machine (Debian's 3.11.2 in
-//! `/usr/include/python3.11`, pyenv's 3.11.7, 3.12.1 and 3.13.0) and compare with these
-//! tables. Within a minor version the layouts do not change (CPython keeps them for its own
+//! `cpython/bytesobject.h`): `tests/fixtures/python_offsets.c`, which a test of this module
+//! compiles against the headers found on the machine (Debian's 3.11 in
+//! `/usr/include/python3.11`, always; pyenv's 3.11, 3.12 and 3.13 where installed) and
+//! compares with these tables, and with what 3.13 says of itself. Within a minor version the layouts do not change (CPython keeps them for its own
 //! out-of-process tools); across minor versions they do, so an unknown version gets no
 //! Python frames rather than wrong ones.
 
@@ -286,6 +286,8 @@ pub const UNICODE_STATE: u64 = 32;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -471,5 +473,136 @@ mod tests {
         let mut longer = good;
         longer.extend([0xff; 64]);
         assert!(refused(&longer).is_ok());
+    }
+
+    /// `tests/fixtures/python_offsets.c` compiled against the headers in `include` and run:
+    /// each `struct.field offset` line, and the two sizes.
+    fn offsets_from_headers(include: &str) -> HashMap<String, u64> {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/python_offsets.c"
+        );
+        let exe = std::env::temp_dir().join(format!(
+            "leaktrace-python-offsets-{}-{}",
+            std::process::id(),
+            include.replace('/', "_")
+        ));
+        let built = std::process::Command::new("gcc")
+            .arg(format!("-I{include}"))
+            .arg("-o")
+            .arg(&exe)
+            .arg(fixture)
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{built:?}");
+        let out = std::process::Command::new(&exe).output().unwrap();
+        let _ = std::fs::remove_file(&exe);
+        let mut found = HashMap::new();
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["sizeof", ascii, a, compact, c] => {
+                    found.insert((*ascii).to_owned(), a.parse().unwrap());
+                    found.insert((*compact).to_owned(), c.parse().unwrap());
+                }
+                [field, offset] => {
+                    found.insert((*field).to_owned(), offset.parse().unwrap());
+                }
+                _ => panic!("unexpected line {line:?}"),
+            }
+        }
+        found
+    }
+
+    /// What the headers say, as the offsets leaktrace uses.
+    fn assert_headers_give(include: &str, version: Version, offsets: &Offsets) {
+        let h = offsets_from_headers(include);
+        let at = |name: &str| *h.get(name).unwrap_or_else(|| panic!("{name} in {h:?}"));
+        let o = offsets;
+        let w = &o.walk;
+        assert_eq!(
+            w.runtime_interpreters_head,
+            at("_PyRuntimeState.interpreters.head")
+        );
+        assert_eq!(w.interp_threads_head, at("PyInterpreterState.threads.head"));
+        assert_eq!(w.tstate_next, at("PyThreadState.next"));
+        assert_eq!(
+            w.tstate_native_thread_id,
+            at("PyThreadState.native_thread_id")
+        );
+        assert_eq!(w.frame_previous, at("_PyInterpreterFrame.previous"));
+        let owner = at("_PyInterpreterFrame.owner");
+        assert_eq!(w.frame_flags + u64::from(o.owner_byte), owner);
+        if version == Version::V3_13 {
+            assert_eq!(w.tstate_frame, at("PyThreadState.current_frame"));
+            assert_eq!(w.cframe_current_frame, NO_CFRAME);
+            assert_eq!(w.frame_code, at("_PyInterpreterFrame.f_executable"));
+            assert_eq!(w.frame_instr, at("_PyInterpreterFrame.instr_ptr"));
+        } else {
+            assert_eq!(w.tstate_frame, at("PyThreadState.cframe"));
+            assert_eq!(w.cframe_current_frame, at("_PyCFrame.current_frame"));
+            assert_eq!(w.frame_code, at("_PyInterpreterFrame.f_code"));
+            assert_eq!(w.frame_instr, at("_PyInterpreterFrame.prev_instr"));
+        }
+        if version == Version::V3_11 {
+            let Marker::IsEntry { byte } = o.marker else {
+                panic!("3.11 marks entry frames: {:?}", o.marker);
+            };
+            assert_eq!(
+                w.frame_flags + u64::from(byte),
+                at("_PyInterpreterFrame.is_entry")
+            );
+        } else {
+            assert_eq!(o.marker, Marker::CStackOwner);
+        }
+        assert_eq!(w.code_linetable, at("PyCodeObject.co_linetable"));
+        assert_eq!(o.code.linetable, at("PyCodeObject.co_linetable"));
+        assert_eq!(o.code.filename, at("PyCodeObject.co_filename"));
+        assert_eq!(o.code.qualname, at("PyCodeObject.co_qualname"));
+        assert_eq!(o.code.firstlineno, at("PyCodeObject.co_firstlineno"));
+        assert_eq!(o.code.firsttraceable, at("PyCodeObject._co_firsttraceable"));
+        assert_eq!(o.code.code_adaptive, at("PyCodeObject.co_code_adaptive"));
+        assert_eq!(o.ascii_bytes, at("PyASCIIObject"));
+        assert_eq!(o.compact_unicode_bytes, at("PyCompactUnicodeObject"));
+        assert_eq!(OB_TYPE, at("PyObject.ob_type"));
+        assert_eq!(OB_SIZE, at("PyVarObject.ob_size"));
+        assert_eq!(BYTES_DATA, at("PyBytesObject.ob_sval"));
+        assert_eq!(UNICODE_LENGTH, at("PyASCIIObject.length"));
+        assert_eq!(UNICODE_STATE, at("PyASCIIObject.state"));
+    }
+
+    #[test]
+    fn the_tables_and_3_13_s_own_description_are_what_the_headers_say() {
+        let debian = "/usr/include/python3.11";
+        if std::path::Path::new(debian).join("Python.h").exists() {
+            let tables = Version::V3_11.header_tables(0).unwrap();
+            assert_headers_give(debian, Version::V3_11, &tables);
+        } else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{debian} is missing: `cargo xtask setup` installs libpython3.11-dev"
+            );
+        }
+        let pyenv = |version: &str, minor: &str| {
+            let include = format!("/root/.pyenv/versions/{version}/include/python{minor}");
+            let found = std::path::Path::new(&include).join("Python.h").exists();
+            if !found {
+                eprintln!("skipped: {include} is not installed");
+            }
+            found.then_some(include)
+        };
+        for (version, minor, v) in [
+            ("3.11.7", "3.11", Version::V3_11),
+            ("3.12.1", "3.12", Version::V3_12),
+        ] {
+            if let Some(include) = pyenv(version, minor) {
+                assert_headers_give(&include, v, &v.header_tables(0).unwrap());
+            }
+        }
+        if let Some(include) = pyenv("3.13.0", "3.13") {
+            let described =
+                Offsets::from_debug_offsets(&debug_offsets(&PY_3_13_0), 0x030d_00f0, 0).unwrap();
+            assert_headers_give(&include, Version::V3_13, &described);
+        }
     }
 }
