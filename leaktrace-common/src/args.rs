@@ -34,6 +34,10 @@ pub const ABI_ARGS: [u64; 6] = [reg::RDI, reg::RSI, reg::RDX, reg::RCX, reg::R8,
 /// Bits per argument in a cookie.
 const BITS: u32 = 4;
 
+/// Where the cookie of a probe of the session program (`alloc_session`) holds the call it
+/// traces there (one of [`call`](crate::call)'s constants), above the arguments' locations.
+pub const CALL_SHIFT: u32 = 32;
+
 /// The register (a [`reg`] number) that holds argument `n` (0-based) at a probe with `cookie`.
 #[inline(always)]
 pub fn location(cookie: u64, n: usize) -> u64 {

@@ -73,43 +73,30 @@ pub mod program {
     pub const NOOP_ENTRY: &str = "noop_entry";
     pub const NOOP_RETURN: &str = "noop_return";
 
-    /// Uprobe session programs (Linux 6.13+, `--sample-bytes`): one program runs at the entry
-    /// of a call of the malloc family and, only when the entry drew its block (or it releases
-    /// a drawn one), at its return, as the entry program and `alloc_return` would.
-    pub const MALLOC_SESSION: &str = "malloc_session";
-    pub const CALLOC_SESSION: &str = "calloc_session";
-    pub const REALLOC_SESSION: &str = "realloc_session";
-    pub const REALLOCARRAY_SESSION: &str = "reallocarray_session";
-    pub const POSIX_MEMALIGN_SESSION: &str = "posix_memalign_session";
-    pub const ALIGNED_ALLOC_SESSION: &str = "aligned_alloc_session";
-    pub const XALLOCX_SESSION: &str = "xallocx_session";
+    /// The uprobe session program (Linux 6.13+, `--sample-bytes`): it runs at the entry of a
+    /// call of the malloc family, as the entry program of its kind would (the kind is in the
+    /// probe's cookie, see [`session_call`]), and, only when the entry drew its block (or it
+    /// releases a drawn one), at its return, as `alloc_return`. One program for every kind:
+    /// each copy of the return path costs the verifier seconds on a busy machine.
+    pub const ALLOC_SESSION: &str = "alloc_session";
 
-    /// The session program that does the work of the entry program `entry` and of
-    /// `alloc_return`, for the entry points of the malloc family.
-    pub fn session_of(entry: &str) -> Option<&'static str> {
+    /// The call (one of [`call`](crate::call)'s constants) that `alloc_session` traces at an
+    /// entry point where the entry program `entry` would run: the malloc family's.
+    pub fn session_call(entry: &str) -> Option<u32> {
+        use crate::call;
         Some(match entry {
-            MALLOC_ENTRY => MALLOC_SESSION,
-            CALLOC_ENTRY => CALLOC_SESSION,
-            REALLOC_ENTRY => REALLOC_SESSION,
-            REALLOCARRAY_ENTRY => REALLOCARRAY_SESSION,
-            POSIX_MEMALIGN_ENTRY => POSIX_MEMALIGN_SESSION,
-            ALIGNED_ALLOC_ENTRY => ALIGNED_ALLOC_SESSION,
-            XALLOCX_ENTRY => XALLOCX_SESSION,
+            MALLOC_ENTRY => call::MALLOC,
+            CALLOC_ENTRY => call::CALLOC,
+            REALLOC_ENTRY => call::REALLOC,
+            REALLOCARRAY_ENTRY => call::REALLOCARRAY,
+            POSIX_MEMALIGN_ENTRY => call::POSIX_MEMALIGN,
+            ALIGNED_ALLOC_ENTRY => call::ALIGNED_ALLOC,
+            XALLOCX_ENTRY => call::XALLOCX,
             _ => return None,
         })
     }
 
-    pub const SESSIONS: [&str; 7] = [
-        MALLOC_SESSION,
-        CALLOC_SESSION,
-        REALLOC_SESSION,
-        REALLOCARRAY_SESSION,
-        POSIX_MEMALIGN_SESSION,
-        ALIGNED_ALLOC_SESSION,
-        XALLOCX_SESSION,
-    ];
-
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 16] = [
         PY_FREE_ENTRY,
         MALLOC_ENTRY,
         CALLOC_ENTRY,
@@ -125,12 +112,6 @@ pub mod program {
         ALLOC_RETURN,
         NOOP_ENTRY,
         NOOP_RETURN,
-        MALLOC_SESSION,
-        CALLOC_SESSION,
-        REALLOC_SESSION,
-        REALLOCARRAY_SESSION,
-        POSIX_MEMALIGN_SESSION,
-        ALIGNED_ALLOC_SESSION,
-        XALLOCX_SESSION,
+        ALLOC_SESSION,
     ];
 }

@@ -96,7 +96,20 @@ fn user_word(addr: u64) -> Option<u64> {
 #[inline(always)]
 fn inside_skipped(skipped: &thread::Skipped, sp: u64, ip: u64) -> bool {
     let deeper = sp < skipped.sp || (sp == skipped.sp && ip != 0 && ip != skipped.ip);
-    deeper && user_word(skipped.sp) == Some(skipped.ret)
+    deeper
+        && user_word(skipped.sp)
+            .is_some_and(|word| word == skipped.ret || is_uprobe_trampoline(word))
+}
+
+/// Whether a return address on the stack is the kernel's uretprobe trampoline: a return probe
+/// that another tracer attached to the same function (for another process: the kernel runs
+/// every consumer of a probed instruction) replaces the return address of a call with it,
+/// after the entry programs ran. The trampoline is the first slot of the process's
+/// `[uprobes]` page (`uprobe_get_trampoline_vaddr`), so page-aligned, which a return address
+/// almost never is.
+#[inline(always)]
+fn is_uprobe_trampoline(word: u64) -> bool {
+    word != 0 && word & 0xfff == 0
 }
 
 /// Records an allocator entry, unless it is nested inside another allocator call of the same
@@ -259,24 +272,32 @@ fn is_return(ctx: &ProbeContext) -> bool {
     unsafe { (*regs).rip != bpf_get_func_ip(ctx.as_ptr()) }
 }
 
-/// A uprobe session program (Linux 6.13+, loaded as such by user space): `$enter` at the entry
-/// of the call, `alloc_return` at its return, which the kernel runs only when the entry
-/// returned 0. Written out, not `#[uprobe]`: that macro returns 0 whatever the body returns.
-macro_rules! session {
-    ($name:ident, $enter:ident) => {
-        #[unsafe(no_mangle)]
-        #[unsafe(link_section = "uprobe")]
-        pub fn $name(ctx: *mut core::ffi::c_void) -> u32 {
-            let ctx = ProbeContext::new(ctx);
-            if is_return(&ctx) {
-                match try_alloc_return(&RetProbeContext::new(ctx.as_ptr())) {
-                    Ok(v) | Err(v) => v,
-                }
-            } else {
-                $enter(&ctx, true)
-            }
-        }
-    };
+/// The uprobe session program (Linux 6.13+, loaded as such by user space) of the malloc
+/// family: at the entry of a call, what the entry program of its kind does (the kind is in the
+/// probe's cookie, above the arguments' locations: `args::CALL_SHIFT`), and `alloc_return` at
+/// its return, which the kernel runs only when the entry returned 0. Written out, not
+/// `#[uprobe]`: that macro returns 0 whatever the body returns.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = ProbeContext::new(ctx);
+    if is_return(&ctx) {
+        return match try_alloc_return(&RetProbeContext::new(ctx.as_ptr())) {
+            Ok(v) | Err(v) => v,
+        };
+    }
+    // SAFETY: the helper only reads the probe's own attach cookie.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    match (cookie >> leaktrace_common::args::CALL_SHIFT) as u32 {
+        call::MALLOC => malloc_enter(&ctx, true),
+        call::CALLOC => calloc_enter(&ctx, true),
+        call::REALLOC => realloc_enter(&ctx, true),
+        call::REALLOCARRAY => reallocarray_enter(&ctx, true),
+        call::POSIX_MEMALIGN => posix_memalign_enter(&ctx, true),
+        call::ALIGNED_ALLOC => aligned_alloc_enter(&ctx, true),
+        call::XALLOCX => xallocx_enter(&ctx, true),
+        _ => 0,
+    }
 }
 
 /// `malloc(size)`, and `valloc(size)` and `pvalloc(size)`, which take the same argument.
@@ -290,8 +311,6 @@ pub fn malloc_entry(ctx: ProbeContext) -> u32 {
     malloc_enter(&ctx, false)
 }
 
-session!(malloc_session, malloc_enter);
-
 /// `calloc(n, size)`. An overflowing product fails in the allocator (it returns NULL), so the
 /// saturated size is never reported.
 #[inline(always)]
@@ -304,8 +323,6 @@ fn calloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
 pub fn calloc_entry(ctx: ProbeContext) -> u32 {
     calloc_enter(&ctx, false)
 }
-
-session!(calloc_session, calloc_enter);
 
 /// `realloc(ptr, size)`.
 #[inline(always)]
@@ -325,8 +342,6 @@ pub fn realloc_entry(ctx: ProbeContext) -> u32 {
     realloc_enter(&ctx, false)
 }
 
-session!(realloc_session, realloc_enter);
-
 /// `reallocarray(ptr, n, size)`.
 #[inline(always)]
 fn reallocarray_enter(ctx: &ProbeContext, session: bool) -> u32 {
@@ -338,8 +353,6 @@ fn reallocarray_enter(ctx: &ProbeContext, session: bool) -> u32 {
 pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
     reallocarray_enter(&ctx, false)
 }
-
-session!(reallocarray_session, reallocarray_enter);
 
 /// `posix_memalign(&out, alignment, size)`: the block comes back through `out`.
 #[inline(always)]
@@ -359,8 +372,6 @@ pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
     posix_memalign_enter(&ctx, false)
 }
 
-session!(posix_memalign_session, posix_memalign_enter);
-
 /// `aligned_alloc(alignment, size)` and `memalign(alignment, size)`.
 #[inline(always)]
 fn aligned_alloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
@@ -371,8 +382,6 @@ fn aligned_alloc_enter(ctx: &ProbeContext, session: bool) -> u32 {
 pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
     aligned_alloc_enter(&ctx, false)
 }
-
-session!(aligned_alloc_session, aligned_alloc_enter);
 
 const MAP_ANONYMOUS: u64 = 0x20;
 const MREMAP_DONTUNMAP: u64 = 4;
@@ -713,8 +722,6 @@ fn xallocx_enter(ctx: &ProbeContext, session: bool) -> u32 {
 pub fn xallocx_entry(ctx: ProbeContext) -> u32 {
     xallocx_enter(&ctx, false)
 }
-
-session!(xallocx_session, xallocx_enter);
 
 /// Does nothing. `--noop-programs` attaches it where the entry programs and `free_entry` go,
 /// so that a benchmark measures the cost of the uprobe traps alone: the floor under which no

@@ -156,7 +156,7 @@ fn a_call_whose_block_is_not_drawn_skips_its_return_probe() {
     let drawn = leaks + (allocations - leaks) / 512;
     // One run at every entry, and one at the return of each drawn call only.
     assert_eq!(
-        program_runs(&outcome.stderr, "malloc_session"),
+        program_runs(&outcome.stderr, "alloc_session"),
         leaks + churn + drawn,
         "{:?}",
         outcome.stderr
@@ -182,7 +182,7 @@ fn a_call_whose_block_is_not_drawn_skips_its_return_probe() {
         "{:?}",
         outcome.stderr
     );
-    assert_eq!(program_runs(&outcome.stderr, "malloc_session"), 0);
+    assert_eq!(program_runs(&outcome.stderr, "alloc_session"), 0);
     fixture.finish();
 }
 

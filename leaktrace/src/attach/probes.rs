@@ -17,6 +17,7 @@ use aya::{
     },
 };
 use leaktrace_common::{
+    args,
     names::{global, map, program},
     python::{PY_LAYOUT_WORDS, PyLayout},
     stat,
@@ -46,9 +47,6 @@ pub struct Probes {
     multi: Option<Result<MultiPrograms, String>>,
     /// What is attached, per process.
     summaries: HashMap<u32, AttachSummary>,
-    /// The malloc family is attached through uprobe session programs: loaded, and no link
-    /// refused yet.
-    sessions: bool,
     /// Threads detaching the probes of processes that exited. They must finish before
     /// leaktrace exits: a thread killed by the exit in the middle of an unregister makes the
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
@@ -102,7 +100,6 @@ impl Probes {
             probe_counts: HashMap::new(),
             multi: None,
             summaries: HashMap::new(),
-            sessions: false,
             detaching: Vec::new(),
             ebpf,
             options,
@@ -154,11 +151,11 @@ impl Probes {
                 Ok(mut multi) => {
                     if wants_sessions {
                         match load_sessions(&mut self.ebpf) {
-                            Ok(sessions) => {
-                                multi.extend(sessions);
-                                self.sessions = true;
+                            Ok(sessions) => multi.extend(sessions),
+                            Err(err) => {
+                                status!("{}", sessions_unavailable(&format!("{err:#}")));
+                                self.options.sessions = false;
                             }
-                            Err(err) => status!("{}", sessions_unavailable(&format!("{err:#}"))),
                         }
                     }
                     Ok(multi)
@@ -170,6 +167,7 @@ impl Probes {
                     );
                     if wants_sessions {
                         status!("{}", sessions_unavailable("no uprobe_multi links"));
+                        self.options.sessions = false;
                     }
                     Err(why)
                 }
@@ -186,8 +184,9 @@ impl Probes {
             links,
             &mut added,
             self.options,
-            &mut self.sessions,
         );
+        // A refused session link turns sessions off for the rest of the trace.
+        let result = result.map(|refused| self.options.sessions &= !refused);
         self.attached += added.probes.len();
         *self.probe_counts.entry(pid).or_default() += added.probes.len();
         self.summaries
@@ -568,7 +567,7 @@ impl AttachedProbe {
         self.kind != ProbeKind::Return
             && matches!(
                 self.program,
-                program::MALLOC_ENTRY | program::MALLOC_SESSION | program::FREE_ENTRY
+                program::MALLOC_ENTRY | program::ALLOC_SESSION | program::FREE_ENTRY
             )
             && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
     }
@@ -601,7 +600,7 @@ impl AttachSummary {
         let in_sessions = self
             .probes
             .iter()
-            .filter(|p| p.kind == ProbeKind::Return && program::SESSIONS.contains(&p.program))
+            .filter(|p| p.kind == ProbeKind::Return && p.program == program::ALLOC_SESSION)
             .count();
         let sessions = if in_sessions == 0 {
             String::new()
@@ -676,7 +675,7 @@ fn load_sessions(ebpf: &mut Ebpf) -> anyhow::Result<MultiPrograms> {
     let (map_ids, btf_id) = maps_of_loaded(ebpf, &[])?;
     MultiPrograms::load(
         BPF_OBJECT,
-        &program::SESSIONS,
+        &[program::ALLOC_SESSION],
         LinkKind::Session,
         &map_ids,
         btf_id,
@@ -686,7 +685,10 @@ fn load_sessions(ebpf: &mut Ebpf) -> anyhow::Result<MultiPrograms> {
 /// The programs that trace, attached apart at entries and returns.
 fn real_programs() -> impl Iterator<Item = &'static str> {
     program::ALL.into_iter().filter(|p| {
-        !matches!(*p, program::NOOP_ENTRY | program::NOOP_RETURN) && !program::SESSIONS.contains(p)
+        !matches!(
+            *p,
+            program::NOOP_ENTRY | program::NOOP_RETURN | program::ALLOC_SESSION
+        )
     })
 }
 
@@ -753,7 +755,9 @@ fn by_program<'a>(
 /// Each entry point is probed where `probe_point` chose, the first instruction the kernel
 /// emulates when a straight-line prefix leads to one, its return probe at the same place
 /// (`%rsp` is unchanged there, so the return address is still at `[%rsp]`). With `multi`, the
-/// probes of one program in one module are one uprobe_multi link.
+/// probes of one program in one module are one uprobe_multi link; with `options.sessions`, the
+/// malloc family's are session links where the kernel takes them. Returns whether it refused
+/// one (its entry points then have an entry and a return probe).
 fn attach_to(
     ebpf: &mut Ebpf,
     multi: Option<&MultiPrograms>,
@@ -762,8 +766,7 @@ fn attach_to(
     links: &mut Vec<Link>,
     summary: &mut AttachSummary,
     options: AttachOptions,
-    sessions: &mut bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
     let program_for = |program: &'static str| match (options.noop_programs, program) {
         (false, _) => program,
@@ -797,11 +800,12 @@ fn attach_to(
             return Ok(());
         }
         // A return program reads no argument; 0 is "where the ABI puts them".
-        let cookie = |e: &EntryPoint| {
-            if kind == LinkKind::Return {
-                0
-            } else {
-                point_of(e).cookie
+        let cookie = |e: &EntryPoint| match kind {
+            LinkKind::Return => 0,
+            LinkKind::Entry => point_of(e).cookie,
+            LinkKind::Session => {
+                let call = program::session_call(e.program).unwrap_or_default();
+                point_of(e).cookie | u64::from(call) << args::CALL_SHIFT
             }
         };
         if let Some(fd) = multi.and_then(|m| m.get(program)) {
@@ -871,14 +875,13 @@ fn attach_to(
         attach_group(ebpf, program, &group, LinkKind::Entry)?;
     }
     // The malloc family's entry points, through sessions where they can be.
-    let session_of = |entry: &EntryPoint| {
-        program::session_of(entry.program)
-            .filter(|&session| *sessions && multi.is_some_and(|m| m.get(session).is_some()))
-    };
+    let sessions = options.sessions
+        && !options.noop_programs
+        && multi.is_some_and(|m| m.get(program::ALLOC_SESSION).is_some());
     let (in_sessions, apart): (Vec<&EntryPoint>, Vec<&EntryPoint>) = entries
         .iter()
         .filter(|e| e.allocates())
-        .partition(|e| !options.noop_programs && session_of(e).is_some());
+        .partition(|e| sessions && program::session_call(e.program).is_some());
     attach_group(
         ebpf,
         program_for(program::ALLOC_RETURN),
@@ -888,34 +891,33 @@ fn attach_to(
     for (program, group) in by_program(apart.into_iter(), options) {
         attach_group(ebpf, program, &group, LinkKind::Entry)?;
     }
-    // A session per program and module, so that one the kernel refuses falls back to an
-    // entry and a return probe without attaching anything twice.
-    let mut groups: Vec<(&'static str, &Path, Vec<&EntryPoint>)> = Vec::new();
+    // A session link per module, so that one the kernel refuses falls back to entry and return
+    // probes without attaching anything twice.
+    let mut modules: Vec<(&Path, Vec<&EntryPoint>)> = Vec::new();
     for entry in in_sessions {
-        let session = session_of(entry).unwrap_or(entry.program);
-        match groups
-            .iter_mut()
-            .find(|(p, path, _)| *p == session && *path == entry.path)
-        {
-            Some((_, _, group)) => group.push(entry),
-            None => groups.push((session, &entry.path, vec![entry])),
+        match modules.iter_mut().find(|(path, _)| *path == entry.path) {
+            Some((_, group)) => group.push(entry),
+            None => modules.push((&entry.path, vec![entry])),
         }
     }
-    for (session, _, group) in groups {
-        if *sessions {
-            match attach_group(ebpf, session, &group, LinkKind::Session) {
+    let mut refused = false;
+    for (_, group) in modules {
+        if !refused {
+            match attach_group(ebpf, program::ALLOC_SESSION, &group, LinkKind::Session) {
                 Ok(()) => continue,
                 Err(err) if process::is_alive(pid) => {
                     status!("{}", sessions_unavailable(&format!("{err:#}")));
-                    *sessions = false;
+                    refused = true;
                 }
                 Err(err) => return Err(err),
             }
         }
         attach_group(ebpf, program::ALLOC_RETURN, &group, LinkKind::Return)?;
-        attach_group(ebpf, group[0].program, &group, LinkKind::Entry)?;
+        for (program, group) in by_program(group.into_iter(), options) {
+            attach_group(ebpf, program, &group, LinkKind::Entry)?;
+        }
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// The line that says why a sampled trace cannot skip the return probes of undrawn calls.
