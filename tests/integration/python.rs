@@ -366,7 +366,21 @@ fn spawn_mode_loses_nothing_of_a_start_up_that_allocates_at_once() {
         .clone();
     let report = outcome.last();
     assert_eq!(report["totals"]["lost_events"], 0, "{:?}", outcome.stderr);
-    assert_eq!(report["complete"], true);
+    // Incomplete only because Debian's python3 runs pymalloc inlined (the small objects go
+    // unseen), for no other reason: nothing lost, every stack whole.
+    assert_eq!(report["complete"], false);
+    assert_eq!(
+        report["incomplete_reasons"].as_array().unwrap().len(),
+        1,
+        "{}",
+        report["incomplete_reasons"]
+    );
+    assert_eq!(
+        pymalloc_reasons(&report),
+        1,
+        "{}",
+        report["incomplete_reasons"]
+    );
     // Its loop ran traced: every object it keeps was allocated after the exec.
     let kept: u64 = truth["sites"]
         .as_array()
