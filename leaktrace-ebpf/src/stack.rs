@@ -29,8 +29,8 @@ use leaktrace_common::{
     AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_FP_RANGES,
     MAX_STACK_DEPTH, UserRegs, fp_code, stat, unwind,
     unwind_rows::{
-        self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, Regs, SEARCH_STEPS, Search,
-        Step, UnwindRow,
+        self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, ROW_HINT_SLOTS, Regs,
+        SEARCH_STEPS, Search, Step, UnwindRow, hint_slot, hinted,
     },
 };
 
@@ -59,6 +59,11 @@ static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 
 /// written with `UNWIND_ROWS`.
 #[map]
 static UNWIND_PAGES: HashMap<u64, PageRows> = HashMap::with_max_entries(MAX_UNWIND_PAGES, 0);
+
+/// The row index found last for the pcs of each slot (leaktrace-common's `hint_slot`), checked
+/// at each use (`hinted`), so shared by all threads and never invalidated.
+#[map]
+static ROW_HINTS: Array<u32> = Array::with_max_entries(ROW_HINT_SLOTS, 0);
 
 const PAGE: usize = 4096;
 const WINDOW_BYTES: u64 = (WINDOW_WORDS * 8) as u64;
@@ -403,22 +408,40 @@ fn unwind_row(i: u32) -> Option<UnwindRow> {
 /// The row of `pc` among the `rows` of `UNWIND_ROWS`: among the rows of its page
 /// (`UNWIND_PAGES`), a halving per call of a `bpf_loop` callback. The page index was measured
 /// worth it: a search of the whole table (~60k rows for libc and libstdc++, 16 halvings)
-/// cost ~300 ns per frame, most of the walk.
+/// cost ~300 ns per frame, most of the walk. Before it, the hint of the pc's slot
+/// (`ROW_HINTS`): the outer frames of a thread return to the same pcs at every allocation,
+/// and a hint that holds spares the page's hash lookup and the halvings (measured: ~2/3 of
+/// the BPF time of an allocation in code with frame pointers went to the walk, most of it to
+/// the C runtime's outer frames).
 #[inline(always)]
 fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
+    let slot = hint_slot(pc);
+    let hint = ROW_HINTS.get(slot).map_or(0, |&index| index);
+    if let Some(row) = hinted(pc, hint, rows, unwind_row) {
+        return Some(row);
+    }
     // SAFETY: the value is plain data that user space writes whole.
     let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
     let mut search = (pc, Search::within(*page, rows));
-    // SAFETY: `halve_rows` has the callback's signature and `search` outlives the call.
-    unsafe {
-        bpf_loop(
-            SEARCH_STEPS,
-            halve_rows as *mut c_void,
-            core::ptr::from_mut(&mut search).cast(),
-            0,
-        );
+    // A page of one row (every page of code that keeps frame pointers) has nothing to halve.
+    if search.1.lo < search.1.hi {
+        // SAFETY: `halve_rows` has the callback's signature and `search` outlives the call.
+        unsafe {
+            bpf_loop(
+                SEARCH_STEPS,
+                halve_rows as *mut c_void,
+                core::ptr::from_mut(&mut search).cast(),
+                0,
+            );
+        }
     }
-    search.1.found(pc, unwind_row)
+    let row = search.1.found(pc, unwind_row)?;
+    if let Some(hint) = ROW_HINTS.get_ptr_mut(slot) {
+        // SAFETY: a u32 of an array map; another CPU's write of the same slot at once leaves
+        // one of the two indexes, each checked at its use.
+        unsafe { *hint = search.1.found_index() };
+    }
+    Some(row)
 }
 
 #[inline(never)]
