@@ -338,7 +338,7 @@ pub async fn run(
                 let mut now = std::task::Context::from_waker(std::task::Waker::noop());
                 if let std::task::Poll::Ready(at) = tick.poll_tick(&mut now)
                     && ends_at.is_some_and(|end| at <= end)
-                    && !settings.count.is_some_and(|count| reports + 1 >= count)
+                    && settings.count.is_none_or(|count| reports + 1 < count)
                 {
                     bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
                     for (&pid, traced) in &mut live {
