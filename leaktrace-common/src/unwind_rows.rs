@@ -97,6 +97,48 @@ pub fn find(pc: u64, count: u32, get: impl Fn(u32) -> Option<UnwindRow>) -> Opti
     search.found(pc, &get)
 }
 
+/// Slots of the BPF side's `ROW_HINTS` array: the row index found last for a pc, by a hash
+/// of the pc ([`hint_slot`]). The outer frames of a thread (`start_thread`, `clone3`,
+/// `__libc_start_call_main`) return to the same pcs at every allocation, and a hint spares
+/// their search (the page's hash lookup and the halvings: most of a frame's cost).
+pub const ROW_HINT_SLOTS: u32 = 1 << 13;
+
+/// The `ROW_HINTS` slot of `pc`.
+#[inline(always)]
+pub fn hint_slot(pc: u64) -> u32 {
+    // Fibonacci hashing: the top bits of the product mix every bit of the pc.
+    (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROW_HINT_SLOTS.trailing_zeros())) as u32
+}
+
+/// The row of `pc` if row `index` (a hint, possibly stale or for another pc) is it, among the
+/// `count` rows of a map read with `get`; `None` otherwise. Exact whatever the hint: the rows
+/// are sorted, so the row at or below `pc` whose successor starts above `pc` is the row the
+/// search would find. A hint needs no invalidation when user space rewrites the table, and a
+/// torn or colliding one only misses.
+#[inline(always)]
+pub fn hinted(
+    pc: u64,
+    index: u32,
+    count: u32,
+    get: impl Fn(u32) -> Option<UnwindRow>,
+) -> Option<UnwindRow> {
+    // A mask, as in `Search::new`: the verifier keeps one path.
+    let count = count & (MAX_UNWIND_ROWS - 1);
+    if index == 0 || index > count {
+        return None;
+    }
+    let row = get(index)?;
+    if row.kind == kind::NONE || row.pc > pc {
+        return None;
+    }
+    let next = if index == count {
+        u64::MAX
+    } else {
+        get(index + 1)?.pc
+    };
+    (pc < next).then_some(row)
+}
+
 /// A binary search for the last row at or below a pc, one halving at a time (the BPF side runs
 /// them in a bounded loop, inside the `bpf_loop` callback of a frame).
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +195,13 @@ impl Search {
             }
         }
         true
+    }
+
+    /// The index of the row found for `pc`, once the search is over and found one: what a
+    /// hint remembers ([`hinted`]).
+    #[inline(always)]
+    pub fn found_index(&self) -> u32 {
+        self.lo.wrapping_sub(1)
     }
 
     /// The row found for `pc`, once the search is over.
@@ -316,6 +365,53 @@ mod tests {
                 assert_eq!(search.found(pc, get), find(pc, count, get), "at {pc:#x}");
             }
         }
+    }
+
+    #[test]
+    fn a_hint_finds_what_the_search_finds_or_nothing() {
+        let rows = [
+            row(0x1000, kind::CFA_SP, 8, 0),
+            row(0x1004, kind::CFA_SP, 16, -16),
+            row(0x1ff0, kind::NONE, 0, 0),
+            row(0x2010, kind::FRAME_POINTER, 0, 0),
+            row(0x2020, kind::CFA_BP, 16, -16),
+        ];
+        let map = map(&rows);
+        let get = |i: u32| map.get(i as usize).copied();
+        let count = rows.len() as u32;
+        for pc in (0xff0..0x3000).step_by(3) {
+            let want = find(pc, count, get);
+            let mut search = Search::new(count);
+            while search.halve(pc, get) {}
+            if want.is_some() {
+                // The search's own index is a hint that finds it.
+                assert_eq!(hinted(pc, search.found_index(), count, get), want);
+            }
+            // Every other index, stale ones past the count and 0 included, finds the same
+            // row or nothing.
+            for index in 0..count + 3 {
+                let got = hinted(pc, index, count, get);
+                assert!(
+                    got.is_none() || got == want,
+                    "{pc:#x}, hint {index}: {got:?}"
+                );
+            }
+        }
+        // A table rewritten shorter: a hint past its count finds nothing, though the old row
+        // is still in the map.
+        assert_eq!(hinted(0x2030, 5, 4, get), None);
+        // The last row holds to the end of the address space.
+        assert_eq!(hinted(0x2030, 4, 4, get), Some(rows[3]));
+    }
+
+    #[test]
+    fn hint_slots_spread_nearby_pcs() {
+        let slots: std::collections::BTreeSet<u32> = (0..1000u64)
+            .map(|i| hint_slot(0x7f00_0000_1000 + 37 * i))
+            .collect();
+        assert!(slots.iter().all(|&s| s < ROW_HINT_SLOTS));
+        // 1000 random slots of 8192 would be ~940 distinct.
+        assert!(slots.len() > 850, "{} distinct slots of 1000", slots.len());
     }
 
     #[test]

@@ -29,8 +29,8 @@ use leaktrace_common::{
     AllocEvent, AllocStackEvent, DEFAULT_STACK_COPY_BYTES, EVENT_ALLOC_STACK, MAX_STACK_DEPTH,
     UserRegs, stat, unwind,
     unwind_rows::{
-        self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, Regs, SEARCH_STEPS, Search,
-        Step, UnwindRow,
+        self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, ROW_HINT_SLOTS, Regs,
+        SEARCH_STEPS, Search, Step, UnwindRow, hint_slot, hinted,
     },
 };
 
@@ -55,6 +55,11 @@ static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 
 /// written with `UNWIND_ROWS`.
 #[map]
 static UNWIND_PAGES: HashMap<u64, PageRows> = HashMap::with_max_entries(MAX_UNWIND_PAGES, 0);
+
+/// The row index found last for the pcs of each slot (leaktrace-common's `hint_slot`), checked
+/// at each use (`hinted`), so shared by all threads and never invalidated.
+#[map]
+static ROW_HINTS: Array<u32> = Array::with_max_entries(ROW_HINT_SLOTS, 0);
 
 const PAGE: usize = 4096;
 const WINDOW_BYTES: u64 = (WINDOW_WORDS * 8) as u64;
@@ -393,9 +398,18 @@ fn unwind_row(i: u32) -> Option<UnwindRow> {
 /// page (`UNWIND_PAGES`). The page index was measured worth it: a search of the whole table
 /// (~60k rows for libc and libstdc++, 16 halvings) cost ~300 ns per frame, most of the walk.
 /// The halvings run in a bounded loop inside the frame's callback, which the verifier accepts:
-/// a `bpf_loop` callback per halving cost far more (measured, docs/BENCHMARKS.md).
+/// a `bpf_loop` callback per halving cost far more (measured, docs/BENCHMARKS.md). Before it,
+/// the hint of the pc's slot (`ROW_HINTS`): the outer frames of a thread return to the same
+/// pcs at every allocation, and a hint that holds spares the page's hash lookup and the
+/// halvings (measured: ~2/3 of the BPF time of an allocation in code with frame pointers went
+/// to the walk, most of it to the C runtime's outer frames).
 #[inline(always)]
 fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
+    let slot = hint_slot(pc);
+    let hint = ROW_HINTS.get(slot).map_or(0, |&index| index);
+    if let Some(row) = hinted(pc, hint, rows, unwind_row) {
+        return Some(row);
+    }
     // SAFETY: the value is plain data that user space writes whole.
     let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
     let mut search = Search::within(*page, rows);
@@ -404,7 +418,13 @@ fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
             break;
         }
     }
-    search.found(pc, unwind_row)
+    let row = search.found(pc, unwind_row)?;
+    if let Some(hint) = ROW_HINTS.get_ptr_mut(slot) {
+        // SAFETY: a u32 of an array map; another CPU's write of the same slot at once leaves
+        // one of the two indexes, each checked at its use.
+        unsafe { *hint = search.found_index() };
+    }
+    Some(row)
 }
 
 /// `bpf_loop`'s callback: the caller of frame `index` into frame `index + 1`. Returns 1 to

@@ -86,7 +86,8 @@ fn redis_on_jemalloc_agrees_with_its_own_memory_accounting() {
 
     // Debian's redis-server is a link to another name of the same executable.
     let exe = std::fs::read_link(format!("/proc/{}/exe", server.0.id())).unwrap();
-    let trace = Leaktrace::attach(server.0.id(), &["--top", "5"]);
+    // The BPF counters on stderr: a lost event says which of them lost it.
+    let trace = Leaktrace::attach(server.0.id(), &["--top", "5", "--print-bpf-stats"]);
     let before = used_memory(port);
     let requests = 20_000;
     benchmark(port, requests);
@@ -104,7 +105,7 @@ fn redis_on_jemalloc_agrees_with_its_own_memory_accounting() {
         "{}",
         report["allocator_module"]
     );
-    assert_eq!(report["totals"]["lost_events"], 0);
+    assert_eq!(report["totals"]["lost_events"], 0, "{:?}", outcome.stderr);
 
     // redis counts each block at its usable size (jemalloc's size class, up to 25% above the
     // request for the small classes it uses here); leaktrace counts the bytes requested. So

@@ -187,8 +187,11 @@ pub async fn run(
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval_at((start + settings.interval).into(), settings.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reports stay at whole intervals from the start (`-d 60 -i 5`: 12 reports, the last the
+    // final one): a report made late on a busy machine does not push the later ones back.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let deadline = tokio::time::sleep(settings.duration.unwrap_or(Duration::MAX / 4));
+    let ends_at = settings.duration.map(|d| tokio::time::Instant::now() + d);
     tokio::pin!(deadline);
     // The BPF side wakes us only when much is waiting; below that, events are drained here.
     let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -332,7 +335,21 @@ pub async fn run(
             }
             _ = sigint.recv() => break Stop::Interrupted,
             _ = sigterm.recv() => break Stop::Terminated,
-            () = &mut deadline => break Stop::Duration,
+            () = &mut deadline => {
+                // A report due before the end that the loop had no time to make yet (a busy
+                // machine) comes before the final one.
+                let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(at) = tick.poll_tick(&mut now)
+                    && ends_at.is_some_and(|end| at <= end)
+                    && settings.count.is_none_or(|count| reports + 1 < count)
+                {
+                    bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
+                    for (&pid, traced) in &mut live {
+                        take_snapshot(pid, traced, false, bad_records);
+                    }
+                }
+                break Stop::Duration;
+            }
         }
     };
     // A write of the rows still at work ends with the trace; whether it failed no longer
