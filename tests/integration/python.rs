@@ -376,7 +376,7 @@ fn spawn_mode_loses_nothing_of_a_start_up_that_allocates_at_once() {
         report["incomplete_reasons"]
     );
     assert_eq!(
-        pymalloc_reasons(&report),
+        pymalloc_reasons(report),
         1,
         "{}",
         report["incomplete_reasons"]
