@@ -632,7 +632,14 @@ fn follow(
     parent_live.children += 1;
     match result {
         Ok(session) => {
-            watch_exit(child, exit_tx)?;
+            if let Err(err) = watch_exit(child, exit_tx) {
+                // Exited (and reaped) between the attach and here: followed all the same, its
+                // exit handled at once like any other.
+                if process::exists(child) {
+                    return Err(err);
+                }
+                let _ = exit_tx.send(child);
+            }
             let mut followed = Traced::new(session, settings);
             followed.add_gap(match forked_ns {
                 Some(forked) => format!(
