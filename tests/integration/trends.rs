@@ -194,8 +194,14 @@ fn the_demo_shows_its_leak_as_a_leak_its_cache_as_stable_and_no_churn() {
     let count = cache["outstanding_allocations"].as_u64().unwrap();
     assert!((256 - in_flight..=256).contains(&count), "{cache}");
     assert_eq!(cache["outstanding_bytes"], count * 1024, "{cache}");
-    // A put and a record a request (the snapshot may fall between the two).
+    // A put (calloc) and a record (malloc) a request. calloc's and malloc's probes are
+    // attached through separate links, one after the other, a request every ~1 ms meanwhile:
+    // the first requests may be seen on one stack only (fresh-clone CI: off by more than 1),
+    // so the two counts agree within 50 requests (50 ms of attaching), out of thousands.
     let puts = cache["allocations"].as_u64().unwrap();
-    assert!((allocations..=allocations + 1).contains(&puts), "{cache}");
+    assert!(
+        puts.abs_diff(allocations) <= 50,
+        "{allocations} records: {cache}"
+    );
     assert!(cache["oldest_age_s"].as_f64().unwrap() < 2.0, "{cache}");
 }
