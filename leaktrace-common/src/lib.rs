@@ -276,8 +276,12 @@ pub mod stat {
     /// Allocations of a Python process whose Python frames could not be read (the thread
     /// state or a frame was unreadable); the allocation is still reported.
     pub const PYTHON_STACK_FAILED: u32 = 7;
+    /// Runs of the session program at a return (a drawn call's), not a failure: the kernel
+    /// counts a session program's runs at entries and returns together, and `--max-overhead`
+    /// charges a return a return trap, not an entry's.
+    pub const SESSION_RETURNS: u32 = 8;
     /// Number of statistics.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Each statistic's name, by index (`--print-bpf-stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -289,6 +293,7 @@ pub mod stat {
         "stack_copy_failed",
         "sampled_full",
         "python_stack_failed",
+        "session_returns",
     ];
 }
 

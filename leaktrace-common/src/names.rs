@@ -44,7 +44,18 @@ pub mod global {
     /// `--sample-bytes`, or 0.
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
 
-    pub const ALL: [&str; 4] = [STACK_DEPTH, UNWIND_MODE, STACK_COPY_BYTES, SAMPLE_BYTES];
+    /// The byte offsets that lead from the current task to its uretprobe trampoline address
+    /// (`task_struct.mm`, `mm_struct.uprobes_state.xol_area`, `xol_area.vaddr`), from the
+    /// kernel's BTF; all 0 when it does not give them.
+    pub const TRAMPOLINE_OFFSETS: &str = "TRAMPOLINE_OFFSETS";
+
+    pub const ALL: [&str; 5] = [
+        STACK_DEPTH,
+        UNWIND_MODE,
+        STACK_COPY_BYTES,
+        SAMPLE_BYTES,
+        TRAMPOLINE_OFFSETS,
+    ];
 }
 
 /// Programs: a uprobe per kind of allocator entry, a uretprobe on their returns.

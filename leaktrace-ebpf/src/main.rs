@@ -19,8 +19,9 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_get_func_ip,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+        generated::{bpf_get_current_task, bpf_get_func_ip},
     },
     macros::{map, uprobe, uretprobe},
     maps::{PerCpuArray, RingBuf},
@@ -101,15 +102,42 @@ fn inside_skipped(skipped: &thread::Skipped, sp: u64, ip: u64) -> bool {
             .is_some_and(|word| word == skipped.ret || is_uprobe_trampoline(word))
 }
 
+/// The byte offsets of `task_struct.mm`, `mm_struct.uprobes_state.xol_area` and
+/// `xol_area.vaddr`, which user space reads from the kernel's BTF and sets before loading; all
+/// 0 when it could not. Read through `read_volatile`, like every global set at load.
+#[unsafe(no_mangle)]
+static TRAMPOLINE_OFFSETS: [u32; 3] = [0; 3];
+
 /// Whether a return address on the stack is the kernel's uretprobe trampoline: a return probe
 /// that another tracer attached to the same function (for another process: the kernel runs
 /// every consumer of a probed instruction) replaces the return address of a call with it,
 /// after the entry programs ran. The trampoline is the first slot of the process's
-/// `[uprobes]` page (`uprobe_get_trampoline_vaddr`), so page-aligned, which a return address
-/// almost never is.
+/// `[uprobes]` area (`uprobe_get_trampoline_vaddr`: `current->mm->uprobes_state.xol_area->
+/// vaddr`), read here where the kernel keeps it; the area exists by then, since the kernel
+/// creates it before it writes the trampoline's address. Only where the kernel's BTF did not
+/// give the way there is any page-aligned word taken for it, which a return address almost
+/// never is.
 #[inline(always)]
 fn is_uprobe_trampoline(word: u64) -> bool {
-    word != 0 && word & 0xfff == 0
+    // SAFETY: plain reads of a global that user space sets before load.
+    let offset = |i: usize| unsafe {
+        u64::from(core::ptr::read_volatile(
+            (&raw const TRAMPOLINE_OFFSETS).cast::<u32>().add(i),
+        ))
+    };
+    let (task_mm, mm_area, area_vaddr) = (offset(0), offset(1), offset(2));
+    if task_mm == 0 {
+        return word != 0 && word & 0xfff == 0;
+    }
+    // SAFETY: kernel reads through the helper that faults safely, from the current task.
+    let read = |addr: u64| unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok();
+    // SAFETY: no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let vaddr = read(task + task_mm)
+        .and_then(|mm| read(mm + mm_area))
+        .filter(|&area| area != 0)
+        .and_then(|area| read(area + area_vaddr));
+    vaddr.is_some_and(|vaddr| vaddr == word)
 }
 
 /// Records an allocator entry, unless it is nested inside another allocator call of the same
@@ -282,6 +310,7 @@ fn is_return(ctx: &ProbeContext) -> bool {
 pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
     let ctx = ProbeContext::new(ctx);
     if is_return(&ctx) {
+        count(stat::SESSION_RETURNS);
         return match try_alloc_return(&RetProbeContext::new(ctx.as_ptr())) {
             Ok(v) | Err(v) => v,
         };

@@ -121,7 +121,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
             .update(&space.row_sources())
             .context("filling the BPF map of unwinding rows")?;
     }
-    let mut probes = probes::Probes::new(ebpf, config.attach)?;
+    let mut probes = probes::Probes::new(ebpf, maps.ids.clone(), config.attach)?;
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
     let mut probe_kinds = Vec::new();

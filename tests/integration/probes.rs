@@ -2,75 +2,10 @@
 //! `attach::probe_point` takes as emulated is emulated by this kernel, and detaching leaves no
 //! breakpoint in the target.
 
-use std::{ffi::CString, os::fd::FromRawFd as _, path::Path};
+use std::path::Path;
 
+use crate::support::{Fixture, Leaktrace, PlainUprobe, compile, file_offset_of, require_root};
 use leaktrace::attach::probe_point::{ModuleCode, Trap};
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
-
-use crate::support::{Fixture, Leaktrace, compile, require_root};
-
-/// The file offset of the function `name` in the ELF file `data`.
-fn file_offset_of(data: &[u8], name: &str) -> u64 {
-    let file = object::File::parse(data).unwrap();
-    let address = file
-        .symbols()
-        .find(|s| s.name() == Ok(name))
-        .unwrap_or_else(|| panic!("{name} in the fixture"))
-        .address();
-    file.segments()
-        .find_map(|s| {
-            let (offset, size) = s.file_range();
-            (address >= s.address() && address < s.address() + size)
-                .then(|| address - s.address() + offset)
-        })
-        .expect("a segment holds it")
-}
-
-/// A plain uprobe, no BPF program: a perf event of the kernel's uprobe PMU that counts hits.
-/// Closed (and so removed) on drop.
-struct PlainUprobe(std::fs::File);
-
-impl PlainUprobe {
-    fn attach(path: &Path, offset: u64, pid: u32) -> Self {
-        let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")
-            .expect("the uprobe PMU")
-            .trim()
-            .parse()
-            .unwrap();
-        let path = CString::new(path.to_str().unwrap()).unwrap();
-        // struct perf_event_attr (PERF_ATTR_SIZE_VER5, 112 bytes): type, size, config (0: an
-        // entry probe), then flags 0 (enabled), config1 = the path, config2 = the offset.
-        let mut attr = [0u8; 112];
-        attr[0..4].copy_from_slice(&pmu.to_ne_bytes());
-        attr[4..8].copy_from_slice(&112u32.to_ne_bytes());
-        attr[56..64].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-        attr[64..72].copy_from_slice(&offset.to_ne_bytes());
-        // SAFETY: a valid attr of the size it says, and a path that outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                attr.as_ptr(),
-                pid as libc::pid_t,
-                -1,
-                -1,
-                8u64, // PERF_FLAG_FD_CLOEXEC
-            )
-        };
-        assert!(
-            fd >= 0,
-            "perf_event_open: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a new descriptor that nothing else owns.
-        Self(unsafe { std::fs::File::from_raw_fd(fd as i32) })
-    }
-
-    fn hits(&mut self) -> u64 {
-        let mut count = [0u8; 8];
-        std::io::Read::read_exact(&mut self.0, &mut count).unwrap();
-        u64::from_ne_bytes(count)
-    }
-}
 
 /// Whether the kernel has single-stepped a probed instruction of `pid`: it maps its page of
 /// out-of-line copies ("[uprobes]") into the process the first time it must.

@@ -3,8 +3,11 @@
 //! estimate must be a sampled one (a multiple of N) and within six standard deviations of the
 //! truth (a false failure about once in 500 million runs).
 
+use std::path::{Path, PathBuf};
+
 use crate::support::{
-    Fixture, Leaktrace, Site, compile, reported_sites, require_root, stack_of, trace_two_rounds,
+    Fixture, Leaktrace, PlainUprobe, Site, compile, expected_sites, file_offset_of, reported_sites,
+    require_root, stack_of, trace_two_rounds,
 };
 
 #[test]
@@ -205,4 +208,110 @@ fn an_undrawn_malloc_still_hides_its_nested_mmap_and_direct_mmaps_stay_exact() {
     assert_eq!(totals["mapped_bytes"], 2 * 50 * 3 * 4096);
     assert_eq!(totals["lost_events"], 0);
     assert_eq!(totals["unpaired_returns"], 0);
+}
+
+/// The file offset in `module` (as `pid` maps it) of the first byte of the function at
+/// `function_offset` that differs from the file: the breakpoint of leaktrace's probe there.
+fn probed_offset(pid: u32, module: &Path, function_offset: u64) -> u64 {
+    let file = std::fs::read(module).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let (start, map_offset) = maps
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 6 || !fields[1].contains('x') || Path::new(fields[5]) != module {
+                return None;
+            }
+            let (start, end) = fields[0].split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            let offset = u64::from_str_radix(fields[2], 16).ok()?;
+            (function_offset >= offset && function_offset < offset + (end - start))
+                .then_some((start, offset))
+        })
+        .expect("the function's code is mapped");
+    let mut code = [0u8; 64];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &mem,
+        &mut code,
+        start + function_offset - map_offset,
+    )
+    .unwrap();
+    let at = function_offset as usize;
+    let patched = code
+        .iter()
+        .zip(&file[at..at + code.len()])
+        .position(|(a, b)| a != b)
+        .expect("a breakpoint in the function's first 64 bytes");
+    function_offset + patched as u64
+}
+
+/// glibc as `pid` maps it.
+fn libc_of(pid: u32) -> PathBuf {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let path = l.split_whitespace().nth(5)?;
+            path.contains("/libc.so").then(|| PathBuf::from(path))
+        })
+        .expect("the fixture maps glibc")
+}
+
+#[test]
+fn under_another_tracer_s_return_probe_an_undrawn_malloc_still_hides_its_nested_mmap() {
+    if !require_root() {
+        return;
+    }
+    // As `an_undrawn_malloc_still_hides_...`, with a plain kernel return probe (another
+    // tracer's) on malloc, at the very instruction leaktrace probes: the kernel runs both
+    // entries, then puts its trampoline's address in the return slot of every malloc, where
+    // leaktrace's entry saw the caller's.
+    let binary = compile("undrawn", &[]);
+    let mut fixture = Fixture::start(&binary, &[]);
+    let pid = fixture.pid();
+    let trace = Leaktrace::attach(pid, &["--top", "100", "--sample-bytes", "1G"]);
+    let libc = libc_of(pid);
+    let malloc = file_offset_of(&std::fs::read(&libc).unwrap(), "malloc");
+    let mut other = PlainUprobe::attach_return(&libc, probed_offset(pid, &libc, malloc), pid);
+    fixture.round();
+    let expected = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    // Its trampoline was there: it saw every big malloc return.
+    assert!(other.hits() >= 2 * 50, "{}", other.hits());
+    drop(other);
+    fixture.finish();
+    let report = outcome.last();
+    let mappings: Vec<Site> = reported_sites(report)
+        .into_iter()
+        .filter(|site| site.3 != "malloc")
+        .collect();
+    assert_eq!(mappings, expected_sites(&expected));
+    let totals = &report["totals"];
+    assert_eq!(totals["mapped_bytes"], 2 * 50 * 3 * 4096);
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unpaired_returns"], 0);
+}
+
+#[test]
+fn a_page_aligned_return_address_is_not_taken_for_the_uretprobe_trampoline() {
+    if !require_root() {
+        return;
+    }
+    // 50 undrawn mallocs of 256 KiB per round, each followed from the same frame by a call
+    // whose return address, written to the malloc's return slot, is page-aligned; that call
+    // maps 3 pages directly. The kernel's own trampoline address tells them apart, where a
+    // test of page alignment took the direct mmaps for nested ones and hid them.
+    let (outcome, expected) =
+        trace_two_rounds("page_return", &["--top", "100", "--sample-bytes", "1G"]);
+    let report = outcome.last();
+    let mappings: Vec<Site> = reported_sites(report)
+        .into_iter()
+        .filter(|site| site.3 != "malloc")
+        .collect();
+    assert_eq!(mappings, expected);
+    assert_eq!(report["totals"]["mapped_bytes"], 2 * 50 * 3 * 4096);
+    assert_eq!(report["totals"]["lost_events"], 0);
 }

@@ -2,7 +2,9 @@
 //! leaktrace, drive the fixture, stop leaktrace, read its last report.
 
 use std::{
+    ffi::CString,
     io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::fd::FromRawFd as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -10,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use serde_json::Value;
 
 pub const LEAKTRACE: &str = env!("CARGO_BIN_EXE_leaktrace");
@@ -562,4 +565,82 @@ pub fn reported_sites(report: &Value) -> Vec<Site> {
         .collect();
     sites.sort();
     sites
+}
+
+/// The file offset of the function `name` in the ELF file `data`.
+pub fn file_offset_of(data: &[u8], name: &str) -> u64 {
+    let file = object::File::parse(data).unwrap();
+    let address = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .find(|s| s.name() == Ok(name))
+        .unwrap_or_else(|| panic!("{name} in the fixture"))
+        .address();
+    file.segments()
+        .find_map(|s| {
+            let (offset, size) = s.file_range();
+            (address >= s.address() && address < s.address() + size)
+                .then(|| address - s.address() + offset)
+        })
+        .expect("a segment holds it")
+}
+
+/// A plain uprobe, no BPF program: a perf event of the kernel's uprobe PMU that counts hits
+/// (as another tracer's probe would be). Closed (and so removed) on drop.
+pub struct PlainUprobe(std::fs::File);
+
+impl PlainUprobe {
+    /// An entry probe.
+    pub fn attach(path: &Path, offset: u64, pid: u32) -> Self {
+        Self::open(path, offset, pid, false)
+    }
+
+    /// A return probe: the kernel replaces the return address of every call with its
+    /// trampoline's.
+    pub fn attach_return(path: &Path, offset: u64, pid: u32) -> Self {
+        Self::open(path, offset, pid, true)
+    }
+
+    fn open(path: &Path, offset: u64, pid: u32, retprobe: bool) -> Self {
+        let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")
+            .expect("the uprobe PMU")
+            .trim()
+            .parse()
+            .unwrap();
+        let path = CString::new(path.to_str().unwrap()).unwrap();
+        // struct perf_event_attr (PERF_ATTR_SIZE_VER5, 112 bytes): type, size, config (bit 0:
+        // a return probe, /sys/bus/event_source/devices/uprobe/format/retprobe), then flags 0
+        // (enabled), config1 = the path, config2 = the offset.
+        let mut attr = [0u8; 112];
+        attr[0..4].copy_from_slice(&pmu.to_ne_bytes());
+        attr[4..8].copy_from_slice(&112u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&u64::from(retprobe).to_ne_bytes());
+        attr[56..64].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+        attr[64..72].copy_from_slice(&offset.to_ne_bytes());
+        // SAFETY: a valid attr of the size it says, and a path that outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                attr.as_ptr(),
+                pid as libc::pid_t,
+                -1,
+                -1,
+                8u64, // PERF_FLAG_FD_CLOEXEC
+            )
+        };
+        assert!(
+            fd >= 0,
+            "perf_event_open: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor that nothing else owns.
+        Self(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+    }
+
+    /// Hits so far (returns, for a return probe).
+    pub fn hits(&mut self) -> u64 {
+        let mut count = [0u8; 8];
+        std::io::Read::read_exact(&mut self.0, &mut count).unwrap();
+        u64::from_ne_bytes(count)
+    }
 }

@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod bpf_syscall;
 pub mod elf_symbols;
 pub mod forks;
+pub mod kernel_btf;
 pub mod multi;
 pub mod probe_point;
 pub mod probes;

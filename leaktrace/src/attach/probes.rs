@@ -27,6 +27,7 @@ use leaktrace_common::{
 use super::{
     allocator::{Allocator, EntryPoint},
     bpf_syscall::update_batch,
+    kernel_btf,
     multi::{self, LinkKind, MultiLink, MultiPrograms},
     probe_point::Trap,
 };
@@ -52,6 +53,8 @@ pub struct Probes {
     /// kernel give up on it ("failed to unregister, leaking uprobe"), leaving breakpoints.
     detaching: Vec<std::thread::JoinHandle<()>>,
     ebpf: Ebpf,
+    /// The kernel's ids of every map of the object (`Maps::ids`).
+    map_ids: Vec<u32>,
     options: AttachOptions,
     /// Keeps the kernel's run-time statistics of BPF programs on while held
     /// (`AttachOptions::program_stats`).
@@ -84,8 +87,9 @@ impl Probes {
         self.attached
     }
 
-    /// Nothing attached yet.
-    pub fn new(ebpf: Ebpf, options: AttachOptions) -> anyhow::Result<Self> {
+    /// Nothing attached yet, with the programs of `ebpf`, whose maps have the ids `map_ids`
+    /// (`Maps::ids`).
+    pub fn new(ebpf: Ebpf, map_ids: Vec<u32>, options: AttachOptions) -> anyhow::Result<Self> {
         let run_time_stats = if options.program_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -102,6 +106,7 @@ impl Probes {
             summaries: HashMap::new(),
             detaching: Vec::new(),
             ebpf,
+            map_ids,
             options,
             run_time_stats,
         })
@@ -141,16 +146,36 @@ impl Probes {
     /// what that attached.
     pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<AttachSummary> {
         if self.multi.is_none() {
-            let loaded = if self.options.one_at_a_time {
-                Err(anyhow!("--probes-one-at-a-time"))
-            } else {
-                load_multi(&mut self.ebpf, self.options)
-            };
             let wants_sessions = self.options.sessions && !self.options.noop_programs;
+            let (loaded, sessions) = if self.options.one_at_a_time {
+                (Err(anyhow!("--probes-one-at-a-time")), None)
+            } else {
+                match shared_with_aya(&mut self.ebpf, &self.map_ids) {
+                    // The verifier checks one program at a time on one CPU: the session
+                    // program alongside the others.
+                    Ok(shared) => std::thread::scope(|scope| {
+                        let sessions = wants_sessions.then(|| {
+                            std::thread::Builder::new()
+                                .name("load".into())
+                                .spawn_scoped(scope, || load_sessions(&shared))
+                        });
+                        let loaded = load_multi(&shared, self.options);
+                        let sessions = sessions.map(|spawned| match spawned {
+                            Ok(thread) => thread
+                                .join()
+                                .unwrap_or_else(|_| Err(anyhow!("the loading thread panicked"))),
+                            Err(err) => load_sessions(&shared)
+                                .with_context(|| format!("no thread to load in ({err})")),
+                        });
+                        (loaded, sessions)
+                    }),
+                    Err(err) => (Err(err), None),
+                }
+            };
             self.multi = Some(match loaded {
                 Ok(mut multi) => {
-                    if wants_sessions {
-                        match load_sessions(&mut self.ebpf) {
+                    if let Some(sessions) = sessions {
+                        match sessions {
                             Ok(sessions) => multi.extend(sessions),
                             Err(err) => {
                                 status!("{}", sessions_unavailable(&format!("{err:#}")));
@@ -263,6 +288,9 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub stats: Stats,
     pub unwind_rows: UnwindRows,
+    /// The kernel's ids of every map of the object, those above included: what programs
+    /// loaded apart from aya's (`multi`) are relocated to.
+    pub ids: Vec<u32>,
 }
 
 /// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`).
@@ -393,6 +421,11 @@ impl Stats {
         self.sum(stat::RETURN_WITHOUT_ENTRY)
     }
 
+    /// Runs of the session program at the returns of drawn calls since load.
+    pub fn session_returns(&self) -> u64 {
+        self.sum(stat::SESSION_RETURNS)
+    }
+
     /// Every counter, named, for `--print-bpf-stats`.
     pub fn all(&self) -> Vec<(&'static str, u64)> {
         (0..)
@@ -498,6 +531,17 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
     };
     // SAFETY: a plain syscall on a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    let trampoline_offsets = std::fs::read(KERNEL_BTF)
+        .map_err(|e| e.to_string())
+        .and_then(|btf| kernel_btf::trampoline_offsets(&btf).map_err(|e| e.to_string()))
+        .unwrap_or_else(|why| {
+            if sample_bytes != 0 {
+                status!(
+                "leaktrace: note: the kernel's BTF does not say where its uretprobe trampoline is ({why}): under --sample-bytes, a page-aligned return address is taken for it"
+                );
+            }
+            [0; 3]
+        });
 
     let mut ebpf = EbpfLoader::new()
         // aya 0.14 has no type for task storage (the THREADS map, which only the BPF side
@@ -508,8 +552,10 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
         .override_global(global::UNWIND_MODE, &capture.mode.bpf_mode(), true)
         .override_global(global::STACK_COPY_BYTES, &capture.stack_copy_bytes, true)
         .override_global(global::SAMPLE_BYTES, &sample_bytes, true)
+        .override_global(global::TRAMPOLINE_OFFSETS, &trampoline_offsets, true)
         .load(BPF_OBJECT)
         .context("loading the BPF programs (is this kernel built with BPF and uprobes?)")?;
+    let ids = map_ids_of(&ebpf)?;
     let mut take_map = |name: &str| {
         ebpf.take_map(name)
             .with_context(|| format!("no {name} map in the BPF object"))
@@ -530,6 +576,7 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
             batches: rows.batched,
             print: rows.print,
         },
+        ids,
     };
     Ok((ebpf, maps))
 }
@@ -658,27 +705,30 @@ fn detach_all(mut links: Vec<Link>) {
     });
 }
 
-/// Loads the programs a second time for uprobe_multi links, sharing the maps of those aya
-/// loaded (see `multi`).
-fn load_multi(ebpf: &mut Ebpf, options: AttachOptions) -> anyhow::Result<MultiPrograms> {
+/// Loads the programs for uprobe_multi links (see `multi`), on the maps aya created.
+fn load_multi(shared: &Shared, options: AttachOptions) -> anyhow::Result<MultiPrograms> {
     let names: Vec<&str> = if options.noop_programs {
         vec![program::NOOP_ENTRY, program::NOOP_RETURN]
     } else {
         real_programs().collect()
     };
-    let (map_ids, btf_id) = maps_of_loaded(ebpf, &names)?;
-    MultiPrograms::load(BPF_OBJECT, &names, LinkKind::Entry, &map_ids, btf_id)
+    MultiPrograms::load(
+        BPF_OBJECT,
+        &names,
+        LinkKind::Entry,
+        &shared.map_ids,
+        shared.btf_id,
+    )
 }
 
 /// Loads the session programs (Linux 6.13+) for session links, on the same maps.
-fn load_sessions(ebpf: &mut Ebpf) -> anyhow::Result<MultiPrograms> {
-    let (map_ids, btf_id) = maps_of_loaded(ebpf, &[])?;
+fn load_sessions(shared: &Shared) -> anyhow::Result<MultiPrograms> {
     MultiPrograms::load(
         BPF_OBJECT,
         &[program::ALLOC_SESSION],
         LinkKind::Session,
-        &map_ids,
-        btf_id,
+        &shared.map_ids,
+        shared.btf_id,
     )
 }
 
@@ -692,37 +742,73 @@ fn real_programs() -> impl Iterator<Item = &'static str> {
     })
 }
 
-/// The ids of the maps of every tracing program and `also`, and of their BTF, loading them
-/// through aya first where needed. Every program's maps, whichever are loaded again: aya-obj
-/// relocates every function of the object, and without the maps of the others the no-op
-/// programs of the floor (which use none) failed to load for links, so that the floor went one
-/// probe at a time and took seconds to detach.
-fn maps_of_loaded(ebpf: &mut Ebpf, also: &[&str]) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
-    let mut map_ids = Vec::new();
-    let mut btf_id = None;
-    let mut names: Vec<&str> = real_programs().collect();
-    names.extend(
-        also.iter()
-            .filter(|name| !names.contains(name))
-            .collect::<Vec<_>>(),
-    );
-    for name in names {
-        let probe: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name} in the BPF object"))?
-            .try_into()?;
-        if probe.fd().is_err() {
-            probe
-                .load()
-                .with_context(|| format!("loading BPF program {name}"))?;
-        }
-        let info = probe.info()?;
-        map_ids.extend(info.map_ids()?.unwrap_or_default());
-        btf_id = btf_id.or(info.btf_id());
+/// What the programs loaded for links share with aya's: the ids of every map of the object
+/// (all of them: aya-obj relocates every function of the object, and without the maps of the
+/// others the no-op programs of the floor, which use none, failed to load for links), and of
+/// the BTF aya loaded.
+struct Shared {
+    map_ids: Vec<u32>,
+    btf_id: Option<u32>,
+}
+
+/// The kernel's id of each map aya created, as `load` found them (before it took some).
+fn map_ids_of(ebpf: &Ebpf) -> anyhow::Result<Vec<u32>> {
+    use aya::maps::Map;
+    let mut ids = Vec::new();
+    for (name, map) in ebpf.maps() {
+        let (Map::Array(data)
+        | Map::ArrayOfMaps(data)
+        | Map::BloomFilter(data)
+        | Map::CgroupArray(data)
+        | Map::CgroupStorage(data)
+        | Map::CgrpStorage(data)
+        | Map::CpuMap(data)
+        | Map::DevMap(data)
+        | Map::DevMapHash(data)
+        | Map::HashMap(data)
+        | Map::HashOfMaps(data)
+        | Map::InodeStorage(data)
+        | Map::LpmTrie(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuCgroupStorage(data)
+        | Map::PerCpuHashMap(data)
+        | Map::PerCpuLruHashMap(data)
+        | Map::PerfEventArray(data)
+        | Map::ProgramArray(data)
+        | Map::Queue(data)
+        | Map::ReusePortSockArray(data)
+        | Map::RingBuf(data)
+        | Map::SockHash(data)
+        | Map::SockMap(data)
+        | Map::SkStorage(data)
+        | Map::Stack(data)
+        | Map::StackTraceMap(data)
+        | Map::Unsupported(data)
+        | Map::XskMap(data)) = map;
+        ids.push(data.info().with_context(|| format!("map {name}"))?.id());
     }
-    map_ids.sort_unstable();
-    map_ids.dedup();
-    Ok((map_ids, btf_id))
+    Ok(ids)
+}
+
+/// The maps and BTF for programs loaded apart (`Shared`), with the BTF's id from the one
+/// program aya loads for it, the smallest: loading the others through aya too would make the
+/// verifier check each twice (alloc_return's check is most of the time attaching takes).
+fn shared_with_aya(ebpf: &mut Ebpf, map_ids: &[u32]) -> anyhow::Result<Shared> {
+    let name = program::FREE_ENTRY;
+    let probe: &mut UProbe = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no program {name} in the BPF object"))?
+        .try_into()?;
+    if probe.fd().is_err() {
+        probe
+            .load()
+            .with_context(|| format!("loading BPF program {name}"))?;
+    }
+    Ok(Shared {
+        map_ids: map_ids.to_vec(),
+        btf_id: probe.info()?.btf_id(),
+    })
 }
 
 /// `entries` grouped by the program that runs there, in order of first appearance, each group in

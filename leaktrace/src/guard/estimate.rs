@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! probe time = sum over programs of (run_time_ns + run_cnt x trap cost of its probes)
+//!            (a session program's runs at returns, which the BPF side counts, at a return's)
 //! overhead   = probe time / the target's CPU time (all its threads)
 //! ```
 //!
@@ -115,9 +116,14 @@ impl ProgramTraps {
             .unwrap_or_else(|| self.costs.dearest())
     }
 
-    /// The trap cost charged per run of `program`.
+    /// The trap cost charged per run of `program` at an entry.
     pub fn per_run_ns(&self, program: &str) -> f64 {
         self.costs.of(self.kind(program))
+    }
+
+    /// The trap cost charged per run of a session program at a return.
+    pub fn per_return_ns(&self) -> f64 {
+        self.costs.return_ns
     }
 
     /// Each program it was told of, with the trap cost charged per run.
@@ -133,6 +139,9 @@ impl ProgramTraps {
 pub struct ProgramRuns {
     pub runs: u64,
     pub run_time_ns: u64,
+    /// Of `runs`, those at a return: a session program runs at the entry of every call and
+    /// at the return of a drawn one (the BPF side counts those, `stat::SESSION_RETURNS`).
+    pub returns: u64,
 }
 
 impl ProgramRuns {
@@ -142,6 +151,7 @@ impl ProgramRuns {
         Self {
             runs: self.runs.saturating_sub(earlier.runs),
             run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+            returns: self.returns.saturating_sub(earlier.returns),
         }
     }
 }
@@ -151,7 +161,7 @@ impl ProgramRuns {
 pub struct ProbeTime {
     /// Inside the BPF programs (the kernel's statistics).
     pub programs_ns: f64,
-    /// In the traps (runs x the trap cost charged).
+    /// In the traps (runs x the trap cost charged; a return trap for a session's return).
     pub traps_ns: f64,
     /// Of `traps_ns`, in traps charged as single steps.
     pub single_steps_ns: f64,
@@ -170,11 +180,13 @@ pub fn probe_time<'a>(
 ) -> ProbeTime {
     let mut time = ProbeTime::default();
     for (program, r) in runs {
-        let trap_ns = r.runs as f64 * traps.per_run_ns(program);
+        // Never more returns than runs, whatever the counters' timing between two reads.
+        let returns = r.returns.min(r.runs);
+        let entry_trap_ns = (r.runs - returns) as f64 * traps.per_run_ns(program);
         time.programs_ns += r.run_time_ns as f64;
-        time.traps_ns += trap_ns;
+        time.traps_ns += entry_trap_ns + returns as f64 * traps.per_return_ns();
         if traps.kind(program) == ProbeKind::SingleStepped {
-            time.single_steps_ns += trap_ns;
+            time.single_steps_ns += entry_trap_ns;
         }
     }
     time
@@ -248,7 +260,11 @@ mod tests {
 
     #[test]
     fn probe_time_is_run_time_plus_a_trap_per_run() {
-        let runs = |runs, run_time_ns| ProgramRuns { runs, run_time_ns };
+        let runs = |runs, run_time_ns| ProgramRuns {
+            runs,
+            run_time_ns,
+            returns: 0,
+        };
         // 1000 malloc+free pairs: entries, returns and frees.
         let time = probe_time(
             &traps(),
@@ -272,20 +288,77 @@ mod tests {
     }
 
     #[test]
+    fn a_session_s_runs_at_returns_are_charged_a_return_trap() {
+        // alloc_session at malloc (emulated, hot) and its return; another at valloc,
+        // single-stepped but rare.
+        let traps = ProgramTraps::new(
+            COSTS,
+            [
+                probe("alloc_session", ProbeKind::Emulated, true),
+                probe("alloc_session", ProbeKind::Return, false),
+                probe("alloc_session", ProbeKind::SingleStepped, false),
+            ],
+        );
+        // 1000 calls, 10 of them drawn: 1010 runs, 10 at returns.
+        let session = ProgramRuns {
+            runs: 1010,
+            run_time_ns: 300_000,
+            returns: 10,
+        };
+        let time = probe_time(&traps, [("alloc_session", session)]);
+        assert_eq!(
+            time,
+            ProbeTime {
+                programs_ns: 300_000.0,
+                traps_ns: 1000.0 * 1000.0 + 10.0 * 1500.0,
+                single_steps_ns: 0.0,
+            }
+        );
+        // Every call drawn: an entry and a return trap each.
+        let all = ProgramRuns {
+            runs: 2000,
+            run_time_ns: 0,
+            returns: 1000,
+        };
+        assert_eq!(
+            probe_time(&traps, [("alloc_session", all)]).traps_ns,
+            1000.0 * (1000.0 + 1500.0)
+        );
+        // A single-stepped session entry: its returns are no single steps.
+        let stepped = ProgramTraps::new(COSTS, [probe("s", ProbeKind::SingleStepped, true)]);
+        let time = probe_time(&stepped, [("s", all)]);
+        assert_eq!(time.traps_ns, 1000.0 * (4000.0 + 1500.0));
+        assert_eq!(time.single_steps_ns, 1000.0 * 4000.0);
+        // More returns than runs (counters read apart): at most every run is a return.
+        let odd = ProgramRuns {
+            runs: 5,
+            run_time_ns: 0,
+            returns: 7,
+        };
+        assert_eq!(
+            probe_time(&traps, [("alloc_session", odd)]).traps_ns,
+            5.0 * 1500.0
+        );
+    }
+
+    #[test]
     fn counters_are_taken_over_the_window() {
         let before = ProgramRuns {
             runs: 10,
             run_time_ns: 5000,
+            returns: 2,
         };
         let after = ProgramRuns {
             runs: 25,
             run_time_ns: 8000,
+            returns: 5,
         };
         assert_eq!(
             after.since(before),
             ProgramRuns {
                 runs: 15,
-                run_time_ns: 3000
+                run_time_ns: 3000,
+                returns: 3,
             }
         );
         // A counter that went back (a program loaded anew) counts as nothing, never as a wrap.

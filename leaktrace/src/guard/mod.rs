@@ -14,6 +14,8 @@ pub mod estimate;
 
 use std::{collections::BTreeMap, time::Duration};
 
+use leaktrace_common::names::program;
+
 use self::estimate::{Probe, ProbeTime, ProgramRuns, ProgramTraps, overhead_percent, probe_time};
 use crate::{attach::probes::AttachSummary, proc::process};
 
@@ -80,19 +82,19 @@ impl Guard {
     }
 
     /// Takes the counters as they are when tracing starts (the probes just attached).
-    pub fn start(&mut self, program_stats: &[(String, u64, u64)], pids: impl Iterator<Item = u32>) {
-        self.last_runs = runs_of(program_stats);
+    pub fn start(&mut self, counters: Counters<'_>, pids: impl Iterator<Item = u32>) {
+        self.last_runs = runs_of(counters);
         self.last_cpu_ns = cpu_of(pids);
     }
 
-    /// Judges the window since the last check: `program_stats` as `Probes::program_stats` gives
-    /// them, `pids` the processes traced now. `Some` when the probes took more than the budget.
+    /// Judges the window since the last check: `pids` are the processes traced now. `Some`
+    /// when the probes took more than the budget.
     pub fn check(
         &mut self,
-        program_stats: &[(String, u64, u64)],
+        counters: Counters<'_>,
         pids: impl Iterator<Item = u32>,
     ) -> Option<OverBudget> {
-        let (time, cpu_ns) = self.window(program_stats, pids);
+        let (time, cpu_ns) = self.window(counters, pids);
         let percent = overhead_percent(time.total_ns(), cpu_ns)?;
         self.highest_percent = Some(self.highest_percent.map_or(percent, |h| h.max(percent)));
         (percent > self.budget_percent).then(|| OverBudget {
@@ -111,21 +113,17 @@ impl Guard {
 
     /// Adds the time since the last check to the trace's totals without judging it (the end of
     /// the trace: a window shorter than the others).
-    pub fn finish(
-        &mut self,
-        program_stats: &[(String, u64, u64)],
-        pids: impl Iterator<Item = u32>,
-    ) {
-        self.window(program_stats, pids);
+    pub fn finish(&mut self, counters: Counters<'_>, pids: impl Iterator<Item = u32>) {
+        self.window(counters, pids);
     }
 
     /// The probes' estimated time and the processes' CPU time since the last check (ns).
     fn window(
         &mut self,
-        program_stats: &[(String, u64, u64)],
+        counters: Counters<'_>,
         pids: impl Iterator<Item = u32>,
     ) -> (ProbeTime, u64) {
-        let runs = runs_of(program_stats);
+        let runs = runs_of(counters);
         let cpu = cpu_of(pids);
         let window = runs.iter().map(|(program, now)| {
             let before = self.last_runs.get(program).copied().unwrap_or_default();
@@ -168,15 +166,31 @@ impl Guard {
     }
 }
 
-fn runs_of(program_stats: &[(String, u64, u64)]) -> BTreeMap<String, ProgramRuns> {
-    program_stats
+/// The counters the guard reads each second.
+#[derive(Clone, Copy, Debug)]
+pub struct Counters<'a> {
+    /// As `Probes::program_stats` gives them: name, runs, run time in ns.
+    pub programs: &'a [(String, u64, u64)],
+    /// Runs of the session program at returns (`Stats::session_returns`).
+    pub session_returns: u64,
+}
+
+fn runs_of(counters: Counters<'_>) -> BTreeMap<String, ProgramRuns> {
+    counters
+        .programs
         .iter()
         .map(|(name, runs, run_time_ns)| {
+            let returns = if name == program::ALLOC_SESSION {
+                counters.session_returns
+            } else {
+                0
+            };
             (
                 name.clone(),
                 ProgramRuns {
                     runs: *runs,
                     run_time_ns: *run_time_ns,
+                    returns,
                 },
             )
         })
@@ -200,8 +214,6 @@ pub fn probes_of(attached: &AttachSummary) -> impl Iterator<Item = Probe<'static
 
 #[cfg(test)]
 mod tests {
-    use leaktrace_common::names::program;
-
     use super::{
         estimate::{ProbeKind, TrapCosts},
         *,
@@ -258,22 +270,29 @@ mod tests {
         vec![("free_entry".to_owned(), runs, run_time_ns)]
     }
 
+    fn counters(programs: &[(String, u64, u64)]) -> Counters<'_> {
+        Counters {
+            programs,
+            session_returns: 0,
+        }
+    }
+
     #[test]
     fn this_process_s_cpu_is_the_denominator() {
         let me = std::process::id();
         let mut g = guard(1.0);
-        g.start(&stats(0, 0), [me].into_iter());
+        g.start(counters(&stats(0, 0)), [me].into_iter());
         // Work for 20 ms of CPU time; no probe ran: 0%, within budget.
         let start = process::cpu_time_ns(me).unwrap();
         while process::cpu_time_ns(me).unwrap() < start + 20_000_000 {}
-        assert_eq!(g.check(&stats(0, 0), [me].into_iter()), None);
+        assert_eq!(g.check(counters(&stats(0, 0)), [me].into_iter()), None);
         assert_eq!(g.highest_percent, Some(0.0));
         // Then, as if free_entry had run 100,000 times (0.4 s of traps) in the next window of
         // at least 10 ms: far over 1%.
         let start = process::cpu_time_ns(me).unwrap();
         while process::cpu_time_ns(me).unwrap() < start + 20_000_000 {}
         let trip = g
-            .check(&stats(100_000, 1_000_000), [me].into_iter())
+            .check(counters(&stats(100_000, 1_000_000)), [me].into_iter())
             .expect("over budget");
         assert!(
             trip.why.ends_with("more than --max-overhead 1%"),
@@ -336,9 +355,9 @@ mod tests {
     fn a_process_seen_at_one_end_only_is_not_judged() {
         let me = std::process::id();
         let mut g = guard(1.0);
-        g.start(&stats(0, 0), std::iter::empty());
+        g.start(counters(&stats(0, 0)), std::iter::empty());
         // A window with this process at its end only: nothing to divide by.
-        assert_eq!(g.check(&stats(10, 10), [me].into_iter()), None);
+        assert_eq!(g.check(counters(&stats(10, 10)), [me].into_iter()), None);
         assert_eq!(g.highest_percent, None);
         assert!(
             g.summary()
@@ -347,6 +366,9 @@ mod tests {
             g.summary()
         );
         // A pid that does not exist contributes nothing.
-        assert_eq!(g.check(&stats(20, 20), [0x7fff_fff0].into_iter()), None);
+        assert_eq!(
+            g.check(counters(&stats(20, 20)), [0x7fff_fff0].into_iter()),
+            None
+        );
     }
 }

@@ -144,6 +144,7 @@ pub async fn run(
         events,
         stats,
         unwind_rows,
+        ids: _,
     } = maps;
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged for as long as the
     // AsyncFd that owns it.
@@ -208,7 +209,13 @@ pub async fn run(
         tick
     });
     if let Some(guard) = guard.as_mut() {
-        guard.start(&probes.program_stats(), live.keys().copied());
+        guard.start(
+            guard::Counters {
+                programs: &probes.program_stats(),
+                session_returns: stats.session_returns(),
+            },
+            live.keys().copied(),
+        );
     }
     started();
 
@@ -323,7 +330,10 @@ pub async fn run(
             }
             () = next_tick(&mut guard_tick) => {
                 if let Some(guard) = guard.as_mut()
-                    && let Some(over) = guard.check(&probes.program_stats(), live.keys().copied())
+                    && let Some(over) = guard.check(
+                    guard::Counters { programs: &probes.program_stats(), session_returns: stats.session_returns() },
+                    live.keys().copied(),
+                )
                 {
                     break Stop::OverBudget(over);
                 }
@@ -385,7 +395,13 @@ pub async fn run(
     }
     if let Some(guard) = guard.as_mut() {
         // The last window, however short, counts in the whole trace's numbers.
-        guard.finish(&probes.program_stats(), live.keys().copied());
+        guard.finish(
+            guard::Counters {
+                programs: &probes.program_stats(),
+                session_returns: stats.session_returns(),
+            },
+            live.keys().copied(),
+        );
         crate::status!("{}", guard.summary());
     }
     let mut reporters = Vec::new();
