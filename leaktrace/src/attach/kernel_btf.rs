@@ -202,7 +202,7 @@ impl<'a> Types<'a> {
                 within = (*member).to_owned();
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::BitField(path.join(".")));
         }
         Ok(bits / 8)
