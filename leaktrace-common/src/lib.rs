@@ -323,6 +323,9 @@ mod tests {
         );
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<Pending>(), 64);
+        assert_eq!(size_of::<unwind_rows::UnwindRow>(), 16);
+        assert_eq!(size_of::<unwind_rows::PageRows>(), 16);
+        assert_eq!(size_of::<unwind_rows::RowHint>(), 32);
     }
 
     #[test]

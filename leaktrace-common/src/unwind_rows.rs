@@ -6,10 +6,15 @@
 //! array map. The BPF side finds a frame's row by binary search and steps to its caller with
 //! two reads of the stack, where it used to send an 8 KiB copy of the stack to user space.
 //!
-//! Map layout: element 0 is a header whose `pc` holds the count of rows; rows follow at
-//! `1..=count`, sorted by `pc`. A row holds until the next one; a row of kind
-//! [`kind::NONE`] marks where no rule holds (between functions, or a rule these tables cannot
-//! express: a DWARF expression, a return address elsewhere than at CFA - 8).
+//! Map layout: element 0 is a header ([`header`]) that holds the count of rows and a
+//! generation; rows follow at `1..=count`, one segment per module (every process that maps a
+//! module shares its segment), at the module's own ELF addresses, sorted by `pc` within the
+//! segment. A row holds until the next one; a row of kind [`kind::NONE`] marks where no rule
+//! holds (between functions, or a rule these tables cannot express: a DWARF expression, a
+//! return address elsewhere than at CFA - 8). The `UNWIND_PAGES` hash map takes a traced
+//! process and a page of its code ([`page_key`]) to the rows of the module mapped there and
+//! the bias between the process's addresses and the module's: two executables at the same
+//! address (non-PIE, both at 0x400000) never see each other's rows.
 
 /// The kinds of [`UnwindRow`].
 pub mod kind {
@@ -38,12 +43,39 @@ pub const PAGE_SHIFT: u32 = 12;
 pub const MAX_UNWIND_PAGES: u32 = 1 << 16;
 
 /// An `UNWIND_PAGES` value: rows `first..end` cover the page; `first` is the row in force at
-/// the page's start.
+/// the page's start. The rows are at the module's addresses: a pc of the page is
+/// `load_bias` past its row's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageRows {
     pub first: u32,
     pub end: u32,
+    pub load_bias: u64,
+}
+
+/// The `UNWIND_PAGES` key of the page of `pc` in process `tgid`: pids are below 2^22 (the
+/// kernel's `PID_MAX_LIMIT`), user pages below 2^36 (x86-64's 47-bit user space, 5-level
+/// paging's 56 bits excepted), so one u64 holds both and the lookup stays a hash of 8 bytes.
+#[inline(always)]
+pub fn page_key(tgid: u32, pc: u64) -> u64 {
+    (u64::from(tgid) << 36) | ((pc >> PAGE_SHIFT) & ((1 << 36) - 1))
+}
+
+/// The `UNWIND_ROWS` header: `count` rows follow it. `generation` changes at every rewrite of
+/// the rows or the pages, which makes every [`RowHint`] stale.
+#[inline(always)]
+pub fn header(count: u32, generation: u32) -> UnwindRow {
+    UnwindRow {
+        pc: u64::from(count),
+        cfa_offset_bytes: generation as i32,
+        ..UnwindRow::default()
+    }
+}
+
+/// The (count of rows, generation) of a [`header`].
+#[inline(always)]
+pub fn read_header(header: &UnwindRow) -> (u32, u32) {
+    (header.pc as u32, header.cfa_offset_bytes as u32)
 }
 
 /// Halvings that find a row among [`MAX_UNWIND_ROWS`]: log2 of it, plus one.
@@ -97,46 +129,94 @@ pub fn find(pc: u64, count: u32, get: impl Fn(u32) -> Option<UnwindRow>) -> Opti
     search.found(pc, &get)
 }
 
-/// Slots of the BPF side's `ROW_HINTS` array: the row index found last for a pc, by a hash
-/// of the pc ([`hint_slot`]). The outer frames of a thread (`start_thread`, `clone3`,
-/// `__libc_start_call_main`) return to the same pcs at every allocation, and a hint spares
-/// their search (the page's hash lookup and the halvings: most of a frame's cost).
+/// Slots of the BPF side's per-CPU `ROW_HINTS` array: the row found last for a pc of a
+/// process, by a hash of both ([`hint_slot`]). The outer frames of a thread (`start_thread`,
+/// `clone3`, `__libc_start_call_main`) return to the same pcs at every allocation, and a hint
+/// spares their search (the page's hash lookup and the halvings: most of a frame's cost).
 pub const ROW_HINT_SLOTS: u32 = 1 << 13;
 
-/// The `ROW_HINTS` slot of `pc`.
+/// The `ROW_HINTS` slot of `pc` in process `tgid`.
 #[inline(always)]
-pub fn hint_slot(pc: u64) -> u32 {
-    // Fibonacci hashing: the top bits of the product mix every bit of the pc.
-    (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROW_HINT_SLOTS.trailing_zeros())) as u32
+pub fn hint_slot(tgid: u32, pc: u64) -> u32 {
+    // Fibonacci hashing: the top bits of the product mix every bit of the pc; the pid goes
+    // to bits the pcs of one page share, so that forked processes (same pcs) differ.
+    let key = pc ^ (u64::from(tgid) << 48);
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROW_HINT_SLOTS.trailing_zeros())) as u32
 }
 
-/// The row of `pc` if row `index` (a hint, possibly stale or for another pc) is it, among the
-/// `count` rows of a map read with `get`; `None` otherwise. Exact whatever the hint: the rows
-/// are sorted, so the row at or below `pc` whose successor starts above `pc` is the row the
-/// search would find. A hint needs no invalidation when user space rewrites the table, and a
-/// torn or colliding one only misses.
-#[inline(always)]
-pub fn hinted(
-    pc: u64,
-    index: u32,
-    count: u32,
-    get: impl Fn(u32) -> Option<UnwindRow>,
-) -> Option<UnwindRow> {
-    // A mask, as in `Search::new`: the verifier keeps one path.
-    let count = count & (MAX_UNWIND_ROWS - 1);
-    if index == 0 || index > count {
-        return None;
+/// A `ROW_HINTS` value: the rule of the pcs `start_pc..end_pc` of process `tgid`, found
+/// under the rows' `generation`. It holds the rule itself, so that a hint that holds costs
+/// one lookup of a per-CPU array (no torn writes from other CPUs) and no read of the rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowHint {
+    pub start_pc: u64,
+    pub end_pc: u64,
+    pub tgid: u32,
+    pub generation: u32,
+    pub cfa_offset_bytes: i32,
+    pub rbp_offset_bytes: i16,
+    pub kind: u8,
+    pub _pad: u8,
+}
+
+impl RowHint {
+    /// A hint for `row`, found for a pc of the page `page_start..page_start + 4 KiB`, where
+    /// pcs are `load_bias` past rows, and `next_pc` starts the next row (or is `u64::MAX`).
+    /// It covers no more than the page: the next page may hold another module.
+    #[inline(always)]
+    pub fn new(
+        row: &UnwindRow,
+        next_pc: u64,
+        page: &PageRows,
+        page_start: u64,
+        tgid: u32,
+        generation: u32,
+    ) -> Self {
+        let page_end = page_start + (1 << PAGE_SHIFT);
+        let start = row.pc.wrapping_add(page.load_bias);
+        let end = next_pc.wrapping_add(page.load_bias);
+        // A row's start or its successor's past the page (or wrapped around by the bias)
+        // gives way to the page's bounds.
+        let start_pc = if start < page_start || start > page_end {
+            page_start
+        } else {
+            start
+        };
+        let end_pc = if end > page_end || end < start_pc {
+            page_end
+        } else {
+            end
+        };
+        Self {
+            start_pc,
+            end_pc,
+            tgid,
+            generation,
+            cfa_offset_bytes: row.cfa_offset_bytes,
+            rbp_offset_bytes: row.rbp_offset_bytes,
+            kind: row.kind,
+            _pad: 0,
+        }
     }
-    let row = get(index)?;
-    if row.kind == kind::NONE || row.pc > pc {
-        return None;
+
+    /// The row of `pc` in process `tgid` under the rows' `generation` if this hint holds it
+    /// (its `pc` is `start_pc`); `None` otherwise (another process, stale, another pc).
+    #[inline(always)]
+    pub fn row_for(&self, tgid: u32, generation: u32, pc: u64) -> Option<UnwindRow> {
+        (self.tgid == tgid
+            && self.generation == generation
+            && self.start_pc <= pc
+            && pc < self.end_pc
+            && self.kind != kind::NONE)
+            .then_some(UnwindRow {
+                pc: self.start_pc,
+                cfa_offset_bytes: self.cfa_offset_bytes,
+                rbp_offset_bytes: self.rbp_offset_bytes,
+                kind: self.kind,
+                _pad: 0,
+            })
     }
-    let next = if index == count {
-        u64::MAX
-    } else {
-        get(index + 1)?.pc
-    };
-    (pc < next).then_some(row)
 }
 
 /// A binary search for the last row at or below a pc, one halving at a time (the BPF side runs
@@ -351,11 +431,19 @@ mod tests {
         // Page 0x1000: rows 1..4; page 0x2000: rows 3..6 (row 3 in force at its start).
         for (page, pcs) in [
             (
-                PageRows { first: 1, end: 4 },
+                PageRows {
+                    first: 1,
+                    end: 4,
+                    load_bias: 0,
+                },
                 [0x1000, 0x1003, 0x1004, 0x1fef, 0x1ff0, 0x1fff],
             ),
             (
-                PageRows { first: 3, end: 6 },
+                PageRows {
+                    first: 3,
+                    end: 6,
+                    load_bias: 0,
+                },
                 [0x2000, 0x200f, 0x2010, 0x201f, 0x2020, 0x2fff],
             ),
         ] {
@@ -365,6 +453,11 @@ mod tests {
                 assert_eq!(search.found(pc, get), find(pc, count, get), "at {pc:#x}");
             }
         }
+    }
+
+    /// What a row gives for unwinding, wherever it starts.
+    fn rule(row: Option<UnwindRow>) -> Option<(i32, i16, u8)> {
+        row.map(|r| (r.cfa_offset_bytes, r.rbp_offset_bytes, r.kind))
     }
 
     #[test]
@@ -379,39 +472,48 @@ mod tests {
         let map = map(&rows);
         let get = |i: u32| map.get(i as usize).copied();
         let count = rows.len() as u32;
-        for pc in (0xff0..0x3000).step_by(3) {
+        // The module mapped 0x5000_0000 higher: one page entry per page of the process.
+        let bias = 0x5000_0000u64;
+        let (tgid, generation) = (77, 3);
+        for pc in (0xff0..0x3000u64).step_by(3) {
             let want = find(pc, count, get);
-            let mut search = Search::new(count);
+            let page = PageRows {
+                first: 1,
+                end: count + 1,
+                load_bias: bias,
+            };
+            let mut search = Search::within(page, count);
             while search.halve(pc, get) {}
-            if want.is_some() {
-                // The search's own index is a hint that finds it.
-                assert_eq!(hinted(pc, search.found_index(), count, get), want);
+            let Some(found) = search.found(pc, get) else {
+                assert_eq!(want, None, "at {pc:#x}");
+                continue;
+            };
+            let next = get(search.found_index() + 1).map_or(u64::MAX, |r| r.pc);
+            let page_start = (pc + bias) & !0xfff;
+            let hint = RowHint::new(&found, next, &page, page_start, tgid, generation);
+            // Every pc of the page that the hint covers has the row the search finds.
+            for other in (page_start..page_start + 0x1000).step_by(5) {
+                if let Some(got) = hint.row_for(tgid, generation, other) {
+                    assert_eq!(rule(Some(got)), rule(find(other - bias, count, get)));
+                }
             }
-            // Every other index, stale ones past the count and 0 included, finds the same
-            // row or nothing.
-            for index in 0..count + 3 {
-                let got = hinted(pc, index, count, get);
-                assert!(
-                    got.is_none() || got == want,
-                    "{pc:#x}, hint {index}: {got:?}"
-                );
-            }
+            assert_eq!(rule(hint.row_for(tgid, generation, pc + bias)), rule(want));
+            // Another process, another generation: nothing.
+            assert_eq!(hint.row_for(tgid + 1, generation, pc + bias), None);
+            assert_eq!(hint.row_for(tgid, generation + 1, pc + bias), None);
         }
-        // A table rewritten shorter: a hint past its count finds nothing, though the old row
-        // is still in the map.
-        assert_eq!(hinted(0x2030, 5, 4, get), None);
-        // The last row holds to the end of the address space.
-        assert_eq!(hinted(0x2030, 4, 4, get), Some(rows[3]));
+        // A zeroed slot holds nothing.
+        assert_eq!(RowHint::default().row_for(0, 0, 0), None);
     }
 
     #[test]
-    fn hint_slots_spread_nearby_pcs() {
-        let slots: std::collections::BTreeSet<u32> = (0..1000u64)
-            .map(|i| hint_slot(0x7f00_0000_1000 + 37 * i))
-            .collect();
-        assert!(slots.iter().all(|&s| s < ROW_HINT_SLOTS));
-        // 1000 random slots of 8192 would be ~940 distinct.
-        assert!(slots.len() > 850, "{} distinct slots of 1000", slots.len());
+    fn page_keys_keep_processes_and_pages_apart() {
+        assert_ne!(page_key(1, 0x40_0000), page_key(2, 0x40_0000));
+        assert_eq!(page_key(1, 0x40_0000), page_key(1, 0x40_0fff));
+        assert_ne!(page_key(1, 0x40_0000), page_key(1, 0x40_1000));
+        let top = (1u64 << 47) - 1;
+        assert_ne!(page_key(4_194_303, top), page_key(4_194_302, top));
+        assert_eq!(page_key(4_194_303, top) >> 36, 4_194_303);
     }
 
     #[test]
@@ -422,13 +524,30 @@ mod tests {
         ]);
         let get = |i: u32| map.get(i as usize).copied();
         for page in [
-            PageRows { first: 0, end: 2 },
-            PageRows { first: 2, end: 2 },
-            PageRows { first: 2, end: 1 },
-            PageRows { first: 1, end: 4 },
+            PageRows {
+                first: 0,
+                end: 2,
+                load_bias: 0,
+            },
+            PageRows {
+                first: 2,
+                end: 2,
+                load_bias: 0,
+            },
+            PageRows {
+                first: 2,
+                end: 1,
+                load_bias: 0,
+            },
+            PageRows {
+                first: 1,
+                end: 4,
+                load_bias: 0,
+            },
             PageRows {
                 first: u32::MAX,
                 end: u32::MAX,
+                load_bias: 0,
             },
         ] {
             let mut search = Search::within(page, 2);

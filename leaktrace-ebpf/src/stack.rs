@@ -22,7 +22,7 @@ use aya_ebpf::{
         },
     },
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::RetProbeContext,
 };
 use leaktrace_common::{
@@ -30,7 +30,7 @@ use leaktrace_common::{
     UserRegs, stat, unwind,
     unwind_rows::{
         self, MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PAGE_SHIFT, PageRows, ROW_HINT_SLOTS, Regs,
-        SEARCH_STEPS, Search, Step, UnwindRow, hint_slot, hinted,
+        RowHint, SEARCH_STEPS, Search, Step, UnwindRow, hint_slot, page_key, read_header,
     },
 };
 
@@ -45,21 +45,22 @@ static UNWIND_MODE: u32 = unwind::FP;
 static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY_BYTES;
 
 /// Unwinding rows (layout in leaktrace-common's `unwind_rows`): a `FRAME_POINTER` row for code
-/// that keeps frame pointers, rows built from `.eh_frame` for the rest. User space rewrites
-/// them when the target maps new code (dlopen); code without rows yet (a library just loaded,
-/// JIT code) is left to the stack copy.
+/// that keeps frame pointers, rows built from `.eh_frame` for the rest, one segment per module.
+/// User space adds to them when a traced process maps new code (exec, dlopen); code without
+/// rows yet (a library just loaded, JIT code) is left to the stack copy.
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 0);
 
-/// The rows that cover each page of code (layout in leaktrace-common's `unwind_rows`),
-/// written with `UNWIND_ROWS`.
+/// The rows that cover each page of code of each traced process (`page_key`), written with
+/// `UNWIND_ROWS`.
 #[map]
 static UNWIND_PAGES: HashMap<u64, PageRows> = HashMap::with_max_entries(MAX_UNWIND_PAGES, 0);
 
-/// The row index found last for the pcs of each slot (leaktrace-common's `hint_slot`), checked
-/// at each use (`hinted`), so shared by all threads and never invalidated.
+/// The row found last for the pcs of each slot (leaktrace-common's `hint_slot`), checked at
+/// each use (`RowHint::row_for`). Per CPU: a hint is 32 bytes, which another CPU's write could
+/// tear.
 #[map]
-static ROW_HINTS: Array<u32> = Array::with_max_entries(ROW_HINT_SLOTS, 0);
+static ROW_HINTS: PerCpuArray<RowHint> = PerCpuArray::with_max_entries(ROW_HINT_SLOTS, 0);
 
 const PAGE: usize = 4096;
 const WINDOW_BYTES: u64 = (WINDOW_WORDS * 8) as u64;
@@ -313,8 +314,11 @@ struct Walk<'a> {
     frames: usize,
     /// Frames to capture at most.
     capture: usize,
-    /// Rows in `UNWIND_ROWS`.
+    /// Rows in `UNWIND_ROWS`, and their generation (`unwind_rows::header`).
     rows: u32,
+    generation: u32,
+    /// The traced process, whose pages of code `UNWIND_PAGES` knows.
+    tgid: u32,
     /// Set when a step failed: the stack needs a copy.
     failed: bool,
 }
@@ -346,6 +350,7 @@ pub fn walk_tables(
         }
     };
     event.frames[0] = at.pc;
+    let (rows, generation) = UNWIND_ROWS.get(0).map_or((0, 0), read_header);
     let mut walk = Walk {
         event: core::ptr::from_mut(event),
         reader: StackReader {
@@ -357,7 +362,9 @@ pub fn walk_tables(
         frames: 1,
         // One frame more than kept tells a stack of exactly `depth` frames from a longer one.
         capture: (depth + 1).min(MAX_STACK_DEPTH),
-        rows: UNWIND_ROWS.get(0).map_or(0, |header| header.pc as u32),
+        rows,
+        generation,
+        tgid: (event.pid_tgid >> 32) as u32,
         failed: false,
     };
     // SAFETY: `walk_frame` has the callback's signature and `walk` outlives the call.
@@ -394,35 +401,39 @@ fn unwind_row(i: u32) -> Option<UnwindRow> {
     ))
 }
 
-/// The row of `pc` among the `rows` of `UNWIND_ROWS`: a binary search among the rows of its
-/// page (`UNWIND_PAGES`). The page index was measured worth it: a search of the whole table
-/// (~60k rows for libc and libstdc++, 16 halvings) cost ~300 ns per frame, most of the walk.
-/// The halvings run in a bounded loop inside the frame's callback, which the verifier accepts:
-/// a `bpf_loop` callback per halving cost far more (measured, docs/BENCHMARKS.md). Before it,
-/// the hint of the pc's slot (`ROW_HINTS`): the outer frames of a thread return to the same
-/// pcs at every allocation, and a hint that holds spares the page's hash lookup and the
-/// halvings (measured: ~2/3 of the BPF time of an allocation in code with frame pointers went
-/// to the walk, most of it to the C runtime's outer frames).
+/// The row of `pc` in process `tgid`: a binary search among the rows of its page
+/// (`UNWIND_PAGES`), at the module's addresses. The page index was measured worth it: a search
+/// of the whole table (~60k rows for libc and libstdc++, 16 halvings) cost ~300 ns per frame,
+/// most of the walk. The halvings run in a bounded loop inside the frame's callback, which the
+/// verifier accepts: a `bpf_loop` callback per halving cost far more (measured,
+/// docs/BENCHMARKS.md). Before it, the hint of the pc's slot (`ROW_HINTS`): the outer frames
+/// of a thread return to the same pcs at every allocation, and a hint that holds spares the
+/// page's hash lookup and the halvings (measured: ~2/3 of the BPF time of an allocation in
+/// code with frame pointers went to the walk, most of it to the C runtime's outer frames).
 #[inline(always)]
-fn find_row(pc: u64, rows: u32) -> Option<UnwindRow> {
-    let slot = hint_slot(pc);
-    let hint = ROW_HINTS.get(slot).map_or(0, |&index| index);
-    if let Some(row) = hinted(pc, hint, rows, unwind_row) {
+fn find_row(pc: u64, walk: &Walk<'_>) -> Option<UnwindRow> {
+    let (tgid, generation, rows) = (walk.tgid, walk.generation, walk.rows);
+    let slot = hint_slot(tgid, pc);
+    if let Some(hint) = ROW_HINTS.get(slot)
+        && let Some(row) = hint.row_for(tgid, generation, pc)
+    {
         return Some(row);
     }
     // SAFETY: the value is plain data that user space writes whole.
-    let page = unsafe { UNWIND_PAGES.get(&(pc >> PAGE_SHIFT)) }?;
-    let mut search = Search::within(*page, rows);
+    let page = *unsafe { UNWIND_PAGES.get(&page_key(tgid, pc)) }?;
+    let at = pc.wrapping_sub(page.load_bias);
+    let mut search = Search::within(page, rows);
     for _ in 0..SEARCH_STEPS {
-        if !search.halve(pc, unwind_row) {
+        if !search.halve(at, unwind_row) {
             break;
         }
     }
-    let row = search.found(pc, unwind_row)?;
+    let row = search.found(at, unwind_row)?;
+    let next_pc = unwind_row(search.found_index() + 1).map_or(u64::MAX, |next| next.pc);
     if let Some(hint) = ROW_HINTS.get_ptr_mut(slot) {
-        // SAFETY: a u32 of an array map; another CPU's write of the same slot at once leaves
-        // one of the two indexes, each checked at its use.
-        unsafe { *hint = search.found_index() };
+        let page_start = pc & !((1 << PAGE_SHIFT) - 1);
+        // SAFETY: this CPU's slot; no other program of this CPU runs meanwhile.
+        unsafe { *hint = RowHint::new(&row, next_pc, &page, page_start, tgid, generation) };
     }
     Some(row)
 }
@@ -440,9 +451,10 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
     // Every pc here is a return address, which may be the first byte after its function (a
     // call that does not return): the call is the byte before.
     let pc = walk.at.pc.wrapping_sub(1);
+    let row = find_row(pc, walk);
     let reader = &mut walk.reader;
     let read = |at: u64, word: &mut u64| reader.read(at, word);
-    let step = match find_row(pc, walk.rows) {
+    let step = match row {
         Some(row) => unwind_rows::step(&row, walk.at, read),
         None => Step::Failed,
     };

@@ -114,11 +114,13 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let output = Output::open(reports.destination.clone(), reports.format, pids[0])?;
     let (ebpf, mut maps) = probes::load(config.load)?;
     if config.trace.unwind == Unwind::Auto {
-        // Before attaching: the first allocations already need their rows. The map holds one
-        // address space: the first traced process's.
-        let space = &mut targets[0].0.space;
+        // Before attaching: the first allocations already need their rows.
+        let processes: Vec<_> = targets
+            .iter_mut()
+            .map(|(target, _)| (target.pid, target.space.row_sources()))
+            .collect();
         maps.unwind_rows
-            .update(&space.row_sources())
+            .update(&processes)
             .context("filling the BPF map of unwinding rows")?;
     }
     let mut probes = probes::Probes::new(ebpf, maps.ids.clone(), config.attach)?;

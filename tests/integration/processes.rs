@@ -3,18 +3,7 @@
 
 use serde_json::Value;
 
-use crate::support::{Fixture, Leaktrace, compile, require_root, stack_of};
-
-/// The final report of `pid` among all of leaktrace's reports.
-fn last_of(reports: &[Value], pid: u32) -> &Value {
-    let last = reports
-        .iter()
-        .rev()
-        .find(|r| r["pid"] == pid)
-        .unwrap_or_else(|| panic!("no report for pid {pid}"));
-    assert_eq!(last["last"], true, "pid {pid}'s final report comes last");
-    last
-}
+use crate::support::{Fixture, Leaktrace, compile, last_of, require_root, stack_of};
 
 #[test]
 fn two_pids_are_traced_at_once_and_reported_separately() {

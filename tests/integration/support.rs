@@ -266,6 +266,17 @@ impl Outcome {
     }
 }
 
+/// The final report of `pid` among all of leaktrace's reports (several processes traced).
+pub fn last_of(reports: &[Value], pid: u32) -> &Value {
+    let last = reports
+        .iter()
+        .rev()
+        .find(|r| r["pid"] == pid)
+        .unwrap_or_else(|| panic!("no report for pid {pid}"));
+    assert_eq!(last["last"], true, "pid {pid}'s final report comes last");
+    last
+}
+
 impl Leaktrace {
     /// Starts leaktrace and waits until its probes are attached.
     pub fn attach(pid: u32, extra: &[&str]) -> Self {

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::{
     line_of,
-    support::{Binary, Fixture, Leaktrace, compile, require_root},
+    support::{Binary, Fixture, Leaktrace, compile, last_of, require_root},
 };
 
 const NO_FRAME_POINTERS: [&str; 2] = ["-O2", "-fomit-frame-pointer"];
@@ -152,31 +152,100 @@ fn leaks_through_std_string_vector_and_operator_new_show_the_leaking_function_an
     let binary = compile("nofp_cpp", &NO_FRAME_POINTERS);
     let leaks = LEAKS.to_string();
     let report = trace(&binary, &[&leaks], "auto");
-    assert_complete(
-        &report,
-        "nofp_cpp.cpp",
-        &[
-            Site {
-                function: "name_user(long)",
-                caller: "register_user(long)",
-                caller_marker: "caller of the std::string leak",
-                per_round: LEAKS,
-            },
-            // The vector object and its last buffer.
-            Site {
-                function: "grow_history(long)",
-                caller: "record_history(long)",
-                caller_marker: "caller of the std::vector leaks",
-                per_round: 2 * LEAKS,
-            },
-            Site {
-                function: "make_node(long)",
-                caller: "build_list(long)",
-                caller_marker: "caller of the operator new leak",
-                per_round: LEAKS,
-            },
-        ],
+    assert_complete(&report, "nofp_cpp.cpp", &cpp_sites());
+}
+
+fn cpp_sites() -> [Site; 3] {
+    [
+        Site {
+            function: "name_user(long)",
+            caller: "register_user(long)",
+            caller_marker: "caller of the std::string leak",
+            per_round: LEAKS,
+        },
+        // The vector object and its last buffer.
+        Site {
+            function: "grow_history(long)",
+            caller: "record_history(long)",
+            caller_marker: "caller of the std::vector leaks",
+            per_round: 2 * LEAKS,
+        },
+        Site {
+            function: "make_node(long)",
+            caller: "build_list(long)",
+            caller_marker: "caller of the operator new leak",
+            per_round: LEAKS,
+        },
+    ]
+}
+
+/// (stack copies, allocations) of `pid` by leaktrace's closing line about it.
+fn copies_of(stderr: &[String], pid: u32) -> (u64, u64) {
+    let prefix = format!("leaktrace: pid {pid}: ");
+    let line = stderr
+        .iter()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .filter(|l| l.contains("allocations came with a stack copy"))
+        .unwrap_or_else(|| panic!("no stack copy line for pid {pid}: {stderr:?}"));
+    let mut words = line.split(' ');
+    let copies = words.next().unwrap().parse().unwrap();
+    assert_eq!(words.next(), Some("of"), "{line}");
+    (copies, words.next().unwrap().parse().unwrap())
+}
+
+/// Two different executables without frame pointers (built with `flags` added), traced with
+/// two `-p`: each is unwound in BPF from its own modules' rows, none of its stacks copied, and
+/// its leak sites are complete.
+fn two_executables_unwind_in_bpf(flags: &[&str]) {
+    let flags: Vec<&str> = NO_FRAME_POINTERS.iter().chain(flags).copied().collect();
+    let (c, cpp) = (compile("nofp_libc", &flags), compile("nofp_cpp", &flags));
+    let leaks = LEAKS.to_string();
+    let mut first = Fixture::start(&c, &[&leaks]);
+    let mut second = Fixture::start(&cpp, &[&leaks]);
+    let other = second.pid().to_string();
+    let trace = Leaktrace::attach(
+        first.pid(),
+        &["--pid", &other, "--unwind", "auto", "--top", "1000"],
     );
+    for _ in 0..ROUNDS {
+        first.round();
+        second.round();
+    }
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let (a, b) = (first.pid(), second.pid());
+    first.finish();
+    second.finish();
+    let (c_report, cpp_report) = (last_of(&outcome.reports, a), last_of(&outcome.reports, b));
+    assert_complete(c_report, "nofp_libc.c", &libc_sites());
+    assert_complete(cpp_report, "nofp_cpp.cpp", &cpp_sites());
+    for (pid, report) in [(a, c_report), (b, cpp_report)] {
+        let (copies, allocations) = copies_of(&outcome.stderr, pid);
+        assert_eq!(copies, 0, "pid {pid}: {:?}", outcome.stderr);
+        assert_eq!(
+            report["totals"]["allocations"], allocations,
+            "pid {pid}: every allocation unwound, {report}"
+        );
+    }
+    // nofp_libc: per round, LEAKS from strdup, LEAKS from getline, fmemopen's 3.
+    assert_eq!(copies_of(&outcome.stderr, a).1, ROUNDS * (2 * LEAKS + 3));
+}
+
+#[test]
+fn two_executables_without_frame_pointers_traced_at_once_are_both_unwound_in_bpf() {
+    if !require_root() {
+        return;
+    }
+    two_executables_unwind_in_bpf(&[]);
+}
+
+#[test]
+fn two_non_pie_executables_at_the_same_address_are_both_unwound_by_their_own_rows() {
+    if !require_root() {
+        return;
+    }
+    // Both at 0x400000: rows by address alone would unwind one with the other's.
+    two_executables_unwind_in_bpf(&["-no-pie", "-fno-pie"]);
 }
 
 #[test]
@@ -190,7 +259,23 @@ fn a_library_loaded_after_attach_is_unwound_too() {
     );
     let host = compile("dlopen_host", &NO_FRAME_POINTERS);
     let leaks = LEAKS.to_string();
-    let report = trace(&host, &[plugin.path.to_str().unwrap(), &leaks], "auto");
+    let mut fixture = Fixture::start(&host, &[plugin.path.to_str().unwrap(), &leaks]);
+    let mut trace = Leaktrace::attach(
+        fixture.pid(),
+        &["--unwind", "auto", "--top", "1000", "--print-row-writes"],
+    );
+    // The first round loads the plugin: its stacks are copied until leaktrace has seen the new
+    // mapping and written its rows; from then on they are unwound in BPF.
+    fixture.round();
+    trace.wait_for_stderr("leaktrace: wrote ");
+    for _ in 1..ROUNDS {
+        fixture.round();
+    }
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let pid = fixture.pid();
+    fixture.finish();
+    let report = outcome.last();
     // dlopen's own allocations are outstanding too; the plugin's are exactly its leaks.
     let site = Site {
         function: "plugin_leak",
@@ -198,10 +283,18 @@ fn a_library_loaded_after_attach_is_unwound_too() {
         caller_marker: "caller of the plugin leak",
         per_round: LEAKS,
     };
-    let (with_function, with_both) = site_counts(&report, "plugin.c", &site);
+    let (with_function, with_both) = site_counts(report, "plugin.c", &site);
     assert_eq!(with_function, LEAKS * ROUNDS, "{report}");
     assert!(with_both * 100 >= LEAKS * ROUNDS * 99, "{report}");
     assert_eq!(report["totals"]["lost_events"], 0);
+    // The rounds after the first allocate LEAKS blocks each, all in the plugin, none copied.
+    let (copies, allocations) = copies_of(&outcome.stderr, pid);
+    assert_eq!(report["totals"]["allocations"], allocations);
+    assert!(
+        copies <= allocations - LEAKS * (ROUNDS - 1),
+        "{copies} of {allocations}: {:?}",
+        outcome.stderr
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ use leaktrace_common::{
     names::{global, map, program},
     python::{PY_LAYOUT_WORDS, PyLayout},
     stat,
-    unwind_rows::{MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PageRows, UnwindRow},
+    unwind_rows::{MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, PageRows, UnwindRow, header},
 };
 
 use super::{
@@ -33,7 +33,7 @@ use super::{
 };
 use crate::proc::process;
 use crate::status;
-use crate::target::address_space::{RowSource, unwind_rows};
+use crate::target::address_space::{Pages, RowSource, RowTable};
 
 /// Programs attached to the traced processes. Dropping it detaches every probe.
 pub struct Probes {
@@ -293,12 +293,17 @@ pub struct Maps {
     pub ids: Vec<u32>,
 }
 
-/// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`).
+/// The rows from which the BPF side unwinds code without frame pointers (`--unwind auto`), for
+/// every traced process.
 pub struct UnwindRows {
     map: Array<MapData, MapRow>,
     pages: aya::maps::HashMap<MapData, u64, MapPage>,
-    current: Vec<UnwindRow>,
-    current_pages: Vec<u64>,
+    /// What the map holds: the rows written (`written` of them) and the pages.
+    table: RowTable,
+    written: usize,
+    current_pages: Pages,
+    /// Changes at every write, which makes the BPF side's hints stale (`unwind_rows::header`).
+    generation: u32,
     /// Whether to write in `BPF_MAP_UPDATE_BATCH` commands (until the kernel refuses one).
     batches: bool,
     /// Say how long each write took (`--print-row-writes`).
@@ -310,7 +315,8 @@ pub struct UnwindRows {
 #[repr(transparent)]
 struct MapPage(PageRows);
 
-// SAFETY: PageRows is #[repr(C)], two u32, valid for any bytes.
+// SAFETY: PageRows is #[repr(C)], two u32 and a u64, without padding (leaktrace-common tests
+// its layout), valid for any bytes.
 unsafe impl aya::Pod for MapPage {}
 
 /// An [`UnwindRow`] as aya reads and writes map values.
@@ -326,18 +332,29 @@ impl UnwindRows {
     /// Rows the map holds at most.
     pub const MAX: usize = MAX_UNWIND_ROWS as usize - 1;
 
-    /// Replaces the rows with those of the mappings `sources` (`AddressSpace::row_sources`).
-    pub fn update(&mut self, sources: &[RowSource]) -> anyhow::Result<()> {
+    /// Makes the rows and pages cover the executable mappings of `processes` (pid,
+    /// `AddressSpace::row_sources`): the rows of modules new to the map are written past those
+    /// in it, which stay; when they do not fit and some module in the map is no longer mapped,
+    /// the rows are written anew.
+    pub fn update(&mut self, processes: &[(u32, Vec<RowSource>)]) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let rows = unwind_rows(sources, Self::MAX);
+        let max_pages = MAX_UNWIND_PAGES as usize;
+        let mut rebuilt = false;
+        let (mut pages, mut left_out) = self.table.pages(processes, Self::MAX, max_pages);
+        if left_out > 0 && self.table.unused_segments(processes) > 0 {
+            self.table = RowTable::new();
+            self.written = 0;
+            rebuilt = true;
+            (pages, left_out) = self.table.pages(processes, Self::MAX, max_pages);
+        }
         let built = started.elapsed();
-        let pages = self.set(&rows)?;
-        if self.print
-            && let Some(pages) = pages
-        {
+        let wrote = self.set(&pages, rebuilt)?;
+        if self.print && wrote {
             status!(
-                "leaktrace: wrote {} unwinding rows and {pages} pages in {:.1} ms (built in {:.1} ms)",
-                rows.len(),
+                "leaktrace: wrote {} unwinding rows and {} pages for {} processes in {:.1} ms (built in {:.1} ms; {left_out} mappings left to stack copies)",
+                self.written,
+                self.current_pages.len(),
+                processes.len(),
                 (started.elapsed() - built).as_secs_f64() * 1e3,
                 built.as_secs_f64() * 1e3
             );
@@ -345,52 +362,44 @@ impl UnwindRows {
         Ok(())
     }
 
-    /// Replaces the rows (sorted by pc, at most [`Self::MAX`]); the count of pages written,
-    /// or `None` when the rows were those in the map already.
-    fn set(&mut self, rows: &[UnwindRow]) -> anyhow::Result<Option<usize>> {
-        let rows = &rows[..rows.len().min(Self::MAX)];
-        if rows == self.current {
-            return Ok(None);
+    /// Writes the table's rows past those written (all of them when `rebuilt`) and `pages`;
+    /// false when the map held them already.
+    fn set(&mut self, pages: &Pages, rebuilt: bool) -> anyhow::Result<bool> {
+        let rows = self.table.rows();
+        if rows.len() == self.written && *pages == self.current_pages {
+            return Ok(false);
         }
-        let header = |count: usize| {
-            MapRow(UnwindRow {
-                pc: count as u64,
-                ..UnwindRow::default()
-            })
-        };
-        // No rows while they are rewritten: a stack unwound meanwhile is copied instead of
-        // mixing the old rows with the new.
-        self.map.set(0, header(0), 0)?;
-        let indices: Vec<u32> = (1..=rows.len() as u32).collect();
-        let values: Vec<MapRow> = rows.iter().copied().map(MapRow).collect();
-        if self.batches {
-            // Written whole or not at all as far as the BPF side knows: the header says 0
-            // until the end.
-            if let Err(err) = update_batch(self.map.map().fd().as_fd(), &indices, &values) {
-                if err.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(err).context("writing the unwinding rows");
-                }
-                // A kernel without batches (before 5.6): an element at a time, from now on.
-                self.batches = false;
+        self.generation = self.generation.wrapping_add(1);
+        if rebuilt {
+            // No rows while they are rewritten: a stack unwound meanwhile is copied instead of
+            // mixing the old rows with the new.
+            self.map.set(0, MapRow(header(0, self.generation)), 0)?;
+        }
+        // New rows go past the count in the header: the BPF side reads none of them until the
+        // header says so, and the pages that point at them come after them.
+        let indices: Vec<u32> = (self.written as u32 + 1..=rows.len() as u32).collect();
+        let values: Vec<MapRow> = rows[self.written..].iter().copied().map(MapRow).collect();
+        if self.batches
+            && let Err(err) = update_batch(self.map.map().fd().as_fd(), &indices, &values)
+        {
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err).context("writing the unwinding rows");
             }
+            // A kernel without batches (before 5.6): an element at a time, from now on.
+            self.batches = false;
         }
         if !self.batches {
             for (&i, row) in indices.iter().zip(&values) {
                 self.map.set(i, row, 0)?;
             }
         }
-        let pages = crate::target::address_space::page_index(rows, MAX_UNWIND_PAGES as usize);
-        let keep: std::collections::HashSet<u64> = pages.iter().map(|&(page, _)| page).collect();
-        for page in self
-            .current_pages
-            .iter()
-            .filter(|page| !keep.contains(page))
-        {
+        for page in self.current_pages.keys().filter(|k| !pages.contains_key(k)) {
             self.pages.remove(page)?;
         }
         let (page_keys, page_values): (Vec<u64>, Vec<MapPage>) = pages
             .iter()
-            .map(|&(page, entry)| (page, MapPage(entry)))
+            .filter(|&(key, entry)| self.current_pages.get(key) != Some(entry))
+            .map(|(&key, &entry)| (key, MapPage(entry)))
             .unzip();
         let batched = self.batches
             && update_batch(self.pages.map().fd().as_fd(), &page_keys, &page_values).is_ok();
@@ -399,10 +408,11 @@ impl UnwindRows {
                 self.pages.insert(page, entry, 0)?;
             }
         }
-        self.map.set(0, header(rows.len()), 0)?;
-        self.current = rows.to_vec();
-        self.current_pages = page_keys;
-        Ok(Some(self.current_pages.len()))
+        self.map
+            .set(0, MapRow(header(rows.len() as u32, self.generation)), 0)?;
+        self.written = rows.len();
+        self.current_pages = pages.clone();
+        Ok(true)
     }
 }
 
@@ -571,8 +581,10 @@ pub fn load(options: LoadOptions) -> anyhow::Result<(Ebpf, Maps)> {
             map: Array::try_from(unwind_rows).context("UNWIND_ROWS is not an array")?,
             pages: aya::maps::HashMap::try_from(unwind_pages)
                 .context("UNWIND_PAGES is not a hash map")?,
-            current: Vec::new(),
-            current_pages: Vec::new(),
+            table: RowTable::new(),
+            written: 0,
+            current_pages: Pages::new(),
+            generation: 0,
             batches: rows.batched,
             print: rows.print,
         },

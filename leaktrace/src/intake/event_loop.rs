@@ -152,9 +152,9 @@ pub async fn run(
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
-    // The process and memory map UNWIND_ROWS was last computed from: main's, before
-    // attaching, from the first target as it was read then.
-    let mut rows_from = sessions.first().map(|s| (s.target.pid, 0));
+    // The processes and memory maps UNWIND_ROWS was last computed from: main's, before
+    // attaching, from the targets as they were read then.
+    let mut rows_from: Vec<(u32, u64)> = sessions.iter().map(|s| (s.target.pid, 0)).collect();
     let mut row_writer = RowWriter {
         idle: Some(unwind_rows),
         writing: None,
@@ -465,35 +465,37 @@ impl RowWriter {
     }
 }
 
-/// `--unwind auto`: tells the BPF side how to unwind the code of the target (UNWIND_ROWS), when
-/// the first traced process (the maps hold one address space) is another than when it last did
-/// (the first one exited), or its memory map changed since. A spawned command's map changes at
-/// its exec, a service's at a dlopen: until the maps know the new code, every stack through it
-/// is copied and unwound with CFI in user space. The rows are built and written on a thread;
-/// a change seen while one is at work waits for the next call.
+/// `--unwind auto`: tells the BPF side how to unwind the code of the traced processes
+/// (UNWIND_ROWS, UNWIND_PAGES), when one of them came or went or its memory map changed since
+/// it last did. A spawned command's map changes at its exec, a service's at a dlopen, a
+/// followed child's at its exec: until the maps know the new code, every stack through it is
+/// copied and unwound with CFI in user space. The rows are built and written on a thread; a
+/// change seen while one is at work waits for the next call.
 fn update_unwinding(
     writer: &mut RowWriter,
     live: &mut BTreeMap<u32, Traced>,
-    from: &mut Option<(u32, u64)>,
+    from: &mut Vec<(u32, u64)>,
 ) -> anyhow::Result<()> {
     writer.collect(false)?;
-    let Some((&pid, traced)) = live.iter_mut().next() else {
-        return Ok(());
-    };
-    let space = &mut traced.target.space;
-    let now = (pid, space.changes());
-    if *from == Some(now) {
+    let now: Vec<(u32, u64)> = live
+        .iter()
+        .map(|(&pid, traced)| (pid, traced.target.space.changes()))
+        .collect();
+    if *from == now {
         return Ok(());
     }
     let Some(mut rows) = writer.idle.take() else {
         return Ok(());
     };
-    let sources = space.row_sources();
-    *from = Some(now);
+    let processes: Vec<_> = live
+        .iter_mut()
+        .map(|(&pid, traced)| (pid, traced.target.space.row_sources()))
+        .collect();
+    *from = now;
     let handle = std::thread::Builder::new()
         .name("leaktrace-rows".into())
         .spawn(move || {
-            let result = rows.update(&sources);
+            let result = rows.update(&processes);
             (rows, result)
         })
         .context("starting the thread that writes the unwinding rows")?;

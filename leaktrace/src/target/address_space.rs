@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, mpsc},
 };
 
-use leaktrace_common::unwind_rows::{PAGE_SHIFT, PageRows, UnwindRow, kind};
+use leaktrace_common::unwind_rows::{PAGE_SHIFT, PageRows, UnwindRow, kind, page_key};
 
 use super::modules::{Module, Modules};
 use crate::{
@@ -172,121 +172,172 @@ pub struct RowSource {
     module: Arc<Module>,
 }
 
-/// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`), at the
-/// addresses the executable mappings are mapped at, sorted, at most `max` of them: one
-/// `FRAME_POINTER` row for a mapping of a module that keeps frame pointers, the module's
-/// CFI rows for the others. Each mapping's rows end with a `NONE` row at its end; rows
-/// past `max` are left out (frames there are copied). Parses every module's CFI (the first
-/// time), which takes a while: it runs off the event loop.
-pub fn unwind_rows(sources: &[RowSource], max: usize) -> Vec<UnwindRow> {
-    let mut rows: Vec<UnwindRow> = Vec::new();
-    for source in sources {
-        let (start, end, file_offset) = (source.start, source.end, source.file_offset);
-        let module = &source.module;
-        if module.keeps_frame_pointers() {
-            let row = |pc, kind| UnwindRow {
-                pc,
-                kind,
-                ..UnwindRow::default()
-            };
-            if rows.len() + 2 > max {
-                break;
-            }
-            if rows.last().is_some_and(|last| last.pc == start) {
-                rows.pop();
-            }
-            if rows
-                .last()
-                .is_none_or(|last| last.kind != kind::FRAME_POINTER)
-            {
-                rows.push(row(start, kind::FRAME_POINTER));
-            }
-            rows.push(row(end, kind::NONE));
-            continue;
-        }
-        let Some(vaddr) = module.cfi().and_then(|cfi| cfi.vaddr_of(file_offset)) else {
-            continue;
-        };
-        let vaddr_end = vaddr.wrapping_add(end - start);
-        let module_rows = module.unwind_rows();
-        // The rule in force at the mapping's start, then the rows inside it.
-        let first = module_rows.partition_point(|r| r.pc <= vaddr);
-        let covering = first.checked_sub(1).map(|i| module_rows[i]);
-        let mut mapped: Vec<UnwindRow> = Vec::new();
-        for row in covering
-            .map(|r| UnwindRow { pc: vaddr, ..r })
-            .into_iter()
-            .chain(module_rows[first..].iter().copied())
-            .take_while(|r| r.pc < vaddr_end)
-        {
-            mapped.push(UnwindRow {
-                pc: row.pc - vaddr + start,
-                ..row
-            });
-        }
-        mapped.push(UnwindRow {
-            pc: end,
-            ..UnwindRow::default()
-        });
-        if rows.len() + mapped.len() > max {
-            break;
-        }
-        // Mappings come sorted by address, and do not overlap: the previous one's end row
-        // gives way to this one's first.
-        if rows.last().is_some_and(|last| last.pc == start) && mapped[0].pc == start {
-            rows.pop();
-        }
-        rows.extend(mapped);
-    }
-    rows
+/// The rows from which `--unwind auto` unwinds (`leaktrace_common::unwind_rows`) for every
+/// traced process: at map index 1 the frame-pointer segment (a `FRAME_POINTER` row for all
+/// code that keeps frame pointers), then one segment per module without them, its CFI rows at
+/// its own ELF addresses, shared by every process that maps it. Segments are only added: the
+/// rows in the map stay valid while new ones are written past them.
+pub struct RowTable {
+    /// Map index 1 on.
+    rows: Vec<UnwindRow>,
+    /// Each module's segment by the module's address: its first map index and its count of
+    /// rows (the `Arc` keeps the module, and so the key, alive).
+    segments: HashMap<usize, (Arc<Module>, u32, u32)>,
 }
 
-/// The `UNWIND_PAGES` entries of `rows` (sorted by pc, at map index 1 on): for each page of
-/// code that a row with a rule covers, the rows that cover it. Pages covered by `NONE` rows
-/// alone get none (a frame there is copied). At most `max` pages: past them, frames are
-/// copied.
-pub fn page_index(rows: &[UnwindRow], max: usize) -> Vec<(u64, PageRows)> {
-    let mut pages: Vec<(u64, PageRows)> = Vec::new();
-    for (i, pair) in rows.windows(2).enumerate() {
-        let (row, next) = (pair[0], pair[1]);
-        if row.kind == kind::NONE || next.pc <= row.pc {
-            continue;
+/// What tells modules apart in a [`RowTable`]: every process that maps a file shares its one
+/// `Module`.
+fn module_key(module: &Arc<Module>) -> usize {
+    Arc::as_ptr(module) as usize
+}
+
+/// The map index of the frame-pointer segment: a `FRAME_POINTER` row from 0, a `NONE` row at
+/// the top of the address space.
+const FRAME_POINTER_SEGMENT: u32 = 1;
+
+/// The traced processes' `UNWIND_PAGES` entries, keyed as the map is (`page_key`).
+pub type Pages = HashMap<u64, PageRows>;
+
+impl Default for RowTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RowTable {
+    pub fn new() -> Self {
+        let row = |pc, kind| UnwindRow {
+            pc,
+            kind,
+            ..UnwindRow::default()
+        };
+        Self {
+            rows: vec![row(0, kind::FRAME_POINTER), row(u64::MAX, kind::NONE)],
+            segments: HashMap::new(),
         }
-        let index = i as u32 + 1;
-        for page in (row.pc >> PAGE_SHIFT)..=((next.pc - 1) >> PAGE_SHIFT) {
-            match pages.last_mut() {
-                Some((last, rows)) if *last == page => rows.end = index + 1,
-                _ => {
-                    if pages.len() == max {
-                        return pages;
+    }
+
+    /// The rows, from map index 1 on.
+    pub fn rows(&self) -> &[UnwindRow] {
+        &self.rows
+    }
+
+    /// The segments of modules that no source of `processes` maps.
+    pub fn unused_segments(&self, processes: &[(u32, Vec<RowSource>)]) -> usize {
+        let used: std::collections::HashSet<usize> = processes
+            .iter()
+            .flat_map(|(_, sources)| sources.iter().map(|s| module_key(&s.module)))
+            .collect();
+        self.segments.keys().filter(|k| !used.contains(k)).count()
+    }
+
+    /// The segment of `module` (first map index, count), added when it has none and fits in
+    /// `max_rows`; `None` when it does not fit.
+    fn segment(&mut self, module: &Arc<Module>, max_rows: usize) -> Option<(u32, u32)> {
+        if let Some(&(_, first, len)) = self.segments.get(&module_key(module)) {
+            return Some((first, len));
+        }
+        let module_rows = module.unwind_rows();
+        // A NONE row at the top ends the segment's last rule: the row after it is another
+        // module's.
+        let len = module_rows.len() + 1;
+        if self.rows.len() + len > max_rows {
+            return None;
+        }
+        let first = self.rows.len() as u32 + 1;
+        self.rows.extend_from_slice(module_rows);
+        self.rows.push(UnwindRow {
+            pc: u64::MAX,
+            ..UnwindRow::default()
+        });
+        self.segments
+            .insert(module_key(module), (module.clone(), first, len as u32));
+        Some((first, len as u32))
+    }
+
+    /// The pages of every executable mapping of `processes` (pid, `AddressSpace::row_sources`),
+    /// at most `max_pages`, adding the segments of modules that have none yet while they fit in
+    /// `max_rows`. Returns the pages and the count of mappings left without rows (their frames
+    /// are copied). Parses the CFI of every module without frame pointers (the first time),
+    /// which takes a while: it runs off the event loop.
+    pub fn pages(
+        &mut self,
+        processes: &[(u32, Vec<RowSource>)],
+        max_rows: usize,
+        max_pages: usize,
+    ) -> (Pages, usize) {
+        let mut pages = Pages::new();
+        let mut left_out = 0;
+        for (tgid, sources) in processes {
+            for source in sources {
+                let (start, end) = (source.start, source.end);
+                let module = &source.module;
+                let placed = if module.keeps_frame_pointers() {
+                    Some((FRAME_POINTER_SEGMENT, 2, 0))
+                } else {
+                    module
+                        .cfi()
+                        .and_then(|cfi| cfi.vaddr_of(source.file_offset))
+                        .and_then(|vaddr| {
+                            let (first, len) = self.segment(module, max_rows)?;
+                            Some((first, len, start.wrapping_sub(vaddr)))
+                        })
+                };
+                let Some((first, len, load_bias)) = placed else {
+                    left_out += 1;
+                    continue;
+                };
+                let segment = &self.rows[first as usize - 1..(first + len) as usize - 1];
+                for (page, entry) in mapping_pages(segment, first, start, end, load_bias) {
+                    if pages.len() == max_pages {
+                        return (pages, left_out + 1);
                     }
-                    // The page's first row is the one in force at its start, which may be a
-                    // NONE row (or none: then pcs before the first row find nothing).
-                    let start = page << PAGE_SHIFT;
-                    let mut first = index;
-                    while first > 1 && rows[first as usize - 1].pc > start {
-                        first -= 1;
-                    }
-                    pages.push((
-                        page,
-                        PageRows {
-                            first,
-                            end: index + 1,
-                        },
-                    ));
+                    pages.insert(page_key(*tgid, page << PAGE_SHIFT), entry);
                 }
             }
         }
+        (pages, left_out)
     }
-    // A page's rows run on to the first row at or after its end: a NONE row inside the page
-    // ends the rule before it.
-    for (page, entry) in &mut pages {
-        let page_end = (*page + 1) << PAGE_SHIFT;
-        while (entry.end as usize) <= rows.len() && rows[entry.end as usize - 1].pc < page_end {
-            entry.end += 1;
-        }
-    }
-    pages
+}
+
+/// The pages of the mapping `start..end` and the rows of `segment` (at map index `first` on,
+/// `load_bias` below the mapping's addresses) that cover each: the row in force at the page's
+/// start, up to the last that starts inside it. Pages covered by `NONE` rows alone get none (a
+/// frame there is copied).
+pub fn mapping_pages(
+    segment: &[UnwindRow],
+    first: u32,
+    start: u64,
+    end: u64,
+    load_bias: u64,
+) -> impl Iterator<Item = (u64, PageRows)> + '_ {
+    let last_page = end.saturating_sub(1) >> PAGE_SHIFT;
+    ((start >> PAGE_SHIFT)..=last_page)
+        .filter(move |_| end > start)
+        .filter_map(move |page| {
+            let page_start = (page << PAGE_SHIFT).wrapping_sub(load_bias);
+            let page_end = page_start.wrapping_add(1 << PAGE_SHIFT);
+            let in_force = segment.partition_point(|r| r.pc <= page_start);
+            let below_end = segment.partition_point(|r| r.pc < page_end);
+            if below_end == 0 {
+                return None;
+            }
+            let from = in_force.max(1) - 1;
+            if segment[from..below_end]
+                .iter()
+                .all(|r| r.kind == kind::NONE)
+            {
+                return None;
+            }
+            Some((
+                page,
+                PageRows {
+                    first: first + from as u32,
+                    end: first + below_end as u32,
+                    load_bias,
+                },
+            ))
+        })
 }
 
 impl Locate for AddressSpace {
@@ -319,7 +370,7 @@ impl Locate for AddressSpace {
 
 #[cfg(test)]
 mod tests {
-    use leaktrace_common::unwind_rows::{Search, find};
+    use leaktrace_common::unwind_rows::Search;
 
     use super::*;
 
@@ -332,49 +383,109 @@ mod tests {
         }
     }
 
+    /// What a row gives for unwinding, wherever it starts.
+    fn rule(row: Option<UnwindRow>) -> Option<(i32, i16, u8)> {
+        row.map(|r| (r.cfa_offset_bytes, r.rbp_offset_bytes, r.kind))
+    }
+
     #[test]
-    fn a_search_within_each_page_finds_what_the_whole_table_search_finds() {
-        // Functions of all sizes, gaps, a NONE row inside a page, a frame-pointer mapping
-        // of several pages.
-        let rows = vec![
+    fn a_search_within_each_page_finds_what_the_whole_segment_search_finds() {
+        // Functions of all sizes, gaps, a NONE row inside a page, the segment's end row.
+        let segment = vec![
             row(0x1000, kind::CFA_SP),
             row(0x1010, kind::CFA_SP),
             row(0x1800, kind::NONE),
             row(0x1820, kind::CFA_BP),
             row(0x4321, kind::CFA_SP),
             row(0x4400, kind::NONE),
-            row(0x10000, kind::FRAME_POINTER),
-            row(0x14000, kind::NONE),
-            row(0x14000 + 0x10, kind::OUTERMOST),
-            row(0x14000 + 0x20, kind::NONE),
+            row(0x10010, kind::OUTERMOST),
+            row(0x10020, kind::NONE),
+            row(u64::MAX, kind::NONE),
         ];
-        let pages = page_index(&rows, 1000);
-        let mut map = vec![UnwindRow {
-            pc: rows.len() as u64,
-            ..UnwindRow::default()
-        }];
-        map.extend_from_slice(&rows);
+        // Another segment before it in the map: indexes are the map's.
+        let mut map = vec![UnwindRow::default(), row(0, kind::FRAME_POINTER)];
+        let first = map.len() as u32;
+        map.extend_from_slice(&segment);
+        map[0].pc = map.len() as u64 - 1;
         let get = |i: u32| map.get(i as usize).copied();
-        let count = rows.len() as u32;
+        let count = map.len() as u32 - 1;
+        let whole = |at: u64| {
+            let i = segment.partition_point(|r| r.pc <= at);
+            i.checked_sub(1)
+                .map(|i| segment[i])
+                .filter(|r| r.kind != kind::NONE)
+        };
+        // Mapped at 0x55_0000_0000, the segment's addresses 0x1000 higher than its mapping's.
+        let (start, bias) = (0x55_0000_0000u64, 0x55_0000_0000u64.wrapping_sub(0x1000));
+        let end = start + 0x12000;
+        let pages: Vec<_> = mapping_pages(&segment, first, start, end, bias).collect();
         assert!(pages.windows(2).all(|w| w[0].0 < w[1].0));
-        for pc in (0..0x16000u64)
+        for pc in (start..end)
             .step_by(7)
-            .chain([0x1000, 0x17ff, 0x1800, 0x13fff, 0x14000])
+            .chain([start, start + 0x7ff, start + 0x800, end - 1])
         {
-            let want = find(pc, count, get);
+            let at = pc - bias;
             let got = match pages.binary_search_by_key(&(pc >> PAGE_SHIFT), |p| p.0) {
                 Ok(i) => {
+                    assert_eq!(pages[i].1.load_bias, bias);
                     let mut search = Search::within(pages[i].1, count);
-                    while search.halve(pc, get) {}
-                    search.found(pc, get)
+                    while search.halve(at, get) {}
+                    search.found(at, get)
                 }
                 Err(_) => None,
             };
-            assert_eq!(got, want, "at {pc:#x}");
+            assert_eq!(rule(got), rule(whole(at)), "at {pc:#x}");
         }
         // No page for code covered by NONE rows alone.
-        assert!(pages.iter().all(|&(page, _)| !(0x5..0x10).contains(&page)));
-        assert_eq!(page_index(&rows, 3).len(), 3);
-        assert!(page_index(&[], 10).is_empty());
+        assert!(
+            pages
+                .iter()
+                .all(|&(page, _)| !(0x5..0xf).contains(&(page - (start >> PAGE_SHIFT))))
+        );
+        assert_eq!(
+            mapping_pages(&segment, first, start, start, bias).count(),
+            0
+        );
+        assert_eq!(mapping_pages(&[], first, start, end, bias).count(), 0);
+    }
+
+    #[test]
+    fn processes_share_a_module_segment_and_keep_their_pages_apart() {
+        let pid = std::process::id();
+        let mut space = AddressSpace::new(pid, ProcMaps::read(pid).unwrap(), Modules::new());
+        let sources = space.row_sources();
+        let executable = sources.len();
+        assert!(executable >= 2, "this test and libc");
+        let mut table = RowTable::new();
+        let (alone, left_out) = table.pages(&[(pid, space.row_sources())], 1 << 18, 1 << 16);
+        assert_eq!(left_out, 0);
+        let rows = table.rows().len();
+        // The same modules in a second process (another pid, the same addresses: as after a
+        // fork): no rows added, every page twice, under each pid.
+        let (both, left_out) = table.pages(
+            &[(pid, space.row_sources()), (pid + 1, space.row_sources())],
+            1 << 18,
+            1 << 16,
+        );
+        assert_eq!(left_out, 0);
+        assert_eq!(table.rows().len(), rows);
+        assert_eq!(both.len(), 2 * alone.len());
+        for (key, entry) in &alone {
+            let other = key + (1 << 36);
+            assert_eq!(both.get(&other), Some(entry), "{key:#x}");
+        }
+        assert_eq!(table.unused_segments(&[(pid, sources)]), 0);
+        assert_eq!(table.unused_segments(&[]), table.segments.len());
+        // No room for rows: modules without frame pointers are left out, counted.
+        let mut full = RowTable::new();
+        let (_, left_out) = full.pages(&[(pid, space.row_sources())], 2, 1 << 16);
+        let without_fp = space
+            .row_sources()
+            .iter()
+            .filter(|s| !s.module.keeps_frame_pointers())
+            .count();
+        assert!(without_fp > 0, "libc keeps no frame pointers");
+        assert_eq!(left_out, without_fp);
+        assert_eq!(full.rows().len(), 2);
     }
 }
