@@ -15,12 +15,14 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    Args, CONNECTIONS, Config, FLOOR, Fixture, LEAKTRACE, SAMPLED, UNTRACED, bench_dir, load,
-    rotated, stats::Summary, tracer::Tracing,
+    Args, CONNECTIONS, Config, FLOOR, FLOOR_ENTRIES, Fixture, LEAKTRACE, SAMPLED, UNTRACED,
+    bench_dir, load, rotated,
+    stats::Summary,
+    tracer::{self, Tracing},
 };
 use crate::{Child, step};
 
-pub const CONFIGS: [Config; 4] = [UNTRACED, FLOOR, LEAKTRACE, SAMPLED];
+pub const CONFIGS: [Config; 5] = [UNTRACED, FLOOR, FLOOR_ENTRIES, LEAKTRACE, SAMPLED];
 
 /// What one run of a configuration measured: per test (SET, GET; or the one echo test)
 /// throughput and p99 latency, and for a traced run what leaktrace said.
@@ -31,9 +33,11 @@ struct Run {
     detach_s: Option<f64>,
     lost_events: u64,
     events: u64,
-    /// leaktrace's own CPU seconds per second of load (intake, heap model; attach and final
-    /// report included).
+    /// leaktrace's own CPU seconds per second of load (intake, heap model; from the end of
+    /// its attach to SIGINT).
     leaktrace_cpu: Option<f64>,
+    /// leaktrace's CPU seconds to load and attach.
+    attach_cpu_s: Option<f64>,
 }
 
 /// A service's results over rounds.
@@ -41,6 +45,8 @@ pub struct Service {
     title: String,
     tests: Vec<&'static str>,
     rounds: Vec<BTreeMap<&'static str, Run>>,
+    /// Per test, the allocator's calls per request, per function (redis).
+    calls: Vec<(&'static str, BTreeMap<String, f64>)>,
 }
 
 /// Runs `load` against a fresh service (`start`) under each configuration, in `args.rounds`
@@ -56,6 +62,7 @@ fn measure(
         title,
         tests,
         rounds: Vec::new(),
+        calls: Vec::new(),
     };
     for round in 0..args.rounds {
         let mut results = BTreeMap::new();
@@ -81,6 +88,7 @@ fn measure(
                 run.lost_events = outcome.lost_events;
                 run.events = outcome.allocations + outcome.frees;
                 run.leaktrace_cpu = Some(outcome.cpu_s / load_s);
+                run.attach_cpu_s = Some(outcome.attach_cpu_s);
             }
             drop(child);
             results.insert(config.name, run);
@@ -150,15 +158,72 @@ pub fn redis(args: &Args) -> anyhow::Result<Service> {
         };
         redis_benchmark(port, n)
     };
-    measure(
+    let mut service = measure(
         args,
         format!(
             "redis-server (Debian, jemalloc) under redis-benchmark: {REDIS_CLIENTS} clients, {REDIS_VALUE_BYTES}-byte values, 127.0.0.1"
         ),
         vec!["SET", "GET"],
-        start,
+        &start,
         load,
-    )
+    )?;
+    for test in ["SET", "GET"] {
+        step(&format!(
+            "redis: allocator calls per {test} request (bpftrace)"
+        ));
+        let (_child, pid, port) = start()?;
+        let counting = tracer::count_calls(pid, "libjemalloc.so", JEMALLOC_API, &bench_dir())?;
+        redis_benchmark_one(port, REDIS_COUNTED_REQUESTS, test)?;
+        let per_request = counting
+            .counts()?
+            .into_iter()
+            .map(|(function, calls)| (function, calls as f64 / REDIS_COUNTED_REQUESTS as f64))
+            .collect();
+        service.calls.push((test, per_request));
+    }
+    Ok(service)
+}
+
+/// jemalloc's allocation functions that leaktrace probes, whose calls per request the redis
+/// part counts: what each request costs in traps.
+const JEMALLOC_API: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "free",
+    "mallocx",
+    "rallocx",
+    "sdallocx",
+    "dallocx",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+];
+
+/// Requests of one test while the calls are counted: enough that the 20 clients' connections
+/// (a few allocations each) weigh nothing.
+const REDIS_COUNTED_REQUESTS: u64 = 20_000;
+
+/// redis-benchmark running `test` alone.
+fn redis_benchmark_one(port: u16, requests: u64, test: &str) -> anyhow::Result<()> {
+    let status = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-c",
+            &REDIS_CLIENTS.to_string(),
+            "-d",
+            &REDIS_VALUE_BYTES.to_string(),
+        ])
+        .args(["-n", &requests.to_string(), "-t", test, "-q"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("running redis-benchmark (run `cargo xtask setup`)")?;
+    if !status.success() {
+        bail!("redis-benchmark -t {test} failed ({status})");
+    }
+    Ok(())
 }
 
 /// One run of redis-benchmark: test -> (requests/s, p99 us).
@@ -321,11 +386,25 @@ impl Service {
                 .filter_map(|r| Some(r.get(config.name)?.events))
                 .sum();
             let cpu = self.summary(|r| r.get(config.name)?.leaktrace_cpu);
+            let attach_cpu = self.summary(|r| r.get(config.name)?.attach_cpu_s);
             println!(
-                "  {:<11} detach per round (SIGINT to exit, final report included): {} s; lost {lost} of {events} events; leaktrace's own CPU {} s per s of load",
+                "  {:<11} detach per round (SIGINT to exit, final report included): {} s; lost {lost} of {events} events; leaktrace's own CPU {} s per s of load, {} s to attach",
                 config.name,
                 detach.join(" "),
-                cpu.show(2)
+                cpu.show(2),
+                attach_cpu.show(2)
+            );
+        }
+        for (test, calls) in &self.calls {
+            let total: f64 = calls.values().sum();
+            let each: Vec<String> = calls
+                .iter()
+                .filter(|&(_, &n)| n > 0.0)
+                .map(|(function, n)| format!("{function} {n:.2}"))
+                .collect();
+            println!(
+                "  allocator calls per {test} request ({REDIS_COUNTED_REQUESTS} requests, bpftrace): {total:.2}: {}",
+                each.join(", ")
             );
         }
     }
