@@ -38,6 +38,10 @@ struct Run {
     leaktrace_cpu: Option<f64>,
     /// leaktrace's CPU seconds to load and attach.
     attach_cpu_s: Option<f64>,
+    /// The service's own CPU time per request, in us: the probes run in its threads, so this
+    /// is what tracing costs it, less sensitive than throughput to the other load of a shared
+    /// machine.
+    service_cpu_us: f64,
 }
 
 /// A service's results over rounds.
@@ -56,7 +60,7 @@ fn measure(
     title: String,
     tests: Vec<&'static str>,
     mut start: impl FnMut() -> anyhow::Result<(Box<dyn std::any::Any>, u32, u16)>,
-    mut load: impl FnMut(&Config, u16, usize) -> anyhow::Result<BTreeMap<&'static str, (f64, f64)>>,
+    mut load: impl FnMut(&Config, u16, usize) -> anyhow::Result<Served>,
 ) -> anyhow::Result<Service> {
     let mut service = Service {
         title,
@@ -77,10 +81,13 @@ fn measure(
             let (child, pid, port) = start()?;
             let tracing = Tracing::start(config.tracer, pid, &bench_dir())?;
             let loaded = Instant::now();
-            let tests = load(&config, port, round)?;
+            let cpu_before = tracer::cpu_seconds(pid);
+            let (tests, requests) = load(&config, port, round)?;
+            let service_cpu_s = tracer::cpu_seconds(pid) - cpu_before;
             let load_s = loaded.elapsed().as_secs_f64();
             let mut run = Run {
                 tests,
+                service_cpu_us: service_cpu_s * 1e6 / requests.max(1) as f64,
                 ..Run::default()
             };
             if let Some(outcome) = tracing.stop()? {
@@ -97,6 +104,9 @@ fn measure(
     }
     Ok(service)
 }
+
+/// What a load did: per test (requests/s, p99 us), and the requests served in all.
+type Served = (BTreeMap<&'static str, (f64, f64)>, u64);
 
 /// A port on 127.0.0.1 that was free an instant ago.
 fn free_port() -> anyhow::Result<u16> {
@@ -146,17 +156,20 @@ pub fn redis(args: &Args) -> anyhow::Result<Service> {
     // over a hundred thousand).
     let mut requests: BTreeMap<&'static str, u64> = BTreeMap::new();
     let load = |config: &Config, port: u16, _round: usize| {
+        // The sizing run's requests count too: the service's CPU time covers them.
+        let mut served = 0;
         let n = match requests.get(config.name) {
             Some(&n) => n,
             None => {
                 let probe = redis_benchmark(port, 2000)?;
+                served += 2 * 2000;
                 let slowest = probe.values().map(|&(rps, _)| rps).fold(f64::MAX, f64::min);
                 let n = ((slowest * args.server_seconds) as u64).clamp(2000, 5_000_000);
                 requests.insert(config.name, n);
                 n
             }
         };
-        redis_benchmark(port, n)
+        Ok((redis_benchmark(port, n)?, served + 2 * n))
     };
     let mut service = measure(
         args,
@@ -309,10 +322,10 @@ pub fn echo(args: &Args, binary: &Path, build: &str) -> anyhow::Result<Service> 
             CONNECTIONS,
             Duration::from_secs_f64(args.server_seconds),
         )?;
-        Ok(BTreeMap::from([(
-            "echo",
-            (result.requests_per_s, result.p99_us),
-        )]))
+        Ok((
+            BTreeMap::from([("echo", (result.requests_per_s, result.p99_us))]),
+            result.requests,
+        ))
     };
     measure(
         args,
@@ -348,7 +361,10 @@ impl Service {
         for test in &self.tests {
             print!(" {:>18}", format!("{test} vs untraced"));
         }
-        println!(" {:>20}", "detach s");
+        println!(
+            " {:>20} {:>22} {:>22}",
+            "detach s", "service CPU us/req", "added us/req"
+        );
         for config in CONFIGS {
             print!("{:<12}", config.name);
             for &test in &self.tests {
@@ -366,7 +382,12 @@ impl Service {
                 print!(" {:>18}", relative.show(2));
             }
             let detach = self.summary(|r| r.get(config.name)?.detach_s);
-            println!(" {:>20}", detach.show(2));
+            print!(" {:>20}", detach.show(2));
+            let cpu = self.summary(|r| Some(r.get(config.name)?.service_cpu_us));
+            let added = self.summary(|r| {
+                Some(r.get(config.name)?.service_cpu_us - r.get(UNTRACED.name)?.service_cpu_us)
+            });
+            println!(" {:>22} {:>22}", cpu.show(2), added.show(2));
         }
         for config in CONFIGS.iter().filter(|c| c.name != UNTRACED.name) {
             let detach: Vec<String> = self

@@ -368,7 +368,7 @@ fn bpftrace_script(pid: u32, script: &Path) -> anyhow::Result<Tracing> {
 }
 
 /// User + system CPU time of a live process, from /proc/PID/stat (fields 14 and 15, in ticks).
-fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
