@@ -307,9 +307,13 @@ pub fn count_calls(
     let script = dir.join("count_calls.bt");
     fs::write(
         &script,
-        // `probe`, not `func`: jemalloc's `sdallocx` and others are aliases, which `func`
-        // prints as bare addresses.
-        format!("{} {{ @calls[probe] = count(); }}\n", probes.join(", ")),
+        // `probe`, not `func`, which printed some of them as bare addresses. The predicate:
+        // bpftrace 0.17's `-p` does not keep a library's probes to the process, and
+        // redis-benchmark maps the same libjemalloc (its calls were counted too).
+        format!(
+            "{} /pid == {pid}/ {{ @calls[probe] = count(); }}\n",
+            probes.join(", ")
+        ),
     )
     .with_context(|| format!("writing {}", script.display()))?;
     bpftrace_script(pid, &script)
