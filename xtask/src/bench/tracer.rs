@@ -325,7 +325,7 @@ fn bpftrace_script(pid: u32, script: &Path) -> anyhow::Result<Tracing> {
         Command::new("bpftrace")
             .arg("-p")
             .arg(pid.to_string())
-            .arg(&script)
+            .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             // It complains that it cannot raise RLIMIT_MEMLOCK (this kernel does not need it)
