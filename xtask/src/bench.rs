@@ -295,6 +295,12 @@ const FLOOR: Config = Config {
     name: "floor",
     tracer: Tracer::Leaktrace(&["--noop-programs"]),
 };
+/// The floor of `--sample-bytes`: no-op programs at the entries alone, since a call whose block
+/// is not drawn skips its return; the cheapest any sampling tracer can be at these probe points.
+const FLOOR_ENTRIES: Config = Config {
+    name: "floor entry",
+    tracer: Tracer::Leaktrace(&["--noop-entries-only"]),
+};
 const BPFTRACE: Config = Config {
     name: "bpftrace",
     tracer: Tracer::Bpftrace,

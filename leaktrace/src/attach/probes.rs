@@ -67,6 +67,9 @@ pub struct AttachOptions {
     /// Attach the programs that do nothing (`noop_entry`, `noop_return`) instead of the real
     /// ones, at exactly the same points: the cost of the traps alone.
     pub noop_programs: bool,
+    /// Attach no return probe (with `noop_programs`): the cheapest a sampling tracer can be at
+    /// these probe points, one entry trap per call, as when every call is left undrawn.
+    pub entries_only: bool,
     /// Probe every function at its entry rather than at a later instruction that the kernel
     /// emulates (see `probe_point`), to measure what the choice saves.
     pub at_entry: bool,
@@ -894,7 +897,7 @@ fn attach_to(
                             group: &[&EntryPoint],
                             kind: LinkKind|
      -> anyhow::Result<()> {
-        if group.is_empty() {
+        if group.is_empty() || (options.entries_only && kind == LinkKind::Return) {
             return Ok(());
         }
         // A return program reads no argument; 0 is "where the ABI puts them".

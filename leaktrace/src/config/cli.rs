@@ -155,6 +155,11 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub noop_programs: bool,
 
+    /// Benchmarks only: `--noop-programs` at the entries alone, no return probe anywhere: the
+    /// floor of `--sample-bytes`, where a call whose block is not drawn skips its return.
+    #[arg(long, hide = true)]
+    pub noop_entries_only: bool,
+
     /// Benchmarks only: probe every allocator function at its first instruction even when a
     /// later one would be cheaper to trap, to measure what the choice saves.
     #[arg(long, hide = true, alias = "free-at-entry")]

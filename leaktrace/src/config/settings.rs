@@ -96,7 +96,8 @@ impl Trace {
                 },
             },
             attach: AttachOptions {
-                noop_programs: cli.noop_programs,
+                noop_programs: cli.noop_programs || cli.noop_entries_only,
+                entries_only: cli.noop_entries_only,
                 at_entry: cli.probes_at_entry,
                 one_at_a_time: cli.probes_one_at_a_time,
                 sessions: cli.sample_bytes.is_some() && !cli.probes_without_sessions,

@@ -15,6 +15,7 @@ const REQUEST: usize = 64;
 const RESPONSE: usize = 128;
 
 pub struct LoadResult {
+    pub requests: u64,
     pub requests_per_s: f64,
     pub p99_us: f64,
 }
@@ -59,6 +60,7 @@ pub fn run(port: u16, connections: usize, duration: Duration) -> anyhow::Result<
         .copied()
         .unwrap_or(0);
     Ok(LoadResult {
+        requests: latencies.len() as u64,
         requests_per_s: latencies.len() as f64 / elapsed,
         p99_us: f64::from(p99) / 1e3,
     })

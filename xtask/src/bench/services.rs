@@ -15,12 +15,14 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    Args, CONNECTIONS, Config, FLOOR, Fixture, LEAKTRACE, SAMPLED, UNTRACED, bench_dir, load,
-    rotated, stats::Summary, tracer::Tracing,
+    Args, CONNECTIONS, Config, FLOOR, FLOOR_ENTRIES, Fixture, LEAKTRACE, SAMPLED, UNTRACED,
+    bench_dir, load, rotated,
+    stats::Summary,
+    tracer::{self, Tracing},
 };
 use crate::{Child, step};
 
-pub const CONFIGS: [Config; 4] = [UNTRACED, FLOOR, LEAKTRACE, SAMPLED];
+pub const CONFIGS: [Config; 5] = [UNTRACED, FLOOR, FLOOR_ENTRIES, LEAKTRACE, SAMPLED];
 
 /// What one run of a configuration measured: per test (SET, GET; or the one echo test)
 /// throughput and p99 latency, and for a traced run what leaktrace said.
@@ -31,9 +33,15 @@ struct Run {
     detach_s: Option<f64>,
     lost_events: u64,
     events: u64,
-    /// leaktrace's own CPU seconds per second of load (intake, heap model; attach and final
-    /// report included).
+    /// leaktrace's own CPU seconds per second of load (intake, heap model; from the end of
+    /// its attach to SIGINT).
     leaktrace_cpu: Option<f64>,
+    /// leaktrace's CPU seconds to load and attach.
+    attach_cpu_s: Option<f64>,
+    /// The service's own CPU time per request, in us: the probes run in its threads, so this
+    /// is what tracing costs it, less sensitive than throughput to the other load of a shared
+    /// machine.
+    service_cpu_us: f64,
 }
 
 /// A service's results over rounds.
@@ -41,6 +49,8 @@ pub struct Service {
     title: String,
     tests: Vec<&'static str>,
     rounds: Vec<BTreeMap<&'static str, Run>>,
+    /// Per test, the allocator's calls per request, per function (redis).
+    calls: Vec<(&'static str, BTreeMap<String, f64>)>,
 }
 
 /// Runs `load` against a fresh service (`start`) under each configuration, in `args.rounds`
@@ -50,12 +60,13 @@ fn measure(
     title: String,
     tests: Vec<&'static str>,
     mut start: impl FnMut() -> anyhow::Result<(Box<dyn std::any::Any>, u32, u16)>,
-    mut load: impl FnMut(&Config, u16, usize) -> anyhow::Result<BTreeMap<&'static str, (f64, f64)>>,
+    mut load: impl FnMut(&Config, u16, usize) -> anyhow::Result<Served>,
 ) -> anyhow::Result<Service> {
     let mut service = Service {
         title,
         tests,
         rounds: Vec::new(),
+        calls: Vec::new(),
     };
     for round in 0..args.rounds {
         let mut results = BTreeMap::new();
@@ -70,10 +81,13 @@ fn measure(
             let (child, pid, port) = start()?;
             let tracing = Tracing::start(config.tracer, pid, &bench_dir())?;
             let loaded = Instant::now();
-            let tests = load(&config, port, round)?;
+            let cpu_before = tracer::cpu_seconds(pid);
+            let (tests, requests) = load(&config, port, round)?;
+            let service_cpu_s = tracer::cpu_seconds(pid) - cpu_before;
             let load_s = loaded.elapsed().as_secs_f64();
             let mut run = Run {
                 tests,
+                service_cpu_us: service_cpu_s * 1e6 / requests.max(1) as f64,
                 ..Run::default()
             };
             if let Some(outcome) = tracing.stop()? {
@@ -81,6 +95,7 @@ fn measure(
                 run.lost_events = outcome.lost_events;
                 run.events = outcome.allocations + outcome.frees;
                 run.leaktrace_cpu = Some(outcome.cpu_s / load_s);
+                run.attach_cpu_s = Some(outcome.attach_cpu_s);
             }
             drop(child);
             results.insert(config.name, run);
@@ -89,6 +104,9 @@ fn measure(
     }
     Ok(service)
 }
+
+/// What a load did: per test (requests/s, p99 us), and the requests served in all.
+type Served = (BTreeMap<&'static str, (f64, f64)>, u64);
 
 /// A port on 127.0.0.1 that was free an instant ago.
 fn free_port() -> anyhow::Result<u16> {
@@ -138,27 +156,87 @@ pub fn redis(args: &Args) -> anyhow::Result<Service> {
     // over a hundred thousand).
     let mut requests: BTreeMap<&'static str, u64> = BTreeMap::new();
     let load = |config: &Config, port: u16, _round: usize| {
+        // The sizing run's requests count too: the service's CPU time covers them.
+        let mut served = 0;
         let n = match requests.get(config.name) {
             Some(&n) => n,
             None => {
                 let probe = redis_benchmark(port, 2000)?;
+                served += 2 * 2000;
                 let slowest = probe.values().map(|&(rps, _)| rps).fold(f64::MAX, f64::min);
                 let n = ((slowest * args.server_seconds) as u64).clamp(2000, 5_000_000);
                 requests.insert(config.name, n);
                 n
             }
         };
-        redis_benchmark(port, n)
+        Ok((redis_benchmark(port, n)?, served + 2 * n))
     };
-    measure(
+    let mut service = measure(
         args,
         format!(
             "redis-server (Debian, jemalloc) under redis-benchmark: {REDIS_CLIENTS} clients, {REDIS_VALUE_BYTES}-byte values, 127.0.0.1"
         ),
         vec!["SET", "GET"],
-        start,
+        &start,
         load,
-    )
+    )?;
+    for test in ["SET", "GET"] {
+        step(&format!(
+            "redis: allocator calls per {test} request (bpftrace)"
+        ));
+        let (_child, pid, port) = start()?;
+        let counting = tracer::count_calls(pid, "libjemalloc.so", JEMALLOC_API, &bench_dir())?;
+        redis_benchmark_one(port, REDIS_COUNTED_REQUESTS, test)?;
+        let per_request = counting
+            .counts()?
+            .into_iter()
+            .map(|(function, calls)| (function, calls as f64 / REDIS_COUNTED_REQUESTS as f64))
+            .collect();
+        service.calls.push((test, per_request));
+    }
+    Ok(service)
+}
+
+/// jemalloc's allocation functions that leaktrace probes, whose calls per request the redis
+/// part counts: what each request costs in traps.
+const JEMALLOC_API: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "free",
+    "mallocx",
+    "rallocx",
+    "sdallocx",
+    "dallocx",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+];
+
+/// Requests of one test while the calls are counted: enough that the 20 clients' connections
+/// (a few allocations each) weigh nothing.
+const REDIS_COUNTED_REQUESTS: u64 = 20_000;
+
+/// redis-benchmark running `test` alone.
+fn redis_benchmark_one(port: u16, requests: u64, test: &str) -> anyhow::Result<()> {
+    let status = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-c",
+            &REDIS_CLIENTS.to_string(),
+            "-d",
+            &REDIS_VALUE_BYTES.to_string(),
+        ])
+        .args(["-n", &requests.to_string(), "-t", test, "-q"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("running redis-benchmark (run `cargo xtask setup`)")?;
+    if !status.success() {
+        bail!("redis-benchmark -t {test} failed ({status})");
+    }
+    Ok(())
 }
 
 /// One run of redis-benchmark: test -> (requests/s, p99 us).
@@ -244,10 +322,10 @@ pub fn echo(args: &Args, binary: &Path, build: &str) -> anyhow::Result<Service> 
             CONNECTIONS,
             Duration::from_secs_f64(args.server_seconds),
         )?;
-        Ok(BTreeMap::from([(
-            "echo",
-            (result.requests_per_s, result.p99_us),
-        )]))
+        Ok((
+            BTreeMap::from([("echo", (result.requests_per_s, result.p99_us))]),
+            result.requests,
+        ))
     };
     measure(
         args,
@@ -283,7 +361,10 @@ impl Service {
         for test in &self.tests {
             print!(" {:>18}", format!("{test} vs untraced"));
         }
-        println!(" {:>20}", "detach s");
+        println!(
+            " {:>20} {:>22} {:>22}",
+            "detach s", "service CPU us/req", "added us/req"
+        );
         for config in CONFIGS {
             print!("{:<12}", config.name);
             for &test in &self.tests {
@@ -301,7 +382,12 @@ impl Service {
                 print!(" {:>18}", relative.show(2));
             }
             let detach = self.summary(|r| r.get(config.name)?.detach_s);
-            println!(" {:>20}", detach.show(2));
+            print!(" {:>20}", detach.show(2));
+            let cpu = self.summary(|r| Some(r.get(config.name)?.service_cpu_us));
+            let added = self.summary(|r| {
+                Some(r.get(config.name)?.service_cpu_us - r.get(UNTRACED.name)?.service_cpu_us)
+            });
+            println!(" {:>22} {:>22}", cpu.show(2), added.show(2));
         }
         for config in CONFIGS.iter().filter(|c| c.name != UNTRACED.name) {
             let detach: Vec<String> = self
@@ -321,11 +407,25 @@ impl Service {
                 .filter_map(|r| Some(r.get(config.name)?.events))
                 .sum();
             let cpu = self.summary(|r| r.get(config.name)?.leaktrace_cpu);
+            let attach_cpu = self.summary(|r| r.get(config.name)?.attach_cpu_s);
             println!(
-                "  {:<11} detach per round (SIGINT to exit, final report included): {} s; lost {lost} of {events} events; leaktrace's own CPU {} s per s of load",
+                "  {:<11} detach per round (SIGINT to exit, final report included): {} s; lost {lost} of {events} events; leaktrace's own CPU {} s per s of load, {} s to attach",
                 config.name,
                 detach.join(" "),
-                cpu.show(2)
+                cpu.show(2),
+                attach_cpu.show(2)
+            );
+        }
+        for (test, calls) in &self.calls {
+            let total: f64 = calls.values().sum();
+            let each: Vec<String> = calls
+                .iter()
+                .filter(|&(_, &n)| n > 0.0)
+                .map(|(function, n)| format!("{function} {n:.2}"))
+                .collect();
+            println!(
+                "  allocator calls per {test} request ({REDIS_COUNTED_REQUESTS} requests, bpftrace): {total:.2}: {}",
+                each.join(", ")
             );
         }
     }

@@ -2,6 +2,7 @@
 //! does what bcc's memleak does.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -31,8 +32,11 @@ pub struct Outcome {
     /// Allocator returns whose entry had no record (BPF counter): allocations missed without
     /// being counted as lost.
     pub return_without_entry: u64,
-    /// CPU seconds (user + system) that leaktrace's own process used while tracing.
+    /// CPU seconds (user + system) that leaktrace's own process used while tracing, from the
+    /// end of its attach to SIGINT.
     pub cpu_s: f64,
+    /// CPU seconds it used to load and attach (the verifier's time included).
+    pub attach_cpu_s: f64,
     /// Per BPF program: name, runs, total run time in ns (with `--print-program-times`).
     pub programs: Vec<(String, u64, u64)>,
     /// Seconds from SIGINT to leaktrace's exit: the final report, then detaching every probe.
@@ -63,6 +67,8 @@ pub struct Tracing {
     lines: Option<mpsc::Receiver<String>>,
     /// What it wrote until it attached.
     early: Vec<String>,
+    /// The CPU seconds it had used when it said it was attached.
+    attached_cpu_s: f64,
 }
 
 impl Tracing {
@@ -73,6 +79,7 @@ impl Tracing {
                 report: None,
                 lines: None,
                 early: Vec::new(),
+                attached_cpu_s: 0.0,
             }),
             Tracer::Leaktrace(extra) => leaktrace(pid, extra, dir),
             Tracer::Bpftrace => bpftrace(pid, dir),
@@ -81,25 +88,15 @@ impl Tracing {
 
     /// Interrupts the tracer (as Ctrl-C would) and waits for it; leaktrace's final report.
     pub fn stop(mut self) -> anyhow::Result<Option<Outcome>> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return Ok(None);
         };
-        let cpu_s = cpu_seconds(child.0.id());
+        // Loading and attaching (seconds of the verifier's time for some programs) are not
+        // what tracing costs per second: on a short run they would dominate.
+        let cpu_s = cpu_seconds(child.0.id()) - self.attached_cpu_s;
         let interrupted = Instant::now();
-        // SAFETY: a plain syscall; the pid is our child's, not yet reaped.
-        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = interrupted + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.0.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                bail!("the tracer did not stop within 60 s of SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        let status = interrupt(child)?;
         let detach_s = interrupted.elapsed().as_secs_f64();
-        drop(child);
         let Some(report) = &self.report else {
             return Ok(None);
         };
@@ -148,11 +145,55 @@ impl Tracing {
             frees: total("frees"),
             return_without_entry: stat("return_without_entry"),
             cpu_s,
+            attach_cpu_s: self.attached_cpu_s,
             programs,
             detach_s,
             stack_copies,
             stderr: rest,
         }))
+    }
+}
+
+impl Tracing {
+    /// Stops a `count_calls` bpftrace: function -> calls.
+    pub fn counts(mut self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let child = self.child.take().context("nothing traced")?;
+        let status = interrupt(child)?;
+        if !status.success() {
+            bail!("bpftrace failed ({status})");
+        }
+        let mut counts = BTreeMap::new();
+        if let Some(lines) = &self.lines {
+            while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+                if let Some((function, calls)) = parse_count(&line) {
+                    counts.insert(function, calls);
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// bpftrace's `@calls[uprobe:/lib/libjemalloc.so.2:malloc]: 1234`: the function, its calls.
+fn parse_count(line: &str) -> Option<(String, u64)> {
+    let (probe, calls) = line.strip_prefix("@calls[")?.split_once("]: ")?;
+    let function = probe.rsplit(':').next()?;
+    Some((function.to_owned(), calls.trim().parse().ok()?))
+}
+
+/// SIGINT to `child` (as Ctrl-C would), then its exit status.
+fn interrupt(mut child: Child) -> anyhow::Result<std::process::ExitStatus> {
+    // SAFETY: a plain syscall; the pid is our child's, not yet reaped.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.0.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("the tracer did not stop within 60 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -181,17 +222,19 @@ fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     let lines = lines_of(child.0.stderr.take().context("leaktrace stderr")?);
     // It says so once every probe is attached.
     let early = until_attached(&lines)?;
+    let attached_cpu_s = cpu_seconds(child.0.id());
     Ok(Tracing {
         child: Some(child),
         report: Some(report),
         lines: Some(lines),
         early,
+        attached_cpu_s,
     })
 }
 
-/// The allocator module the process maps, as bpftrace wants it (a path in our namespace; the
-/// bench's fixtures share it).
-fn libc_of(pid: u32) -> anyhow::Result<String> {
+/// The module whose file name starts with `name` that the process maps, as bpftrace wants it
+/// (a path in our namespace; the bench's fixtures and services share it).
+fn module_of(pid: u32, name: &str) -> anyhow::Result<String> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("reading the memory map of pid {pid}"))?;
     maps.lines()
@@ -199,10 +242,10 @@ fn libc_of(pid: u32) -> anyhow::Result<String> {
         .find(|path| {
             Path::new(path)
                 .file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with("libc.so"))
+                .is_some_and(|f| f.to_string_lossy().starts_with(name))
         })
         .map(str::to_owned)
-        .with_context(|| format!("pid {pid} maps no libc"))
+        .with_context(|| format!("pid {pid} maps no {name}"))
 }
 
 /// What bcc's memleak does, in bpftrace: the requested size per thread at the entry, the block
@@ -244,13 +287,45 @@ fn memleak_script(libc: &str) -> String {
 
 fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
     let script = dir.join("memleak.bt");
-    fs::write(&script, memleak_script(&libc_of(pid)?))
+    fs::write(&script, memleak_script(&module_of(pid, "libc.so")?))
         .with_context(|| format!("writing {}", script.display()))?;
+    bpftrace_script(pid, &script)
+}
+
+/// Calls of each of `functions` in `module` while it runs (`counts` reads them).
+pub fn count_calls(
+    pid: u32,
+    module: &str,
+    functions: &[&str],
+    dir: &Path,
+) -> anyhow::Result<Tracing> {
+    let module = module_of(pid, module)?;
+    let probes: Vec<String> = functions
+        .iter()
+        .map(|f| format!("uprobe:{module}:{f}"))
+        .collect();
+    let script = dir.join("count_calls.bt");
+    fs::write(
+        &script,
+        // `probe`, not `func`, which printed some of them as bare addresses. The predicate:
+        // bpftrace 0.17's `-p` does not keep a library's probes to the process, and
+        // redis-benchmark maps the same libjemalloc (its calls were counted too).
+        format!(
+            "{} /pid == {pid}/ {{ @calls[probe] = count(); }}\n",
+            probes.join(", ")
+        ),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    bpftrace_script(pid, &script)
+}
+
+/// bpftrace running `script` on `pid`, once its probes are attached.
+fn bpftrace_script(pid: u32, script: &Path) -> anyhow::Result<Tracing> {
     let mut child = Child(
         Command::new("bpftrace")
             .arg("-p")
             .arg(pid.to_string())
-            .arg(&script)
+            .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             // It complains that it cannot raise RLIMIT_MEMLOCK (this kernel does not need it)
@@ -292,11 +367,12 @@ fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
         report: None,
         lines: Some(lines),
         early: Vec::new(),
+        attached_cpu_s: 0.0,
     })
 }
 
 /// User + system CPU time of a live process, from /proc/PID/stat (fields 14 and 15, in ticks).
-fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -357,6 +433,16 @@ mod tests {
     }
 
     #[test]
+    fn parses_call_counts() {
+        assert_eq!(
+            parse_count("@calls[uprobe:/usr/lib/libjemalloc.so.2:sdallocx]: 40012"),
+            Some(("sdallocx".into(), 40012))
+        );
+        assert_eq!(parse_count("@calls[malloc]: many"), None);
+        assert_eq!(parse_count("Attaching 3 probes..."), None);
+    }
+
+    #[test]
     fn parses_program_times() {
         assert_eq!(
             parse_program_time("leaktrace: bpf program alloc_return runs=12 run_time_ns=3400"),
@@ -368,7 +454,7 @@ mod tests {
 
     #[test]
     fn finds_libc_in_this_process() {
-        let libc = libc_of(std::process::id()).unwrap();
+        let libc = module_of(std::process::id(), "libc.so").unwrap();
         assert!(libc.contains("libc.so"), "{libc}");
     }
 }

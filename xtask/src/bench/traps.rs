@@ -12,10 +12,13 @@
 use std::path::Path;
 
 use super::{
-    Args, Config, FLOOR, FLOOR_FREE_AT_ENTRY, Rounds, UNTRACED, fixture_rounds, stats::Summary,
+    Args, Config, FLOOR, FLOOR_FREE_AT_ENTRY, LEAKTRACE, Rounds, UNTRACED, fixture_rounds,
+    stats::Summary,
 };
 
-const CONFIGS: [Config; 3] = [UNTRACED, FLOOR, FLOOR_FREE_AT_ENTRY];
+/// leaktrace too: its pairs on one and two threads in CPU time, next to the floor's, say
+/// what two threads contend for apart from the CPUs of a busy machine.
+const CONFIGS: [Config; 4] = [UNTRACED, FLOOR, FLOOR_FREE_AT_ENTRY, LEAKTRACE];
 
 /// What each configuration's runs of the fixture measured, round by round.
 pub struct Traps {
@@ -50,6 +53,11 @@ impl Traps {
             self.value(round, config, "free_null")?
                 - self.value(round, UNTRACED.name, "free_null")?,
         )
+    }
+
+    /// What `config` adds to a pair of `workload`, within `round`.
+    fn added(&self, round: usize, config: &str, workload: &str) -> Option<f64> {
+        Some(self.value(round, config, workload)? - self.value(round, UNTRACED.name, workload)?)
     }
 
     fn ret(&self, round: usize) -> Option<f64> {
@@ -87,5 +95,22 @@ impl Traps {
             self.over_rounds(|r| self.value(r, UNTRACED.name, "pairs_1t"))
                 .show(1)
         );
+        println!(
+            "  malloc+free pairs in a thread's CPU time, ns added per pair (floor / leaktrace, leaktrace/floor):"
+        );
+        for workload in ["pairs_1t", "pairs_2t"] {
+            println!(
+                "    {workload}: {} / {}, {}",
+                self.over_rounds(|r| self.added(r, FLOOR.name, workload))
+                    .show(0),
+                self.over_rounds(|r| self.added(r, LEAKTRACE.name, workload))
+                    .show(0),
+                self.over_rounds(|r| Some(
+                    self.added(r, LEAKTRACE.name, workload)?
+                        / self.added(r, FLOOR.name, workload)?
+                ))
+                .show(2)
+            );
+        }
     }
 }
