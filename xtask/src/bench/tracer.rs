@@ -74,9 +74,19 @@ impl Tracing {
                 lines: None,
                 early: Vec::new(),
             }),
-            Tracer::Leaktrace(extra) => leaktrace(pid, extra, dir),
+            Tracer::Leaktrace(extra) => leaktrace(&release_leaktrace(), pid, extra, dir),
             Tracer::Bpftrace => bpftrace(pid, dir),
         }
+    }
+
+    /// leaktrace from `binary` (another build) with these extra arguments.
+    pub fn start_leaktrace(
+        binary: &Path,
+        extra: &[&str],
+        pid: u32,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        leaktrace(binary, pid, extra, dir)
     }
 
     /// Interrupts the tracer (as Ctrl-C would) and waits for it; leaktrace's final report.
@@ -156,10 +166,10 @@ impl Tracing {
     }
 }
 
-fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
+fn leaktrace(binary: &Path, pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     let report = dir.join("leaktrace.json");
     let mut child = Child(
-        Command::new(release_leaktrace())
+        Command::new(binary)
             .args([
                 "-p",
                 &pid.to_string(),
@@ -296,7 +306,7 @@ fn bpftrace(pid: u32, dir: &Path) -> anyhow::Result<Tracing> {
 }
 
 /// User + system CPU time of a live process, from /proc/PID/stat (fields 14 and 15, in ticks).
-fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
