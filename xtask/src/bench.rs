@@ -44,6 +44,11 @@ pub struct Args {
     /// Run only these parts (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
+    /// The python part: an earlier leaktrace binary (a copy of `target/release/leaktrace`
+    /// before a change) whose configurations run too, interleaved with this build's, so that
+    /// the change is measured side by side.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

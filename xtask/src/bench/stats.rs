@@ -27,6 +27,10 @@ impl Summary {
         )
     }
 
+    pub fn median(self) -> Option<f64> {
+        self.0.map(|(m, _, _)| m)
+    }
+
     /// `median [min..max]` with `decimals` decimals, or `-`.
     pub fn show(self, decimals: usize) -> String {
         match self.0 {

@@ -81,9 +81,19 @@ impl Tracing {
                 early: Vec::new(),
                 attached_cpu_s: 0.0,
             }),
-            Tracer::Leaktrace(extra) => leaktrace(pid, extra, dir),
+            Tracer::Leaktrace(extra) => leaktrace(&release_leaktrace(), pid, extra, dir),
             Tracer::Bpftrace => bpftrace(pid, dir),
         }
+    }
+
+    /// leaktrace from `binary` (another build) with these extra arguments.
+    pub fn start_leaktrace(
+        binary: &Path,
+        extra: &[&str],
+        pid: u32,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        leaktrace(binary, pid, extra, dir)
     }
 
     /// Interrupts the tracer (as Ctrl-C would) and waits for it; leaktrace's final report.
@@ -197,10 +207,10 @@ fn interrupt(mut child: Child) -> anyhow::Result<std::process::ExitStatus> {
     }
 }
 
-fn leaktrace(pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
+fn leaktrace(binary: &Path, pid: u32, extra: &[&str], dir: &Path) -> anyhow::Result<Tracing> {
     let report = dir.join("leaktrace.json");
     let mut child = Child(
-        Command::new(release_leaktrace())
+        Command::new(binary)
             .args([
                 "-p",
                 &pid.to_string(),
