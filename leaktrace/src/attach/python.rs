@@ -38,6 +38,12 @@ pub const ENTRY_POINTS: &[(&str, &str)] = &[
     ("PyMem_Calloc", CALLOC_ENTRY),
 ];
 
+/// Whether `symbol` is one of CPython's allocators of [`ENTRY_POINTS`]: the anonymous
+/// mappings its calls make themselves are pymalloc's arenas (`args::PYMALLOC`).
+pub fn is_object_allocator(symbol: &str) -> bool {
+    ENTRY_POINTS.iter().any(|&(name, _)| name == symbol)
+}
+
 /// What was found of CPython in a process.
 #[derive(Debug)]
 pub enum Found {

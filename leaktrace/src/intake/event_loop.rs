@@ -22,7 +22,7 @@ use crate::{
     },
     guard::{self, Guard},
     model::{
-        event::Event,
+        event::{Backing, Event, MapSource},
         heap::{HeapModel, Sampling},
     },
     proc::{clock::monotonic_ns, process},
@@ -777,6 +777,16 @@ pub fn apply(
     }
     let user = user_stack(record)?;
     let mut event = decode(record, &mut scratch.frames)?;
+    // Where the probes miss most small objects (pymalloc compiled into its callers), the
+    // arenas are the only view of their memory: counted as any anonymous mapping.
+    if let Event::Map { source, .. } = &mut event
+        && *source == MapSource::Mmap(Backing::PymallocArena)
+        && python
+            .as_deref()
+            .is_some_and(|py| py.interpreter().unseen.is_some())
+    {
+        *source = MapSource::Mmap(Backing::Anonymous);
+    }
     let Some((frames, truncated)) = event.stack() else {
         heap.apply(&event, space);
         return Ok(());
