@@ -266,6 +266,7 @@ fn main() -> anyhow::Result<()> {
             sort: SortKey::Bytes,
             with_freed: false,
             file_mappings: false,
+            pymalloc_arenas: false,
         },
         &Moment {
             pid,

@@ -416,6 +416,19 @@ fn trace_small_objects(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
     (truth, report)
 }
 
+/// The three large objects (malloc'd, each in its own mmap of glibc's, nested in the
+/// `PyObject_Malloc` call) are blocks at their line, exact, and neither arenas nor mappings.
+fn assert_large_objects(truth: &Value, report: &Value) {
+    let large = &truth["large"];
+    let want = (
+        large["count"].as_u64().unwrap(),
+        large["bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(at_kept_line(large, report, "malloc"), want);
+    assert_eq!(at_kept_line(large, report, "pymalloc_arena"), (0, 0));
+    assert_eq!(at_kept_line(large, report, "mmap"), (0, 0));
+}
+
 /// Allocations and bytes of the stacks of `origin` whose innermost Python frame is the
 /// truth's line.
 fn at_kept_line(truth: &Value, report: &Value, origin: &str) -> (u64, u64) {
@@ -489,6 +502,7 @@ fn pyenv_python_shows_arenas_apart(version: &str) {
         totals["mapped_bytes"].as_u64().unwrap() < ARENA_BYTES,
         "{totals}"
     );
+    assert_large_objects(&truth, &report);
 }
 
 #[test]
@@ -525,6 +539,7 @@ fn debian_python3_with_inlined_pymalloc_counts_its_arenas_as_mappings() {
     assert_eq!(totals["pymalloc_arena_bytes"], 0, "{totals}");
     assert!(totals["mapped_bytes"].as_u64().unwrap() >= made * ARENA_BYTES);
     assert_eq!(pymalloc_reasons(&report), 1);
+    assert_large_objects(&truth, &report);
 }
 
 #[test]
@@ -543,4 +558,5 @@ fn debian_python3_with_malloc_has_no_arenas_and_every_small_object() {
     );
     assert_eq!(report["totals"]["pymalloc_arenas"], 0);
     assert_eq!(at_kept_line(&truth, &report, "mmap"), (0, 0));
+    assert_large_objects(&truth, &report);
 }

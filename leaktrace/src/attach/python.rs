@@ -160,10 +160,17 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
             speculated_allocator(data.get(at..at + len)?, vaddr)
         })
         .map(|(slot, function)| (slot.wrapping_add(bias), function.wrapping_add(bias)));
+    let code_ranges = maps
+        .mappings
+        .iter()
+        .filter(|m| m.path == path && m.is_executable())
+        .map(|m| (m.start, m.end))
+        .collect();
     Found::Known(Box::new(Interpreter {
         version: known,
         offsets,
         eval_ranges,
+        code_ranges,
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
         speculated_malloc,

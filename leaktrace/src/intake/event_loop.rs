@@ -777,16 +777,6 @@ pub fn apply(
     }
     let user = user_stack(record)?;
     let mut event = decode(record, &mut scratch.frames)?;
-    // Where the probes miss most small objects (pymalloc compiled into its callers), the
-    // arenas are the only view of their memory: counted as any anonymous mapping.
-    if let Event::Map { source, .. } = &mut event
-        && *source == MapSource::Mmap(Backing::PymallocArena)
-        && python
-            .as_deref()
-            .is_some_and(|py| py.interpreter().unseen.is_some())
-    {
-        *source = MapSource::Mmap(Backing::Anonymous);
-    }
     let Some((frames, truncated)) = event.stack() else {
         heap.apply(&event, space);
         return Ok(());
@@ -801,6 +791,17 @@ pub fn apply(
         }
         _ => (frames, truncated),
     };
+    if let Event::Map {
+        source, size_bytes, ..
+    } = &mut event
+        && *source == MapSource::Mmap(Backing::PymallocArena)
+    {
+        let caller = native.first().copied().unwrap_or(0);
+        match arena_backing(python.as_deref(), caller, *size_bytes) {
+            Some(backing) => *source = MapSource::Mmap(backing),
+            None => return Ok(()),
+        }
+    }
     let allocation = match event {
         Event::Alloc { ts_ns, addr, .. } | Event::Map { ts_ns, addr, .. } if addr != 0 => {
             Some(ts_ns)
@@ -815,6 +816,24 @@ pub fn apply(
     event.set_stack(frames, truncated);
     heap.apply(&event, space);
     Ok(())
+}
+
+/// pymalloc's arenas are 1 MiB (CPython 3.10 and later).
+const ARENA_BYTES: u64 = 1 << 20;
+
+/// What backs a mapping made inside a call of CPython's object allocator, by code at return
+/// address `caller` (`call::ARENA_MMAP`); `None` for the mapping of a nested allocator call
+/// (the `malloc` of a large object), hidden as nested calls are: its block is the object.
+fn arena_backing(python: Option<&PyProcess>, caller: u64, size_bytes: u64) -> Option<Backing> {
+    match python {
+        Some(py) if !py.maps_arena(caller) => None,
+        // Where the probes miss most small objects (pymalloc compiled into its callers), the
+        // arenas are the only view of their memory: counted as any anonymous mapping.
+        Some(py) if py.interpreter().unseen.is_some() => Some(Backing::Anonymous),
+        Some(_) => Some(Backing::PymallocArena),
+        // An interpreter whose code leaktrace does not know: an arena by its size.
+        None => (size_bytes == ARENA_BYTES).then_some(Backing::PymallocArena),
+    }
 }
 
 #[cfg(test)]

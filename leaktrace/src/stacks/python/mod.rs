@@ -92,6 +92,8 @@ pub struct Interpreter {
     pub offsets: Offsets,
     /// Where `_PyEval_EvalFrameDefault`'s code is in the target.
     pub eval_ranges: Vec<(u64, u64)>,
+    /// Where the interpreter module's code is mapped in the target, when it was found.
+    pub code_ranges: Vec<(u64, u64)>,
     /// The address of `PyCode_Type`, when exported: a frame's code object must have it.
     pub code_type: Option<u64>,
     /// The module that holds the interpreter, as the target names it.
@@ -147,6 +149,17 @@ impl<M: Memory> PyProcess<M> {
 
     pub fn interpreter(&self) -> &Interpreter {
         &self.interp
+    }
+
+    /// Whether a mapping made inside a call of the object allocator, by code at return address
+    /// `caller`, is one of pymalloc's arenas: made by the interpreter's own code. A `malloc`
+    /// the call makes for a large object maps its block from the allocator's code instead (its
+    /// return probe skipped under uprobe sessions, the BPF side cannot tell it ended).
+    pub fn maps_arena(&self, caller: u64) -> bool {
+        self.interp
+            .code_ranges
+            .iter()
+            .any(|&(start, end)| start < caller && caller <= end)
     }
 
     /// Keeps the frames of an `EVENT_PY_STACK` record for the allocation that follows; false
@@ -307,6 +320,7 @@ mod tests {
             version,
             offsets,
             eval_ranges: vec![EVAL],
+            code_ranges: Vec::new(),
             code_type: Some(0xc0de),
             module: "/usr/bin/python3.11".into(),
             speculated_malloc: None,
