@@ -3,7 +3,7 @@
 //! (`Py_Version`, 3.11+), where its evaluation loop's code lies, and the allocator entry points
 //! of its object allocator.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
@@ -16,11 +16,10 @@ use crate::{
         process,
     },
     stacks::python::{
-        Interpreter, PyProcess,
+        Interpreter, PyNames, PyProcess,
         code::Memory,
         layout::{Offsets, Version},
     },
-    target::modules::Modules,
 };
 
 /// CPython's object and memory allocators: with pymalloc (the default) they serve blocks of up
@@ -292,9 +291,9 @@ fn mapping_of<'a>(maps: &'a ProcMaps, path: &str, file_offset: u64) -> Option<&'
     })
 }
 
-/// The Python side of a traced process, if it runs a CPython leaktrace knows; says so in one
-/// line when it runs one it does not.
-pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProcess> {
+/// The Python side of a traced process, if it runs a CPython leaktrace knows, its frames named
+/// in `names`; says so in one line when it runs one it does not.
+pub fn of_process(pid: u32, maps: &ProcMaps, names: &Arc<PyNames>) -> Option<PyProcess> {
     match discover(pid, maps) {
         Found::None => None,
         Found::Unknown(warning) => {
@@ -304,7 +303,7 @@ pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProc
         Found::Known(mut interp) => match process::memory(pid) {
             Ok(memory) => {
                 check_objects_seen(pid, &mut interp, &memory);
-                Some(PyProcess::new(*interp, memory, modules.python_names()))
+                Some(PyProcess::new(*interp, memory, names.clone()))
             }
             Err(err) => {
                 crate::status!(

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,7 +32,10 @@ use crate::{
         snapshot::{Moment, Selection, snapshot},
         trends::Trends,
     },
-    stacks::{python::PyProcess, unwind::Unwinder},
+    stacks::{
+        python::{PyNames, PyProcess},
+        unwind::Unwinder,
+    },
     target::{Target, address_space::AddressSpace},
 };
 
@@ -96,6 +100,11 @@ pub struct Settings {
 /// reported separately, by pid.
 pub struct Session {
     pub target: Target,
+    /// Its CPython interpreter, when it runs one whose frames leaktrace reads (found at
+    /// attach: `attach::python::of_process`; in spawn mode, once the command has exec'd).
+    pub python: Option<PyProcess>,
+    /// The names of the trace's Python frames, which its reporter reads.
+    pub python_names: Arc<PyNames>,
     pub reporter: Reporter,
 }
 
@@ -105,6 +114,9 @@ pub type Adopt<'a> = dyn FnMut(&mut Probes, u32) -> anyhow::Result<Session> + 'a
 /// A traced process, as the event loop keeps it.
 struct Traced {
     target: Target,
+    /// See [`Session::python`].
+    python: Option<PyProcess>,
+    python_names: Arc<PyNames>,
     reporter: Reporter,
     /// Unwinds its stack copies (`--unwind auto|dwarf`) with its modules' call-frame
     /// information.
@@ -512,11 +524,7 @@ fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow:
                 crate::attach::python::check_objects_seen(pid, &mut interp, &memory);
                 let unseen = interp.unseen.clone();
                 probes.set_python(pid, &interp.offsets.walk)?;
-                traced.target.python = Some(PyProcess::new(
-                    *interp,
-                    memory,
-                    space.modules().python_names(),
-                ));
+                traced.python = Some(PyProcess::new(*interp, memory, traced.python_names.clone()));
                 if let Some(unseen) = unseen {
                     traced.add_gap(unseen);
                 }
@@ -549,11 +557,9 @@ impl Traced {
         // Searched at attach when the process ran already; spawn mode's command is searched
         // once it runs (its memory map is empty until its exec).
         let space = &session.target.space;
-        let python_searched_at = (session.target.python.is_none()
-            && space.maps().mappings.is_empty())
-        .then(|| space.changes());
+        let python_searched_at =
+            (session.python.is_none() && space.maps().mappings.is_empty()).then(|| space.changes());
         let gaps = session
-            .target
             .python
             .as_ref()
             .and_then(|py| py.interpreter().unseen.clone())
@@ -563,6 +569,8 @@ impl Traced {
             python_searched_at,
             exe: process::exe_id(session.target.pid),
             target: session.target,
+            python: session.python,
+            python_names: session.python_names,
             reporter: session.reporter,
             unwinder: Unwinder::new(settings.max_depth),
             heap: HeapModel::new(settings.sampling),
@@ -744,11 +752,12 @@ fn drain(
         };
         let Traced {
             target,
+            python,
             unwinder,
             heap,
             ..
         } = traced;
-        let python = target.python.as_mut();
+        let python = python.as_mut();
         if apply(&record, heap, &mut target.space, python, unwinder, scratch).is_err() {
             bad += 1;
         }

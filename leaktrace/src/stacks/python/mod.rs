@@ -29,20 +29,12 @@ use leaktrace_common::{
     python::{MAX_PY_FRAMES, PY_STACK_HEADER_BYTES, PyFrame, PyStackEvent},
 };
 
+use crate::model::location::{FRAME_TAG, TAG_MASK, is_python_frame};
+
 use self::{
     code::{Code, Memory},
     layout::{Marker, OWNED_BY_CSTACK, Offsets, Version},
 };
-
-/// The high bits of the address that stands for a Python frame: kernel space, which a user
-/// return address never is.
-pub const FRAME_TAG: u64 = 0xfffe_0000_0000_0000;
-const TAG_MASK: u64 = 0xffff_0000_0000_0000;
-
-/// Whether `address` stands for a Python frame.
-pub fn is_python_frame(address: u64) -> bool {
-    address & TAG_MASK == FRAME_TAG
-}
 
 /// A Python frame as reports show it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
