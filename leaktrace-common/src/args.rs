@@ -38,6 +38,15 @@ const BITS: u32 = 4;
 /// traces there (one of [`call`](crate::call)'s constants), above the arguments' locations.
 pub const CALL_SHIFT: u32 = 32;
 
+/// Set in the cookie of a probe of CPython's object or memory allocator (`PyObject_Malloc` and
+/// the others): the anonymous mappings a call of it makes or releases itself, with no other
+/// allocator call between (pymalloc's arenas), are reported as [`call::ARENA_MMAP`] and
+/// `munmap`, not hidden as nested calls are: the objects carved from them are counted one by
+/// one, and the arenas are shown apart.
+///
+/// [`call::ARENA_MMAP`]: crate::call::ARENA_MMAP
+pub const PYMALLOC: u64 = 1 << 48;
+
 /// The register (a [`reg`] number) that holds argument `n` (0-based) at a probe with `cookie`.
 #[inline(always)]
 pub fn location(cookie: u64, n: usize) -> u64 {

@@ -80,6 +80,10 @@ pub mod call {
     /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the new usable
     /// size (less than `size` when it could not).
     pub const XALLOCX: u32 = 12;
+    /// `mmap` of anonymous memory made by CPython's object allocator itself, inside a call of
+    /// it (a probe whose cookie has [`args::PYMALLOC`](crate::args::PYMALLOC)): pymalloc's
+    /// arenas, whose objects are counted one by one, so reported apart.
+    pub const ARENA_MMAP: u32 = 13;
 
     /// The bytes `calloc(count, size)` and `reallocarray(p, count, size)` ask for. It may wrap:
     /// those calls fail on overflow, and a failed call reports no size. What must survive is
@@ -229,6 +233,10 @@ pub struct Pending {
     /// else drawn at the entry (the size is known there, so an undrawn call can skip its
     /// return).
     pub drawn: u32,
+    /// Non-zero for a call of CPython's object allocator (see [`call::ARENA_MMAP`]): the
+    /// anonymous mappings it makes and releases itself are reported, not hidden as nested.
+    pub arenas: u32,
+    pub _pad: u32,
 }
 
 /// The calls of the malloc family, which `--sample-bytes` samples; mappings are always traced
@@ -322,7 +330,7 @@ mod tests {
             size_of::<AllocEvent>() + 24 + 8 + 4096
         );
         assert_eq!(size_of::<UnmapEvent>(), 40);
-        assert_eq!(size_of::<Pending>(), 64);
+        assert_eq!(size_of::<Pending>(), 72);
         assert_eq!(size_of::<unwind_rows::UnwindRow>(), 16);
         assert_eq!(size_of::<unwind_rows::PageRows>(), 16);
         assert_eq!(size_of::<unwind_rows::RowHint>(), 32);

@@ -163,18 +163,32 @@ fn enter(
     let state = unsafe { &mut *state };
     let pending = &mut state.pending;
     let sp = stack_pointer(ctx);
+    let mut call = call;
     if pending.depth > 0 {
         // A nested call runs deeper in the stack (lower or, for a tail call, equal address).
         if sp <= pending.entry_sp {
             if session {
                 return SKIP_RETURN;
             }
-            pending.depth += 1;
-            return 0;
+            // pymalloc mapping or releasing an arena, inside the call it serves: reported
+            // (apart: see `args::PYMALLOC`), while that call waits in `outer`.
+            let own_mapping = call == call::MMAP || call == call::MUNMAP;
+            if !(own_mapping && pending.depth == 1 && pending.arenas != 0) || state.outer.depth != 0
+            {
+                pending.depth += 1;
+                return 0;
+            }
+            state.outer = *pending;
+            if call == call::MMAP {
+                call = call::ARENA_MMAP;
+            }
+        } else {
+            count(stat::STALE_ENTRY);
+            pending.depth = 0;
+            state.outer.depth = 0;
         }
-        count(stat::STALE_ENTRY);
-        pending.depth = 0;
     }
+    let pending = &mut state.pending;
     // Only session programs ask: bpf_get_func_ip needs Linux 5.15, and sessions 6.13.
     let ip = if session {
         // SAFETY: the helper reads the probe's own address.
@@ -199,6 +213,8 @@ fn enter(
                 entry_ts_ns: 0,
                 old_sampled: 0,
                 drawn: 0,
+                arenas: 0,
+                _pad: 0,
             };
             return 0;
         }
@@ -238,6 +254,11 @@ fn enter(
         },
         old_sampled: u32::from(old_sampled),
         drawn: u32::from(drawn),
+        // SAFETY: the helper only reads the probe's own attach cookie.
+        arenas: u32::from(
+            unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } & leaktrace_common::args::PYMALLOC != 0,
+        ),
+        _pad: 0,
     };
     0
 }
@@ -497,6 +518,11 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         drawn,
         ..
     } = *pending;
+    // The return of pymalloc's own mapping call: the call it serves is pending again.
+    if state.outer.depth != 0 {
+        state.pending = state.outer;
+        state.outer.depth = 0;
+    }
     if call == call::HIDDEN {
         return Ok(0);
     }
@@ -511,7 +537,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
             }
             return unmapped(key, entry_ts_ns, old_addr, old_size_bytes);
         }
-        call::MMAP | call::MMAP_FILE => {
+        call::MMAP | call::MMAP_FILE | call::ARENA_MMAP => {
             if ret == MAP_FAILED {
                 return Ok(0);
             }

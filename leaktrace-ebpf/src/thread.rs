@@ -26,6 +26,9 @@ pub const WINDOW_WORDS: usize = 128;
 pub struct ThreadState {
     /// The outermost allocator call in flight; `depth` 0 when there is none.
     pub pending: Pending,
+    /// The call of CPython's object allocator that waits while the mapping call it makes
+    /// itself (an arena's `mmap` or `munmap`) is `pending`; `depth` 0 when there is none.
+    pub outer: Pending,
     /// The allocation record of the call returning now. It is sent cut after its frames.
     pub event: AllocEvent,
     /// A window of the user stack that the frame-pointer walk reads frames from; one word

@@ -266,6 +266,7 @@ fn main() -> anyhow::Result<()> {
             sort: SortKey::Bytes,
             with_freed: false,
             file_mappings: false,
+            pymalloc_arenas: false,
         },
         &Moment {
             pid,
@@ -291,7 +292,7 @@ fn main() -> anyhow::Result<()> {
     let unique_located: Vec<Location> = unique.iter().map(|&a| space.locate(a, 0)).collect();
 
     let stack_refs: Vec<&[Location]> = snap.stacks.iter().map(|s| &*s.frames).collect();
-    let mut symbolizer = StackSymbolizer::new(modules.clone());
+    let mut symbolizer = StackSymbolizer::new(modules.clone(), Default::default());
     let mut pass = |label: &str| {
         let started = Instant::now();
         let frames = symbolizer.symbolize_stacks(&stack_refs);
@@ -342,7 +343,7 @@ fn main() -> anyhow::Result<()> {
     // and the plain way (one call per address), over the same distinct addresses.
     let batched = || {
         let started = Instant::now();
-        let mut symbolizer = StackSymbolizer::new(modules.clone());
+        let mut symbolizer = StackSymbolizer::new(modules.clone(), Default::default());
         let frames = symbolizer.symbolize_stacks(&[&unique_located]);
         (started.elapsed(), frames)
     };

@@ -200,6 +200,7 @@ mod records {
                     sort: SortKey::Growth,
                     with_freed: true,
                     file_mappings: true,
+                    pymalloc_arenas: true,
                 };
                 let now = Moment {
                     pid,

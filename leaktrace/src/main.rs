@@ -31,6 +31,7 @@ use leaktrace::{
         render,
         reporter::Reporter,
     },
+    stacks::python::{PyNames, PyProcess},
     status,
     target::{Target, modules::Modules},
 };
@@ -106,8 +107,10 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         .map(|_| Arc::new(Exporter::default()));
     raise_open_files_limit();
     let modules = Modules::new();
-    let (mut targets, mut child) = open_targets(&config.targets, &modules)?;
-    let pids: Vec<u32> = targets.iter().map(|(t, _)| t.pid).collect();
+    // The trace's Python frames, named once for every process and reporter.
+    let python_names = Arc::new(PyNames::default());
+    let (mut targets, mut child) = open_targets(&config.targets, &modules, &python_names)?;
+    let pids: Vec<u32> = targets.iter().map(|(t, ..)| t.pid).collect();
     let first_command = targets[0].0.command.clone();
     let reports = &config.report;
     let style = reports.destination.style();
@@ -127,9 +130,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let mut sessions = Vec::new();
     let mut announcements = Vec::new();
     let mut probe_kinds = Vec::new();
-    for (target, allocator) in targets {
+    for (target, python, allocator) in targets {
         // The layout first: the first allocations the probes see already get their frames.
-        if let Some(py) = &target.python {
+        if let Some(py) = &python {
             probes.set_python(target.pid, &py.interpreter().offsets.walk)?;
         }
         let attached = probes.attach(target.pid, &allocator)?;
@@ -147,9 +150,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         announcements.extend(attached.warnings());
         let output = output.for_pid(target.pid);
         sessions.push(session(
-            target,
+            (target, python),
             &allocator,
-            &modules,
+            (&modules, &python_names),
             reports.format,
             style,
             output,
@@ -181,11 +184,11 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         None => None,
     };
     let mut adopt = |probes: &mut probes::Probes, child: u32| {
-        let mut target = Target::open(child, &modules)?;
-        target.python = python::of_process(child, target.space.maps(), &modules);
+        let target = Target::open(child, &modules)?;
+        let python = python::of_process(child, target.space.maps(), &python_names);
         let allocator = allocator::of_target(&target)?;
         let attached = probes.attach(child, &allocator)?;
-        if let Some(py) = &target.python {
+        if let Some(py) = &python {
             probes.set_python(child, &py.interpreter().offsets.walk)?;
         }
         status!(
@@ -194,9 +197,9 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
             attached.describe()
         );
         session(
-            target,
+            (target, python),
             &allocator,
-            &modules,
+            (&modules, &python_names),
             reports.format,
             style,
             output.for_pid(child),
@@ -254,23 +257,25 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     Ok(Exit::Traced)
 }
 
-/// The processes to trace, each with its allocator.
-type Opened = Vec<(Target, Allocator)>;
+/// The processes to trace, each with its CPython interpreter (if it runs one leaktrace reads)
+/// and its allocator.
+type Opened = Vec<(Target, Option<PyProcess>, Allocator)>;
 
 /// The targets with their allocators, and spawn mode's command. Spawn mode forks here, before
 /// any thread exists: the child waits before exec until the probes are attached.
 fn open_targets(
     targets: &Targets,
     modules: &Arc<Modules>,
+    python_names: &Arc<PyNames>,
 ) -> anyhow::Result<(Opened, Option<spawn::Child>)> {
     match targets {
         Targets::Pids(pids) => {
             let mut targets = Vec::new();
             for &pid in pids {
-                let mut target = Target::open(pid, modules)?;
-                target.python = python::of_process(pid, target.space.maps(), modules);
+                let target = Target::open(pid, modules)?;
+                let python = python::of_process(pid, target.space.maps(), python_names);
                 let allocator = allocator::of_target(&target)?;
-                targets.push((target, allocator));
+                targets.push((target, python, allocator));
             }
             Ok((targets, None))
         }
@@ -280,8 +285,9 @@ fn open_targets(
             let forked = spawn::Child::fork(&program, command)?;
             let allocator = allocator::discover_files(forked.pid, &program, &libraries)
                 .with_context(|| format!("finding the allocator of {}", program.display()))?;
+            // Its interpreter, if it runs one, is looked for once it has exec'd.
             let target = Target::spawned(forked.pid, command, modules);
-            Ok((vec![(target, allocator)], Some(forked)))
+            Ok((vec![(target, None, allocator)], Some(forked)))
         }
     }
 }
@@ -333,9 +339,9 @@ fn say_how_it_ended(
 /// A reporter for one traced process, started before the user (or a test) is told that
 /// tracing runs: a target that exits at once still gets its report.
 fn session(
-    target: Target,
+    (target, python): (Target, Option<PyProcess>),
     allocator: &Allocator,
-    modules: &Arc<Modules>,
+    (modules, python_names): (&Arc<Modules>, &Arc<PyNames>),
     format: render::Format,
     style: render::Style,
     output: Output,
@@ -347,9 +353,22 @@ fn session(
         allocator: allocator.name().to_owned(),
         allocator_module: allocator.module().to_owned(),
     };
-    let reporter = Reporter::spawn(header, modules.clone(), format, style, output, exporter)
-        .context("starting the reporter thread")?;
-    Ok(Session { target, reporter })
+    let reporter = Reporter::spawn(
+        header,
+        modules.clone(),
+        python_names.clone(),
+        format,
+        style,
+        output,
+        exporter,
+    )
+    .context("starting the reporter thread")?;
+    Ok(Session {
+        target,
+        python,
+        python_names: python_names.clone(),
+        reporter,
+    })
 }
 
 /// Each module of the traced processes stays open for the whole trace (see

@@ -381,3 +381,182 @@ fn spawn_mode_loses_nothing_of_a_start_up_that_allocates_at_once() {
         report["totals"]
     );
 }
+
+/// pymalloc maps arenas of 1 MiB (3.10+, where it tracks them in a radix tree).
+const ARENA_BYTES: u64 = 1 << 20;
+
+/// Runs `tests/fixtures/python_arenas.py` (50,000 small objects kept at one line) under
+/// `python` with `env`, traced from before its allocations with every stack listed, the
+/// arenas' too; returns its ground truth and leaktrace's final report.
+fn trace_small_objects(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
+    let script = format!(
+        "{}/../tests/fixtures/python_arenas.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut fixture = Fixture::start_command(
+        Command::new(python)
+            .arg(script)
+            .arg("50000")
+            .envs(env.iter().copied()),
+    );
+    let trace = Leaktrace::attach(fixture.pid(), &["--top", "100000", "--pymalloc-arenas"]);
+    let lines = fixture.round();
+    let outcome = trace.stop();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let truth: Value = serde_json::from_str(&lines[0]).unwrap();
+    let report = outcome.last().clone();
+    assert_eq!(report["totals"]["lost_events"], 0, "{}", report["totals"]);
+    // pymalloc gave no arena back meanwhile: the arenas it made are all still mapped.
+    assert_eq!(truth["arenas_reclaimed"], 0, "{truth}");
+    assert_eq!(
+        report["stack_count"].as_u64().unwrap(),
+        report["stacks"].as_array().unwrap().len() as u64,
+        "every stack listed"
+    );
+    (truth, report)
+}
+
+/// The three large objects (malloc'd, each in its own mmap of glibc's, nested in the
+/// `PyObject_Malloc` call) are blocks at their line, exact, and neither arenas nor mappings.
+fn assert_large_objects(truth: &Value, report: &Value) {
+    let large = &truth["large"];
+    let want = (
+        large["count"].as_u64().unwrap(),
+        large["bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(at_kept_line(large, report, "malloc"), want);
+    assert_eq!(at_kept_line(large, report, "pymalloc_arena"), (0, 0));
+    assert_eq!(at_kept_line(large, report, "mmap"), (0, 0));
+}
+
+/// Allocations and bytes of the stacks of `origin` whose innermost Python frame is the
+/// truth's line.
+fn at_kept_line(truth: &Value, report: &Value, origin: &str) -> (u64, u64) {
+    let line = (
+        truth["function"].as_str().unwrap().to_owned(),
+        truth["line"].as_u64().unwrap(),
+    );
+    report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["origin"] == origin && python_frames(s).first() == Some(&line))
+        .fold((0, 0), |(n, b), s| {
+            (
+                n + s["outstanding_allocations"].as_u64().unwrap(),
+                b + s["outstanding_bytes"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// What the listed stacks of these origins hold.
+fn held_by(report: &Value, origins: &[&str]) -> u64 {
+    report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| origins.iter().any(|&o| s["origin"] == o))
+        .map(|s| s["outstanding_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+/// Built without link-time optimization, pyenv's CPython calls `PyObject_Malloc`: each small
+/// object is counted, and the arenas they are carved from are listed apart, outside the totals.
+fn pyenv_python_shows_arenas_apart(version: &str) {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv(version) else {
+        return;
+    };
+    let (truth, report) = trace_small_objects(&python, &[]);
+    let totals = &report["totals"];
+    let made = truth["arenas_made"].as_u64().unwrap();
+    assert!(made >= 7, "8 MB of small objects need arenas: {truth}");
+    assert_eq!(
+        at_kept_line(&truth, &report, "malloc"),
+        (
+            truth["count"].as_u64().unwrap(),
+            truth["bytes"].as_u64().unwrap()
+        ),
+        "the objects, one by one"
+    );
+    assert_eq!(
+        at_kept_line(&truth, &report, "pymalloc_arena"),
+        (made, made * ARENA_BYTES),
+        "the arenas made for them: {totals}"
+    );
+    assert_eq!(at_kept_line(&truth, &report, "mmap"), (0, 0));
+    // Arenas made elsewhere since attach (the interpreter's own objects) are listed apart too,
+    // and none of them is in the totals.
+    let arenas = totals["pymalloc_arenas"].as_u64().unwrap();
+    assert!(arenas >= made, "{totals}");
+    assert_eq!(totals["pymalloc_arena_bytes"], arenas * ARENA_BYTES);
+    assert_eq!(held_by(&report, &["pymalloc_arena"]), arenas * ARENA_BYTES);
+    assert_eq!(
+        totals["outstanding_bytes"].as_u64().unwrap(),
+        held_by(&report, &["malloc", "mmap"]),
+        "{totals}"
+    );
+    assert!(
+        totals["mapped_bytes"].as_u64().unwrap() < ARENA_BYTES,
+        "{totals}"
+    );
+    assert_large_objects(&truth, &report);
+}
+
+#[test]
+fn pyenv_python_3_11_shows_pymalloc_arenas_apart_and_objects_exactly() {
+    pyenv_python_shows_arenas_apart("3.11.7");
+}
+
+#[test]
+fn pyenv_python_3_12_shows_pymalloc_arenas_apart_and_objects_exactly() {
+    pyenv_python_shows_arenas_apart("3.12.1");
+}
+
+#[test]
+fn pyenv_python_3_13_shows_pymalloc_arenas_apart_and_objects_exactly() {
+    pyenv_python_shows_arenas_apart("3.13.0");
+}
+
+#[test]
+fn debian_python3_with_inlined_pymalloc_counts_its_arenas_as_mappings() {
+    if !require_root() {
+        return;
+    }
+    // The probes miss most small objects: the arenas are the only view of their memory, so
+    // they stay in the totals, as anonymous mappings at the line that needed them.
+    let (truth, report) = trace_small_objects(DEBIAN_PYTHON, &[]);
+    let made = truth["arenas_made"].as_u64().unwrap();
+    assert!(made >= 7, "{truth}");
+    assert_eq!(
+        at_kept_line(&truth, &report, "mmap"),
+        (made, made * ARENA_BYTES)
+    );
+    let totals = &report["totals"];
+    assert_eq!(totals["pymalloc_arenas"], 0, "{totals}");
+    assert_eq!(totals["pymalloc_arena_bytes"], 0, "{totals}");
+    assert!(totals["mapped_bytes"].as_u64().unwrap() >= made * ARENA_BYTES);
+    assert_eq!(pymalloc_reasons(&report), 1);
+    assert_large_objects(&truth, &report);
+}
+
+#[test]
+fn debian_python3_with_malloc_has_no_arenas_and_every_small_object() {
+    if !require_root() {
+        return;
+    }
+    let (truth, report) = trace_small_objects(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
+    assert_eq!(truth["arenas_made"], 0);
+    assert_eq!(
+        at_kept_line(&truth, &report, "malloc"),
+        (
+            truth["count"].as_u64().unwrap(),
+            truth["bytes"].as_u64().unwrap()
+        )
+    );
+    assert_eq!(report["totals"]["pymalloc_arenas"], 0);
+    assert_eq!(at_kept_line(&truth, &report, "mmap"), (0, 0));
+    assert_large_objects(&truth, &report);
+}

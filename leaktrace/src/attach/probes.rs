@@ -901,12 +901,19 @@ fn attach_to(
             return Ok(());
         }
         // A return program reads no argument; 0 is "where the ABI puts them".
-        let cookie = |e: &EntryPoint| match kind {
-            LinkKind::Return => 0,
-            LinkKind::Entry => point_of(e).cookie,
-            LinkKind::Session => {
-                let call = program::session_call(e.program).unwrap_or_default();
-                point_of(e).cookie | u64::from(call) << args::CALL_SHIFT
+        let cookie = |e: &EntryPoint| {
+            let pymalloc = if super::python::is_object_allocator(&e.symbol) {
+                args::PYMALLOC
+            } else {
+                0
+            };
+            match kind {
+                LinkKind::Return => 0,
+                LinkKind::Entry => point_of(e).cookie | pymalloc,
+                LinkKind::Session => {
+                    let call = program::session_call(e.program).unwrap_or_default();
+                    point_of(e).cookie | pymalloc | u64::from(call) << args::CALL_SHIFT
+                }
             }
         };
         if let Some(fd) = multi.and_then(|m| m.get(program)) {

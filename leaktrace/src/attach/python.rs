@@ -3,7 +3,7 @@
 //! (`Py_Version`, 3.11+), where its evaluation loop's code lies, and the allocator entry points
 //! of its object allocator.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
@@ -16,11 +16,10 @@ use crate::{
         process,
     },
     stacks::python::{
-        Interpreter, PyProcess,
+        Interpreter, PyNames, PyProcess,
         code::Memory,
         layout::{Offsets, Version},
     },
-    target::modules::Modules,
 };
 
 /// CPython's object and memory allocators: with pymalloc (the default) they serve blocks of up
@@ -37,6 +36,12 @@ pub const ENTRY_POINTS: &[(&str, &str)] = &[
     ("PyObject_Calloc", CALLOC_ENTRY),
     ("PyMem_Calloc", CALLOC_ENTRY),
 ];
+
+/// Whether `symbol` is one of CPython's allocators of [`ENTRY_POINTS`]: the anonymous
+/// mappings its calls make themselves are pymalloc's arenas (`args::PYMALLOC`).
+pub fn is_object_allocator(symbol: &str) -> bool {
+    ENTRY_POINTS.iter().any(|&(name, _)| name == symbol)
+}
 
 /// What was found of CPython in a process.
 #[derive(Debug)]
@@ -154,10 +159,17 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
             speculated_allocator(data.get(at..at + len)?, vaddr)
         })
         .map(|(slot, function)| (slot.wrapping_add(bias), function.wrapping_add(bias)));
+    let code_ranges = maps
+        .mappings
+        .iter()
+        .filter(|m| m.path == path && m.is_executable())
+        .map(|m| (m.start, m.end))
+        .collect();
     Found::Known(Box::new(Interpreter {
         version: known,
         offsets,
         eval_ranges,
+        code_ranges,
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
         speculated_malloc,
@@ -279,9 +291,9 @@ fn mapping_of<'a>(maps: &'a ProcMaps, path: &str, file_offset: u64) -> Option<&'
     })
 }
 
-/// The Python side of a traced process, if it runs a CPython leaktrace knows; says so in one
-/// line when it runs one it does not.
-pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProcess> {
+/// The Python side of a traced process, if it runs a CPython leaktrace knows, its frames named
+/// in `names`; says so in one line when it runs one it does not.
+pub fn of_process(pid: u32, maps: &ProcMaps, names: &Arc<PyNames>) -> Option<PyProcess> {
     match discover(pid, maps) {
         Found::None => None,
         Found::Unknown(warning) => {
@@ -291,7 +303,7 @@ pub fn of_process(pid: u32, maps: &ProcMaps, modules: &Modules) -> Option<PyProc
         Found::Known(mut interp) => match process::memory(pid) {
             Ok(memory) => {
                 check_objects_seen(pid, &mut interp, &memory);
-                Some(PyProcess::new(*interp, memory, modules.python_names()))
+                Some(PyProcess::new(*interp, memory, names.clone()))
             }
             Err(err) => {
                 crate::status!(

@@ -84,6 +84,12 @@ pub struct Cli {
     #[arg(long)]
     pub file_mappings: bool,
 
+    /// List the stacks that made pymalloc's arenas (CPython) too. The objects carved from
+    /// them are counted one by one, so the arenas are never added to the heap numbers; without
+    /// this flag, only their total is shown.
+    #[arg(long)]
+    pub pymalloc_arenas: bool,
+
     /// Stacks shown per report, biggest first [default: 10; every stack for folded, pprof
     /// and svg].
     #[arg(long, value_name = "N", value_parser = at_least_one)]

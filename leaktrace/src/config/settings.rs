@@ -122,6 +122,7 @@ impl Trace {
                     sort: cli.sort,
                     with_freed: cli.format == Format::Pprof,
                     file_mappings: cli.file_mappings,
+                    pymalloc_arenas: cli.pymalloc_arenas,
                 },
                 count: cli.count,
                 print_bpf_stats: cli.print_bpf_stats,

@@ -153,6 +153,7 @@ pub fn decode<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> Result<Event<'a
                 heap if is_heap_call(heap) => None,
                 call::MMAP => Some(MapSource::Mmap(Backing::Anonymous)),
                 call::MMAP_FILE => Some(MapSource::Mmap(Backing::File)),
+                call::ARENA_MMAP => Some(MapSource::Mmap(Backing::PymallocArena)),
                 call::MREMAP => Some(remap(false)),
                 call::MREMAP_KEEP => Some(remap(true)),
                 other => return Err(DecodeError::UnknownCall(other)),
@@ -291,6 +292,17 @@ pub(crate) mod tests {
                 truncated: false
             }
         );
+        // An arena that CPython's object allocator mapped inside one of its calls.
+        let record = call_record(call::ARENA_MMAP, 0x7000, 1 << 20, (0, 0), &[0x401000]);
+        assert!(matches!(
+            decode(&record, &mut scratch).unwrap(),
+            Event::Map {
+                addr: 0x7000,
+                size_bytes: 0x10_0000,
+                source: MapSource::Mmap(Backing::PymallocArena),
+                ..
+            }
+        ));
         let record = call_record(call::MREMAP_KEEP, 0x9000, 4096, (0x7000, 8192), &[]);
         assert_eq!(
             decode(&record, &mut scratch).unwrap(),

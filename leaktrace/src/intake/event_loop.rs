@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -22,7 +23,7 @@ use crate::{
     },
     guard::{self, Guard},
     model::{
-        event::Event,
+        event::{Backing, Event, MapSource},
         heap::{HeapModel, Sampling},
     },
     proc::{clock::monotonic_ns, process},
@@ -31,7 +32,10 @@ use crate::{
         snapshot::{Moment, Selection, snapshot},
         trends::Trends,
     },
-    stacks::{python::PyProcess, unwind::Unwinder},
+    stacks::{
+        python::{PyNames, PyProcess},
+        unwind::Unwinder,
+    },
     target::{Target, address_space::AddressSpace},
 };
 
@@ -96,6 +100,11 @@ pub struct Settings {
 /// reported separately, by pid.
 pub struct Session {
     pub target: Target,
+    /// Its CPython interpreter, when it runs one whose frames leaktrace reads (found at
+    /// attach: `attach::python::of_process`; in spawn mode, once the command has exec'd).
+    pub python: Option<PyProcess>,
+    /// The names of the trace's Python frames, which its reporter reads.
+    pub python_names: Arc<PyNames>,
     pub reporter: Reporter,
 }
 
@@ -105,6 +114,9 @@ pub type Adopt<'a> = dyn FnMut(&mut Probes, u32) -> anyhow::Result<Session> + 'a
 /// A traced process, as the event loop keeps it.
 struct Traced {
     target: Target,
+    /// See [`Session::python`].
+    python: Option<PyProcess>,
+    python_names: Arc<PyNames>,
     reporter: Reporter,
     /// Unwinds its stack copies (`--unwind auto|dwarf`) with its modules' call-frame
     /// information.
@@ -530,11 +542,7 @@ fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow:
                 crate::attach::python::check_objects_seen(pid, &mut interp, &memory);
                 let unseen = interp.unseen.clone();
                 probes.set_python(pid, &interp.offsets.walk)?;
-                traced.target.python = Some(PyProcess::new(
-                    *interp,
-                    memory,
-                    space.modules().python_names(),
-                ));
+                traced.python = Some(PyProcess::new(*interp, memory, traced.python_names.clone()));
                 if let Some(unseen) = unseen {
                     traced.add_gap(unseen);
                 }
@@ -567,11 +575,9 @@ impl Traced {
         // Searched at attach when the process ran already; spawn mode's command is searched
         // once it runs (its memory map is empty until its exec).
         let space = &session.target.space;
-        let python_searched_at = (session.target.python.is_none()
-            && space.maps().mappings.is_empty())
-        .then(|| space.changes());
+        let python_searched_at =
+            (session.python.is_none() && space.maps().mappings.is_empty()).then(|| space.changes());
         let gaps = session
-            .target
             .python
             .as_ref()
             .and_then(|py| py.interpreter().unseen.clone())
@@ -581,6 +587,8 @@ impl Traced {
             python_searched_at,
             exe: process::exe_id(session.target.pid),
             target: session.target,
+            python: session.python,
+            python_names: session.python_names,
             reporter: session.reporter,
             unwinder: Unwinder::new(settings.max_depth),
             heap: HeapModel::new(settings.sampling),
@@ -762,11 +770,12 @@ fn drain(
         };
         let Traced {
             target,
+            python,
             unwinder,
             heap,
             ..
         } = traced;
-        let python = target.python.as_mut();
+        let python = python.as_mut();
         if apply(&record, heap, &mut target.space, python, unwinder, scratch).is_err() {
             bad += 1;
         }
@@ -809,6 +818,17 @@ pub fn apply(
         }
         _ => (frames, truncated),
     };
+    if let Event::Map {
+        source, size_bytes, ..
+    } = &mut event
+        && *source == MapSource::Mmap(Backing::PymallocArena)
+    {
+        let caller = native.first().copied().unwrap_or(0);
+        match arena_backing(python.as_deref(), caller, *size_bytes) {
+            Some(backing) => *source = MapSource::Mmap(backing),
+            None => return Ok(()),
+        }
+    }
     let allocation = match event {
         Event::Alloc { ts_ns, addr, .. } | Event::Map { ts_ns, addr, .. } if addr != 0 => {
             Some(ts_ns)
@@ -823,6 +843,24 @@ pub fn apply(
     event.set_stack(frames, truncated);
     heap.apply(&event, space);
     Ok(())
+}
+
+/// pymalloc's arenas are 1 MiB (CPython 3.10 and later).
+const ARENA_BYTES: u64 = 1 << 20;
+
+/// What backs a mapping made inside a call of CPython's object allocator, by code at return
+/// address `caller` (`call::ARENA_MMAP`); `None` for the mapping of a nested allocator call
+/// (the `malloc` of a large object), hidden as nested calls are: its block is the object.
+fn arena_backing(python: Option<&PyProcess>, caller: u64, size_bytes: u64) -> Option<Backing> {
+    match python {
+        Some(py) if !py.maps_arena(caller) => None,
+        // Where the probes miss most small objects (pymalloc compiled into its callers), the
+        // arenas are the only view of their memory: counted as any anonymous mapping.
+        Some(py) if py.interpreter().unseen.is_some() => Some(Backing::Anonymous),
+        Some(_) => Some(Backing::PymallocArena),
+        // An interpreter whose code leaktrace does not know: an arena by its size.
+        None => (size_bytes == ARENA_BYTES).then_some(Backing::PymallocArena),
+    }
 }
 
 #[cfg(test)]

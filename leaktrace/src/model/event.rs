@@ -1,10 +1,13 @@
 //! What the heap model applies: allocator events, decoded from the ring buffer's records.
 
-/// What backs a mapping. File mappings are kept apart from heap numbers.
+/// What backs a mapping. File mappings and pymalloc's arenas are kept apart from heap numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Backing {
     Anonymous,
     File,
+    /// Anonymous memory that CPython's object allocator mapped for itself and carves objects
+    /// from, which are counted one by one: counted, the arena would count them twice.
+    PymallocArena,
 }
 
 /// One allocator event, borrowed from the ring buffer record.

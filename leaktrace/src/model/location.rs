@@ -8,6 +8,16 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModuleId(pub u32);
 
+/// The high bits of an address that stands for a Python frame (`stacks::python` makes them):
+/// kernel space, which a user return address never is, so in no mapping of the target.
+pub const FRAME_TAG: u64 = 0xfffe_0000_0000_0000;
+pub const TAG_MASK: u64 = 0xffff_0000_0000_0000;
+
+/// Whether `address` stands for a Python frame.
+pub fn is_python_frame(address: u64) -> bool {
+    address & TAG_MASK == FRAME_TAG
+}
+
 /// A return address, and where it lies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Location {

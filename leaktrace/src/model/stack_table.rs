@@ -21,17 +21,26 @@ pub enum Origin {
     Mmap,
     /// Mappings of files: reported apart, never added to heap numbers.
     MmapFile,
+    /// pymalloc's arenas (`Backing::PymallocArena`): reported apart, never added to heap
+    /// numbers, which count the objects in them.
+    PymallocArena,
 }
 
 impl Origin {
-    const ALL: usize = 3;
+    const ALL: usize = 4;
 
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Malloc => "malloc",
             Origin::Mmap => "mmap",
             Origin::MmapFile => "mmap_file",
+            Origin::PymallocArena => "pymalloc_arena",
         }
+    }
+
+    /// Memory reported apart from the outstanding totals (file mappings, pymalloc's arenas).
+    pub fn is_apart(self) -> bool {
+        matches!(self, Origin::MmapFile | Origin::PymallocArena)
     }
 }
 
@@ -40,6 +49,7 @@ impl From<Backing> for Origin {
         match backing {
             Backing::Anonymous => Origin::Mmap,
             Backing::File => Origin::MmapFile,
+            Backing::PymallocArena => Origin::PymallocArena,
         }
     }
 }

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     metrics::{Exporter, exporter::Watch},
     model::location::Location,
-    stacks::symbolize::StackSymbolizer,
+    stacks::{python::PyNames, symbolize::StackSymbolizer},
     target::modules::Modules,
 };
 
@@ -32,10 +32,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// `modules` are those the snapshots' stacks are located in.
+    /// `modules` are those the snapshots' stacks are located in, `python` names their Python
+    /// frames.
     pub fn spawn(
         header: Header,
         modules: Arc<Modules>,
+        python: Arc<PyNames>,
         format: Format,
         style: Style,
         mut out: Output,
@@ -45,7 +47,7 @@ impl Reporter {
         let handle = thread::Builder::new()
             .name("reporter".into())
             .spawn(move || {
-                let mut symbolizer = StackSymbolizer::new(modules);
+                let mut symbolizer = StackSymbolizer::new(modules, python);
                 let mut watch = exporter.map(Watch::new);
                 for message in rx {
                     let snapshot = match message {

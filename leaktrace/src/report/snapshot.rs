@@ -34,6 +34,10 @@ pub struct Totals {
     /// Mappings of files: outstanding, but not heap memory, so not in `outstanding_bytes`.
     pub file_mapped_bytes: u64,
     pub file_mappings: u64,
+    /// pymalloc's arenas mapped since attach: not in `outstanding_bytes`, which counts the
+    /// objects carved from them one by one.
+    pub pymalloc_arena_bytes: u64,
+    pub pymalloc_arenas: u64,
     /// Allocator returns seen without their entry (calls in flight at attach): not counted.
     pub unpaired_returns: u64,
 }
@@ -105,6 +109,20 @@ pub struct Selection {
     pub with_freed: bool,
     /// List stacks holding file mappings (`--file-mappings`); they are always totalled apart.
     pub file_mappings: bool,
+    /// List stacks holding pymalloc's arenas (`--pymalloc-arenas`); they are always totalled
+    /// apart.
+    pub pymalloc_arenas: bool,
+}
+
+impl Selection {
+    /// Whether stacks of `origin` are listed: memory totalled apart only on request.
+    fn lists(&self, origin: Origin) -> bool {
+        match origin {
+            Origin::Malloc | Origin::Mmap => true,
+            Origin::MmapFile => self.file_mappings,
+            Origin::PymallocArena => self.pymalloc_arenas,
+        }
+    }
 }
 
 /// What is true when a snapshot is taken, besides the heap model.
@@ -163,10 +181,10 @@ pub fn snapshot(
         mapped_bytes: sum(&[Origin::Mmap], |u| u.outstanding_bytes),
         file_mapped_bytes: sum(&[Origin::MmapFile], |u| u.outstanding_bytes),
         file_mappings: sum(&[Origin::MmapFile], |u| u.outstanding_allocations),
+        pymalloc_arena_bytes: sum(&[Origin::PymallocArena], |u| u.outstanding_bytes),
+        pymalloc_arenas: sum(&[Origin::PymallocArena], |u| u.outstanding_allocations),
     };
-    if !selection.file_mappings {
-        usage.retain(|u| origin(u) != Origin::MmapFile);
-    }
+    usage.retain(|u| selection.lists(origin(u)));
     let stack_count = usage.len();
     // Every stack is classified before sorting: `--sort growth` needs the growth of all.
     let mut stacks: Vec<(StackId, StackSummary)> = usage
@@ -215,7 +233,7 @@ pub fn snapshot(
                 continue;
             }
             let stack = heap.stacks().get(id);
-            if stack.origin == Origin::MmapFile && !selection.file_mappings {
+            if !selection.lists(stack.origin) {
                 continue;
             }
             let (growth_bytes_per_s, kind) = trends.classify(id, 0.0);
@@ -268,6 +286,7 @@ mod tests {
                 sort: SortKey::Bytes,
                 with_freed: false,
                 file_mappings: false,
+                pymalloc_arenas: false,
             },
             Moment {
                 pid: 1,
@@ -304,13 +323,15 @@ mod tests {
     }
 
     #[test]
-    fn file_mappings_are_totalled_apart_and_listed_only_on_request() {
+    fn file_mappings_and_arenas_are_totalled_apart_and_listed_only_on_request() {
         use crate::model::event::{Backing, MapSource};
         let mut heap = HeapModel::default();
         alloc(&mut heap, 0x1000, 0.5, &[1]);
         for (addr, backing, frames) in [
             (0x10_000, Backing::Anonymous, &[2u64] as &'static [u64]),
             (0x20_000, Backing::File, &[3]),
+            (0x30_000, Backing::PymallocArena, &[4]),
+            (0x40_000, Backing::PymallocArena, &[4]),
         ] {
             heap.apply(
                 &Event::Map {
@@ -332,9 +353,11 @@ mod tests {
                 snap.totals.outstanding_allocations,
                 snap.totals.mapped_bytes,
                 snap.totals.file_mapped_bytes,
-                snap.totals.file_mappings
+                snap.totals.file_mappings,
+                snap.totals.pymalloc_arena_bytes,
+                snap.totals.pymalloc_arenas,
             ),
-            (8192 + 100, 2, 8192, 8192, 1)
+            (8192 + 100, 2, 8192, 8192, 1, 16384, 2)
         );
         let origins: Vec<Origin> = snap.stacks.iter().map(|s| s.origin).collect();
         assert_eq!(origins, [Origin::Mmap, Origin::Malloc]);
@@ -346,6 +369,19 @@ mod tests {
         assert_eq!(listed.totals, snap.totals);
         assert_eq!(listed.stack_count, 3);
         assert!(listed.stacks.iter().any(|s| s.origin == Origin::MmapFile));
+
+        let mut inp = input(3.0);
+        inp.0.pymalloc_arenas = true;
+        let listed = take(&heap, &mut trends, &inp);
+        assert_eq!(listed.totals, snap.totals);
+        assert_eq!(listed.stack_count, 3);
+        let arenas: Vec<_> = listed
+            .stacks
+            .iter()
+            .filter(|s| s.origin == Origin::PymallocArena)
+            .map(|s| (s.outstanding_bytes, s.outstanding_allocations))
+            .collect();
+        assert_eq!(arenas, [(16384, 2)]);
     }
 
     #[test]

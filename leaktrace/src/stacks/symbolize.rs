@@ -16,6 +16,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
+use super::python::PyNames;
 use crate::{
     model::location::{Location, ModuleId},
     target::modules::{Module, Modules},
@@ -155,13 +156,15 @@ impl<'a> StackFrames<'a> {
 pub struct StackSymbolizer {
     symbolizer: Symbolizer,
     modules: Arc<Modules>,
+    /// The trace's Python frames (CPython processes): code named like a module's.
+    python: Arc<PyNames>,
     /// The frames of each located address, by module and file offset: code at the same
     /// address in another module is other code.
     cache: HashMap<(ModuleId, u64), Vec<Frame>>,
 }
 
 impl StackSymbolizer {
-    pub fn new(modules: Arc<Modules>) -> Self {
+    pub fn new(modules: Arc<Modules>, python: Arc<PyNames>) -> Self {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
@@ -173,6 +176,7 @@ impl StackSymbolizer {
         Self {
             symbolizer,
             modules,
+            python,
             cache: HashMap::new(),
         }
     }
@@ -234,7 +238,7 @@ impl StackSymbolizer {
 
     /// A frame in no module: a Python frame, or an address in no file.
     fn unknown(&self, address: u64) -> Frame {
-        match self.modules.python_names().get(address) {
+        match self.python.get(address) {
             Some(py) => Frame {
                 address,
                 symbol: py.qualname,
@@ -388,7 +392,7 @@ mod tests {
     #[test]
     fn a_batch_resolves_each_address_in_its_own_module() {
         let mut space = own_space();
-        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone(), Arc::default());
         let outside = 0x10;
         let [marker, outside] = [marker(), outside].map(|a| space.locate(a, 0));
         let stacks: [&[Location]; 3] = [&[marker, outside], &[outside], &[marker]];
@@ -478,7 +482,7 @@ mod tests {
             Modules::new(),
         );
         let watcher = space.pushed_maps();
-        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone(), Arc::default());
         let before = space.locate(marker(), 0);
         watcher
             .send(ProcMaps {
@@ -517,7 +521,7 @@ mod tests {
         )
         .unwrap();
         let mut space = AddressSpace::new(std::process::id(), maps, Modules::new());
-        let mut symbolizer = StackSymbolizer::new(space.modules().clone());
+        let mut symbolizer = StackSymbolizer::new(space.modules().clone(), Arc::default());
         let frames = symbolizer.symbolize(&[space.locate(0x7f0000000010, 0)]);
         assert_eq!(
             frames,

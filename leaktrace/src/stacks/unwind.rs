@@ -275,7 +275,7 @@ mod tests {
         let stats = unwinder.stats();
         assert!(stats.cfi_frames >= 3, "{stats:?}");
         let located: Vec<_> = pcs.iter().map(|&pc| space.locate(pc, 0)).collect();
-        let names: Vec<String> = StackSymbolizer::new(space.modules().clone())
+        let names: Vec<String> = StackSymbolizer::new(space.modules().clone(), Default::default())
             .symbolize(&located)
             .into_iter()
             .filter_map(|f| f.symbol)

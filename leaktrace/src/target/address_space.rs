@@ -347,7 +347,7 @@ impl Locate for AddressSpace {
 
     fn locate(&mut self, address: u64, at_ns: u64) -> Location {
         // A Python frame is in no mapping: no reason to read the map again.
-        if crate::stacks::python::is_python_frame(address) {
+        if crate::model::location::is_python_frame(address) {
             return Location::unknown(address);
         }
         let mut index = self.maps.position(address);

@@ -12,19 +12,13 @@ use std::sync::Arc;
 use anyhow::bail;
 
 use self::{address_space::AddressSpace, modules::Modules};
-use crate::{
-    proc::{maps::ProcMaps, process},
-    stacks::python::PyProcess,
-};
+use crate::proc::{maps::ProcMaps, process};
 
 /// A process to trace.
 pub struct Target {
     pub pid: u32,
     pub command: String,
     pub space: AddressSpace,
-    /// Its CPython interpreter, when it runs one whose frames leaktrace reads (set at attach:
-    /// `attach::python::of_process`).
-    pub python: Option<PyProcess>,
 }
 
 impl Target {
@@ -56,7 +50,6 @@ impl Target {
         Ok(Self {
             pid,
             command,
-            python: None,
             space: AddressSpace::new(pid, maps, modules.clone()),
         })
     }
@@ -68,7 +61,6 @@ impl Target {
             pid,
             command: command.join(" "),
             space: AddressSpace::new(pid, ProcMaps::default(), modules.clone()),
-            python: None,
         }
     }
 }

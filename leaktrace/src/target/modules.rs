@@ -18,7 +18,6 @@ use crate::{
         files::{self, FileId, TargetFile},
         maps::Mapping,
     },
-    stacks::python::PyNames,
 };
 
 /// One module.
@@ -83,8 +82,6 @@ enum Key {
 #[derive(Default)]
 pub struct Modules {
     inner: RwLock<Table>,
-    /// The Python frames of the trace (CPython processes): code named like a module's.
-    python: Arc<PyNames>,
 }
 
 #[derive(Default)]
@@ -96,11 +93,6 @@ struct Table {
 impl Modules {
     pub fn new() -> Arc<Self> {
         Arc::default()
-    }
-
-    /// The names of the trace's Python frames.
-    pub fn python_names(&self) -> Arc<PyNames> {
-        self.python.clone()
     }
 
     pub fn get(&self, id: ModuleId) -> Arc<Module> {

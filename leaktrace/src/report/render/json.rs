@@ -69,6 +69,10 @@ pub struct JsonTotals {
     /// Mappings of files: outstanding, but not in `outstanding_bytes`.
     pub file_mapped_bytes: u64,
     pub file_mappings: u64,
+    /// pymalloc's arenas mapped since attach: not in `outstanding_bytes`, which counts the
+    /// objects in them.
+    pub pymalloc_arena_bytes: u64,
+    pub pymalloc_arenas: u64,
     /// Allocator returns seen without their entry: calls in flight at attach (or entries the
     /// BPF side could not record). Such calls are in no other number.
     pub unpaired_returns: u64,
@@ -86,8 +90,8 @@ pub struct JsonStack<'a> {
     /// Everything this stack allocated since attach, freed or not.
     pub allocated_bytes: u64,
     pub allocations: u64,
-    /// `malloc` (the malloc family), `mmap` (anonymous mappings) or `mmap_file`; read as
-    /// `malloc` when missing.
+    /// `malloc` (the malloc family), `mmap` (anonymous mappings), `mmap_file` or
+    /// `pymalloc_arena`; read as `malloc` when missing.
     pub origin: Cow<'a, str>,
     pub truncated: bool,
     pub frames: Vec<JsonFrame<'a>>,
@@ -163,6 +167,8 @@ pub fn write(report: &Report<'_>, out: &mut dyn std::io::Write) -> std::io::Resu
             mapped_bytes: t.mapped_bytes,
             file_mapped_bytes: t.file_mapped_bytes,
             file_mappings: t.file_mappings,
+            pymalloc_arena_bytes: t.pymalloc_arena_bytes,
+            pymalloc_arenas: t.pymalloc_arenas,
             unpaired_returns: t.unpaired_returns,
         },
         stack_count: snapshot.stack_count,
@@ -230,6 +236,8 @@ mod tests {
                 mapped_bytes: 0,
                 file_mapped_bytes: 8192,
                 file_mappings: 1,
+                pymalloc_arena_bytes: 1 << 20,
+                pymalloc_arenas: 1,
                 unpaired_returns: 2,
             },
             stack_count: 1,
@@ -307,6 +315,7 @@ mod tests {
             serde_json::json!({"outstanding_bytes": 4096, "outstanding_allocations": 1, "allocations": 3,
                                "frees": 2, "lost_events": 5, "unmatched_frees": 1, "mapped_bytes": 0,
                                "file_mapped_bytes": 8192, "file_mappings": 1,
+                               "pymalloc_arena_bytes": 1 << 20, "pymalloc_arenas": 1,
                                "unpaired_returns": 2})
         );
         let stack = &v["stacks"][0];

@@ -86,6 +86,17 @@ pub fn render(report: &Report<'_>, out: &mut String) {
             ))
         );
     }
+    if t.pymalloc_arena_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "{}",
+            fit(format!(
+                "not counted above: {} in {} pymalloc arenas, whose objects are counted one by one (--pymalloc-arenas lists them)",
+                bytes(t.pymalloc_arena_bytes),
+                t.pymalloc_arenas
+            ))
+        );
+    }
     if t.lost_events > 0 {
         let _ = writeln!(
             out,
@@ -126,6 +137,7 @@ pub fn render(report: &Report<'_>, out: &mut String) {
                 Origin::Malloc => "",
                 Origin::Mmap => "  [mmap]",
                 Origin::MmapFile => "  [file mmap]",
+                Origin::PymallocArena => "  [pymalloc arena]",
             },
         );
         let line = fit(format!("{head}{kind}"));
@@ -312,6 +324,8 @@ mod tests {
                 outstanding_bytes: 409_600,
                 outstanding_allocations: 100,
                 lost_events: 2,
+                pymalloc_arena_bytes: 3 << 20,
+                pymalloc_arenas: 3,
                 ..Totals::default()
             },
             stack_count: 3,
@@ -391,6 +405,10 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("WARNING: 2 events lost"), "{out}");
+        assert!(
+            out.contains("\nnot counted above: 3.0 MiB in 3 pymalloc arenas, whose objects"),
+            "{out}"
+        );
         assert!(out.contains("400.0 KiB in     100 allocs"), "{out}");
         assert!(
             out.contains(

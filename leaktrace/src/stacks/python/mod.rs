@@ -29,20 +29,12 @@ use leaktrace_common::{
     python::{MAX_PY_FRAMES, PY_STACK_HEADER_BYTES, PyFrame, PyStackEvent},
 };
 
+use crate::model::location::{FRAME_TAG, TAG_MASK, is_python_frame};
+
 use self::{
     code::{Code, Memory},
     layout::{Marker, OWNED_BY_CSTACK, Offsets, Version},
 };
-
-/// The high bits of the address that stands for a Python frame: kernel space, which a user
-/// return address never is.
-pub const FRAME_TAG: u64 = 0xfffe_0000_0000_0000;
-const TAG_MASK: u64 = 0xffff_0000_0000_0000;
-
-/// Whether `address` stands for a Python frame.
-pub fn is_python_frame(address: u64) -> bool {
-    address & TAG_MASK == FRAME_TAG
-}
 
 /// A Python frame as reports show it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +84,8 @@ pub struct Interpreter {
     pub offsets: Offsets,
     /// Where `_PyEval_EvalFrameDefault`'s code is in the target.
     pub eval_ranges: Vec<(u64, u64)>,
+    /// Where the interpreter module's code is mapped in the target, when it was found.
+    pub code_ranges: Vec<(u64, u64)>,
     /// The address of `PyCode_Type`, when exported: a frame's code object must have it.
     pub code_type: Option<u64>,
     /// The module that holds the interpreter, as the target names it.
@@ -147,6 +141,17 @@ impl<M: Memory> PyProcess<M> {
 
     pub fn interpreter(&self) -> &Interpreter {
         &self.interp
+    }
+
+    /// Whether a mapping made inside a call of the object allocator, by code at return address
+    /// `caller`, is one of pymalloc's arenas: made by the interpreter's own code. A `malloc`
+    /// the call makes for a large object maps its block from the allocator's code instead (its
+    /// return probe skipped under uprobe sessions, the BPF side cannot tell it ended).
+    pub fn maps_arena(&self, caller: u64) -> bool {
+        self.interp
+            .code_ranges
+            .iter()
+            .any(|&(start, end)| start < caller && caller <= end)
     }
 
     /// Keeps the frames of an `EVENT_PY_STACK` record for the allocation that follows; false
@@ -307,6 +312,7 @@ mod tests {
             version,
             offsets,
             eval_ranges: vec![EVAL],
+            code_ranges: Vec::new(),
             code_type: Some(0xc0de),
             module: "/usr/bin/python3.11".into(),
             speculated_malloc: None,
