@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod names;
+pub mod pymalloc;
 pub mod python;
 #[cfg(feature = "user")]
 pub mod record;
@@ -276,8 +277,11 @@ pub mod stat {
     /// Allocations of a Python process whose Python frames could not be read (the thread
     /// state or a frame was unreadable); the allocation is still reported.
     pub const PYTHON_STACK_FAILED: u32 = 7;
+    /// Hits of a probe on CPython's inlined pymalloc whose registers did not hold a block and
+    /// its pool (`pymalloc::is_pool_of`): nothing was reported.
+    pub const PYMALLOC_MISMATCH: u32 = 8;
     /// Number of statistics.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Each statistic's name, by index (`--print-bpf-stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -289,6 +293,7 @@ pub mod stat {
         "stack_copy_failed",
         "sampled_full",
         "python_stack_failed",
+        "pymalloc_mismatch",
     ];
 }
 

@@ -8,5 +8,6 @@ pub mod forks;
 pub mod multi;
 pub mod probe_point;
 pub mod probes;
+pub mod pymalloc_inline;
 pub mod python;
 pub mod spawn;
