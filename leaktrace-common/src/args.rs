@@ -83,7 +83,9 @@ pub fn cookie(locations: &[u64]) -> u64 {
 pub fn read_by(program: &str) -> &'static [usize] {
     use crate::names::program as p;
     match program {
-        p::MALLOC_ENTRY | p::FREE_ENTRY | p::PY_FREE_ENTRY => &[0],
+        p::MALLOC_ENTRY | p::FREE_ENTRY | p::PY_FREE_ENTRY | p::PY_NEW_POOL_ENTRY => &[0],
+        p::PY_INLINE_ALLOC => &[0, 1],
+        p::PY_INLINE_FREE => &[1],
         p::CALLOC_ENTRY | p::REALLOC_ENTRY | p::MUNMAP_ENTRY | p::XALLOCX_ENTRY => &[0, 1],
         p::REALLOCARRAY_ENTRY => &[0, 1, 2],
         p::POSIX_MEMALIGN_ENTRY => &[0, 2],

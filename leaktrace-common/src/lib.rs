@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod names;
+pub mod pymalloc;
 pub mod python;
 #[cfg(feature = "user")]
 pub mod record;
@@ -288,8 +289,11 @@ pub mod stat {
     /// counts a session program's runs at entries and returns together, and `--max-overhead`
     /// charges a return a return trap, not an entry's.
     pub const SESSION_RETURNS: u32 = 8;
+    /// Hits of a probe on CPython's inlined pymalloc whose registers did not hold a block and
+    /// its pool (`pymalloc::is_pool_of`): nothing was reported.
+    pub const PYMALLOC_MISMATCH: u32 = 9;
     /// Number of statistics.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Each statistic's name, by index (`--print-bpf-stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -302,6 +306,7 @@ pub mod stat {
         "sampled_full",
         "python_stack_failed",
         "session_returns",
+        "pymalloc_mismatch",
     ];
 }
 

@@ -77,6 +77,16 @@ pub mod program {
     /// CPython's `PyObject_Free(ptr)` and `PyMem_Free(ptr)`: as `free_entry`, and the `free`
     /// they may call for the same block is not reported again.
     pub const PY_FREE_ENTRY: &str = "py_free_entry";
+    /// CPython's `pymalloc_alloc` where it is compiled into its callers: at the branch after
+    /// the pop of a pool's free list, the block in argument 0's register and its pool in
+    /// argument 1's (`args::location`); reported there, with no return probe.
+    pub const PY_INLINE_ALLOC: &str = "py_inline_alloc";
+    /// CPython's `pymalloc_free` where it is compiled into its callers: at the branch after
+    /// the push onto a pool's free list, the pool in argument 1's register.
+    pub const PY_INLINE_FREE: &str = "py_inline_free";
+    /// CPython's `allocate_from_new_pool(size_class)`: pymalloc's path when no pool of the
+    /// size class has a free block; reported at its return, as `malloc`.
+    pub const PY_NEW_POOL_ENTRY: &str = "py_new_pool_entry";
     /// The return of every entry but the free-like ones.
     pub const ALLOC_RETURN: &str = "alloc_return";
     /// Programs that do nothing, attached instead of the others by benchmarks
@@ -107,8 +117,11 @@ pub mod program {
         })
     }
 
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         PY_FREE_ENTRY,
+        PY_INLINE_FREE,
+        PY_INLINE_ALLOC,
+        PY_NEW_POOL_ENTRY,
         MALLOC_ENTRY,
         CALLOC_ENTRY,
         REALLOC_ENTRY,

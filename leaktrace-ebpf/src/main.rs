@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod pymalloc;
 mod python;
 mod sample;
 mod stack;
@@ -73,7 +74,7 @@ pub(crate) fn count(index: u32) {
 }
 
 #[inline(always)]
-fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
+pub(crate) fn stack_pointer(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
     let regs = ctx.as_ptr().cast::<aya_ebpf::bindings::pt_regs>();
     // SAFETY: the context of a (ret)probe program is the user's pt_regs.
     unsafe { (*regs).rsp }
@@ -146,7 +147,7 @@ fn is_uprobe_trampoline(word: u64) -> bool {
 /// when its return has nothing to report: a nested call, or under sampling a block not drawn
 /// (decided here, from the size) that releases no drawn block.
 #[inline(always)]
-fn enter(
+pub(crate) fn enter(
     ctx: &ProbeContext,
     call: u32,
     size_bytes: u64,
@@ -267,7 +268,7 @@ fn enter(
 /// attach cookie says which when the probe was moved past instructions that moved it
 /// (`leaktrace_common::args`).
 #[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     use aya_ebpf::EbpfContext as _;
     use leaktrace_common::args::{location, reg};
     // SAFETY: the helper only reads the probe's own attach cookie (0 when it has none).
@@ -596,7 +597,57 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     if addr == 0 && released == 0 {
         return Ok(0);
     }
+    report(
+        ctx,
+        state,
+        Reported {
+            call,
+            pid_tgid: key,
+            addr,
+            size_bytes,
+            released,
+            old_size_bytes,
+            entry_ts_ns,
+            copy_stack: true,
+        },
+    )
+}
 
+/// What `report` sends.
+pub(crate) struct Reported {
+    pub call: u32,
+    pub pid_tgid: u64,
+    pub addr: u64,
+    pub size_bytes: u64,
+    pub released: u64,
+    pub old_size_bytes: u64,
+    pub entry_ts_ns: u64,
+    /// Whether a stack the tables cannot unwind goes with a copy of the stack, for user space
+    /// to unwind; without, it is sent with the frames walked. CPython's inlined pymalloc
+    /// makes objects by the hundred thousand at start-up, before the rows of the executable
+    /// are written: copies of 8 KiB each would fill the ring buffer.
+    pub copy_stack: bool,
+}
+
+/// Sends an allocation record, with the stack of the user registers in `ctx` (and the Python
+/// frames before it): at a return, frame 0 is the caller of the allocator; at a probe inside a
+/// function (CPython's inlined pymalloc), that function.
+#[inline(always)]
+pub(crate) fn report(
+    ctx: &RetProbeContext,
+    state: &mut thread::ThreadState,
+    r: Reported,
+) -> Result<u32, u32> {
+    let Reported {
+        call,
+        pid_tgid: key,
+        addr,
+        size_bytes,
+        released,
+        old_size_bytes,
+        entry_ts_ns,
+        copy_stack,
+    } = r;
     let event = &mut state.event;
     event.kind = EVENT_ALLOC;
     event.call = call;
@@ -613,7 +664,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
     }
     let mode = stack::mode();
     if mode == unwind::AUTO {
-        if stack::walk_tables(ctx, event, &mut state.window) {
+        if stack::walk_tables(ctx, event, &mut state.window) || !copy_stack {
             return submit(event);
         }
         if stack::submit_copy_of(ctx, event) {
@@ -739,7 +790,13 @@ pub fn py_free_entry(ctx: ProbeContext) -> u32 {
 }
 
 fn try_py_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
-    let addr = arg(ctx, 0);
+    py_released(ctx, arg(ctx, 0))
+}
+
+/// Reports the release of `addr` by CPython's allocator, unless a probed call around it
+/// reports it.
+#[inline(always)]
+pub(crate) fn py_released(ctx: &ProbeContext, addr: u64) -> Result<u32, u32> {
     if addr == 0 {
         return Ok(0);
     }

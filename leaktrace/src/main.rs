@@ -120,7 +120,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
         // Before attaching: the first allocations already need their rows.
         let processes: Vec<_> = targets
             .iter_mut()
-            .map(|(target, _)| (target.pid, target.space.row_sources()))
+            .map(|(target, ..)| (target.pid, target.space.row_sources()))
             .collect();
         maps.unwind_rows
             .update(&processes)

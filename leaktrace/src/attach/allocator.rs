@@ -17,8 +17,8 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol a
 use leaktrace_common::args;
 use leaktrace_common::names::program::{
     ALIGNED_ALLOC_ENTRY, CALLOC_ENTRY, FREE_ENTRY, MALLOC_ENTRY, MMAP_ENTRY, MREMAP_ENTRY,
-    MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, PY_FREE_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY,
-    XALLOCX_ENTRY,
+    MUNMAP_ENTRY, POSIX_MEMALIGN_ENTRY, PY_FREE_ENTRY, PY_INLINE_ALLOC, PY_INLINE_FREE,
+    PY_NEW_POOL_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY, XALLOCX_ENTRY,
 };
 
 use super::probe_point::{ModuleCode, ProbePoint};
@@ -208,9 +208,13 @@ pub struct EntryPoint {
 
 impl EntryPoint {
     /// It is reported at its return, so it also gets the `alloc_return` uretprobe: all but
-    /// the free-like ones (munmap too: only a munmap that succeeded releases anything).
+    /// the free-like ones (munmap too: only a munmap that succeeded releases anything) and
+    /// CPython's inlined pymalloc, reported where it is probed.
     pub fn allocates(&self) -> bool {
-        self.program != FREE_ENTRY && self.program != PY_FREE_ENTRY
+        !matches!(
+            self.program,
+            FREE_ENTRY | PY_FREE_ENTRY | PY_INLINE_FREE | PY_INLINE_ALLOC
+        )
     }
 }
 
@@ -408,8 +412,31 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
         .iter()
         .map(|m| ModuleCode::of_elf(&m.data))
         .collect();
+    // CPython's modules whose `PyObject_Malloc` has pymalloc compiled in: its copies in the
+    // callers are probed too, except in the functions probed at their entry.
+    let pythons: Vec<(usize, Sym, FileRanges)> = candidates
+        .iter()
+        .filter(|c| c.1 == "PyObject_Malloc" && super::pymalloc_inline::enabled())
+        .filter(|c| {
+            let data = &modules[c.0].data;
+            let at = usize::try_from(c.3.file_offset).unwrap_or(usize::MAX);
+            let len = usize::try_from(c.3.size.clamp(1, 256)).unwrap_or(0);
+            data.get(at..at.saturating_add(len))
+                .and_then(|code| super::python::speculated_allocator(code, c.3.vaddr))
+                .is_some()
+        })
+        .map(|c| {
+            let probed = candidates
+                .iter()
+                .filter(|o| o.0 == c.0)
+                .filter(|o| super::python::ENTRY_POINTS.iter().any(|&(n, _)| n == o.1))
+                .map(|o| (o.3.file_offset, o.3.file_offset + o.3.size))
+                .collect();
+            (c.0, c.3, probed)
+        })
+        .collect();
     let mut seen = HashSet::new();
-    let entry_points = candidates
+    let mut entry_points: Vec<EntryPoint> = candidates
         .into_iter()
         .enumerate()
         .filter(|(k, _)| !wrappers.contains(k))
@@ -425,10 +452,60 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
             file_offset: sym.file_offset,
         })
         .collect();
+    for (i, malloc, probed) in pythons {
+        entry_points.extend(inlined_pymalloc(&modules[i], &code[i], malloc, &probed));
+    }
     Ok(Allocator {
         families,
         entry_points,
     })
+}
+
+/// The probes on the copies of pymalloc's fast paths in `module` (`pymalloc_inline`), and on
+/// `allocate_from_new_pool`, which `PyObject_Malloc` (`malloc`) calls.
+fn inlined_pymalloc(
+    module: &Module,
+    code: &ModuleCode<'_>,
+    malloc: Sym,
+    probed: &[(u64, u64)],
+) -> Vec<EntryPoint> {
+    let sites = super::pymalloc_inline::find(
+        code,
+        probed,
+        (malloc.file_offset, malloc.file_offset + malloc.size),
+    );
+    let point = |site: &super::pymalloc_inline::Site| ProbePoint {
+        file_offset: site.file_offset,
+        cookie: site.cookie,
+        trap: super::probe_point::Trap::Emulated,
+    };
+    let entry = |symbol: &str, program: &'static str, probe: ProbePoint| EntryPoint {
+        symbol: symbol.to_owned(),
+        program,
+        module: module.name.clone(),
+        path: module.file.path.clone(),
+        file: module.file.clone(),
+        file_offset: probe.file_offset,
+        probe,
+        entry: probe,
+    };
+    let allocs = sites
+        .allocs
+        .iter()
+        .map(|site| entry("pymalloc_alloc (inlined)", PY_INLINE_ALLOC, point(site)));
+    let frees = sites
+        .frees
+        .iter()
+        .map(|site| entry("pymalloc_free (inlined)", PY_INLINE_FREE, point(site)));
+    let new_pool = sites.new_pool.map(|offset| {
+        let probe = code.choose(offset, args::read_by(PY_NEW_POOL_ENTRY));
+        EntryPoint {
+            entry: code.at_entry(offset),
+            file_offset: offset,
+            ..entry("allocate_from_new_pool", PY_NEW_POOL_ENTRY, probe)
+        }
+    });
+    frees.chain(allocs).chain(new_pool).collect()
 }
 
 fn program_of(name: &str) -> Option<&'static str> {
@@ -437,6 +514,9 @@ fn program_of(name: &str) -> Option<&'static str> {
         .find(|&&(n, _)| n == name)
         .map(|&(_, program)| program)
 }
+
+/// File offset ranges (start, end) of functions.
+type FileRanges = Vec<(u64, u64)>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Sym {

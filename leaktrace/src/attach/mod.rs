@@ -9,5 +9,6 @@ pub mod kernel_btf;
 pub mod multi;
 pub mod probe_point;
 pub mod probes;
+pub mod pymalloc_inline;
 pub mod python;
 pub mod spawn;

@@ -133,6 +133,11 @@ impl<'a> ModuleCode<'a> {
         }
     }
 
+    /// Its executable segments.
+    pub(crate) fn segments(&self) -> &[Segment<'a>] {
+        &self.segments
+    }
+
     fn segment_of(&self, at: u64) -> Option<&Segment<'a>> {
         self.segments
             .iter()
@@ -140,7 +145,14 @@ impl<'a> ModuleCode<'a> {
     }
 
     /// Whether a relative branch or call of the module lands in `(entry, candidate]`.
-    fn lands_in(&self, entry: u64, candidate: u64) -> bool {
+    pub(crate) fn lands_in(&self, entry: u64, candidate: u64) -> bool {
+        self.lands_in_except(entry, candidate, &[])
+    }
+
+    /// Whether a relative branch or call of the module lands in `(entry, candidate]`
+    /// elsewhere than at `allowed` (where branches the caller knows of land; another branch
+    /// to the same place goes unseen).
+    pub(crate) fn lands_in_except(&self, entry: u64, candidate: u64, allowed: &[u64]) -> bool {
         let targets = self.targets.get_or_init(|| {
             let mut targets: Vec<u64> = self.segments.iter().flat_map(branch_targets).collect();
             targets.sort_unstable();
@@ -148,7 +160,10 @@ impl<'a> ModuleCode<'a> {
             targets
         });
         let first_after = targets.partition_point(|&t| t <= entry);
-        targets.get(first_after).is_some_and(|&t| t <= candidate)
+        targets[first_after..]
+            .iter()
+            .take_while(|&&t| t <= candidate)
+            .any(|t| !allowed.contains(t))
     }
 }
 
@@ -219,7 +234,7 @@ fn first_emulated(segment: &Segment<'_>, entry: u64, reads: &[usize]) -> Option<
 /// Whether the x86-64 kernel emulates it (arch/x86/kernel/uprobes.c, 6.18). Only the plain
 /// encodings: the kernel refuses branches with an operand-size prefix, and a prefix shows as a
 /// longer instruction.
-fn is_emulated(instruction: &Instruction) -> bool {
+pub(crate) fn is_emulated(instruction: &Instruction) -> bool {
     let len = instruction.len();
     if instruction.is_jcc_short() || instruction.is_jmp_short() {
         return len == 2;
@@ -298,7 +313,7 @@ fn skip(
 
 /// The `leaktrace_common::args::reg` number of a general-purpose register (any width), None
 /// for `%rsp` and the others.
-fn number(register: Register) -> Option<u64> {
+pub(crate) fn number(register: Register) -> Option<u64> {
     Some(match register.full_register() {
         Register::RDI => reg::RDI,
         Register::RSI => reg::RSI,

@@ -902,7 +902,10 @@ fn attach_to(
         }
         // A return program reads no argument; 0 is "where the ABI puts them".
         let cookie = |e: &EntryPoint| {
-            let pymalloc = if super::python::is_object_allocator(&e.symbol) {
+            // `allocate_from_new_pool` is where an inlined pymalloc maps its arenas.
+            let pymalloc = if super::python::is_object_allocator(&e.symbol)
+                || e.program == program::PY_NEW_POOL_ENTRY
+            {
                 args::PYMALLOC
             } else {
                 0

@@ -165,6 +165,24 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
         .filter(|m| m.path == path && m.is_executable())
         .map(|m| (m.start, m.end))
         .collect();
+    let pymalloc_sites =
+        (speculated_malloc.is_some() && super::pymalloc_inline::enabled()).then(|| {
+            let range = |name: &str| {
+                let (vaddr, size) = symbol(name)?;
+                let at = file_offset(vaddr)?;
+                Some((at, at + size))
+            };
+            let probed: Vec<(u64, u64)> = ENTRY_POINTS
+                .iter()
+                .filter_map(|&(name, _)| range(name))
+                .collect();
+            let malloc = range("PyObject_Malloc").unwrap_or_default();
+            super::pymalloc_inline::find(
+                &super::probe_point::ModuleCode::of_elf(data),
+                &probed,
+                malloc,
+            )
+        });
     Found::Known(Box::new(Interpreter {
         version: known,
         offsets,
@@ -173,6 +191,7 @@ fn in_module(data: &[u8], maps: &ProcMaps, path: &str) -> Found {
         code_type: symbol("PyCode_Type").map(|(vaddr, _)| vaddr.wrapping_add(bias)),
         module: path.to_owned(),
         speculated_malloc,
+        pymalloc_sites,
         unseen: None,
     }))
 }
@@ -263,6 +282,24 @@ pub fn check_objects_seen(pid: u32, interp: &mut Interpreter, memory: &impl Memo
     };
     if memory.u64_at(slot) != Some(function) {
         // Another allocator (PYTHONMALLOC=malloc, debug): every call goes through the table.
+        return;
+    }
+    if let Some(sites) = &interp.pymalloc_sites {
+        if sites.complete() {
+            crate::status!(
+                "leaktrace: pid {pid}: {} has pymalloc compiled into its callers: {}",
+                interp.module,
+                sites.describe()
+            );
+            return;
+        }
+        let unseen = format!(
+            "{} has pymalloc compiled into its callers (link-time optimization), and only {}: some Python objects of up to 512 bytes are not seen (PYTHONMALLOC=malloc, set when the service starts, shows them all)",
+            interp.module,
+            sites.describe()
+        );
+        crate::status!("leaktrace: warning: pid {pid}: {unseen}");
+        interp.unseen = Some(unseen);
         return;
     }
     let unseen = format!(

@@ -94,6 +94,9 @@ pub struct Interpreter {
     /// against one function before calling it (`attach::python::speculated_allocator`): the
     /// table slot's address and that function's, in the target.
     pub speculated_malloc: Option<(u64, u64)>,
+    /// With `speculated_malloc`: the copies of pymalloc's fast paths in its callers, and how
+    /// many of them the probes see (`attach::pymalloc_inline`).
+    pub pymalloc_sites: Option<crate::attach::pymalloc_inline::Sites>,
     /// What the probes miss of this interpreter's allocations, when they miss something:
     /// one sentence for the reports' `incomplete_reasons`.
     pub unseen: Option<String>,
@@ -316,6 +319,7 @@ mod tests {
             code_type: Some(0xc0de),
             module: "/usr/bin/python3.11".into(),
             speculated_malloc: None,
+            pymalloc_sites: None,
             unseen: None,
         };
         (PyProcess::new(interp, mem, names.clone()), names)
