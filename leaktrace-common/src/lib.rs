@@ -234,8 +234,10 @@ pub struct Pending {
     /// else drawn at the entry (the size is known there, so an undrawn call can skip its
     /// return).
     pub drawn: u32,
-    /// Non-zero for a call of CPython's object allocator (see [`call::ARENA_MMAP`]): the
-    /// anonymous mappings it makes and releases itself are reported, not hidden as nested.
+    /// For a call of CPython's object allocator (see [`call::ARENA_MMAP`]): the `depth` at
+    /// which the anonymous mappings it makes and releases itself are reported, not hidden as
+    /// nested; 0 for other calls. Deeper than 1 where pymalloc's own probed function
+    /// (`allocate_from_new_pool`, inlined pymalloc) runs inside the probed call it serves.
     pub arenas: u32,
     pub _pad: u32,
 }

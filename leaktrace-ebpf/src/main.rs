@@ -174,8 +174,16 @@ pub(crate) fn enter(
             // pymalloc mapping or releasing an arena, inside the call it serves: reported
             // (apart: see `args::PYMALLOC`), while that call waits in `outer`.
             let own_mapping = call == call::MMAP || call == call::MUNMAP;
-            if !(own_mapping && pending.depth == 1 && pending.arenas != 0) || state.outer.depth != 0
+            if !(own_mapping && pending.arenas != 0 && pending.depth == pending.arenas)
+                || state.outer.depth != 0
             {
+                // pymalloc's own function inside the call it serves (Debian's python3.11
+                // calls `allocate_from_new_pool`, probed, from `PyObject_Malloc`): the arena
+                // it maps is still that call's own.
+                if pending.arenas != 0 && pending.depth == pending.arenas && is_pymalloc_probe(ctx)
+                {
+                    pending.arenas += 1;
+                }
                 pending.depth += 1;
                 return 0;
             }
@@ -255,13 +263,18 @@ pub(crate) fn enter(
         },
         old_sampled: u32::from(old_sampled),
         drawn: u32::from(drawn),
-        // SAFETY: the helper only reads the probe's own attach cookie.
-        arenas: u32::from(
-            unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } & leaktrace_common::args::PYMALLOC != 0,
-        ),
+        arenas: u32::from(is_pymalloc_probe(ctx)),
         _pad: 0,
     };
     0
+}
+
+/// Whether the probe is on CPython's object allocator (`args::PYMALLOC` in its cookie).
+#[inline(always)]
+fn is_pymalloc_probe(ctx: &ProbeContext) -> bool {
+    // SAFETY: the helper only reads the probe's own attach cookie.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    cookie & leaktrace_common::args::PYMALLOC != 0
 }
 
 /// Argument `n` of the traced call, from the register that holds it at the probe point: the
@@ -505,6 +518,8 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         1 => pending.depth = 0,
         _ => {
             pending.depth -= 1;
+            // Back in the pymalloc call that a deeper pymalloc function served.
+            pending.arenas = pending.arenas.min(pending.depth);
             return Ok(0);
         }
     }
