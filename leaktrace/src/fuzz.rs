@@ -116,7 +116,7 @@ mod records {
                 tests::{alloc_record, alloc_stack_record, call_record, free_record, unmap_record},
                 tgid_of, user_stack,
             },
-            event_loop::{Scratch, apply},
+            event_loop::{Process, Scratch, apply},
         },
         model::heap::HeapModel,
         proc::maps::ProcMaps,
@@ -186,8 +186,10 @@ mod records {
             let mut heap = HeapModel::default();
             let mut unwinder = Unwinder::new(leaktrace_common::DEFAULT_STACK_DEPTH);
             let mut scratch = Scratch::default();
+            let own_code = crate::attach::allocator::OwnCode::default();
             for record in &records {
-                let _ = apply(record, &mut heap, &mut space, None, &mut unwinder, &mut scratch);
+                let process = Process { space: &mut space, python: None, own_code: &own_code };
+                let _ = apply(record, &mut heap, process, &mut unwinder, &mut scratch);
             }
             // And reported: the snapshot's sums, trends and every renderer.
             let mut trends = Trends::new(10, 0.5);

@@ -368,6 +368,7 @@ fn session(
         python,
         python_names: python_names.clone(),
         reporter,
+        own_code: allocator.own_code(),
     })
 }
 

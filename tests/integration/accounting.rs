@@ -87,6 +87,26 @@ fn every_site_of_the_allocator_family_is_exact_with_4_threads() {
 }
 
 #[test]
+fn a_thread_arena_that_glibc_maps_inside_free_is_not_a_mapping_of_the_program() {
+    if !require_root() {
+        return;
+    }
+    // Each thread's first allocator call is a `free`, inside which glibc maps the thread's
+    // arena (64 MiB): with no return probe on `free`, nothing nests the `mmap` in it.
+    let (outcome, want) = trace_two_rounds("thread_arenas", &["--top", "100"]);
+    let report = outcome.last();
+    assert_eq!(reported_sites(report), want);
+    let totals = &report["totals"];
+    assert_eq!(totals["mapped_bytes"], 0, "{totals}");
+    assert_eq!(
+        totals["outstanding_bytes"],
+        want.iter().map(|w| w.1).sum::<u64>()
+    );
+    assert_eq!(totals["lost_events"], 0);
+    assert_eq!(totals["unmatched_frees"], 0);
+}
+
+#[test]
 fn mappings_are_exact_with_partial_unmaps_remaps_and_4_threads() {
     if !require_root() {
         return;

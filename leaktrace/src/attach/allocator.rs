@@ -6,6 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    ops::Range,
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -198,6 +199,9 @@ pub struct EntryPoint {
     pub path: PathBuf,
     pub file: Arc<files::Opened>,
     pub file_offset: u64,
+    /// Its function's bytes in the file; 0 for a probe inside other functions' code (CPython's
+    /// inlined pymalloc).
+    pub size: u64,
     /// Where to probe it (its entry program, and its return program at the same place): the
     /// entry, or a later instruction that the kernel emulates rather than single-steps
     /// (`probe_point`).
@@ -215,6 +219,26 @@ impl EntryPoint {
             self.program,
             FREE_ENTRY | PY_FREE_ENTRY | PY_INLINE_FREE | PY_INLINE_ALLOC
         )
+    }
+}
+
+/// The code of the allocator functions leaktrace probes, but the mapping calls': a mapping
+/// made from inside one of them is the allocator's own, as one made inside a call whose
+/// return is probed is (hidden as a nested call). glibc maps a thread's arena (64 MiB) inside
+/// the thread's first allocator call, `free` included, which has no return probe to nest it in.
+#[derive(Clone, Debug, Default)]
+pub struct OwnCode {
+    /// The module as the target names it, and the function's file offsets.
+    functions: Vec<(String, Range<u64>)>,
+}
+
+impl OwnCode {
+    /// Whether the return address at `file_offset` of `module` is inside one of the functions:
+    /// after its first byte, at most at its end (a call that ends it).
+    pub fn holds(&self, module: &str, file_offset: u64) -> bool {
+        self.functions.iter().any(|(name, code)| {
+            name == module && code.start < file_offset && file_offset <= code.end
+        })
     }
 }
 
@@ -246,6 +270,19 @@ impl Allocator {
     /// The module that holds it, as the target names it.
     pub fn module(&self) -> &str {
         &self.families[0].module
+    }
+
+    /// The code of its allocator functions: see [`OwnCode`].
+    pub fn own_code(&self) -> OwnCode {
+        let functions = self
+            .entry_points
+            .iter()
+            .filter(|e| {
+                e.size > 0 && !matches!(e.program, MMAP_ENTRY | MREMAP_ENTRY | MUNMAP_ENTRY)
+            })
+            .map(|e| (e.module.clone(), e.file_offset..e.file_offset + e.size))
+            .collect();
+        OwnCode { functions }
     }
 
     /// "jemalloc in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2", joined by " + ".
@@ -450,6 +487,7 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
             path: modules[i].file.path.clone(),
             file: modules[i].file.clone(),
             file_offset: sym.file_offset,
+            size: sym.size,
         })
         .collect();
     for (i, malloc, probed) in pythons {
@@ -486,6 +524,7 @@ fn inlined_pymalloc(
         path: module.file.path.clone(),
         file: module.file.clone(),
         file_offset: probe.file_offset,
+        size: 0,
         probe,
         entry: probe,
     };

@@ -17,6 +17,7 @@ use tokio::{
 use super::decode::{DecodeError, decode, pid_tgid_of, tgid_of, user_stack};
 use crate::{
     attach::{
+        allocator::OwnCode,
         forks::{ProcEvent, ProcEvents},
         probes::{Maps, Probes, Unwind, UnwindRows},
         python::Found,
@@ -106,6 +107,8 @@ pub struct Session {
     /// The names of the trace's Python frames, which its reporter reads.
     pub python_names: Arc<PyNames>,
     pub reporter: Reporter,
+    /// Its allocator's code: the mappings made there are the allocator's own.
+    pub own_code: OwnCode,
 }
 
 /// Attaches to a forked child and returns its session (`--follow-forks`).
@@ -118,6 +121,7 @@ struct Traced {
     python: Option<PyProcess>,
     python_names: Arc<PyNames>,
     reporter: Reporter,
+    own_code: OwnCode,
     /// Unwinds its stack copies (`--unwind auto|dwarf`) with its modules' call-frame
     /// information.
     unwinder: Unwinder,
@@ -590,6 +594,7 @@ impl Traced {
             python: session.python,
             python_names: session.python_names,
             reporter: session.reporter,
+            own_code: session.own_code,
             unwinder: Unwinder::new(settings.max_depth),
             heap: HeapModel::new(settings.sampling),
             trends: Trends::new(settings.window, settings.interval.as_secs_f64() / 2.0),
@@ -771,30 +776,49 @@ fn drain(
         let Traced {
             target,
             python,
+            own_code,
             unwinder,
             heap,
             ..
         } = traced;
         let python = python.as_mut();
-        if apply(&record, heap, &mut target.space, python, unwinder, scratch).is_err() {
+        let process = Process {
+            space: &mut target.space,
+            python,
+            own_code,
+        };
+        if apply(&record, heap, process, unwinder, scratch).is_err() {
             bad += 1;
         }
     }
     bad
 }
 
+/// What [`apply`] needs of the process a record came from.
+pub struct Process<'a> {
+    /// Its address space: the unwinder's modules, and where the frames of stacks not seen
+    /// before are located.
+    pub space: &'a mut AddressSpace,
+    /// Its interpreter, when it runs CPython.
+    pub python: Option<&'a mut PyProcess>,
+    pub own_code: &'a OwnCode,
+}
+
 /// Decodes one record, unwinds its stack copy if it has one, puts the Python frames sent for
-/// it among its native ones (`python`: the process runs CPython), and applies it to the heap
-/// model. `space` is the address space of the process it came from: the unwinder's modules,
-/// and where the frames of stacks not seen before are located.
+/// it among its native ones, and applies it to the heap model of its process; a mapping its
+/// allocator made for itself is left out.
 pub fn apply(
     record: &[u8],
     heap: &mut HeapModel,
-    space: &mut AddressSpace,
-    mut python: Option<&mut PyProcess>,
+    process: Process<'_>,
     unwinder: &mut Unwinder,
     scratch: &mut Scratch,
 ) -> Result<(), DecodeError> {
+    let Process {
+        space,
+        mut python,
+        own_code,
+    } = process;
     if let Some(python) = python.as_deref_mut()
         && python
             .take(record)
@@ -818,6 +842,16 @@ pub fn apply(
         }
         _ => (frames, truncated),
     };
+    if let Event::Map { source, ts_ns, .. } = &event
+        && *source == MapSource::Mmap(Backing::Anonymous)
+        && native.iter().any(|&address| {
+            space
+                .module_at(address, *ts_ns)
+                .is_some_and(|(module, offset)| own_code.holds(&module.path, offset))
+        })
+    {
+        return Ok(());
+    }
     if let Event::Map {
         source, size_bytes, ..
     } = &mut event
@@ -896,15 +930,14 @@ mod tests {
         let mut stack = stack;
         stack[..8].copy_from_slice(&(sp + 16).to_ne_bytes());
         let record = alloc_stack_record(0x5000, &[0x1111, 0x9999], regs, &stack);
+        let own_code = OwnCode::default();
         let mut apply = |record: &[u8]| {
-            apply(
-                record,
-                &mut heap,
-                &mut space,
-                None,
-                &mut unwinder,
-                &mut scratch,
-            )
+            let process = Process {
+                space: &mut space,
+                python: None,
+                own_code: &own_code,
+            };
+            apply(record, &mut heap, process, &mut unwinder, &mut scratch)
         };
         apply(&record).unwrap();
         apply(&alloc_record(0x6000, 8, 0, &[0x1111, 0x9999])).unwrap();
