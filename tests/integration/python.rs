@@ -509,9 +509,6 @@ fn pyenv_python_shows_arenas_apart(version: &str) {
         return;
     };
     let (truth, report) = trace_small_objects(&python, &[]);
-    let totals = &report["totals"];
-    let made = truth["arenas_made"].as_u64().unwrap();
-    assert!(made >= 7, "8 MB of small objects need arenas: {truth}");
     assert_eq!(
         at_kept_line(&truth, &report, "malloc"),
         (
@@ -520,28 +517,36 @@ fn pyenv_python_shows_arenas_apart(version: &str) {
         ),
         "the objects, one by one"
     );
+    assert_arenas_apart(&truth, &report);
+}
+
+/// The arenas made for the kept objects are listed apart at their line, exact; arenas made
+/// elsewhere since attach (the interpreter's own objects) are listed apart too, none of them
+/// in the totals; the large objects are blocks.
+fn assert_arenas_apart(truth: &Value, report: &Value) {
+    let totals = &report["totals"];
+    let made = truth["arenas_made"].as_u64().unwrap();
+    assert!(made >= 7, "8 MB of small objects need arenas: {truth}");
     assert_eq!(
-        at_kept_line(&truth, &report, "pymalloc_arena"),
+        at_kept_line(truth, report, "pymalloc_arena"),
         (made, made * ARENA_BYTES),
         "the arenas made for them: {totals}"
     );
-    assert_eq!(at_kept_line(&truth, &report, "mmap"), (0, 0));
-    // Arenas made elsewhere since attach (the interpreter's own objects) are listed apart too,
-    // and none of them is in the totals.
+    assert_eq!(at_kept_line(truth, report, "mmap"), (0, 0));
     let arenas = totals["pymalloc_arenas"].as_u64().unwrap();
     assert!(arenas >= made, "{totals}");
     assert_eq!(totals["pymalloc_arena_bytes"], arenas * ARENA_BYTES);
-    assert_eq!(held_by(&report, &["pymalloc_arena"]), arenas * ARENA_BYTES);
+    assert_eq!(held_by(report, &["pymalloc_arena"]), arenas * ARENA_BYTES);
     assert_eq!(
         totals["outstanding_bytes"].as_u64().unwrap(),
-        held_by(&report, &["malloc", "mmap"]),
+        held_by(report, &["malloc", "mmap"]),
         "{totals}"
     );
     assert!(
         totals["mapped_bytes"].as_u64().unwrap() < ARENA_BYTES,
         "{totals}"
     );
-    assert_large_objects(&truth, &report);
+    assert_large_objects(truth, report);
 }
 
 #[test]
@@ -568,9 +573,6 @@ fn debian_python3_with_inlined_pymalloc_shows_arenas_apart_and_objects_exactly()
     // probes on those copies, each a block of its size class (rounded up to 16 bytes), and
     // the arenas, mapped inside `allocate_from_new_pool`, apart.
     let (truth, report) = trace_small_objects(DEBIAN_PYTHON, &[]);
-    let totals = &report["totals"];
-    let made = truth["arenas_made"].as_u64().unwrap();
-    assert!(made >= 7, "{truth}");
     let (count, bytes) = (
         truth["count"].as_u64().unwrap(),
         truth["bytes"].as_u64().unwrap(),
@@ -580,26 +582,8 @@ fn debian_python3_with_inlined_pymalloc_shows_arenas_apart_and_objects_exactly()
         seen == count && bytes <= seen_bytes && seen_bytes <= bytes + 15 * count,
         "want {count} objects of {bytes} bytes (+ up to 15 per block), got {seen} of {seen_bytes}"
     );
-    assert_eq!(
-        at_kept_line(&truth, &report, "pymalloc_arena"),
-        (made, made * ARENA_BYTES),
-        "the arenas made for them: {totals}"
-    );
-    assert_eq!(at_kept_line(&truth, &report, "mmap"), (0, 0));
-    let arenas = totals["pymalloc_arenas"].as_u64().unwrap();
-    assert!(arenas >= made, "{totals}");
-    assert_eq!(totals["pymalloc_arena_bytes"], arenas * ARENA_BYTES);
-    assert_eq!(
-        totals["outstanding_bytes"].as_u64().unwrap(),
-        held_by(&report, &["malloc", "mmap"]),
-        "{totals}"
-    );
-    assert!(
-        totals["mapped_bytes"].as_u64().unwrap() < ARENA_BYTES,
-        "{totals}"
-    );
+    assert_arenas_apart(&truth, &report);
     assert_eq!(pymalloc_reasons(&report), 0);
-    assert_large_objects(&truth, &report);
 }
 
 #[test]
