@@ -33,7 +33,10 @@ use leaktrace::{
     },
     stacks::python::{PyNames, PyProcess},
     status,
-    target::{Target, modules::Modules},
+    target::{
+        Target,
+        modules::{Module, Modules},
+    },
 };
 
 /// `--fail-on-leak` found a leak.
@@ -109,7 +112,11 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
     let modules = Modules::new();
     // The trace's Python frames, named once for every process and reporter.
     let python_names = Arc::new(PyNames::default());
-    let (mut targets, mut child) = open_targets(&config.targets, &modules, &python_names)?;
+    let (mut targets, spawned) = open_targets(&config.targets, &modules, &python_names)?;
+    let (mut child, to_map) = match spawned {
+        Some(Spawned { child, modules }) => (Some(child), modules),
+        None => (None, Vec::new()),
+    };
     let pids: Vec<u32> = targets.iter().map(|(t, ..)| t.pid).collect();
     let first_command = targets[0].0.command.clone();
     let reports = &config.report;
@@ -124,6 +131,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
             .collect();
         maps.unwind_rows
             .update(&processes)
+            .and_then(|()| maps.unwind_rows.prepare(&to_map))
             .context("filling the BPF map of unwinding rows")?;
     }
     let mut probes = probes::Probes::new(ebpf, maps.ids.clone(), config.attach)?;
@@ -261,13 +269,20 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
 /// and its allocator.
 type Opened = Vec<(Target, Option<PyProcess>, Allocator)>;
 
+/// Spawn mode's command, held before its `exec`.
+struct Spawned {
+    child: spawn::Child,
+    /// The modules it will map: its program and the libraries its loader will load.
+    modules: Vec<Arc<Module>>,
+}
+
 /// The targets with their allocators, and spawn mode's command. Spawn mode forks here, before
 /// any thread exists: the child waits before exec until the probes are attached.
 fn open_targets(
     targets: &Targets,
     modules: &Arc<Modules>,
     python_names: &Arc<PyNames>,
-) -> anyhow::Result<(Opened, Option<spawn::Child>)> {
+) -> anyhow::Result<(Opened, Option<Spawned>)> {
     match targets {
         Targets::Pids(pids) => {
             let mut targets = Vec::new();
@@ -287,7 +302,15 @@ fn open_targets(
                 .with_context(|| format!("finding the allocator of {}", program.display()))?;
             // Its interpreter, if it runs one, is looked for once it has exec'd.
             let target = Target::spawned(forked.pid, command, modules);
-            Ok((vec![(target, None, allocator)], Some(forked)))
+            let to_map = std::iter::once(&program)
+                .chain(&libraries)
+                .filter_map(|path| modules.of_path(path))
+                .collect();
+            let spawned = Spawned {
+                child: forked,
+                modules: to_map,
+            };
+            Ok((vec![(target, None, allocator)], Some(spawned)))
         }
     }
 }

@@ -395,7 +395,8 @@ fn spawn_mode_loses_nothing_of_a_start_up_that_allocates_at_once() {
     // Allocations made between the exec and the moment the unwinding rows of the new
     // executable are in the BPF maps come with 8 KiB stack copies: written one map update at a
     // time (~1 s for python3's rows), they filled the ring buffer while the event loop was
-    // busy writing, and events were lost.
+    // busy writing, and events were lost; later, on a loaded machine, while the loop searched
+    // python3's file for the interpreter (0.1-0.2 s, more under load) before starting the rows.
     let (truth, last) = spawned(&["--duration", "10"], &["20000", "busy"]);
     let report = &last;
     assert_eq!(report["totals"]["lost_events"], 0, "{}", report["totals"]);

@@ -138,6 +138,8 @@ struct Traced {
     /// The count of changes of its memory map when it was last searched for a CPython
     /// interpreter (`None`: found, or found to be one leaktrace cannot read).
     python_searched_at: Option<u64>,
+    /// The search at work, on its own thread (see `find_python`).
+    python_search: Option<std::thread::JoinHandle<Found>>,
 }
 
 /// Runs the trace; every probe is detached and every report written when it returns.
@@ -267,10 +269,11 @@ pub async fn run(
             }
             _ = poll.tick() => {
                 bad_records += drain(ring.get_mut(), &mut live, &mut scratch);
-                find_python(&mut live, &mut probes)?;
+                // The rows first: until they are in, stacks through the new code are copied.
                 if settings.unwind == Unwind::Auto {
                     update_unwinding(&mut row_writer, &mut live, &mut rows_from)?;
                 }
+                find_python(&mut live, &mut probes)?;
                 // Without the kernel's process events, children are found here: one that
                 // lives shorter than a poll may never be seen, which the reports say.
                 if settings.follow_forks && proc_events.is_none() {
@@ -521,35 +524,60 @@ fn update_unwinding(
 
 /// Looks for a CPython interpreter in spawn mode's command once its memory map changed: held
 /// before its `exec`, it runs `python3` only after. Its allocations before it is found (the
-/// interpreter's start) show native frames only.
+/// interpreter's start) show native frames only. The search reads and decodes the module's
+/// file (Debian's python3.11: 0.1-0.2 s, longer on a busy machine), on a thread: on the event
+/// loop, it kept the ring buffer from being drained while the start-up filled it, and events
+/// were lost. A search at work is taken up at a later call.
 fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow::Result<()> {
     for (&pid, traced) in live.iter_mut() {
+        if let Some(search) = traced.python_search.take_if(|search| search.is_finished()) {
+            let found = search.join().map_err(|_| {
+                anyhow::anyhow!("the thread looking for the CPython interpreter panicked")
+            })?;
+            take_python(pid, traced, found, probes)?;
+        }
         let Some(searched_at) = traced.python_searched_at else {
             continue;
         };
         let space = &traced.target.space;
-        if space.changes() == searched_at {
+        if traced.python_search.is_some() || space.changes() == searched_at {
             continue;
         }
         traced.python_searched_at = Some(space.changes());
-        match crate::attach::python::discover(pid, space.maps()) {
-            Found::None => {}
-            Found::Unknown(warning) => {
-                crate::status!("{warning}");
-                traced.python_searched_at = None;
-            }
-            Found::Known(mut interp) => {
-                traced.python_searched_at = None;
-                let Ok(memory) = process::memory(pid) else {
-                    continue;
-                };
-                crate::attach::python::check_objects_seen(pid, &mut interp, &memory);
-                let unseen = interp.unseen.clone();
-                probes.set_python(pid, &interp.offsets.walk)?;
-                traced.python = Some(PyProcess::new(*interp, memory, traced.python_names.clone()));
-                if let Some(unseen) = unseen {
-                    traced.add_gap(unseen);
-                }
+        let maps = space.maps().clone();
+        let search = std::thread::Builder::new()
+            .name("leaktrace-python".into())
+            .spawn(move || crate::attach::python::discover(pid, &maps))
+            .context("starting the thread that looks for the CPython interpreter")?;
+        traced.python_search = Some(search);
+    }
+    Ok(())
+}
+
+/// Takes what a search found of CPython in process `pid`.
+fn take_python(
+    pid: u32,
+    traced: &mut Traced,
+    found: Found,
+    probes: &mut Probes,
+) -> anyhow::Result<()> {
+    match found {
+        Found::None => {}
+        Found::Unknown(warning) => {
+            crate::status!("{warning}");
+            traced.python_searched_at = None;
+        }
+        Found::Known(mut interp) => {
+            traced.python_searched_at = None;
+            let Ok(memory) = process::memory(pid) else {
+                return Ok(());
+            };
+            crate::attach::python::check_objects_seen(pid, &mut interp, &memory);
+            let unseen = interp.unseen.clone();
+            probes.set_python(pid, &interp.offsets.walk)?;
+            traced.python = Some(PyProcess::new(*interp, memory, traced.python_names.clone()));
+            if let Some(unseen) = unseen {
+                traced.add_gap(unseen);
             }
         }
     }
@@ -589,6 +617,7 @@ impl Traced {
             .collect();
         Self {
             python_searched_at,
+            python_search: None,
             exe: process::exe_id(session.target.pid),
             target: session.target,
             python: session.python,

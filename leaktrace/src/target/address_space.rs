@@ -231,6 +231,17 @@ impl RowTable {
         self.segments.keys().filter(|k| !used.contains(k)).count()
     }
 
+    /// Adds the segments of `modules` that have none and need one (code without frame
+    /// pointers), while they fit in `max_rows`: the rows of modules a process is about to map
+    /// (spawn mode's command before its `exec`), written before they are mapped.
+    pub fn add_segments(&mut self, modules: &[Arc<Module>], max_rows: usize) {
+        for module in modules {
+            if !module.keeps_frame_pointers() {
+                let _ = self.segment(module, max_rows);
+            }
+        }
+    }
+
     /// The segment of `module` (first map index, count), added when it has none and fits in
     /// `max_rows`; `None` when it does not fit.
     fn segment(&mut self, module: &Arc<Module>, max_rows: usize) -> Option<(u32, u32)> {
@@ -370,6 +381,8 @@ impl Locate for AddressSpace {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use leaktrace_common::unwind_rows::Search;
 
     use super::*;
@@ -487,5 +500,50 @@ mod tests {
         assert!(without_fp > 0, "libc keeps no frame pointers");
         assert_eq!(left_out, without_fp);
         assert_eq!(full.rows().len(), 2);
+    }
+
+    #[test]
+    fn rows_written_before_a_module_is_mapped_are_those_its_mappings_use() {
+        let pid = std::process::id();
+        let maps = ProcMaps::read(pid).unwrap();
+        let modules = Modules::new();
+        // libc, as spawn mode knows it before the command's exec: by path.
+        let libc_path = maps
+            .mappings
+            .iter()
+            .find(|m| m.is_executable() && m.file_name().starts_with("libc.so"))
+            .map(|m| m.path.clone())
+            .expect("this test maps libc");
+        let libc = modules.of_path(Path::new(&libc_path)).unwrap();
+        assert_eq!(libc.path, libc_path);
+        assert!(!libc.keeps_frame_pointers(), "Debian's libc keeps none");
+        assert!(modules.of_path(Path::new("/no/such/file")).is_none());
+        let mut table = RowTable::new();
+        table.add_segments(&[libc.clone(), libc.clone()], 1 << 18);
+        let rows = table.rows().len();
+        assert_eq!(rows, 2 + libc.unwind_rows().len() + 1, "its rows, once");
+        // Mapped: its mapping is the same module, whose segment is in the table already.
+        let mut space = AddressSpace::new(pid, maps, modules.clone());
+        let sources = space.row_sources();
+        let mapped: Vec<&RowSource> = sources
+            .iter()
+            .filter(|s| s.module.path == libc_path)
+            .collect();
+        assert!(!mapped.is_empty());
+        assert!(mapped.iter().all(|s| Arc::ptr_eq(&s.module, &libc)));
+        let (pages, _) = table.pages(&[(pid, sources)], 1 << 18, 1 << 16);
+        let libc_first = table.segments[&module_key(&libc)].1;
+        assert_eq!(libc_first, 3, "written first, before any mapping");
+        assert!(pages.values().any(|p| p.first == libc_first));
+        // A module that keeps frame pointers needs no rows of its own.
+        let mut keeps = RowTable::new();
+        let with_fp: Vec<Arc<Module>> = space
+            .row_sources()
+            .into_iter()
+            .map(|s| s.module)
+            .filter(|m| m.keeps_frame_pointers())
+            .collect();
+        keeps.add_segments(&with_fp, 1 << 18);
+        assert_eq!(keeps.rows().len(), 2);
     }
 }

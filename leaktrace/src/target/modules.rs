@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, OnceLock, RwLock},
 };
 
@@ -115,13 +115,31 @@ impl Modules {
                 None,
             ),
         };
+        self.insert(key, &mapping.path, file)
+    }
+
+    /// The module of the file at `path` before any traced process maps it: spawn mode's
+    /// command and the libraries its loader will load, known before its `exec` (a child of
+    /// leaktrace's, in leaktrace's mount namespace). Named by its canonical path, as the
+    /// kernel names the mappings of it; its mappings get this module, as the same file.
+    /// `None` when it cannot be opened.
+    pub fn of_path(&self, path: &Path) -> Option<Arc<Module>> {
+        let path = std::fs::canonicalize(path).ok()?;
+        let opened = files::open(std::process::id(), TargetFile::Path(&path)).ok()?;
+        let key = Key::File(opened.id().ok()?);
+        let id = self.insert(key, &path.to_string_lossy(), Some(opened.file));
+        Some(self.get(id))
+    }
+
+    /// The module known by `key`, added (as `path`, read from `file`) if it is new.
+    fn insert(&self, key: Key, path: &str, file: Option<File>) -> ModuleId {
         let mut table = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(&id) = table.ids.get(&key) {
             return id;
         }
         let id = ModuleId(u32::try_from(table.modules.len()).expect("fewer than 2^32 modules"));
         table.modules.push(Arc::new(Module {
-            path: mapping.path.clone(),
+            path: path.to_owned(),
             file,
             cfi: OnceLock::new(),
             unwind_rows: OnceLock::new(),
