@@ -36,8 +36,8 @@ fn python_frames(stack: &Value) -> Vec<(String, u64)> {
 }
 
 /// Runs the script under `python` with `env`, traced from before its allocations; returns its
-/// ground truth and leaktrace's final report.
-fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
+/// ground truth, leaktrace's final report and its stderr.
+fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value, Vec<String>) {
     let mut fixture = Fixture::start_command(
         Command::new(python)
             .arg(script())
@@ -49,7 +49,7 @@ fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let truth: Value = serde_json::from_str(&lines[0]).unwrap();
-    (truth, outcome.last().clone())
+    (truth, outcome.last().clone(), outcome.stderr)
 }
 
 /// Each leak site of the truth: the stacks that allocate at its line, called from its caller's
@@ -136,10 +136,11 @@ fn debian_python3_with_malloc_names_every_leak_at_its_line_exactly() {
     if !require_root() {
         return;
     }
-    let (truth, report) = trace(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
+    let (truth, report, _) = trace(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
     assert_eq!(truth["python"], "3.11");
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+    assert_churn_released(&report);
     assert_eq!(
         pymalloc_reasons(&report),
         0,
@@ -216,8 +217,9 @@ fn debian_python3_with_pymalloc_names_every_leak_at_its_line_exactly() {
         return;
     }
     // bytes(1000) is above pymalloc's 512 bytes: PyObject_Malloc hands it to malloc.
-    let (truth, report) = trace(DEBIAN_PYTHON, &[]);
+    let (truth, report, _) = trace(DEBIAN_PYTHON, &[]);
     assert_sites(&truth, &report, &["remember"]);
+    assert_churn_released(&report);
     // Debian's build inlines pymalloc into its callers, whose copies are probed: the
     // history's bytearrays (an object and its buffer, two blocks) are seen one by one.
     assert_small_objects(&truth, &report, "record", 2);
@@ -250,10 +252,57 @@ fn pyenv_python_with_malloc(version: &str, minor: &str) {
     let Some(python) = pyenv(version) else {
         return;
     };
-    let (truth, report) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
+    let (truth, report, stderr) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
     assert_eq!(truth["python"], minor);
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+    assert_churn_released(&report);
+    // The tables lead to malloc's free: `PyObject_Free` and `PyMem_Free` keep their probes,
+    // and leaktrace says why they are single-stepped.
+    let library = format!("/root/.pyenv/versions/{version}/lib/libpython{minor}.so.1.0");
+    let why = format!(
+        "leaktrace: note: PyObject_Free and PyMem_Free of {library} stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): their allocator table holds _PyMem_RawFree (PYTHONMALLOC=malloc)"
+    );
+    assert!(stderr.contains(&why), "{stderr:#?}");
+    for symbol in ["PyObject_Free", "PyMem_Free"] {
+        let warning = format!(
+            "leaktrace: warning: {symbol} in {library} begins with no instruction the kernel can emulate"
+        );
+        assert!(
+            stderr.iter().any(|l| l.starts_with(&warning)),
+            "{symbol}: {stderr:#?}"
+        );
+    }
+}
+
+/// The single-stepped entry points the attach announcement lists.
+fn single_stepped(stderr: &[String]) -> Vec<String> {
+    let line = stderr
+        .iter()
+        .find(|l| l.starts_with("leaktrace: tracing pid"))
+        .expect("the announcement");
+    line.split_once("single-stepped (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map_or_else(Vec::new, |(list, _)| {
+            list.split(", ").map(str::to_owned).collect()
+        })
+}
+
+/// The temporaries of the script's `churn` (four small objects that pymalloc releases, one
+/// large that it hands to free) are all seen released: nothing outstanding where it runs.
+fn assert_churn_released(report: &Value) {
+    let held: Vec<&Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| python_frames(s).iter().any(|(f, _)| f == "churn"))
+        .filter(|s| s["outstanding_allocations"].as_u64().unwrap() > 0)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "churn's temporaries outstanding: {}",
+        serde_json::to_string_pretty(&held).unwrap()
+    );
 }
 
 /// Built without link-time optimization, pyenv's CPython calls `PyObject_Malloc` and
@@ -265,14 +314,30 @@ fn pyenv_python_with_pymalloc(version: &str) {
     let Some(python) = pyenv(version) else {
         return;
     };
-    let (truth, report) = trace(&python, &[]);
+    let (truth, report, stderr) = trace(&python, &[]);
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+    assert_churn_released(&report);
     assert_eq!(
         pymalloc_reasons(&report),
         0,
         "{}",
         report["incomplete_reasons"]
+    );
+    // Their tables lead to pymalloc's `_PyObject_Free`, probed in their place on a branch
+    // the kernel emulates.
+    let single = single_stepped(&stderr);
+    assert!(
+        !single
+            .iter()
+            .any(|s| s.contains("PyObject") || s.contains("PyMem")),
+        "{stderr:#?}"
+    );
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.starts_with("leaktrace: warning:") || l.starts_with("leaktrace: note:")),
+        "{stderr:#?}"
     );
 }
 

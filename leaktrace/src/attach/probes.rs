@@ -624,13 +624,17 @@ pub struct AttachedProbe {
 
 impl AttachedProbe {
     /// Whether it is on a path that allocating code takes all the time: malloc, free and
-    /// their aliases (`operator new`, `sdallocx`, ...).
+    /// their aliases (`operator new`, `sdallocx`, ...), and CPython's allocators, which every
+    /// Python object's creation and release goes through.
     pub fn is_hot(&self) -> bool {
         self.kind != ProbeKind::Return
-            && matches!(
+            && (matches!(
                 self.program,
-                program::MALLOC_ENTRY | program::ALLOC_SESSION | program::FREE_ENTRY
-            )
+                program::MALLOC_ENTRY
+                    | program::ALLOC_SESSION
+                    | program::FREE_ENTRY
+                    | program::PY_FREE_ENTRY
+            ) || super::python::is_object_allocator(&self.symbol))
             && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
     }
 }
