@@ -1059,6 +1059,45 @@ mod tests {
     }
 
     #[test]
+    fn cpython_s_allocators_are_hot_and_warn_when_single_stepped() {
+        let probe = |symbol: &str, program: &'static str, kind: ProbeKind| AttachedProbe {
+            pid: 1,
+            symbol: symbol.to_owned(),
+            module: "libpython3.12.so.1.0".to_owned(),
+            program,
+            kind,
+        };
+        let single = ProbeKind::SingleStepped;
+        let summary = AttachSummary {
+            probes: vec![
+                probe("PyObject_Free", program::PY_FREE_ENTRY, single),
+                probe("_PyObject_Free", program::PY_FREE_ENTRY, single),
+                probe("PyObject_Realloc", program::REALLOC_ENTRY, single),
+                probe("PyMem_Calloc", program::CALLOC_ENTRY, single),
+                probe("PyMem_Free", program::PY_FREE_ENTRY, ProbeKind::Emulated),
+                probe("PyObject_Malloc", program::MALLOC_ENTRY, ProbeKind::Return),
+                probe("munmap", program::MUNMAP_ENTRY, single),
+                probe("valloc", program::MALLOC_ENTRY, single),
+            ],
+        };
+        let warnings = summary.warnings();
+        let warned: Vec<&str> = warnings
+            .iter()
+            .filter_map(|w| w.strip_prefix("leaktrace: warning: ")?.split(' ').next())
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                "PyObject_Free",
+                "_PyObject_Free",
+                "PyObject_Realloc",
+                "PyMem_Calloc"
+            ]
+        );
+        assert!(warnings[0].contains("~5-30 us per call"), "{warnings:?}");
+    }
+
+    #[test]
     fn a_kernel_without_btf_is_one_line_that_says_what_is_needed() {
         let err = require_kernel_btf(Path::new("/nonexistent/btf/vmlinux")).unwrap_err();
         assert_eq!(
