@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{Fixture, Leaktrace, require_root};
+use crate::support::{Fixture, Leaktrace, require_root, run_leaktrace};
 
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
 const OBJECTS: &str = "2000";
@@ -365,6 +365,39 @@ fn pyenv_python_3_12_names_every_leak_exactly() {
 #[test]
 fn pyenv_python_3_13_names_every_leak_exactly() {
     pyenv_python_with_malloc("3.13.0", "3.13");
+}
+
+/// In spawn mode leaktrace attaches before the interpreter sets up its allocator tables
+/// (`PYTHONMALLOC`, `-X dev`): pyenv's `PyObject_Free` and `PyMem_Free` keep their probes, and
+/// leaktrace says why they are single-stepped.
+#[test]
+fn pyenv_python_in_spawn_mode_keeps_its_free_probes_and_says_why() {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv("3.12.1") else {
+        return;
+    };
+    let output = run_leaktrace(&["--duration", "2", "--", &python, "-c", "pass"]);
+    let stderr: Vec<String> = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(output.status.success(), "{stderr:#?}");
+    assert_eq!(
+        single_stepped(&stderr)
+            .iter()
+            .filter(|s| s.starts_with("Py"))
+            .collect::<Vec<_>>(),
+        ["PyObject_Free", "PyMem_Free"],
+        "{stderr:#?}"
+    );
+    let note = "leaktrace: note: PyObject_Free and PyMem_Free of /root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0 stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): leaktrace starts the program before CPython sets up its allocator table";
+    assert_eq!(
+        stderr.iter().filter(|l| l.starts_with(note)).count(),
+        1,
+        "{stderr:#?}"
+    );
 }
 
 #[test]

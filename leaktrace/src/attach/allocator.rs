@@ -335,12 +335,6 @@ impl Allocator {
     /// the tables (the debug hooks hand `_PyObject_Free` a pointer of their own).
     pub fn settle_python_frees(&mut self, pid: u32, maps: &ProcMaps, memory: &impl Memory) {
         for table in std::mem::take(&mut self.table_frees) {
-            let names = table
-                .wrappers
-                .iter()
-                .map(|(name, _)| name.as_str())
-                .collect::<Vec<_>>()
-                .join(" and ");
             let bias = maps
                 .mappings
                 .iter()
@@ -382,8 +376,7 @@ impl Allocator {
                 }
                 _ => format!("cannot read their allocator table in the memory of pid {pid}"),
             };
-            self.notes
-                .push(python_frees_note(&names, &table.module, &why));
+            self.notes.push(table.note(&why));
         }
     }
 
@@ -392,14 +385,7 @@ impl Allocator {
     /// `PYTHONMALLOC` and `-X dev` change at start-up).
     pub fn keep_python_frees(&mut self, why: &str) {
         for table in std::mem::take(&mut self.table_frees) {
-            let names = table
-                .wrappers
-                .iter()
-                .map(|(name, _)| name.as_str())
-                .collect::<Vec<_>>()
-                .join(" and ");
-            self.notes
-                .push(python_frees_note(&names, &table.module, why));
+            self.notes.push(table.note(why));
         }
     }
 
@@ -413,11 +399,20 @@ impl Allocator {
     }
 }
 
-/// Why `names` of `module` stay single-stepped.
-fn python_frees_note(names: &str, module: &str, why: &str) -> String {
-    format!(
-        "leaktrace: note: {names} of {module} stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): {why}"
-    )
+impl TableFree {
+    /// The line that says why its wrappers stay single-stepped.
+    fn note(&self, why: &str) -> String {
+        let names = self
+            .wrappers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ");
+        format!(
+            "leaktrace: note: {names} of {} stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): {why}",
+            self.module
+        )
+    }
 }
 
 /// Finds the allocator of process `pid`, whose memory map is `maps`: the module that
