@@ -782,8 +782,10 @@ fn try_free_entry(ctx: &ProbeContext) -> Result<u32, u32> {
         if pending.depth > 0 && sp <= pending.entry_sp {
             return Ok(0);
         }
-        // Inside PyObject_Free of the same block, which reported it.
-        if state.py_free_addr == addr && sp < state.py_free_sp {
+        // Inside PyObject_Free of the same block, which reported it: called, or reached by
+        // tail calls at the same stack pointer (pyenv's `PyObject_Free` jumps to
+        // `_PyMem_RawFree`, which jumps to `free`, under PYTHONMALLOC=malloc).
+        if state.py_free_addr == addr && sp <= state.py_free_sp {
             state.py_free_addr = 0;
             return Ok(0);
         }

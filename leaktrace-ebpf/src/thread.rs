@@ -37,8 +37,8 @@ pub struct ThreadState {
     /// The Python frames of the allocation returning now (CPython processes only).
     pub py_stack: PyStackEvent,
     /// The block that `PyObject_Free`/`PyMem_Free` is releasing, and the stack pointer at its
-    /// entry: the `free` it calls for the same block, deeper in the stack, is not reported
-    /// again.
+    /// entry: the `free` it calls for the same block, deeper in the stack (or at the same
+    /// depth, reached by tail calls), is not reported again.
     pub py_free_addr: u64,
     pub py_free_sp: u64,
     /// The last call whose return probe its entry cancelled (not drawn under

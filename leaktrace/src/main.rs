@@ -156,6 +156,7 @@ fn run(config: &settings::Trace) -> anyhow::Result<Exit> {
             config.trace.interval.as_secs_f64()
         ));
         announcements.extend(attached.warnings());
+        announcements.extend(allocator.notes.iter().cloned());
         let output = output.for_pid(target.pid);
         sessions.push(session(
             (target, python),

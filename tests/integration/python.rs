@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{Fixture, Leaktrace, require_root};
+use crate::support::{Fixture, Leaktrace, require_root, run_leaktrace};
 
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
 const OBJECTS: &str = "2000";
@@ -36,8 +36,8 @@ fn python_frames(stack: &Value) -> Vec<(String, u64)> {
 }
 
 /// Runs the script under `python` with `env`, traced from before its allocations; returns its
-/// ground truth and leaktrace's final report.
-fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
+/// ground truth, leaktrace's final report and its stderr.
+fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value, Vec<String>) {
     let mut fixture = Fixture::start_command(
         Command::new(python)
             .arg(script())
@@ -49,7 +49,7 @@ fn trace(python: &str, env: &[(&str, &str)]) -> (Value, Value) {
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let truth: Value = serde_json::from_str(&lines[0]).unwrap();
-    (truth, outcome.last().clone())
+    (truth, outcome.last().clone(), outcome.stderr)
 }
 
 /// Each leak site of the truth: the stacks that allocate at its line, called from its caller's
@@ -100,8 +100,9 @@ fn assert_sites(truth: &Value, report: &Value, sites: &[&str]) {
             assert_eq!(frame["file"], file);
         }
     }
-    // The churn is freed at once: nothing of it is outstanding. (A list comprehension of
-    // another file, such as one the interpreter's start-up imports, may keep its objects.)
+    // The churn is freed at once, its small blocks by pymalloc and its large one by `free`
+    // (inside `PyObject_Free`): nothing of it is outstanding. (A list comprehension of another
+    // file, such as one the interpreter's start-up imports, may keep its objects.)
     for stack in report["stacks"].as_array().unwrap() {
         let innermost = stack["frames"]
             .as_array()
@@ -136,9 +137,10 @@ fn debian_python3_with_malloc_names_every_leak_at_its_line_exactly() {
     if !require_root() {
         return;
     }
-    let (truth, report) = trace(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
+    let (truth, report, _) = trace(DEBIAN_PYTHON, &[("PYTHONMALLOC", "malloc")]);
     assert_eq!(truth["python"], "3.11");
     assert_sites(&truth, &report, &["remember", "record"]);
+    assert_released_once(&report);
     assert_named(&report);
     assert_eq!(
         pymalloc_reasons(&report),
@@ -216,8 +218,9 @@ fn debian_python3_with_pymalloc_names_every_leak_at_its_line_exactly() {
         return;
     }
     // bytes(1000) is above pymalloc's 512 bytes: PyObject_Malloc hands it to malloc.
-    let (truth, report) = trace(DEBIAN_PYTHON, &[]);
+    let (truth, report, _) = trace(DEBIAN_PYTHON, &[]);
     assert_sites(&truth, &report, &["remember"]);
+    assert_released_once(&report);
     // Debian's build inlines pymalloc into its callers, whose copies are probed: the
     // history's bytearrays (an object and its buffer, two blocks) are seen one by one.
     assert_small_objects(&truth, &report, "record", 2);
@@ -250,10 +253,52 @@ fn pyenv_python_with_malloc(version: &str, minor: &str) {
     let Some(python) = pyenv(version) else {
         return;
     };
-    let (truth, report) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
+    let (truth, report, stderr) = trace(&python, &[("PYTHONMALLOC", "malloc")]);
+    assert_released_once(&report);
     assert_eq!(truth["python"], minor);
     assert_sites(&truth, &report, &["remember", "record"]);
     assert_named(&report);
+    // The tables lead to malloc's free: `PyObject_Free` and `PyMem_Free` keep their probes,
+    // and leaktrace says why they are single-stepped.
+    let library = format!("/root/.pyenv/versions/{version}/lib/libpython{minor}.so.1.0");
+    let why = format!(
+        "leaktrace: note: PyObject_Free and PyMem_Free of {library} stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): their allocator table holds _PyMem_RawFree (PYTHONMALLOC=malloc)"
+    );
+    assert!(stderr.contains(&why), "{stderr:#?}");
+    for symbol in ["PyObject_Free", "PyMem_Free"] {
+        let warning = format!(
+            "leaktrace: warning: {symbol} in {library} begins with no instruction the kernel can emulate"
+        );
+        assert!(
+            stderr.iter().any(|l| l.starts_with(&warning)),
+            "{symbol}: {stderr:#?}"
+        );
+    }
+}
+
+/// No release is reported twice: a second report of a block is a free of a block not seen
+/// allocated, and the script's churn would make one per call of its (`OBJECTS`); the few
+/// there are free objects made before the trace.
+fn assert_released_once(report: &Value) {
+    let unmatched = report["totals"]["unmatched_frees"].as_u64().unwrap();
+    assert!(
+        unmatched < OBJECTS.parse().unwrap(),
+        "{unmatched} frees of blocks not seen allocated: {}",
+        report["totals"]
+    );
+}
+
+/// The single-stepped entry points the attach announcement lists.
+fn single_stepped(stderr: &[String]) -> Vec<String> {
+    let line = stderr
+        .iter()
+        .find(|l| l.starts_with("leaktrace: tracing pid"))
+        .expect("the announcement");
+    line.split_once("single-stepped (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map_or_else(Vec::new, |(list, _)| {
+            list.split(", ").map(str::to_owned).collect()
+        })
 }
 
 /// Built without link-time optimization, pyenv's CPython calls `PyObject_Malloc` and
@@ -265,14 +310,30 @@ fn pyenv_python_with_pymalloc(version: &str) {
     let Some(python) = pyenv(version) else {
         return;
     };
-    let (truth, report) = trace(&python, &[]);
+    let (truth, report, stderr) = trace(&python, &[]);
     assert_sites(&truth, &report, &["remember", "record"]);
+    assert_released_once(&report);
     assert_named(&report);
     assert_eq!(
         pymalloc_reasons(&report),
         0,
         "{}",
         report["incomplete_reasons"]
+    );
+    // Their tables lead to pymalloc's `_PyObject_Free`, probed in their place on a branch
+    // the kernel emulates.
+    let single = single_stepped(&stderr);
+    assert!(
+        !single
+            .iter()
+            .any(|s| s.contains("PyObject") || s.contains("PyMem")),
+        "{stderr:#?}"
+    );
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.starts_with("leaktrace: warning:") || l.starts_with("leaktrace: note:")),
+        "{stderr:#?}"
     );
 }
 
@@ -304,6 +365,39 @@ fn pyenv_python_3_12_names_every_leak_exactly() {
 #[test]
 fn pyenv_python_3_13_names_every_leak_exactly() {
     pyenv_python_with_malloc("3.13.0", "3.13");
+}
+
+/// In spawn mode leaktrace attaches before the interpreter sets up its allocator tables
+/// (`PYTHONMALLOC`, `-X dev`): pyenv's `PyObject_Free` and `PyMem_Free` keep their probes, and
+/// leaktrace says why they are single-stepped.
+#[test]
+fn pyenv_python_in_spawn_mode_keeps_its_free_probes_and_says_why() {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = pyenv("3.12.1") else {
+        return;
+    };
+    let output = run_leaktrace(&["--duration", "2", "--", &python, "-c", "pass"]);
+    let stderr: Vec<String> = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(output.status.success(), "{stderr:#?}");
+    assert_eq!(
+        single_stepped(&stderr)
+            .iter()
+            .filter(|s| s.starts_with("Py"))
+            .collect::<Vec<_>>(),
+        ["PyObject_Free", "PyMem_Free"],
+        "{stderr:#?}"
+    );
+    let note = "leaktrace: note: PyObject_Free and PyMem_Free of /root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0 stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): leaktrace starts the program before CPython sets up its allocator table";
+    assert_eq!(
+        stderr.iter().filter(|l| l.starts_with(note)).count(),
+        1,
+        "{stderr:#?}"
+    );
 }
 
 #[test]

@@ -49,6 +49,10 @@ pub struct Args {
     /// the change is measured side by side.
     #[arg(long, value_name = "PATH")]
     baseline: Option<PathBuf>,
+    /// The python part: the interpreter that runs the handler loop (a pyenv build, whose
+    /// `PyObject_*` are functions, rather than Debian's, which inlines pymalloc).
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/python3.11")]
+    python: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -22,13 +22,17 @@ use leaktrace_common::names::program::{
     PY_NEW_POOL_ENTRY, REALLOC_ENTRY, REALLOCARRAY_ENTRY, XALLOCX_ENTRY,
 };
 
-use super::probe_point::{ModuleCode, ProbePoint};
+use super::{
+    probe_point::{ModuleCode, ProbePoint},
+    python::TableSlot,
+};
 use crate::{
     proc::{
         files::{self, TargetFile},
         maps::{Mapping, ProcMaps},
         process,
     },
+    stacks::python::code::Memory,
     target::Target,
 };
 
@@ -259,7 +263,45 @@ pub struct Allocator {
     pub families: Vec<Family>,
     /// One per probed address.
     pub entry_points: Vec<EntryPoint>,
+    /// CPython's `PyObject_Free` and `PyMem_Free` where they are wrappers single-stepped at
+    /// their entries: probed in the function their tables lead to instead, once the process
+    /// shows that it is pymalloc's (`settle_python_frees`).
+    pub table_frees: Vec<TableFree>,
+    /// Lines for the attach output: why a hot entry point stays single-stepped.
+    pub notes: Vec<String>,
 }
+
+/// CPython's exported free functions of one module that only call through an allocator table
+/// (pyenv's builds: `mov`s and `jmp *`, nothing the kernel emulates), and pymalloc's
+/// `_PyObject_Free(ctx, ptr)`, which the tables hold by default and which begins with a branch
+/// the kernel emulates.
+#[derive(Clone, Debug)]
+pub struct TableFree {
+    module: String,
+    /// Each wrapper's symbol and the table slot it calls through.
+    wrappers: Vec<(String, TableSlot)>,
+    /// `_PyObject_Free`'s link-time address and file offset.
+    vaddr: u64,
+    file_offset: u64,
+    /// Link-time addresses of the other functions a table may hold, with their names and what
+    /// puts them there.
+    others: Vec<(u64, &'static str, &'static str)>,
+    /// The probe on `_PyObject_Free`, with the pointer in its second argument's register.
+    entry: EntryPoint,
+}
+
+/// The frees CPython's tables hold other than pymalloc's, and what installs them.
+const OTHER_TABLE_FREES: &[(&str, &str)] = &[
+    ("_PyMem_RawFree", "PYTHONMALLOC=malloc"),
+    (
+        "_PyMem_DebugFree",
+        "the debug hooks: PYTHONMALLOC=debug, -X dev or a debug build",
+    ),
+    (
+        "_PyMem_DebugRawFree",
+        "the debug hooks: PYTHONMALLOC=debug, -X dev or a debug build",
+    ),
+];
 
 impl Allocator {
     /// The allocator of the program's own allocations, e.g. "jemalloc".
@@ -285,6 +327,68 @@ impl Allocator {
         OwnCode { functions }
     }
 
+    /// Moves the probes of CPython's table-calling frees ([`TableFree`]) onto `_PyObject_Free`
+    /// where process `pid` (memory map `maps`, memory `memory`) shows that every one of them
+    /// leads there now; otherwise keeps them, with a note saying why. One probe then serves
+    /// `PyObject_Free` and `PyMem_Free`, and it sees the pointer the program freed: only
+    /// pymalloc's own function is probed, never what debug hooks or another allocator put in
+    /// the tables (the debug hooks hand `_PyObject_Free` a pointer of their own).
+    pub fn settle_python_frees(&mut self, pid: u32, maps: &ProcMaps, memory: &impl Memory) {
+        for table in std::mem::take(&mut self.table_frees) {
+            let bias = maps
+                .mappings
+                .iter()
+                .find(|m| {
+                    m.path == table.module
+                        && m.file_offset <= table.file_offset
+                        && table.file_offset - m.file_offset < m.end - m.start
+                })
+                .map(|m| (m.start + (table.file_offset - m.file_offset)).wrapping_sub(table.vaddr));
+            let held: Option<Vec<u64>> = bias.and_then(|bias| {
+                table
+                    .wrappers
+                    .iter()
+                    .map(|(_, slot)| slot.function(bias, memory))
+                    .collect()
+            });
+            let why = match (bias, held) {
+                (Some(bias), Some(held)) => {
+                    let target = table.vaddr.wrapping_add(bias);
+                    match held.iter().find(|&&f| f != target) {
+                        None => {
+                            self.entry_points.retain(|e| {
+                                e.module != table.module
+                                    || e.program != PY_FREE_ENTRY
+                                    || !table.wrappers.iter().any(|(n, _)| *n == e.symbol)
+                            });
+                            self.entry_points.push(table.entry);
+                            continue;
+                        }
+                        Some(&other) => table
+                            .others
+                            .iter()
+                            .find(|&&(vaddr, ..)| vaddr.wrapping_add(bias) == other)
+                            .map_or_else(
+                                || "their allocator table holds another function (tracemalloc started before the trace, or an allocator installed with PyMem_SetAllocator)".to_owned(),
+                                |&(_, name, why)| format!("their allocator table holds {name} ({why})"),
+                            ),
+                    }
+                }
+                _ => format!("cannot read their allocator table in the memory of pid {pid}"),
+            };
+            self.notes.push(table.note(&why));
+        }
+    }
+
+    /// Keeps the probes of CPython's table-calling frees at their entries, with a note saying
+    /// `why` (spawn mode: a program not started yet has not chosen its allocator, which
+    /// `PYTHONMALLOC` and `-X dev` change at start-up).
+    pub fn keep_python_frees(&mut self, why: &str) {
+        for table in std::mem::take(&mut self.table_frees) {
+            self.notes.push(table.note(why));
+        }
+    }
+
     /// "jemalloc in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2", joined by " + ".
     pub fn describe(&self) -> String {
         self.families
@@ -292,6 +396,22 @@ impl Allocator {
             .map(|f| format!("{} in {}", f.name, f.module))
             .collect::<Vec<_>>()
             .join(" + ")
+    }
+}
+
+impl TableFree {
+    /// The line that says why its wrappers stay single-stepped.
+    fn note(&self, why: &str) -> String {
+        let names = self
+            .wrappers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ");
+        format!(
+            "leaktrace: note: {names} of {} stay probed at their entries, single-stepped, rather than at pymalloc's _PyObject_Free (emulated): {why}",
+            self.module
+        )
     }
 }
 
@@ -310,8 +430,20 @@ pub fn discover(pid: u32, maps: &ProcMaps) -> anyhow::Result<Allocator> {
 
 /// The allocator of a running target: [`discover`] in its memory map.
 pub fn of_target(target: &Target) -> anyhow::Result<Allocator> {
-    discover(target.pid, target.space.maps())
-        .with_context(|| format!("process {} ({})", target.pid, target.command))
+    let mut allocator = discover(target.pid, target.space.maps())
+        .with_context(|| format!("process {} ({})", target.pid, target.command))?;
+    if !allocator.table_frees.is_empty() {
+        match process::memory(target.pid) {
+            Ok(memory) => {
+                allocator.settle_python_frees(target.pid, target.space.maps(), &memory);
+            }
+            Err(err) => allocator.keep_python_frees(&format!(
+                "cannot read the memory of pid {} ({err})",
+                target.pid
+            )),
+        }
+    }
+    Ok(allocator)
 }
 
 /// The allocator of a program not started yet (spawn mode: process `pid` is held before its
@@ -336,7 +468,11 @@ pub fn discover_files(
                 .with_context(|| format!("{name} is not an ELF file leaktrace can read"))
         })
         .collect::<anyhow::Result<_>>()?;
-    resolve(&modules)
+    let mut allocator = resolve(&modules)?;
+    allocator.keep_python_frees(
+        "leaktrace starts the program before CPython sets up its allocator table (PYTHONMALLOC and -X dev change it then); attached with -p to the running interpreter, leaktrace probes _PyObject_Free where the table holds it",
+    );
+    Ok(allocator)
 }
 
 /// [`resolve`] over one module read from `data` (the property tests feed it damaged files).
@@ -493,10 +629,74 @@ fn resolve(modules: &[Module]) -> anyhow::Result<Allocator> {
     for (i, malloc, probed) in pythons {
         entry_points.extend(inlined_pymalloc(&modules[i], &code[i], malloc, &probed));
     }
+    let table_frees = table_frees(modules, &code, &entry_points);
     Ok(Allocator {
         families,
         entry_points,
+        table_frees,
+        notes: Vec::new(),
     })
+}
+
+/// The [`TableFree`] of each module whose `PyObject_Free` or `PyMem_Free` is single-stepped
+/// and calls through a table, where the module has `_PyObject_Free` (in its full symbol
+/// table: it is static).
+fn table_frees(
+    modules: &[Module],
+    code: &[ModuleCode<'_>],
+    entry_points: &[EntryPoint],
+) -> Vec<TableFree> {
+    let mut found: Vec<TableFree> = Vec::new();
+    for (i, module) in modules.iter().enumerate() {
+        let wrappers: Vec<(String, TableSlot)> = entry_points
+            .iter()
+            .filter(|e| {
+                e.program == PY_FREE_ENTRY
+                    && e.module == module.name
+                    && e.probe.trap == super::probe_point::Trap::SingleStepped
+            })
+            .filter_map(|e| {
+                let sym = module.lookup(&e.symbol)?;
+                let slot = super::python::table_free_slot(module.code(&sym)?, sym.vaddr)?;
+                Some((e.symbol.clone(), slot))
+            })
+            .collect();
+        if wrappers.is_empty() {
+            continue;
+        }
+        let Some(target) = module.static_function("_PyObject_Free") else {
+            continue;
+        };
+        // The freed pointer is the second argument: the program's first, in that register.
+        let second = |point: ProbePoint| ProbePoint {
+            cookie: args::cookie(&[args::location(point.cookie, 1)]),
+            ..point
+        };
+        let probe = second(code[i].choose(target.file_offset, &[1]));
+        let others = OTHER_TABLE_FREES
+            .iter()
+            .filter_map(|&(name, why)| Some((module.static_function(name)?.vaddr, name, why)))
+            .collect();
+        found.push(TableFree {
+            module: module.name.clone(),
+            wrappers,
+            vaddr: target.vaddr,
+            file_offset: target.file_offset,
+            others,
+            entry: EntryPoint {
+                symbol: "_PyObject_Free".to_owned(),
+                program: PY_FREE_ENTRY,
+                module: module.name.clone(),
+                path: module.file.path.clone(),
+                file: module.file.clone(),
+                file_offset: target.file_offset,
+                size: target.size,
+                probe,
+                entry: second(code[i].at_entry(target.file_offset)),
+            },
+        });
+    }
+    found
 }
 
 /// The probes on the copies of pymalloc's fast paths in `module` (`pymalloc_inline`), and on
@@ -671,6 +871,31 @@ impl Module {
         } else {
             self.exported.get(name).copied()
         }
+    }
+
+    /// A function of the module's full symbol table, local ones included (CPython's
+    /// allocator functions are static).
+    fn static_function(&self, name: &str) -> Option<Sym> {
+        if let Some(&sym) = self.all.get(name) {
+            return Some(sym);
+        }
+        let elf = object::File::parse(&*self.data).ok()?;
+        let symbol = elf.symbols().find(|s| {
+            s.name() == Ok(name)
+                && s.kind() == object::SymbolKind::Text
+                && !s.is_undefined()
+                && s.address() != 0
+        })?;
+        let vaddr = symbol.address();
+        let &(start, _, offset) = self
+            .segments
+            .iter()
+            .find(|&&(start, size, _)| vaddr.checked_sub(start).is_some_and(|into| into < size))?;
+        Some(Sym {
+            vaddr,
+            size: symbol.size(),
+            file_offset: (vaddr - start).checked_add(offset)?,
+        })
     }
 
     /// The allocator this module implements, recognised by the API only it exports.

@@ -649,13 +649,17 @@ pub struct AttachedProbe {
 
 impl AttachedProbe {
     /// Whether it is on a path that allocating code takes all the time: malloc, free and
-    /// their aliases (`operator new`, `sdallocx`, ...).
+    /// their aliases (`operator new`, `sdallocx`, ...), and CPython's allocators, which every
+    /// Python object's creation and release goes through.
     pub fn is_hot(&self) -> bool {
         self.kind != ProbeKind::Return
-            && matches!(
+            && (matches!(
                 self.program,
-                program::MALLOC_ENTRY | program::ALLOC_SESSION | program::FREE_ENTRY
-            )
+                program::MALLOC_ENTRY
+                    | program::ALLOC_SESSION
+                    | program::FREE_ENTRY
+                    | program::PY_FREE_ENTRY
+            ) || super::python::is_object_allocator(&self.symbol))
             && !matches!(self.symbol.as_str(), "valloc" | "pvalloc")
     }
 }
@@ -1077,6 +1081,45 @@ mod tests {
         for name in map::ALL.iter().chain(&global::ALL).chain(&program::ALL) {
             assert!(symbols.contains(name), "{name} in {symbols:?}");
         }
+    }
+
+    #[test]
+    fn cpython_s_allocators_are_hot_and_warn_when_single_stepped() {
+        let probe = |symbol: &str, program: &'static str, kind: ProbeKind| AttachedProbe {
+            pid: 1,
+            symbol: symbol.to_owned(),
+            module: "libpython3.12.so.1.0".to_owned(),
+            program,
+            kind,
+        };
+        let single = ProbeKind::SingleStepped;
+        let summary = AttachSummary {
+            probes: vec![
+                probe("PyObject_Free", program::PY_FREE_ENTRY, single),
+                probe("_PyObject_Free", program::PY_FREE_ENTRY, single),
+                probe("PyObject_Realloc", program::REALLOC_ENTRY, single),
+                probe("PyMem_Calloc", program::CALLOC_ENTRY, single),
+                probe("PyMem_Free", program::PY_FREE_ENTRY, ProbeKind::Emulated),
+                probe("PyObject_Malloc", program::MALLOC_ENTRY, ProbeKind::Return),
+                probe("munmap", program::MUNMAP_ENTRY, single),
+                probe("valloc", program::MALLOC_ENTRY, single),
+            ],
+        };
+        let warnings = summary.warnings();
+        let warned: Vec<&str> = warnings
+            .iter()
+            .filter_map(|w| w.strip_prefix("leaktrace: warning: ")?.split(' ').next())
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                "PyObject_Free",
+                "_PyObject_Free",
+                "PyObject_Realloc",
+                "PyMem_Calloc"
+            ]
+        );
+        assert!(warnings[0].contains("~5-30 us per call"), "{warnings:?}");
     }
 
     #[test]

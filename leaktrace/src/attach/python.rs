@@ -273,6 +273,78 @@ pub fn speculated_allocator(code: &[u8], ip: u64) -> Option<(u64, u64)> {
     None
 }
 
+/// Where `PyObject_Free` or `PyMem_Free` finds the function it calls: the `free` slot of
+/// CPython's allocator table (`_PyObject`, `_PyMem`), as link-time addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableSlot {
+    /// `jmp *slot(%rip)` (3.11, whose tables are variables of their own).
+    At(u64),
+    /// `mov pointer(%rip),%reg; ...; jmp *disp(%reg)` (3.12 and 3.13, whose tables are in
+    /// `_PyRuntime`, reached through its GOT entry at `pointer`).
+    Behind { pointer: u64, disp: i64 },
+}
+
+impl TableSlot {
+    /// The function the slot holds now in the process whose `memory` this is, the module
+    /// loaded `bias` bytes past its link-time addresses.
+    pub fn function(self, bias: u64, memory: &impl Memory) -> Option<u64> {
+        let slot = match self {
+            Self::At(slot) => slot.wrapping_add(bias),
+            Self::Behind { pointer, disp } => memory
+                .u64_at(pointer.wrapping_add(bias))?
+                .wrapping_add_signed(disp),
+        };
+        memory.u64_at(slot)
+    }
+}
+
+/// The table slot through which `code` (an exported `PyObject_Free` or `PyMem_Free` at address
+/// `ip`) calls the free function, if it is a wrapper that ends in that call: builds without
+/// link-time optimization (pyenv's, python.org's) compile it to a few `mov`s and an indirect
+/// `jmp`, none of which the kernel emulates.
+pub fn table_free_slot(code: &[u8], ip: u64) -> Option<TableSlot> {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, OpKind, Register};
+
+    // Registers loaded from a rip-relative word: (register, the word's address).
+    let mut loaded: Vec<(Register, u64)> = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    for _ in 0..8 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let i = decoder.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        if i.code() == Code::Jmp_rm64 && i.op0_kind() == OpKind::Memory {
+            if i.is_ip_rel_memory_operand() {
+                return Some(TableSlot::At(i.ip_rel_memory_address()));
+            }
+            let base = i.memory_base();
+            if i.memory_index() != Register::None {
+                return None;
+            }
+            let &(_, pointer) = loaded.iter().rev().find(|(r, _)| *r == base)?;
+            return Some(TableSlot::Behind {
+                pointer,
+                disp: i.memory_displacement64() as i64,
+            });
+        }
+        if i.flow_control() != FlowControl::Next {
+            return None;
+        }
+        // Anything that writes a register forgets what it held.
+        if i.op_count() > 0 && i.op0_kind() == OpKind::Register {
+            let written = i.op0_register().full_register();
+            loaded.retain(|(r, _)| *r != written);
+            if i.code() == Code::Mov_r64_rm64 && i.is_ip_rel_memory_operand() {
+                loaded.push((written, i.ip_rel_memory_address()));
+            }
+        }
+    }
+    None
+}
+
 /// Says, once and in the reports, when the probes cannot see this interpreter's small objects:
 /// its object allocator is pymalloc, compiled into its callers (`speculated_allocator`).
 /// `memory` is the target's.
@@ -431,6 +503,91 @@ mod tests {
         ] {
             assert_eq!(speculated_allocator(garbage, 0), None);
         }
+    }
+
+    #[test]
+    fn a_table_free_slot_is_decoded_in_each_version_s_form() {
+        // 3.11: mov %rdi,%rsi; mov _PyObject(%rip),%rdi; jmp *_PyObject+32(%rip).
+        let v3_11 = [
+            0x48, 0x89, 0xfe, 0x48, 0x8b, 0x3d, 0xe6, 0xcf, 0x2a, 0, 0xff, 0x25, 0, 0xd0, 0x2a, 0,
+        ];
+        assert_eq!(
+            table_free_slot(&v3_11, 0x1a_f270),
+            Some(TableSlot::At(0x45_c280))
+        );
+        // 3.12: mov GOT(%rip),%rax; mov %rdi,%rsi; mov 0xb0(%rax),%rdi; jmp *0xd0(%rax).
+        let v3_12 = [
+            0x48, 0x8b, 0x05, 0x19, 0x48, 0x37, 0, 0x48, 0x89, 0xfe, 0x48, 0x8b, 0xb8, 0xb0, 0, 0,
+            0, 0xff, 0xa0, 0xd0, 0, 0, 0,
+        ];
+        assert_eq!(
+            table_free_slot(&v3_12, 0x1c_f4e0),
+            Some(TableSlot::Behind {
+                pointer: 0x54_3d00,
+                disp: 0xd0
+            })
+        );
+    }
+
+    #[test]
+    fn a_free_that_is_not_a_table_call_or_garbage_gives_no_slot() {
+        // glibc's free: test %rdi,%rdi; je.
+        assert_eq!(table_free_slot(&[0x48, 0x85, 0xff, 0x74, 0x10], 0), None);
+        // The base register was overwritten after its load: mov GOT(%rip),%rax; xor %eax,%eax;
+        // jmp *0xd0(%rax).
+        let clobbered = [
+            0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0x31, 0xc0, 0xff, 0xa0, 0xd0, 0, 0, 0,
+        ];
+        assert_eq!(table_free_slot(&clobbered, 0), None);
+        // A jump through a register never loaded: jmp *0xd0(%rax).
+        assert_eq!(table_free_slot(&[0xff, 0xa0, 0xd0, 0, 0, 0], 0), None);
+        // An indexed slot: jmp *(%rax,%rcx,8).
+        let indexed = [0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0xff, 0x24, 0xc8];
+        assert_eq!(table_free_slot(&indexed, 0), None);
+        for garbage in [&[][..], &[0xff], &[0xff, 0x25, 0], &[0x90; 64], &[0xff; 64]] {
+            assert_eq!(table_free_slot(garbage, 0), None);
+        }
+    }
+
+    /// Memory as a list of words.
+    struct Words(Vec<(u64, u64)>);
+
+    impl Memory for Words {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            match self.0.iter().find(|&&(at, _)| at == addr) {
+                Some(&(_, word)) if buf.len() == 8 => {
+                    buf.copy_from_slice(&word.to_ne_bytes());
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_slot_reads_the_function_it_holds_where_the_module_is_loaded() {
+        let bias = 0x7f00_0000_0000;
+        let memory = Words(vec![
+            (bias + 0x45_c280, bias + 0x1a_ede0),
+            (bias + 0x54_3d00, bias + 0x64_3340),
+            (bias + 0x64_3340 + 0xd0, bias + 0x1c_ef80),
+        ]);
+        assert_eq!(
+            TableSlot::At(0x45_c280).function(bias, &memory),
+            Some(bias + 0x1a_ede0)
+        );
+        let behind = TableSlot::Behind {
+            pointer: 0x54_3d00,
+            disp: 0xd0,
+        };
+        assert_eq!(behind.function(bias, &memory), Some(bias + 0x1c_ef80));
+        // Unreadable: the pointer, or the slot behind it.
+        assert_eq!(TableSlot::At(0x10).function(bias, &memory), None);
+        let unreadable = TableSlot::Behind {
+            pointer: 0x54_3d00,
+            disp: 8,
+        };
+        assert_eq!(unreadable.function(bias, &memory), None);
     }
 
     /// Debian's python3 is 3.11 and never missing where the tests run.

@@ -1,5 +1,5 @@
-//! The Python part of `cargo xtask bench`: Debian's python3 (with its default allocator,
-//! pymalloc) running an allocation-heavy handler loop (`tests/fixtures/python_bench.py`),
+//! The Python part of `cargo xtask bench`: Debian's python3 or another (`--python`), with its
+//! default allocator, pymalloc, running an allocation-heavy handler loop (`tests/fixtures/python_bench.py`),
 //! untraced, under leaktrace (Python frames on every allocation, `PyObject_*` probed), under
 //! `--sample-bytes` and with no-op programs (the cost of the traps alone); then the same handler
 //! called 40 Python frames deep, as a web framework calls it, where the walk of the Python
@@ -22,7 +22,6 @@ use super::{
 };
 use crate::{fixture, release_leaktrace, step};
 
-const PYTHON: &str = "/usr/bin/python3.11";
 /// Python frames the handler runs under in the deep rows.
 const DEEP: u32 = 40;
 
@@ -80,6 +79,8 @@ struct Measure {
 
 /// `[round][(depth, name)] -> per call`
 pub struct Python {
+    /// The interpreter's file name.
+    python: String,
     rows: Vec<Row>,
     rounds: Vec<BTreeMap<(u32, &'static str), Measure>>,
 }
@@ -109,16 +110,30 @@ pub fn python(args: &Args) -> anyhow::Result<Python> {
                 Some(path) if row.baseline => path.as_path(),
                 _ => current.as_path(),
             };
-            let measure = run_one(&script, binary, row, args.seconds * 4.0)?;
+            let measure = run_one(&args.python, &script, binary, row, args.seconds * 4.0)?;
             results.insert((row.depth, row.name), measure);
         }
         rounds.push(results);
     }
-    Ok(Python { rows, rounds })
+    let python = args.python.file_name().map_or_else(
+        || args.python.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    Ok(Python {
+        python,
+        rows,
+        rounds,
+    })
 }
 
-fn run_one(script: &Path, binary: &Path, row: Row, seconds: f64) -> anyhow::Result<Measure> {
-    let mut fixture = Fixture::start_command(Command::new(PYTHON).arg(script))?;
+fn run_one(
+    python: &Path,
+    script: &Path,
+    binary: &Path,
+    row: Row,
+    seconds: f64,
+) -> anyhow::Result<Measure> {
+    let mut fixture = Fixture::start_command(Command::new(python).arg(script))?;
     expect(&fixture.line(Duration::from_secs(10))?, "ready")?;
     let tracing = match row.args {
         None => None,
@@ -177,7 +192,8 @@ impl Python {
     pub fn print(&self) {
         println!();
         println!(
-            "python3.11 handler loop (tests/fixtures/python_bench.py, pymalloc): per handler call, median [min..max] over rounds"
+            "{} handler loop (tests/fixtures/python_bench.py, pymalloc): per handler call, median [min..max] over rounds",
+            self.python
         );
         println!(
             "  {:<5} {:<28} {:>24} {:>26} {:>24} {:>8} {:>8}",
