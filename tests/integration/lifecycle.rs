@@ -64,6 +64,32 @@ fn the_trace_ends_with_a_final_report_when_the_target_exits() {
 }
 
 #[test]
+fn a_target_that_exits_before_its_stacks_are_read_gets_them_named() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let mut fixture = Fixture::start(&binary, &["20", "1000", "0"]);
+    // Frame pointers only: no module is opened at attach for the unwinding rows, so none is
+    // open before a stack goes through it, unless the map that shows it opened it.
+    let trace = Leaktrace::attach(fixture.pid(), &["--unwind", "fp"]);
+    // Its only round and its exit back to back, without waiting for "done": its records, the
+    // first of its leak's stack among them, are read once it is gone, when no file can be
+    // opened through it any more (a report without any name before).
+    fixture.send("go");
+    assert!(fixture.finish().success());
+    let outcome = trace.wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    let leak = stack_of(report, "leak_site")
+        .unwrap_or_else(|| panic!("leak named after the target exited: {report}"));
+    assert_eq!(leak["outstanding_bytes"], 20 * 1000);
+    assert_eq!(leak["outstanding_allocations"], 20);
+    assert_eq!(report["totals"]["outstanding_bytes"], 20 * 1000);
+    assert_eq!(report["last"], true);
+}
+
+#[test]
 fn duration_ends_the_trace_and_reports_every_interval() {
     if !require_root() {
         return;

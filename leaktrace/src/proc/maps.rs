@@ -1,6 +1,9 @@
 //! `/proc/PID/maps`: which file backs an address.
 
-use std::fs;
+use std::{
+    fs::File,
+    io::{self, Read as _, Seek as _, SeekFrom},
+};
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,9 +47,19 @@ pub struct ProcMaps {
 }
 
 impl ProcMaps {
-    pub fn read(pid: u32) -> std::io::Result<Self> {
-        let text = fs::read_to_string(format!("/proc/{pid}/maps"))?;
-        Self::parse(&text).map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+    /// The memory map of process `pid` as it is now; empty once the process exited (a zombie
+    /// has no memory). Never a part of a map: see [`read_whole`].
+    pub fn read(pid: u32) -> io::Result<Self> {
+        let path = format!("/proc/{pid}/maps");
+        // A read torn by an exec is read again from the new program's memory; one torn by an
+        // exit finds nothing the second time.
+        for _ in 0..3 {
+            if let Some(text) = read_whole(&mut File::open(&path)?, String::new())? {
+                return Self::parse(&text)
+                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err));
+            }
+        }
+        Ok(Self::default())
     }
 
     pub fn parse(text: &str) -> Result<Self, MalformedLine> {
@@ -71,6 +84,24 @@ impl ProcMaps {
             .filter(|m| m.start <= addr && addr < m.end && m.is_file())
             .map(|_| index)
     }
+}
+
+/// Reads the rest of `file`, a `/proc/PID/maps` of which `text` was read so far; `None` when
+/// the read was torn. The kernel lists a map a few lines per read(2), each time from the
+/// process's memory as it is then: a read that spans the exit (or the exec) of the process ends
+/// early, with the lines read so far and nothing after, and a process that exited during its
+/// map's read looked as if it had unmapped all the rest of its code (its stacks then lost
+/// their names). Once the whole file is read, one byte read again from its start tells: the
+/// memory the file was opened on is still there (then it was there all along, since the
+/// kernel never brings it back), or it is gone.
+fn read_whole(file: &mut File, mut text: String) -> io::Result<Option<String>> {
+    file.read_to_string(&mut text)?;
+    if text.is_empty() {
+        return Ok(Some(text));
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let mut first = [0u8; 1];
+    Ok((file.read(&mut first)? == 1).then_some(text))
 }
 
 fn parse_line(line: &str) -> Result<Mapping, MalformedLine> {
@@ -129,6 +160,59 @@ mod tests {
         // Between mappings and past the end.
         assert_eq!(maps.find(0x55d4c0a02000), None);
         assert_eq!(maps.find(u64::MAX), None);
+    }
+
+    #[test]
+    fn a_read_torn_by_the_exit_of_the_process_is_told_from_a_whole_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let path = format!("/proc/{pid}/maps");
+        // sleep's map shows once exec'd: at least its own code, libc and the loader.
+        let whole = (0..200)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                ProcMaps::read(pid).unwrap()
+            })
+            .find(|maps| maps.mappings.iter().any(|m| m.file_name() == "sleep"))
+            .expect("sleep's map");
+        assert!(whole.mappings.len() > 4);
+        // Two reads under way: their first lines read, then the process exits (a zombie, not
+        // reaped yet).
+        let started = || {
+            let mut file = File::open(&path).unwrap();
+            let mut part = [0u8; 64];
+            let got = file.read(&mut part).unwrap();
+            (file, String::from_utf8_lossy(&part[..got]).into_owned())
+        };
+        let (mut plain, mut plain_text) = started();
+        let (mut checked, checked_text) = started();
+        child.kill().unwrap();
+        // SAFETY: waitid into a zeroed siginfo_t; WNOWAIT leaves the child to `wait` below.
+        let waited = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        assert_eq!(waited, 0);
+        // Read on to the end, the file ends where the exit cut it: a map of one line or two,
+        // which was taken for the whole map before.
+        plain.read_to_string(&mut plain_text).unwrap();
+        assert!(
+            plain_text.lines().count() < whole.mappings.len(),
+            "{plain_text}"
+        );
+        assert_eq!(read_whole(&mut checked, checked_text).unwrap(), None);
+        // Read again, a process that exited has an empty map.
+        assert!(ProcMaps::read(pid).unwrap().mappings.is_empty());
+        child.wait().unwrap();
+        assert!(ProcMaps::read(pid).is_err());
+        // A live process's map reads whole.
+        let me = std::process::id();
+        let mut file = File::open(format!("/proc/{me}/maps")).unwrap();
+        let text = read_whole(&mut file, String::new()).unwrap().unwrap();
+        assert!(ProcMaps::parse(&text).unwrap().mappings.len() > 4);
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl AddressSpace {
     /// `maps` is the target's memory map as read at attach (empty for a command not started
     /// yet); it stays when the target exits, so that its addresses still resolve.
     pub fn new(pid: u32, maps: ProcMaps, modules: Arc<Modules>) -> Self {
-        Self {
+        let mut space = Self {
             pid,
             resolved: vec![None; maps.mappings.len()],
             maps,
@@ -54,7 +54,9 @@ impl AddressSpace {
             modules,
             known: HashMap::new(),
             pushed: None,
-        }
+        };
+        space.open_code();
+        space
     }
 
     pub fn maps(&self) -> &ProcMaps {
@@ -114,6 +116,21 @@ impl AddressSpace {
         self.changes += 1;
         self.resolved = vec![None; maps.mappings.len()];
         self.maps = maps;
+        self.open_code();
+    }
+
+    /// Opens the module of every mapping of code, as soon as the map that shows it is read: a
+    /// module can only be opened through the process (`proc::files`), and the records of a
+    /// process that exits are often read after its exit, when its stacks are first located.
+    /// Opened later, its frames would stay module + offset (`--unwind fp`, which opens no
+    /// module for unwinding rows, showed no names at all for such a process).
+    fn open_code(&mut self) {
+        for index in 0..self.maps.mappings.len() {
+            let mapping = &self.maps.mappings[index];
+            if mapping.is_file() && mapping.is_executable() {
+                self.module_of(index);
+            }
+        }
     }
 
     /// The module of the mapping at `index`.
