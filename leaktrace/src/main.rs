@@ -302,7 +302,7 @@ fn open_targets(
             let allocator = allocator::discover_files(forked.pid, &program, &libraries)
                 .with_context(|| format!("finding the allocator of {}", program.display()))?;
             // Its interpreter, if it runs one, is looked for once it has exec'd.
-            let target = Target::spawned(forked.pid, command, modules);
+            let target = Target::spawned(forked.pid, &program, command, modules);
             let to_map = std::iter::once(&program)
                 .chain(&libraries)
                 .filter_map(|path| modules.of_path(path))

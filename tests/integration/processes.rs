@@ -1,9 +1,11 @@
 //! Several processes at once: `--pid` given more than once, and `--follow-forks`. Each
 //! process is reported separately, by pid.
 
+use std::io::Write as _;
+
 use serde_json::Value;
 
-use crate::support::{Fixture, Leaktrace, compile, last_of, require_root, stack_of};
+use crate::support::{Fixture, Leaktrace, Outcome, compile, last_of, require_root, stack_of};
 
 #[test]
 fn two_pids_are_traced_at_once_and_reported_separately() {
@@ -89,7 +91,52 @@ fn followed_fork(extra: &[&str]) -> Value {
     let outcome = trace.stop();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     fixture.finish();
+    followed_exactly(&outcome, parent, child)
+}
 
+/// `--follow-forks` in spawn mode: the command runs leaktrace's own program until its exec,
+/// and its children were compared with that one, so none was ever followed, and its reports
+/// said nothing of them.
+#[test]
+fn spawn_mode_follows_the_forks_of_its_command() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("forking", &[]);
+    let (mut trace, mut stdin) = Leaktrace::spawn_with_input(&[
+        "--follow-forks",
+        "--format",
+        "json",
+        "--interval",
+        "0.5",
+        "--",
+        binary.path.to_str().unwrap(),
+    ]);
+    let parent = trace.pid_of_command();
+    stdin.write_all(b"1\n").unwrap();
+    let child: u32 = trace
+        .wait_for_stdout("child ")
+        .strip_prefix("child ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    trace.wait_for_stdout("done");
+    trace.wait_for_stderr(&format!(
+        "leaktrace: following a fork: tracing pid {child} "
+    ));
+    stdin.write_all(b"2\n3\n").unwrap();
+    trace.wait_for_stdout("done");
+    trace.wait_for_stdout("done");
+    // Both exit when their input closes, and the trace with the command.
+    drop(stdin);
+    let outcome = trace.wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    followed_exactly(&outcome, parent, child);
+}
+
+/// Checks the exact numbers of `forking`'s parent and child after two rounds of leaks, the
+/// child followed from before them; returns the child's final report.
+fn followed_exactly(outcome: &Outcome, parent: u32, child: u32) -> Value {
     let parent_report = last_of(&outcome.reports, parent);
     let leak = stack_of(parent_report, "parent_leak_site").expect("parent's leak named");
     assert_eq!(leak["outstanding_bytes"], 2 * 100 * 4096);

@@ -1,7 +1,9 @@
 //! Spawn mode, `leaktrace -- CMD`: a command traced from its first allocation, its status and
 //! errors reported clearly, and --fail-on-leak gating a scripted load test.
 
-use crate::support::{self, compile, require_root, run_leaktrace, stack_of};
+use std::io::Write as _;
+
+use crate::support::{self, Leaktrace, compile, require_root, run_leaktrace, stack_of};
 
 /// Runs `leaktrace ARGS` to completion with `stdin` as its (and so the command's) input.
 fn run_leaktrace_with_input(args: &[&str], stdin: &str) -> std::process::Output {
@@ -153,4 +155,48 @@ fn fail_on_leak_gates_a_spawned_load_test() {
     let cache = stack_of(&report, "cache_put").unwrap();
     assert_eq!(cache["kind"], "stable", "{cache}");
     assert_eq!(cache["outstanding_bytes"], 25_600);
+}
+
+/// A command that execs another program (`env`, `nice`, a launcher) keeps the probes placed
+/// for itself: the program it becomes is traced only where it calls the same functions of the
+/// same libraries, without its own allocator's probes or interpreter. That is said, on stderr
+/// and in every report after, never hidden in a report marked complete.
+#[test]
+fn spawn_mode_says_when_the_command_execs_another_program() {
+    if !require_root() {
+        return;
+    }
+    let binary = compile("leaky", &[]);
+    let leaky = std::fs::canonicalize(&binary.path).unwrap();
+    let leaky = leaky.to_str().unwrap();
+    let (mut trace, mut stdin) = Leaktrace::spawn_with_input(&[
+        "--format",
+        "json",
+        "--interval",
+        "0.5",
+        "--",
+        "/usr/bin/env",
+        leaky,
+        "10",
+        "1000",
+        "0",
+    ]);
+    let pid = trace.pid_of_command();
+    stdin.write_all(b"go\n").unwrap();
+    trace.wait_for_stdout("done");
+    trace.wait_for_stderr(&format!(
+        "leaktrace: pid {pid} exec'd {leaky} after leaktrace attached: the probes stay on the allocator of the program before"
+    ));
+    drop(stdin);
+    let outcome = trace.wait();
+    assert!(outcome.status.success(), "{:?}", outcome.stderr);
+    let report = outcome.last();
+    assert_eq!(report["complete"], false, "{report}");
+    assert_eq!(
+        report["incomplete_reasons"],
+        serde_json::json!([format!(
+            "it exec'd {leaky} after leaktrace attached: traced only through the probes placed for the program before"
+        )]),
+        "{report}"
+    );
 }

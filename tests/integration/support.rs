@@ -288,8 +288,22 @@ impl Leaktrace {
 
     /// Starts leaktrace with exactly these arguments and waits until its probes are attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with(args, Stdio::inherit())
+    }
+
+    /// Starts spawn mode's `leaktrace ARGS -- CMD`, whose command reads what is written to the
+    /// returned stdin (and writes its lines among the reports, read with `wait_for_stdout`),
+    /// and waits until its probes are attached.
+    pub fn spawn_with_input(args: &[&str]) -> (Self, std::process::ChildStdin) {
+        let mut this = Self::start_with(args, Stdio::piped());
+        let stdin = this.child.stdin.take().unwrap();
+        (this, stdin)
+    }
+
+    fn start_with(args: &[&str], stdin: Stdio) -> Self {
         let mut child = Command::new(LEAKTRACE)
             .args(args)
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -336,6 +350,20 @@ impl Leaktrace {
         }
     }
 
+    /// Waits until a line that starts with `prefix` comes on stdout (spawn mode's command
+    /// writes there too), and returns it.
+    pub fn wait_for_stdout(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self.stdout_lines.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+                panic!("no line {prefix:?} on stdout; stdout: {:?}", self.stdout)
+            });
+            self.stdout.push(line.clone());
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
     /// Waits for a report taken after `after_ms` (milliseconds since the epoch), and returns
     /// it: leaktrace has then read everything the target did before.
     pub fn wait_for_report(&mut self, after_ms: u64) -> Value {
@@ -364,6 +392,16 @@ impl Leaktrace {
             .and_then(|url| url.strip_suffix("/metrics"))
             .unwrap_or_else(|| panic!("no metrics address; stderr: {:?}", self.stderr))
             .to_owned()
+    }
+
+    /// The pid it said it traces first (`leaktrace: tracing pid N ...`): spawn mode's command.
+    pub fn pid_of_command(&self) -> u32 {
+        self.stderr
+            .iter()
+            .find_map(|line| line.strip_prefix("leaktrace: tracing pid "))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no traced pid; stderr: {:?}", self.stderr))
     }
 
     /// leaktrace's own pid.

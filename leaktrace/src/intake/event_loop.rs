@@ -127,8 +127,9 @@ struct Traced {
     unwinder: Unwinder,
     heap: HeapModel,
     trends: Trends,
-    /// Its executable, to tell a child that still runs the same program from one that exec'd.
-    exe: Option<(u64, u64)>,
+    /// `target.space.changes()` when it was last checked for an exec into another program
+    /// (`None`: found, and said).
+    exec_checked_at: Option<u64>,
     /// What its reports miss (see `Snapshot::gaps`), beyond its children.
     gaps: Vec<String>,
     /// `--follow-forks`: its children that ran its program, and those of them that exited
@@ -274,6 +275,7 @@ pub async fn run(
                     update_unwinding(&mut row_writer, &mut live, &mut rows_from)?;
                 }
                 find_python(&mut live, &mut probes)?;
+                notice_execs(&mut live);
                 // Without the kernel's process events, children are found here: one that
                 // lives shorter than a poll may never be seen, which the reports say.
                 if settings.follow_forks && proc_events.is_none() {
@@ -392,7 +394,7 @@ pub async fn run(
         for event in told {
             if let ProcEvent::Fork { parent, child, .. } = event
                 && let Some(traced) = live.get_mut(&parent)
-                && !matches!(process::exe_id(child), Some(exe) if Some(exe) != traced.exe)
+                && !matches!(process::exe_id(child), Some(exe) if Some(exe) != traced.target.exe)
             {
                 traced.children += 1;
                 traced.children_missed += 1;
@@ -554,6 +556,42 @@ fn find_python(live: &mut BTreeMap<u32, Traced>, probes: &mut Probes) -> anyhow:
     Ok(())
 }
 
+/// Says once, on stderr and in its reports, that a traced process has exec'd a program other
+/// than the one its probes were placed for: spawn mode's command that was a launcher (`env`,
+/// `nice`, a wrapper binary), or a service that re-execs itself. Its probes stay on the first
+/// program's allocator and interpreter: the new one is seen only where it calls the same
+/// functions of the same files, which a report marked complete would hide. Checked when its
+/// memory map changed, as it does at an exec.
+fn notice_execs(live: &mut BTreeMap<u32, Traced>) {
+    let own = process::exe_id(std::process::id());
+    for (&pid, traced) in live.iter_mut() {
+        let Some(checked_at) = traced.exec_checked_at else {
+            continue;
+        };
+        let changes = traced.target.space.changes();
+        if changes == checked_at {
+            continue;
+        }
+        traced.exec_checked_at = Some(changes);
+        let now = process::exe_id(pid);
+        // Gone, the program it was attached for, or spawn mode's command before its exec.
+        if now.is_none() || now == traced.target.exe || now == own {
+            continue;
+        }
+        traced.exec_checked_at = None;
+        let program = std::fs::read_link(format!("/proc/{pid}/exe")).map_or_else(
+            |_| "another program".to_owned(),
+            |p| p.display().to_string(),
+        );
+        crate::status!(
+            "leaktrace: pid {pid} exec'd {program} after leaktrace attached: the probes stay on the allocator of the program before, so {program} is traced only where it calls the same functions of the same libraries; trace it by itself (`leaktrace -- {program} ARGS` or `leaktrace -p {pid}`)"
+        );
+        traced.add_gap(format!(
+            "it exec'd {program} after leaktrace attached: traced only through the probes placed for the program before"
+        ));
+    }
+}
+
 /// Takes what a search found of CPython in process `pid`.
 fn take_python(
     pid: u32,
@@ -618,7 +656,7 @@ impl Traced {
         Self {
             python_searched_at,
             python_search: None,
-            exe: process::exe_id(session.target.pid),
+            exec_checked_at: Some(session.target.space.changes()),
             target: session.target,
             python: session.python,
             python_names: session.python_names,
@@ -669,7 +707,7 @@ fn follow(
     exit_tx: &tokio::sync::mpsc::UnboundedSender<u32>,
     settings: &Settings,
 ) -> anyhow::Result<()> {
-    let Some(parent_exe) = live.get(&parent).map(|p| p.exe) else {
+    let Some(parent_exe) = live.get(&parent).map(|p| p.target.exe) else {
         return Ok(());
     };
     if live.contains_key(&child) {
@@ -766,8 +804,8 @@ fn new_children(live: &BTreeMap<u32, Traced>) -> Vec<(u32, u32)> {
         for child in process::children(pid) {
             if !live.contains_key(&child)
                 && !found.iter().any(|&(_, c)| c == child)
-                && traced.exe.is_some()
-                && process::exe_id(child) == traced.exe
+                && traced.target.exe.is_some()
+                && process::exe_id(child) == traced.target.exe
             {
                 found.push((pid, child));
             }

@@ -115,9 +115,13 @@ pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
 
 /// The (device, inode) of a process's executable.
 pub fn exe_id(pid: u32) -> Option<(u64, u64)> {
-    fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    file_id(format!("/proc/{pid}/exe"))
+}
+
+/// The (device, inode) of the file `path` names, through symlinks: what `exe_id` gives for a
+/// process that runs it.
+pub fn file_id(path: impl AsRef<std::path::Path>) -> Option<(u64, u64)> {
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The children that the threads of a process forked, as `/proc/PID/task/*/children` lists

@@ -7,7 +7,7 @@ pub mod address_space;
 pub mod cfi;
 pub mod modules;
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use anyhow::bail;
 
@@ -19,6 +19,10 @@ pub struct Target {
     pub pid: u32,
     pub command: String,
     pub space: AddressSpace,
+    /// The (device, inode) of the program its probes were placed for: what it ran at attach,
+    /// or what spawn mode's command will exec. Its children that run it are followed; once
+    /// `/proc/PID/exe` names another file, it has exec'd something else.
+    pub exe: Option<(u64, u64)>,
 }
 
 impl Target {
@@ -51,16 +55,19 @@ impl Target {
             pid,
             command,
             space: AddressSpace::new(pid, maps, modules.clone()),
+            exe: process::exe_id(pid),
         })
     }
 
     /// A command forked and held before its `exec` (spawn mode): its memory map is read once
-    /// it runs.
-    pub fn spawned(pid: u32, command: &[String], modules: &Arc<Modules>) -> Self {
+    /// it runs. Until its exec it runs leaktrace's own program: `exe` is `program`'s, which it
+    /// will run.
+    pub fn spawned(pid: u32, program: &Path, command: &[String], modules: &Arc<Modules>) -> Self {
         Self {
             pid,
             command: command.join(" "),
             space: AddressSpace::new(pid, ProcMaps::default(), modules.clone()),
+            exe: process::file_id(program),
         }
     }
 }
