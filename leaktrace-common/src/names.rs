@@ -20,8 +20,10 @@ pub mod map {
     pub const PY_LAYOUTS: &str = "PY_LAYOUTS";
     /// The `PyThreadState` found for each thread (a cache, checked at each use).
     pub const PY_TSTATES: &str = "PY_TSTATES";
+    /// One element: how many processes have a layout in `PY_LAYOUTS`.
+    pub const PY_PROCESSES: &str = "PY_PROCESSES";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         EVENTS,
         STATS,
         UNWIND_ROWS,
@@ -30,6 +32,7 @@ pub mod map {
         THREADS,
         PY_LAYOUTS,
         PY_TSTATES,
+        PY_PROCESSES,
     ];
 }
 

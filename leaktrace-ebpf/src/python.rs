@@ -9,7 +9,7 @@
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user},
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 use leaktrace_common::{
     EVENT_PY_STACK,
@@ -28,6 +28,13 @@ const MAX_PY_PROCESSES: u32 = 1024;
 #[map]
 static PY_LAYOUTS: HashMap<u32, [u64; PY_LAYOUT_WORDS]> =
     HashMap::with_max_entries(MAX_PY_PROCESSES, 0);
+
+/// How many processes have a layout in `PY_LAYOUTS`, which user space writes after each
+/// change to it. Read first, so that the allocations of a trace without CPython skip the hash
+/// lookup (a hash of the key, a bucket's walk): the verifier inlines an array's lookup into a
+/// few instructions.
+#[map]
+static PY_PROCESSES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The `PyThreadState` of each thread (by `pid_tgid`) found by searching the interpreter's
 /// list of threads. Checked at each use (its `native_thread_id` must still be the thread's),
@@ -48,6 +55,9 @@ fn read_u64(addr: u64) -> Result<u64, ()> {
 /// allocation is reported whatever happens here.
 #[inline(always)]
 pub fn send_stack(event: &mut PyStackEvent, pid_tgid: u64, ts_ns: u64) {
+    if PY_PROCESSES.get(0).is_none_or(|&n| n == 0) {
+        return;
+    }
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: a map value, read-only here.
     let Some(words) = (unsafe { PY_LAYOUTS.get(&tgid) }) else {

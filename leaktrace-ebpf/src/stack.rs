@@ -355,7 +355,9 @@ pub fn walk_tables(
         event: core::ptr::from_mut(event),
         reader: StackReader {
             window,
-            base: 0,
+            // Any base does while nothing is filled; not 0, since two words of zeros are
+            // merged into a call to `memset`, a loop of byte stores on BPF.
+            base: u64::MAX,
             filled: 0,
         },
         at,

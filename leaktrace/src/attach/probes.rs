@@ -240,7 +240,29 @@ impl Probes {
         layouts
             .insert(pid, layout.to_words(), 0)
             .context("writing the Python layout of the process")?;
-        Ok(())
+        self.count_python_processes()
+    }
+
+    /// Writes how many processes have a Python layout into `PY_PROCESSES`, which the BPF side
+    /// reads before it looks for the layout of the allocating process: after the layouts
+    /// change, so that a count it reads is never ahead of them.
+    fn count_python_processes(&mut self) -> anyhow::Result<()> {
+        let layouts = self
+            .ebpf
+            .map(map::PY_LAYOUTS)
+            .context("no PY_LAYOUTS map in the BPF object")?;
+        let layouts: aya::maps::HashMap<_, u32, [u64; PY_LAYOUT_WORDS]> =
+            aya::maps::HashMap::try_from(layouts).context("PY_LAYOUTS is not a hash map")?;
+        let count = u32::try_from(layouts.keys().count()).unwrap_or(u32::MAX);
+        let map = self
+            .ebpf
+            .map_mut(map::PY_PROCESSES)
+            .context("no PY_PROCESSES map in the BPF object")?;
+        let mut processes: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(map).context("PY_PROCESSES is not an array")?;
+        processes
+            .set(0, count, 0)
+            .context("writing the count of Python processes")
     }
 
     /// Every probe attached now, over all processes.
@@ -263,6 +285,7 @@ impl Probes {
         {
             let _ = layouts.remove(&pid);
         }
+        let _ = self.count_python_processes();
         self.summaries.remove(&pid);
         self.attached -= self.probe_counts.remove(&pid).unwrap_or(0);
         if let Some(links) = self.links.remove(&pid) {
