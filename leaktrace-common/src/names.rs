@@ -18,10 +18,8 @@ pub mod map {
     pub const THREADS: &str = "THREADS";
     /// Each traced Python process's [`PyLayout`](crate::python::PyLayout), by tgid.
     pub const PY_LAYOUTS: &str = "PY_LAYOUTS";
-    /// The `PyThreadState` found for each thread (a cache, checked at each use).
-    pub const PY_TSTATES: &str = "PY_TSTATES";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 7] = [
         EVENTS,
         STATS,
         UNWIND_ROWS,
@@ -29,7 +27,6 @@ pub mod map {
         SAMPLED,
         THREADS,
         PY_LAYOUTS,
-        PY_TSTATES,
     ];
 }
 
