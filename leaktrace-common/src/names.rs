@@ -18,12 +18,10 @@ pub mod map {
     pub const THREADS: &str = "THREADS";
     /// Each traced Python process's [`PyLayout`](crate::python::PyLayout), by tgid.
     pub const PY_LAYOUTS: &str = "PY_LAYOUTS";
-    /// The `PyThreadState` found for each thread (a cache, checked at each use).
-    pub const PY_TSTATES: &str = "PY_TSTATES";
     /// One element: how many processes have a layout in `PY_LAYOUTS`.
     pub const PY_PROCESSES: &str = "PY_PROCESSES";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 8] = [
         EVENTS,
         STATS,
         UNWIND_ROWS,
@@ -31,7 +29,6 @@ pub mod map {
         SAMPLED,
         THREADS,
         PY_LAYOUTS,
-        PY_TSTATES,
         PY_PROCESSES,
     ];
 }

@@ -119,7 +119,8 @@ pub struct PyStackEvent {
     pub pid_tgid: u64,
     /// The `ts_ns` of the allocation record these frames belong to.
     pub ts_ns: u64,
-    /// Non-zero when the Python stack had more than [`MAX_PY_FRAMES`] frames.
+    /// Non-zero when the Python stack had more frames than were sent: [`MAX_PY_FRAMES`], or
+    /// fewer with `--max-depth`.
     pub truncated: u32,
     pub _pad: u32,
     /// Innermost first: `frames[0]` is the frame running when the allocator was called.

@@ -709,7 +709,13 @@ pub(crate) fn report(
     event.old_size_bytes = old_size_bytes;
     event.entry_ts_ns = entry_ts_ns;
     if addr != 0 {
-        python::send_stack(&mut state.py_stack, key, event.ts_ns);
+        python::send_stack(
+            &mut state.py_stack,
+            &mut state.py_tstate,
+            &mut state.py_window,
+            key,
+            event.ts_ns,
+        );
     }
     let mode = stack::mode();
     if mode == unwind::AUTO {

@@ -9,7 +9,7 @@
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user},
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap},
 };
 use leaktrace_common::{
     EVENT_PY_STACK,
@@ -36,13 +36,61 @@ static PY_LAYOUTS: HashMap<u32, [u64; PY_LAYOUT_WORDS]> =
 #[map]
 static PY_PROCESSES: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The `PyThreadState` of each thread (by `pid_tgid`) found by searching the interpreter's
-/// list of threads. Checked at each use (its `native_thread_id` must still be the thread's),
-/// since a thread state is freed and its memory reused when its thread ends.
-#[map]
-static PY_TSTATES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+const PAGE: u64 = 4096;
 
-const FRAME_WORDS: usize = PY_FRAME_READ_BYTES / 8;
+/// Bytes of the window the walk reads frames from.
+const PY_WINDOW_BYTES: u64 = 2048;
+pub const PY_WINDOW_WORDS: usize = PY_WINDOW_BYTES as usize / 8;
+
+/// Reads `_PyInterpreterFrame`s through a window of the target's memory. A thread's frames lie
+/// one after the other in its data stack (`_PyStackChunk`), each caller below its callee, so
+/// one read of the 2 KiB that end with a frame brings its callers there too (ten or so frames
+/// of ordinary functions): each read of the target's memory costs a fixed ~50 ns (checks on
+/// both ends), more than copying 2 KiB. The window never begins below the frame's page, so the
+/// read touches no page but the frame's own. A frame outside the window (a generator's, held
+/// in its object) is read the same way, with whatever lies before it.
+struct FrameReader<'a> {
+    window: &'a mut [u64; PY_WINDOW_WORDS],
+    /// The address of `window[0]`, and the bytes read there.
+    base: u64,
+    filled: u64,
+}
+
+impl FrameReader<'_> {
+    /// The index in the window of the first word of the frame at `frame`, read first if the
+    /// window does not hold it whole. `None` when it cannot be read.
+    #[inline(always)]
+    fn locate(&mut self, frame: u64) -> Option<usize> {
+        let read = PY_FRAME_READ_BYTES as u64;
+        if frame % 8 != 0 {
+            return None;
+        }
+        let offset = frame.wrapping_sub(self.base);
+        if self.filled >= read && offset <= self.filled - read {
+            return Some((offset / 8) as usize);
+        }
+        let start = (frame & !(PAGE - 1)).max((frame + read).saturating_sub(PY_WINDOW_BYTES));
+        let len = frame - start + read;
+        // Never true; it bounds the length for the verifier.
+        if len > PY_WINDOW_BYTES {
+            return None;
+        }
+        // SAFETY: `window` has room for `len` bytes; the helper faults safely.
+        if unsafe {
+            read_user(
+                self.window.as_mut_ptr().cast(),
+                len as u32,
+                start as *const _,
+            )
+        } != 0
+        {
+            return None;
+        }
+        self.base = start;
+        self.filled = len;
+        Some(((frame - start) / 8) as usize)
+    }
+}
 
 #[inline(always)]
 fn read_u64(addr: u64) -> Result<u64, ()> {
@@ -52,9 +100,16 @@ fn read_u64(addr: u64) -> Result<u64, ()> {
 
 /// Sends the Python frames of the calling thread (`pid_tgid`) for the allocation it is about to
 /// report at `ts_ns`, when its process runs CPython and the thread runs Python code. The
-/// allocation is reported whatever happens here.
+/// allocation is reported whatever happens here. `tstate` is the thread's `PyThreadState` as
+/// last found (0 for none yet), kept in the thread's own storage.
 #[inline(always)]
-pub fn send_stack(event: &mut PyStackEvent, pid_tgid: u64, ts_ns: u64) {
+pub fn send_stack(
+    event: &mut PyStackEvent,
+    tstate: &mut u64,
+    window: &mut [u64; PY_WINDOW_WORDS],
+    pid_tgid: u64,
+    ts_ns: u64,
+) {
     if PY_PROCESSES.get(0).is_none_or(|&n| n == 0) {
         return;
     }
@@ -65,7 +120,7 @@ pub fn send_stack(event: &mut PyStackEvent, pid_tgid: u64, ts_ns: u64) {
     };
     // SAFETY: PyLayout is repr(C), all u64, PY_LAYOUT_WORDS of them.
     let layout = unsafe { &*core::ptr::from_ref(words).cast::<PyLayout>() };
-    match walk(layout, pid_tgid, event) {
+    match walk(layout, tstate, window, pid_tgid, event) {
         Ok(true) => {
             event.kind = EVENT_PY_STACK;
             event.pid_tgid = pid_tgid;
@@ -90,17 +145,18 @@ pub fn send_stack(event: &mut PyStackEvent, pid_tgid: u64, ts_ns: u64) {
     }
 }
 
-/// The thread state of the calling thread: the cached one if it is still the thread's, else
-/// the one in the first interpreter's list whose `native_thread_id` is the thread's id. 0 for
-/// a thread that has none (a thread that never ran Python code).
+/// The thread state of the calling thread: `cached` if it is still the thread's (a thread
+/// state is freed and its memory reused when its thread ends), else the one in the first
+/// interpreter's list whose `native_thread_id` is the thread's id, then kept in `cached`. 0
+/// for a thread that has none (a thread that never ran Python code).
+///
+/// Kept in the thread's task storage, which the allocation's programs hold already, rather than
+/// in a hash map by `pid_tgid`: a lookup less per allocation.
 #[inline(always)]
-fn thread_state(layout: &PyLayout, pid_tgid: u64) -> Result<u64, ()> {
+fn thread_state(layout: &PyLayout, cached: &mut u64, pid_tgid: u64) -> Result<u64, ()> {
     let tid = u64::from(pid_tgid as u32);
-    // SAFETY: a map value, copied out.
-    if let Some(&cached) = unsafe { PY_TSTATES.get(&pid_tgid) } {
-        if read_u64(cached.wrapping_add(layout.tstate_native_thread_id)) == Ok(tid) {
-            return Ok(cached);
-        }
+    if *cached != 0 && read_u64(cached.wrapping_add(layout.tstate_native_thread_id)) == Ok(tid) {
+        return Ok(*cached);
     }
     let interp = read_u64(
         layout
@@ -116,7 +172,7 @@ fn thread_state(layout: &PyLayout, pid_tgid: u64) -> Result<u64, ()> {
             break;
         }
         if read_u64(tstate.wrapping_add(layout.tstate_native_thread_id))? == tid {
-            let _ = PY_TSTATES.insert(&pid_tgid, &tstate, 0);
+            *cached = tstate;
             return Ok(tstate);
         }
         tstate = read_u64(tstate.wrapping_add(layout.tstate_next))?;
@@ -124,10 +180,19 @@ fn thread_state(layout: &PyLayout, pid_tgid: u64) -> Result<u64, ()> {
     Ok(0)
 }
 
-/// Fills `event.frames` and `frame_count`; false when the thread runs no Python code.
+/// Fills `event.frames` and `frame_count`; false when the thread runs no Python code. At most
+/// `--max-depth` frames (`STACK_DEPTH`), innermost first: each frame costs a read of its code
+/// object's line table, and a deep Python stack (a web framework's) is most of an
+/// allocation's cost, which `--max-depth` bounds.
 #[inline(always)]
-fn walk(layout: &PyLayout, pid_tgid: u64, event: &mut PyStackEvent) -> Result<bool, ()> {
-    let tstate = thread_state(layout, pid_tgid)?;
+fn walk(
+    layout: &PyLayout,
+    cached_tstate: &mut u64,
+    window: &mut [u64; PY_WINDOW_WORDS],
+    pid_tgid: u64,
+    event: &mut PyStackEvent,
+) -> Result<bool, ()> {
+    let tstate = thread_state(layout, cached_tstate, pid_tgid)?;
     if tstate == 0 {
         return Ok(false);
     }
@@ -143,42 +208,46 @@ fn walk(layout: &PyLayout, pid_tgid: u64, event: &mut PyStackEvent) -> Result<bo
     let previous_at = (layout.frame_previous / 8) as usize;
     let flags_at = (layout.frame_flags / 8) as usize;
     let flags_shift = (layout.frame_flags % 8) * 8;
-    let mut words = [0u64; FRAME_WORDS];
+    // SAFETY: a plain read of a global that user space sets before load.
+    let depth = unsafe { core::ptr::read_volatile(&raw const crate::STACK_DEPTH) } as usize;
+    let mut reader = FrameReader {
+        window,
+        base: 0,
+        filled: 0,
+    };
     let mut n = 0;
+    let (mut last_code, mut last_linetable) = (0, 0);
     for i in 0..MAX_PY_FRAMES {
-        if frame == 0 {
+        if frame == 0 || i >= depth {
             break;
         }
-        // SAFETY: `words` has PY_FRAME_READ_BYTES bytes; the helper faults safely.
-        if unsafe {
-            read_user(
-                words.as_mut_ptr().cast(),
-                PY_FRAME_READ_BYTES as u32,
-                frame as *const _,
-            )
-        } != 0
-        {
+        let Some(at) = reader.locate(frame) else {
             break;
-        }
-        let (Some(&code), Some(&instr), Some(&previous), Some(&flags)) = (
-            words.get(code_at),
-            words.get(instr_at),
-            words.get(previous_at),
-            words.get(flags_at),
-        ) else {
-            return Err(());
         };
+        let word = |k: usize| reader.window.get(at + k).copied().ok_or(());
+        let (code, instr, previous, flags) = (
+            word(code_at)?,
+            word(instr_at)?,
+            word(previous_at)?,
+            word(flags_at)?,
+        );
+        // A recursive call runs the code object of the frame just read, which both frames
+        // hold alive: its line table is the one read there.
+        if code != last_code {
+            last_linetable = read_u64(code.wrapping_add(layout.code_linetable)).unwrap_or(0);
+            last_code = code;
+        }
         event.frames[i] = PyFrame {
             code_addr: code,
             instr_addr: instr,
             flags: (flags >> flags_shift) as u32,
             _pad: 0,
-            linetable_addr: read_u64(code.wrapping_add(layout.code_linetable)).unwrap_or(0),
+            linetable_addr: last_linetable,
         };
         n = i + 1;
         frame = previous;
     }
     event.frame_count = n as u32;
-    event.truncated = u32::from(frame != 0 && n == MAX_PY_FRAMES);
+    event.truncated = u32::from(frame != 0 && n >= depth.min(MAX_PY_FRAMES));
     Ok(n > 0)
 }

@@ -36,6 +36,10 @@ pub struct ThreadState {
     pub window: [u64; WINDOW_WORDS + 1],
     /// The Python frames of the allocation returning now (CPython processes only).
     pub py_stack: PyStackEvent,
+    /// The thread's `PyThreadState` as last found (`python::thread_state`), 0 before.
+    pub py_tstate: u64,
+    /// A window of the thread's Python frames that the walk reads them from.
+    pub py_window: [u64; crate::python::PY_WINDOW_WORDS],
     /// The block that `PyObject_Free`/`PyMem_Free` is releasing, and the stack pointer at its
     /// entry: the `free` it calls for the same block, deeper in the stack (or at the same
     /// depth, reached by tail calls), is not reported again.

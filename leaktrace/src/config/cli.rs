@@ -121,7 +121,8 @@ pub struct Cli {
     pub window: u16,
 
     /// Frames kept per stack, innermost first (1 to 127, the kernel's limit); a deeper stack is
-    /// cut and marked truncated.
+    /// cut and marked truncated. Also bounds the Python frames walked per allocation (96 at
+    /// most), most of an allocation's cost on a deep Python stack.
     #[arg(long, value_name = "N", default_value_t = leaktrace_common::DEFAULT_STACK_DEPTH, value_parser = clap::value_parser!(u32).range(1..=leaktrace_common::MAX_STACK_DEPTH as i64))]
     pub max_depth: u32,
 

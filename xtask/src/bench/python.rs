@@ -47,13 +47,14 @@ const fn row(name: &'static str, depth: u32, args: Option<&'static [&'static str
 }
 
 const UNTRACED: Row = row("untraced", 0, None);
-const ROWS: [Row; 6] = [
+const ROWS: [Row; 7] = [
     UNTRACED,
     row("floor (no-op programs)", 0, Some(&["--noop-programs"])),
     row("leaktrace", 0, Some(&[])),
     row("--sample-bytes 512K", 0, Some(&["--sample-bytes", "512K"])),
     row("untraced", DEEP, None),
     row("leaktrace", DEEP, Some(&[])),
+    row("--max-depth 16", DEEP, Some(&["--max-depth", "16"])),
 ];
 /// The rows that run again with the `--baseline` binary.
 const BASELINE_ROWS: [Row; 3] = [
