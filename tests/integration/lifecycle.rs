@@ -2,6 +2,8 @@
 //! final report when the target exits or --duration ends, one clear line for bad input, and the
 //! bench's floor attached at the same points.
 
+use serde_json::Value;
+
 use crate::support::{
     self, Fixture, Leaktrace, compile, malloc_bytes_in, require_root, run_leaktrace, stack_of,
 };
@@ -52,8 +54,7 @@ fn the_trace_ends_with_a_final_report_when_the_target_exits() {
     // Two rounds of 3 leaks each; the second round overwrote the first's pointers, but the
     // blocks stay allocated: 6 blocks. The symbols resolve after the target is gone.
     let report = outcome.last();
-    let leak = stack_of(report, "leak_site")
-        .unwrap_or_else(|| panic!("leak named after the target exited: {report}"));
+    let leak = leak_named_after_exit(report);
     assert_eq!(leak["outstanding_bytes"], 6000);
     assert_eq!(leak["outstanding_allocations"], 6);
     assert!(
@@ -81,12 +82,18 @@ fn a_target_that_exits_before_its_stacks_are_read_gets_them_named() {
     let outcome = trace.wait();
     assert!(outcome.status.success(), "{:?}", outcome.stderr);
     let report = outcome.last();
-    let leak = stack_of(report, "leak_site")
-        .unwrap_or_else(|| panic!("leak named after the target exited: {report}"));
+    let leak = leak_named_after_exit(report);
     assert_eq!(leak["outstanding_bytes"], 20 * 1000);
     assert_eq!(leak["outstanding_allocations"], 20);
     assert_eq!(report["totals"]["outstanding_bytes"], 20 * 1000);
     assert_eq!(report["last"], true);
+}
+
+/// The stack of `leaky`'s leak in a final report taken after it exited: symbolized from the
+/// files it mapped, which can no longer be opened through it.
+fn leak_named_after_exit(report: &Value) -> &Value {
+    stack_of(report, "leak_site")
+        .unwrap_or_else(|| panic!("leak named after the target exited: {report}"))
 }
 
 #[test]
