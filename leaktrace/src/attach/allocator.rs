@@ -335,14 +335,7 @@ impl Allocator {
     /// the tables (the debug hooks hand `_PyObject_Free` a pointer of their own).
     pub fn settle_python_frees(&mut self, pid: u32, maps: &ProcMaps, memory: &impl Memory) {
         for table in std::mem::take(&mut self.table_frees) {
-            let bias = maps
-                .mappings
-                .iter()
-                .find(|m| {
-                    m.path == table.module
-                        && m.file_offset <= table.file_offset
-                        && table.file_offset - m.file_offset < m.end - m.start
-                })
+            let bias = super::python::mapping_of(maps, &table.module, table.file_offset)
                 .map(|m| (m.start + (table.file_offset - m.file_offset)).wrapping_sub(table.vaddr));
             let held: Option<Vec<u64>> = bias.and_then(|bias| {
                 table
@@ -782,6 +775,15 @@ struct Module {
     data: Vec<u8>,
 }
 
+/// The file offset of link-time address `addr` in the module whose loadable segments are
+/// `segments` (address, size, file offset).
+fn file_offset_in(segments: &[(u64, u64, u64)], addr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|&&(start, size, _)| addr.checked_sub(start).is_some_and(|into| into < size))
+        .and_then(|&(start, _, offset)| (addr - start).checked_add(offset))
+}
+
 impl Module {
     /// Opens the module the target maps under `name` (see `proc::files::open`: the mapped
     /// file itself even when deleted or replaced on disk since it was loaded, as after a
@@ -816,12 +818,7 @@ impl Module {
                 (s.address(), size, offset)
             })
             .collect();
-        let file_offset = |addr: u64| {
-            segments
-                .iter()
-                .find(|&&(start, size, _)| addr.checked_sub(start).is_some_and(|into| into < size))
-                .and_then(|&(start, _, offset)| (addr - start).checked_add(offset))
-        };
+        let file_offset = |addr: u64| file_offset_in(&segments, addr);
         let functions = |symbols: object::SymbolIterator<'_, '_>| {
             let mut map = HashMap::new();
             for symbol in symbols {
@@ -886,15 +883,10 @@ impl Module {
                 && !s.is_undefined()
                 && s.address() != 0
         })?;
-        let vaddr = symbol.address();
-        let &(start, _, offset) = self
-            .segments
-            .iter()
-            .find(|&&(start, size, _)| vaddr.checked_sub(start).is_some_and(|into| into < size))?;
         Some(Sym {
-            vaddr,
+            vaddr: symbol.address(),
             size: symbol.size(),
-            file_offset: (vaddr - start).checked_add(offset)?,
+            file_offset: file_offset_in(&self.segments, symbol.address())?,
         })
     }
 

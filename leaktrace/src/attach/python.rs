@@ -392,7 +392,11 @@ fn version_in_name(path: &str) -> Option<String> {
         .then(|| format!("{major}.{minor}"))
 }
 
-fn mapping_of<'a>(maps: &'a ProcMaps, path: &str, file_offset: u64) -> Option<&'a Mapping> {
+pub(super) fn mapping_of<'a>(
+    maps: &'a ProcMaps,
+    path: &str,
+    file_offset: u64,
+) -> Option<&'a Mapping> {
     maps.mappings.iter().find(|m| {
         m.path == path
             && m.file_offset <= file_offset
